@@ -1,0 +1,78 @@
+"""Plain PyTorch attention ops: the reference every faster path is compared with.
+
+Layout everywhere: q, k, v are [batch, heads, positions, head_dim]. Visibility is by position:
+key j is visible to query t iff t - window < j <= t (the query's own position included) and the key
+is valid (zero-padded cache rows before the sequence start are not).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# The official code replaces masked scores by -0.7 * float32 max (not -inf), so a fully masked
+# row could never produce NaN; every row here sees at least its own position.
+_MASK_FILL = -0.7 * torch.finfo(torch.float32).max
+
+
+def window_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Boolean [Tq, Tk] mask, True where key is visible: q - window < k <= q."""
+    diff = q_positions[:, None] - k_positions[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     visible: torch.Tensor) -> torch.Tensor:
+    """Dense attention with an explicit boolean mask (True = visible), softmax in float32.
+
+    Built from matmul + softmax only, so it supports gradients of gradients (create_graph=True):
+    this is the math path the TTT suffix needs.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~visible, _MASK_FILL)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def naive_sliding_window_attention(q, k, v, window: int) -> torch.Tensor:
+    """O(T^2) reference: full [T, T] mask with the sliding window (window >= T = causal)."""
+    positions = torch.arange(q.shape[-2], device=q.device)
+    return masked_attention(q, k, v, window_mask(positions, positions, window))
+
+
+def blocked_sliding_window_attention(q, k, v, window: int, block_size: int | None = None):
+    """Sliding-window causal attention in O(T * window) time and memory (never T x T).
+
+    Queries are cut into blocks; a block [s, e) only looks at keys [s - window + 1, e).
+    First-order gradients only are needed where this runs (the prefix), so each block uses SDPA.
+    """
+    seq = q.shape[-2]
+    if window >= seq:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    block = block_size or max(32, min(window, 256))
+    out = []
+    for start in range(0, seq, block):
+        end = min(seq, start + block)
+        k_start = max(0, start - window + 1)
+        q_pos = torch.arange(start, end, device=q.device)
+        k_pos = torch.arange(k_start, end, device=q.device)
+        visible = window_mask(q_pos, k_pos, window)
+        out.append(F.scaled_dot_product_attention(
+            q[..., start:end, :], k[..., k_start:end, :], v[..., k_start:end, :], attn_mask=visible))
+    return torch.cat(out, dim=-2)
+
+
+def chunk_attention(q, k, v, window: int, first_valid_key: int = 0) -> torch.Tensor:
+    """Attention of a chunk of b queries over a [cache + chunk] buffer of W + b keys.
+
+    Query i sits at buffer index W + i (W = buffer length - b); keys with buffer index below
+    first_valid_key (cache rows before the sequence start) are masked. Differentiable twice.
+    """
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    q_pos = torch.arange(n_k - n_q, n_k, device=q.device)
+    k_pos = torch.arange(n_k, device=q.device)
+    visible = window_mask(q_pos, k_pos, window) & (k_pos >= first_valid_key)[None, :]
+    return masked_attention(q, k, v, visible)

@@ -1,0 +1,155 @@
+"""Building blocks: RMSNorm, interleaved RoPE, SwiGLU, QK-normed attention, the (TTT) block.
+
+Conventions of the official code (../shared/reference/FORMAT.md section 3): sandwich norms
+(pre and post), QK-norm before RoPE with one [head_dim] gain shared by all heads, RoPE on
+interleaved pairs (x[2i], x[2i+1]), no biases. Weights are nn.Linear ([out, in]); the converter
+transposes the official [in, out] layout.
+
+Fast weights (the prime MLP's w1/w3/w2 in TTT blocks) can be passed in explicitly, batched per
+sequence ([B, out, in]), so every sequence carries its own copy through the inner loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ttte2e.kernels.attention import chunk_attention, sliding_window_attention
+
+FastWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w3, w2), each [B, out, in]
+
+
+class RMSNorm(nn.Module):
+    """g * x / sqrt(mean(x^2) + eps), computed in float32, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos/sin of p * theta^(-2i/dh), [P, head_dim/2], built in float32 as the official code does."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) as complex numbers; x: [B, H, P, dh], cos/sin: [P, dh/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T for a shared [out, in] weight or a per-sequence batch [B, out, in]."""
+    if weight.dim() == 2:
+        return F.linear(x, weight)
+    return torch.matmul(x, weight.transpose(-1, -2))
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x); weights shared or batched per sequence."""
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, fast: FastWeights | None = None) -> torch.Tensor:
+        w1, w3, w2 = fast if fast is not None else (self.w1.weight, self.w3.weight, self.w2.weight)
+        return swiglu(x, w1, w3, w2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm and interleaved RoPE; the window is given per call."""
+
+    def __init__(self, dim: int, n_heads: int, eps: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps)
+        self.k_norm = RMSNorm(self.head_dim, eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, P, d] -> [B, H, P, dh], head-major
+        return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+
+    def project(self, x: torch.Tensor):
+        """q, k (QK-normed, before RoPE) and v, each [B, H, P, dh]."""
+        q = self.q_norm(self._heads(self.wq(x)))
+        k = self.k_norm(self._heads(self.wk(x)))
+        return q, k, self._heads(self.wv(x))
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.wo(o.transpose(1, 2).flatten(2))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], window: int):
+        """Whole sequence, absolute positions; rope = (cos, sin) for positions 0..P-1."""
+        q, k, v = self.project(x)
+        cos, sin = rope
+        o = sliding_window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window)
+        return self._out(o)
+
+    def forward_chunk(self, x, cache_k, cache_v, rope, window: int, first_valid_key: int):
+        """One chunk over [cache; chunk] with buffer-local positions 0..W+b-1 (as the official code).
+
+        Returns the output and the chunk's k (pre-RoPE) and v, which the caller appends to the cache.
+        """
+        q, k, v = self.project(x)
+        keys, values = torch.cat((cache_k, k), dim=2), torch.cat((cache_v, v), dim=2)
+        cos, sin = rope
+        n_q = q.shape[2]
+        o = chunk_attention(apply_rope(q, cos[-n_q:], sin[-n_q:]), apply_rope(keys, cos, sin),
+                            values, window, first_valid_key)
+        return self._out(o), k, v
+
+
+class Block(nn.Module):
+    """h -> h + post(attn(pre(h))) [-> + post(prime_mlp(pre(.)))] -> + post(mlp(pre(.)))."""
+
+    def __init__(self, dim: int, n_heads: int, hidden: int, eps: float, ttt: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = Attention(dim, n_heads, eps)
+        self.attn_post_norm = RMSNorm(dim, eps)
+        self.ttt = ttt
+        if ttt:
+            self.prime_norm = RMSNorm(dim, eps)
+            self.prime_mlp = SwiGLU(dim, hidden)
+            self.prime_post_norm = RMSNorm(dim, eps)
+        self.mlp_norm = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, hidden)
+        self.mlp_post_norm = RMSNorm(dim, eps)
+
+    def _mlps(self, a: torch.Tensor, fast: FastWeights | None) -> torch.Tensor:
+        if self.ttt:
+            a = a + self.prime_post_norm(self.prime_mlp(self.prime_norm(a), fast))
+        return a + self.mlp_post_norm(self.mlp(self.mlp_norm(a)))
+
+    def forward(self, h, rope, window: int, fast: FastWeights | None = None):
+        a = h + self.attn_post_norm(self.attn(self.attn_norm(h), rope, window))
+        return self._mlps(a, fast)
+
+    def forward_chunk(self, h, cache_k, cache_v, rope, window: int, first_valid_key: int,
+                      fast: FastWeights):
+        attn_out, k, v = self.attn.forward_chunk(self.attn_norm(h), cache_k, cache_v, rope, window,
+                                                 first_valid_key)
+        a = h + self.attn_post_norm(attn_out)
+        return self._mlps(a, fast), k, v

@@ -1,0 +1,164 @@
+"""TTT-E2E: a sliding-window Transformer whose last blocks learn at test time.
+
+References:
+- Tandon et al., "End-to-End Test-Time Training for Long Context", arXiv 2512.23675 (the method).
+- The official JAX code, github.com/test-time-training/e2e; ../shared/reference/FORMAT.md describes
+  what it computes, and tests/test_parity.py holds this model to it.
+- nanoGPT model.py (layout of this file), torchtitan llama3 (single-device model, parallelism
+  applied from outside).
+
+Data flow of `meta_loss` (DESIGN.md section 1): the prefix blocks run once over the whole sequence;
+the suffix (TTT) blocks run chunk by chunk in `inner_loop.run_inner_loop`, updating their prime
+MLPs by clipped SGD; the outer loss is the mean of the per-chunk losses, and its backward is the
+full second-order meta-gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import TTTConfig
+from .flops import FlopsEstimate, estimate_flops
+from .inner_loop import run_inner_loop
+from .layers import Block, RMSNorm, rope_angles
+
+
+@dataclass
+class MetaLossOutput:
+    loss: torch.Tensor             # scalar: mean over sequences of the mean of per-chunk losses
+    token_nll: torch.Tensor        # [B, T] per-token NLL (unmasked), position t predicts token t+1
+    chunk_loss: torch.Tensor       # [B, n] inner loss of each chunk, before its own update
+    inner_grad_norm: torch.Tensor  # [B, n] norm of each inner gradient before clipping
+    fast_weights: list[torch.Tensor]  # theta after the last chunk, (w1, w3, w2) per TTT block
+
+
+@dataclass
+class LMOutput:
+    loss: torch.Tensor       # scalar: masked mean NLL over all targets of the batch
+    token_nll: torch.Tensor  # [B, T]
+
+
+class TTTModel(nn.Module):
+    def __init__(self, config: TTTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)  # tied: also the output head
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_heads, c.mlp_hidden, c.norm_eps, ttt=i >= c.n_prefix_blocks)
+            for i in range(c.n_layers))
+        self.final_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.reset_parameters()
+
+    # ---- structure -----------------------------------------------------------------------------
+    @property
+    def prefix_blocks(self) -> list[Block]:
+        return list(self.blocks[:self.config.n_prefix_blocks])
+
+    @property
+    def ttt_blocks(self) -> list[Block]:
+        return list(self.blocks[self.config.n_prefix_blocks:])
+
+    def fast_weight_parameters(self) -> list[nn.Parameter]:
+        """theta_0: w1, w3, w2 of every prime MLP, in block order."""
+        return [w.weight for b in self.ttt_blocks for w in (b.prime_mlp.w1, b.prime_mlp.w3,
+                                                             b.prime_mlp.w2)]
+
+    def suffix_parameters(self) -> list[nn.Parameter]:
+        """Slow weights the chunked suffix reads (its blocks minus theta_0, final norm, head)."""
+        fast = {id(p) for p in self.fast_weight_parameters()}
+        params = [p for b in self.ttt_blocks for p in b.parameters() if id(p) not in fast]
+        return params + list(self.final_norm.parameters()) + [self.embed.weight]
+
+    def reset_parameters(self) -> None:
+        """Official init: every linear weight and the embedding ~ N(0, std^2), norm gains 1."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.final_norm(h), self.embed.weight).float()
+
+    def token_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(h)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                               reduction="none").view_as(targets)
+
+    def _check_tokens(self, tokens: torch.Tensor, multiple_of: int) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [batch, T+1], got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}")
+        seq = tokens.shape[1] - 1
+        if seq <= 0 or seq % multiple_of:
+            raise ValueError(f"tokens has T+1={tokens.shape[1]} columns: T must be a positive "
+                             f"multiple of chunk_size={multiple_of}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), "
+                             f"got min {lo} max {hi}")
+
+    def _run_blocks(self, h: torch.Tensor, blocks: list[Block]) -> torch.Tensor:
+        positions = torch.arange(h.shape[1], device=h.device)
+        rope, window = self.rope(positions), self.config.attn_window
+        remat = self.config.checkpoint_prefix and torch.is_grad_enabled()
+        for block in blocks:
+            if remat:
+                h = checkpoint(block, h, rope, window, use_reentrant=False)
+            else:
+                h = block(h, rope, window)
+        return h
+
+    def prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding + the prefix blocks over the whole sequence (absolute positions)."""
+        return self._run_blocks(self.embed(input_ids), self.prefix_blocks)
+
+    # ---- entry points --------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain pass over the whole sequence with theta_0 (no inner loop): logits [B, T, V].
+
+        This is the SWA (or full-attention) transformer the TTT model reduces to at eta = 0.
+        """
+        return self.logits(self._run_blocks(self.prefix(input_ids), self.ttt_blocks))
+
+    def lm_loss(self, tokens: torch.Tensor) -> LMOutput:
+        """Ordinary next-token loss of the plain pass (the baseline's training step)."""
+        self._check_tokens(tokens, 1)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        h = self._run_blocks(self.prefix(inputs), self.ttt_blocks)
+        nll = self.token_nll(h, targets)
+        mask = (targets != self.config.bos_token_id).float()
+        return LMOutput(loss=(nll * mask).sum() / mask.sum().clamp_min(1.0), token_nll=nll)
+
+    def meta_loss(self, tokens: torch.Tensor, eta: float | torch.Tensor | None = None,
+                  remat: str | None = None) -> MetaLossOutput:
+        """The TTT-E2E outer loss of a batch; `.loss.backward()` gives the meta-gradient.
+
+        tokens: [B, T+1] (inputs tokens[:, :-1], targets tokens[:, 1:]); T a multiple of
+        chunk_size. eta: inner learning rate (None = config.inner_lr). remat: override of
+        config.remat ('none' | 'chunk' | 'nested'); all three give the same gradients.
+        """
+        self._check_tokens(tokens, self.config.chunk_size)
+        eta = self.config.inner_lr if eta is None else eta
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        mask = targets != self.config.bos_token_id
+        inner = run_inner_loop(self, self.prefix(inputs), targets, mask, eta, remat)
+        return MetaLossOutput(loss=inner.chunk_loss.mean(1).mean(0), token_nll=inner.token_nll,
+                              chunk_loss=inner.chunk_loss, inner_grad_norm=inner.inner_grad_norm,
+                              fast_weights=inner.fast_weights)
+
+    def estimate_flops(self, seq_len: int | None = None, remat: str | None = None) -> FlopsEstimate:
+        return estimate_flops(self.config, seq_len, remat)
