@@ -55,7 +55,7 @@ def _tensor(value: Any) -> torch.Tensor:
 
 def official_to_state_dict(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Official parameter arrays (numpy or tensors, by official name) -> our state_dict."""
-    if _PREFIX.replace("model.", "") + "lm_head.weight" in arrays:
+    if "language_model.lm_head.weight" in arrays:
         raise ValueError("untied output head (language_model.lm_head.weight) is not supported: "
                          "TTT-E2E ties the head to the embedding")
     missing = [n for n in OFFICIAL_NAMES if n not in arrays]

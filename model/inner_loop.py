@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from .layers import at_least_fp32
+
 if TYPE_CHECKING:
     from .transformer import TTTModel
 
@@ -96,9 +98,9 @@ def _chunk_run(model: "TTTModel", ctx: _LoopContext, c: int, create_graph: bool,
     else:
         grads = torch.autograd.grad(loss.sum(), fast, create_graph=create_graph)
         # theta, the inner gradients and the clip norm stay float32 (also under bf16 autocast)
-        norm = torch.sqrt(sum(g.float().pow(2).flatten(1).sum(1) for g in grads))
+        norm = torch.sqrt(sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads))
         scale = (ctx.eta * _clip_scale(norm, ctx.clip)).view(-1, 1, 1)
-        new_fast = [t - scale * g.float() for t, g in zip(fast, grads)]
+        new_fast = [t - scale * at_least_fp32(g) for t, g in zip(fast, grads)]
     out = (*new_fast, *new_caches, nll, loss, norm.detach())
     if not create_graph:
         out = tuple(t.detach() for t in out)

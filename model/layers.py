@@ -20,6 +20,11 @@ from ttte2e.kernels.attention import chunk_attention, sliding_window_attention
 FastWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w3, w2), each [B, out, in]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half types to float32; leave float32/float64 alone (float64 is used by FD tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class RMSNorm(nn.Module):
     """g * x / sqrt(mean(x^2) + eps), computed in float32, no bias."""
 
@@ -29,9 +34,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = at_least_fp32(x)
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return (normed * at_least_fp32(self.weight)).to(x.dtype)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
@@ -44,7 +49,7 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) as complex numbers; x: [B, H, P, dh], cos/sin: [P, dh/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = at_least_fp32(x).unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)

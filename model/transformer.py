@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import TTTConfig
 from .flops import FlopsEstimate, estimate_flops
 from .inner_loop import run_inner_loop
-from .layers import Block, RMSNorm, rope_angles
+from .layers import Block, RMSNorm, at_least_fp32, rope_angles
 
 
 @dataclass
@@ -91,7 +91,7 @@ class TTTModel(nn.Module):
         return rope_angles(positions, self.config.head_dim, self.config.rope_theta)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.final_norm(h), self.embed.weight).float()
+        return at_least_fp32(F.linear(self.final_norm(h), self.embed.weight))
 
     def token_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.logits(h)

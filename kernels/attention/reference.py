@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 # The official code replaces masked scores by -0.7 * float32 max (not -inf), so a fully masked
 # row could never produce NaN; every row here sees at least its own position.
-_MASK_FILL = -0.7 * torch.finfo(torch.float32).max
+_MASK_FILL = -0.7 * torch.finfo(torch.float32).max  # finite in float32 and float64
 
 
 def window_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int) -> torch.Tensor:
@@ -31,7 +31,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     this is the math path the TTT suffix needs.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    scores = scores * scale
     scores = scores.masked_fill(~visible, _MASK_FILL)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
