@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from ttte2e.kernels.lm_head import nll_and_hidden_grad
+
 from .layers import at_least_fp32
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ class InnerLoopOutput:
 class _LoopContext:
     targets: torch.Tensor  # [B, T]
     mask: torch.Tensor     # [B, T] float, 0 where the target is BOS
-    rope: tuple[torch.Tensor, torch.Tensor]  # buffer-local positions 0..W+b-1
+    rope: torch.Tensor  # complex rotations for buffer-local positions 0..W+b-1
     eta: float | torch.Tensor
     clip: float
     window: int
@@ -89,14 +91,20 @@ def _chunk_run(model: "TTTModel", ctx: _LoopContext, c: int, create_graph: bool,
         new_caches += [torch.cat((cache_k, k), 2)[:, :, -window:],
                        torch.cat((cache_v, v), 2)[:, :, -window:]]
     span = slice(c * b, (c + 1) * b)
-    nll = model.token_nll(h, ctx.targets[:, span])
     mask = ctx.mask[:, span]
-    loss = (nll * mask).sum(-1) / mask.sum(-1).clamp_min(1e-10)
+    weights = mask / mask.sum(-1, keepdim=True).clamp_min(1e-10)  # l = sum_t weights_t * nll_t
+    # the fused head returns dl/dh_final as well: the inner gradient starts from it
+    normed = model.final_norm(h)
+    nll, grad_normed = nll_and_hidden_grad(normed.flatten(0, 1), model.embed.weight,
+                                           ctx.targets[:, span].flatten(), weights.flatten())
+    nll = nll.view_as(mask)
+    loss = (nll * weights).sum(-1)
     if isinstance(ctx.eta, (int, float)) and ctx.eta == 0:
         new_fast = [t.clone() for t in fast]  # the inner loop does nothing: plain SWA
         norm = torch.zeros_like(loss)
     else:
-        grads = torch.autograd.grad(loss.sum(), fast, create_graph=create_graph)
+        grads = torch.autograd.grad(normed, fast, grad_normed.view_as(normed),
+                                    create_graph=create_graph)
         # theta, the inner gradients and the clip norm stay float32 (also under bf16 autocast)
         norm = torch.sqrt(sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads))
         scale = (ctx.eta * _clip_scale(norm, ctx.clip)).view(-1, 1, 1)

@@ -39,20 +39,23 @@ class RMSNorm(nn.Module):
         return (normed * at_least_fp32(self.weight)).to(x.dtype)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos/sin of p * theta^(-2i/dh), [P, head_dim/2], built in float32 as the official code does."""
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """exp(1j * p * theta^(-2i/dh)) as complex64 [P, head_dim/2]; angles built in float32 as the
+    official code builds them."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
     angles = torch.outer(positions.to(torch.float32), inv_freq)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) as complex numbers; x: [B, H, P, dh], cos/sin: [P, dh/2]."""
-    pairs = at_least_fp32(x).unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) as complex numbers (interleaved convention, not rotate-half);
+    x: [B, H, P, dh], rotation: complex [P, dh/2]. One complex multiply: few ops under
+    double backward."""
+    xc = torch.view_as_complex(at_least_fp32(x).unflatten(-1, (-1, 2)).contiguous())
+    if xc.dtype != rotation.dtype:
+        rotation = rotation.to(xc.dtype)
+    return torch.view_as_real(xc * rotation).flatten(-2).to(x.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -105,11 +108,10 @@ class Attention(nn.Module):
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         return self.wo(o.transpose(1, 2).flatten(2))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], window: int):
-        """Whole sequence, absolute positions; rope = (cos, sin) for positions 0..P-1."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, window: int):
+        """Whole sequence, absolute positions; rope = rotations for positions 0..P-1."""
         q, k, v = self.project(x)
-        cos, sin = rope
-        o = sliding_window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window)
+        o = sliding_window_attention(apply_rope(q, rope), apply_rope(k, rope), v, window)
         return self._out(o)
 
     def forward_chunk(self, x, cache_k, cache_v, rope, window: int, first_valid_key: int):
@@ -119,10 +121,8 @@ class Attention(nn.Module):
         """
         q, k, v = self.project(x)
         keys, values = torch.cat((cache_k, k), dim=2), torch.cat((cache_v, v), dim=2)
-        cos, sin = rope
-        n_q = q.shape[2]
-        o = chunk_attention(apply_rope(q, cos[-n_q:], sin[-n_q:]), apply_rope(keys, cos, sin),
-                            values, window, first_valid_key)
+        o = chunk_attention(apply_rope(q, rope[-q.shape[2]:]), apply_rope(keys, rope), values,
+                            window, first_valid_key)
         return self._out(o), k, v
 
 

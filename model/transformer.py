@@ -87,7 +87,7 @@ class TTTModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- pieces --------------------------------------------------------------------------------
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
         return rope_angles(positions, self.config.head_dim, self.config.rope_theta)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

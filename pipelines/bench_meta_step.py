@@ -1,0 +1,183 @@
+"""Benchmark: TTT-E2E meta-train step vs the SWA-only training step (time, FLOPs, peak memory).
+
+    python pipelines/bench_meta_step.py                 # time ratios + both memory tables
+    python pipelines/bench_meta_step.py --only time     # or: memory, heavy
+
+Time: one step = loss forward + backward (no optimizer), float32, the benchmark config below.
+The modes run interleaved for several rounds and the median per mode is used, so machine noise
+hits all of them alike; ratios are to the SWA step measured in the same run.
+Memory: peak resident memory (VmHWM) during one step minus resident memory just before it, each
+in a fresh subprocess that has run no earlier step (the peak is reset via /proc/self/clear_refs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from ttte2e.model import TTTConfig, TTTModel
+
+MODES = ("none", "chunk", "nested")
+# The size at which the official JAX code was measured on this kind of 2-core CPU.
+BENCH = dict(vocab_size=4096, d_model=256, n_layers=8, n_ttt_blocks=2, n_heads=4, mlp_hidden=512,
+             seq_len=1024, window=256, chunk_size=128)
+BENCH_BATCH = 2
+# Fast-weight heavy: the fast weights (3 d I per TTT block) dwarf one chunk's activations.
+HEAVY = dict(vocab_size=4096, d_model=512, n_layers=4, n_ttt_blocks=1, n_heads=4, mlp_hidden=2048,
+             seq_len=2048, window=256, chunk_size=32)
+HEAVY_BATCH = 1
+
+
+def make(cfg_fields: dict, batch: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = TTTConfig(**cfg_fields)
+    model = TTTModel(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1))
+    return model, tokens
+
+
+def step(model: TTTModel, tokens: torch.Tensor, mode: str) -> None:
+    model.zero_grad(set_to_none=True)
+    out = model.lm_loss(tokens) if mode == "swa" else model.meta_loss(tokens, remat=mode)
+    out.loss.backward()
+
+
+def time_ratios(rounds: int, steps: int) -> list[dict]:
+    model, tokens = make(BENCH, BENCH_BATCH)
+    modes = ("swa",) + MODES
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for mode in modes:  # warm-up
+        step(model, tokens, mode)
+    for _ in range(rounds):
+        for mode in modes:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(model, tokens, mode)
+            samples[mode].append((time.perf_counter() - start) / steps)
+    swa = statistics.median(samples["swa"])
+    rows = []
+    for mode in MODES:
+        flops = model.estimate_flops(remat=mode)
+        t = statistics.median(samples[mode])
+        rows.append(dict(mode=mode, step_s=t, swa_s=swa, time_ratio=t / swa,
+                         flops_ratio=flops.meta_over_swa,
+                         time_over_flops=(t / swa) / flops.meta_over_swa))
+    return rows
+
+
+def _read_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_probe(cfg_fields: dict, batch: int, mode: str) -> dict:
+    """Runs in a fresh process: peak RSS during one step minus RSS just before it."""
+    model, tokens = make(cfg_fields, batch)
+    before = _read_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    start = time.perf_counter()
+    step(model, tokens, mode)
+    seconds = time.perf_counter() - start
+    return dict(peak_bytes=_read_status("VmHWM") - before, seconds=seconds)
+
+
+def run_probe(cfg_fields: dict, batch: int, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--_probe", json.dumps([cfg_fields, batch, mode])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_table(chunk_counts: list[int]) -> list[dict]:
+    rows = []
+    for n in chunk_counts:
+        fields = dict(BENCH, seq_len=n * BENCH["chunk_size"])
+        swa = run_probe(fields, BENCH_BATCH, "swa")["peak_bytes"]
+        row = dict(n_chunks=n, seq_len=fields["seq_len"], swa_mb=swa / 2**20)
+        for mode in MODES:
+            peak = run_probe(fields, BENCH_BATCH, mode)["peak_bytes"]
+            row[f"{mode}_mb"] = peak / 2**20
+            row[f"{mode}_over_swa"] = peak / swa
+        rows.append(row)
+    return rows
+
+
+def heavy_table(repeats: int, checkpoint_prefix: bool) -> dict:
+    result = {}
+    fields = dict(HEAVY, checkpoint_prefix=checkpoint_prefix)
+    for mode in MODES:
+        probes = [run_probe(fields, HEAVY_BATCH, mode) for _ in range(repeats)]
+        result[mode] = dict(peak_mb=statistics.median(p["peak_bytes"] for p in probes) / 2**20,
+                            seconds=statistics.median(p["seconds"] for p in probes))
+    result["nested_over_chunk_mem"] = result["nested"]["peak_mb"] / result["chunk"]["peak_mb"]
+    result["nested_over_none_mem"] = result["nested"]["peak_mb"] / result["none"]["peak_mb"]
+    result["nested_over_chunk_time"] = result["nested"]["seconds"] / result["chunk"]["seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["time", "memory", "heavy"], default=None)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=2, help="steps per mode per round")
+    parser.add_argument("--chunks", default="8,16,32", help="chunk counts n for the memory table")
+    parser.add_argument("--heavy-repeats", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write all results to this file")
+    parser.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._probe:
+        cfg_fields, batch, mode = json.loads(args._probe)
+        print(json.dumps(memory_probe(cfg_fields, batch, mode)))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    results: dict = {}
+    if args.only in (None, "time"):
+        print(f"\nmeta step vs SWA-only step, {BENCH} batch {BENCH_BATCH}, "
+              f"median of {args.rounds} interleaved rounds")
+        print("| remat | meta step s | SWA step s | time ratio | FLOPs ratio | time / FLOPs |")
+        print("|---|---|---|---|---|---|")
+        results["time"] = time_ratios(args.rounds, args.steps)
+        for r in results["time"]:
+            print(f"| {r['mode']} | {r['step_s']:.3f} | {r['swa_s']:.3f} | {r['time_ratio']:.2f} | "
+                  f"{r['flops_ratio']:.2f} | {r['time_over_flops']:.2f} |")
+    if args.only in (None, "memory"):
+        chunks = [int(n) for n in args.chunks.split(",")]
+        print("\npeak step memory (MB above the pre-step RSS), fresh process per cell")
+        print("| n | T | SWA | none | chunk | nested | nested / SWA |")
+        print("|---|---|---|---|---|---|---|")
+        results["memory"] = memory_table(chunks)
+        for r in results["memory"]:
+            print(f"| {r['n_chunks']} | {r['seq_len']} | {r['swa_mb']:.0f} | {r['none_mb']:.0f} | "
+                  f"{r['chunk_mb']:.0f} | {r['nested_mb']:.0f} | {r['nested_over_swa']:.2f} |")
+    if args.only in (None, "heavy"):
+        print(f"\nfast-weight heavy: {HEAVY} batch {HEAVY_BATCH}")
+        results["heavy"] = {}
+        for prefix_ckpt in (False, True):
+            heavy = results["heavy"][f"checkpoint_prefix={prefix_ckpt}"] = heavy_table(
+                args.heavy_repeats, prefix_ckpt)
+            print(f"\ncheckpoint_prefix={prefix_ckpt}")
+            print("| remat | peak MB | step s |")
+            print("|---|---|---|")
+            for mode in MODES:
+                print(f"| {mode} | {heavy[mode]['peak_mb']:.0f} | {heavy[mode]['seconds']:.2f} |")
+            print(f"nested/chunk memory {heavy['nested_over_chunk_mem']:.2f} (target <= 0.5), "
+                  f"nested/none memory {heavy['nested_over_none_mem']:.2f} (target <= 0.3), "
+                  f"nested/chunk time {heavy['nested_over_chunk_time']:.2f} (target <= 1.5)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
