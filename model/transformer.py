@@ -15,7 +15,9 @@ full second-order meta-gradient.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -162,3 +164,29 @@ class TTTModel(nn.Module):
 
     def estimate_flops(self, seq_len: int | None = None, remat: str | None = None) -> FlopsEstimate:
         return estimate_flops(self.config, seq_len, remat)
+
+    # ---- weights on disk: config.json + model.safetensors --------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides) -> "TTTModel":
+        """Load a directory written by save_pretrained (config fields may be overridden)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not a TTT-E2E model directory: no {name}")
+        config = TTTConfig.from_dict({**json.loads((directory / "config.json").read_text()),
+                                      **overrides})
+        model = cls(config)
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model

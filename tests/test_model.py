@@ -138,3 +138,15 @@ def test_gradient_is_linear_in_eta_schedule_input():
         a = model.meta_loss(tokens, eta=0.3)
         b = model.meta_loss(tokens, eta=torch.tensor(0.3))
     torch.testing.assert_close(a.token_nll, b.token_nll)
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    model, tokens = make()
+    model.save_pretrained(tmp_path / "m")
+    loaded = TTTModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.meta_loss(tokens).token_nll,
+                                   model.meta_loss(tokens).token_nll, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        TTTModel.from_pretrained(tmp_path)
