@@ -104,6 +104,8 @@ class TTTModel(nn.Module):
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [batch, T+1], got "
                              f"{tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[0] == 0:
+            raise ValueError("tokens is an empty batch (0 sequences)")
         seq = tokens.shape[1] - 1
         if seq <= 0 or seq % multiple_of:
             raise ValueError(f"tokens has T+1={tokens.shape[1]} columns: T must be a positive "

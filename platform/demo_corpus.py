@@ -105,8 +105,8 @@ def pack_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
     The tail that does not fill a whole window is dropped (its count is returned by the caller's
     arithmetic: tokens.size - 1 - n * seq_len)."""
-    n = (tokens.size - 1) // seq_len
-    if n == 0:
+    n = (tokens.size - 1) // seq_len if tokens.size else 0
+    if n <= 0:
         raise ValueError(f"{tokens.size} tokens cannot fill one window of {seq_len + 1}")
     idx = np.arange(seq_len + 1)[None, :] + seq_len * np.arange(n)[:, None]
     return tokens[idx]

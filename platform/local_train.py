@@ -159,6 +159,9 @@ def train(cfg: LocalTrainConfig) -> dict:
         raise RuntimeError(f"tokenizer BOS id {data.bos_id} != model bos_token_id "
                            f"{model_cfg.bos_token_id}")
     train_windows = torch.from_numpy(pack_windows(data.train_tokens, model_cfg.seq_len)).long()
+    if data.val_tokens.size <= model_cfg.seq_len:
+        raise ValueError(f"the held-out split has {data.val_tokens.size} tokens, fewer than one "
+                         f"window of {model_cfg.seq_len + 1}: use more documents (--max-docs)")
     val_windows = torch.from_numpy(pack_windows(data.val_tokens, model_cfg.seq_len)).long()
     val_windows = val_windows[:cfg.eval_windows]
     needed = cfg.steps * cfg.batch_size

@@ -120,6 +120,8 @@ def test_bad_tokens_are_rejected_with_clear_errors():
         model.meta_loss(tokens[:, :-1])
     with pytest.raises(ValueError, match="token ids must be in"):
         model.meta_loss(tokens.clone().fill_(CFG.vocab_size))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.meta_loss(tokens[:0])
     with pytest.raises(ValueError, match="integer tensor"):
         model.meta_loss(tokens.float())
 
