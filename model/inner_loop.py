@@ -103,8 +103,11 @@ def _chunk_run(model: "TTTModel", ctx: _LoopContext, c: int, create_graph: bool,
         new_fast = [t.clone() for t in fast]  # the inner loop does nothing: plain SWA
         norm = torch.zeros_like(loss)
     else:
+        # Under autocast the inner gradient's values depend on create_graph (the recorded double-
+        # backward ops run in reduced precision); take it the same way in a remat forward as in
+        # its recompute, so both see identical values.
         grads = torch.autograd.grad(normed, fast, grad_normed.view_as(normed),
-                                    create_graph=create_graph)
+                                    create_graph=create_graph or torch.is_autocast_enabled(x.device.type))
         # theta, the inner gradients and the clip norm stay float32 (also under bf16 autocast)
         norm = torch.sqrt(sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads))
         scale = (ctx.eta * _clip_scale(norm, ctx.clip)).view(-1, 1, 1)
@@ -148,6 +151,9 @@ class _Remat(torch.autograd.Function):
     def forward(ctx, run: Callable, n_tensors: int, *args: torch.Tensor):
         tensors, params = args[:n_tensors], args[n_tensors:]
         ctx.run, ctx.params = run, params
+        # the recompute in backward must see the same autocast state as this forward
+        device = tensors[0].device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.requires = [t.requires_grad for t in tensors]
         ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)
@@ -160,7 +166,8 @@ class _Remat(torch.autograd.Function):
     def backward(ctx, *grad_out: torch.Tensor | None):
         tensors = [t.detach().requires_grad_(r) for t, r in zip(ctx.saved_tensors, ctx.requires)]
         nones = (None, None) + (None,) * (len(tensors) + len(ctx.params))
-        with torch.enable_grad():
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             out = ctx.run(True, *tensors)
         pairs = [(o, g) for o, g in zip(out, grad_out) if g is not None and o.requires_grad]
         wrt = [t for t in tensors if t.requires_grad] + [p for p in ctx.params if p.requires_grad]

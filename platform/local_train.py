@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ttte2e.model import PRESETS, TTTModel, inner_lr_at, preset

@@ -152,3 +152,25 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
                                    model.meta_loss(tokens).token_nll, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         TTTModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("remat", ["chunk", "nested"])
+def test_remat_recomputes_under_the_forward_autocast_state(remat):
+    """bf16 autocast around the forward only (backward outside, as in training): the recompute
+    must run under the forward's autocast state and reproduce its values."""
+    model, tokens = make()
+    grads = {}
+    for mode in ("none", remat):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.meta_loss(tokens, remat=mode)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        # fast weights, inner gradients and clip norm stay float32 under bf16 autocast
+        assert all(w.dtype == torch.float32 for w in out.fast_weights)
+        assert out.inner_grad_norm.dtype == torch.float32
+    ref, got = grads["none"], grads[remat]
+    rel = sorted(((got[n] - ref[n]).abs().max() / ref[n].abs().max()).item() for n in ref)
+    # measured: median 0 (most tensors bit-identical), worst 4e-3 (bf16 summation order);
+    # a recompute outside autocast gives median 3e-2, worst 7e-2
+    assert rel[len(rel) // 2] <= 1e-4 and rel[-1] <= 1e-2, rel
