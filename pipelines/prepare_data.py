@@ -1,0 +1,11 @@
+"""Raw text (jsonl / jsonl.gz / jsonl.zst / parquet / .txt folders; local or s3://) -> tokenized
+parquet shards + manifest.json, tokenized in Ray Data.
+
+    python pipelines/prepare_data.py --input <path|s3://...> --output <path|s3://...> \
+        --tokenizer <tokenizer.json|s3://...|train:<vocab>> [--min-tokens 8192] [--val-fraction 0.01]
+"""
+
+from ttte2e.platform.prepare_cli import main
+
+if __name__ == "__main__":
+    main()

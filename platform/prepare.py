@@ -1,0 +1,499 @@
+"""Raw text -> tokenized parquet shards + manifest (the data issue's `prepare_data`).
+
+Inputs: a file or a folder (recursive) of .jsonl / .jsonl.gz / .jsonl.zst (one JSON object per
+line, text in a configurable field), .parquet (text column) and .txt (one document per file,
+e.g. books); local paths or s3:// URIs.
+
+Each input file is one Ray Data task: it streams its documents (bounded memory), tokenizes them
+with HF `tokenizers`, puts BOS before each document, splits train/held-out by a hash of the
+document's identity, and writes shards of at most `shard_tokens` tokens. Rows of a shard are
+documents: `tokens` (list<int32>, BOS first), `num_tokens`, `source` (file#index).
+
+Atomic commit: shards are written first, `manifest.json` last. A folder without a manifest is not
+a dataset (readers refuse it); a later run cleans such leftovers. The manifest lists every shard
+with rows, tokens, bytes and sha256, the tokenizer's identity and hash, BOS/EOS ids, the options,
+and the counts of everything skipped by policy.
+
+Policy for bad input: unreadable/corrupt/truncated files, invalid JSON, a missing or non-string
+text field: a DataError naming the file and line/row (the job stops; nothing is dropped
+silently). Invalid UTF-8: replaced (U+FFFD) and counted. Documents with no tokens and documents
+under `min_tokens`: skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ttte2e.platform.storage import STORAGE_ENV_VARS, Location, resolve
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
+_BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]")
+_EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "[EOS]")
+SHARD_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("num_tokens", pa.int32()),
+                          ("source", pa.string())])
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where it applies, the line or row."""
+
+
+@dataclass
+class PrepareOptions:
+    """Options of prepare_data (recorded in the manifest)."""
+
+    input: str
+    """Input file or folder: local path or s3:// URI."""
+    output: str
+    """Output folder (local or s3://) for shards + manifest."""
+    tokenizer: str
+    """tokenizer.json path or s3:// URI, or 'train:<vocab>' to train a byte-level BPE on the input."""
+    text_field: str = "text"
+    """Field holding the text in jsonl objects / parquet columns."""
+    min_tokens: int = 0
+    """Drop documents with fewer tokens than this (the paper drops DCLM documents under 8192)."""
+    val_fraction: float = 0.0
+    """Fraction of documents held out (by a hash of their identity) into the 'val' split."""
+    shard_tokens: int = 16_000_000
+    """Upper bound of tokens per output shard."""
+    bos_token: str = ""
+    """BOS token string; empty = detect (<|begin_of_text|>, <s>, <bos>)."""
+    append_eos: bool = False
+    """Also append EOS after every document (the official pipeline does not)."""
+    overwrite: bool = False
+    """Replace an output that already holds a different dataset."""
+    train_tokenizer_max_bytes: int = 200_000_000
+    """With 'train:<vocab>', train on at most this much text."""
+
+
+@dataclass
+class FileStats:
+    documents_read: int = 0
+    documents_written: int = 0
+    tokens_written: int = 0
+    empty_documents: int = 0
+    short_documents: int = 0
+    short_documents_tokens: int = 0
+    non_utf8_documents: int = 0
+
+    def add(self, other: "FileStats") -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def _decode(raw: bytes) -> tuple[str, bool]:
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _compressed_stream(loc: Location):
+    stream = loc.open_input()
+    if loc.path.endswith(".gz"):
+        return pa.CompressedInputStream(stream, "gzip")
+    if loc.path.endswith(".zst"):
+        return pa.CompressedInputStream(stream, "zstd")
+    return stream
+
+
+def _iter_lines(loc: Location) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of a (compressed) text file, streaming in 1 MiB reads."""
+    codec = "gzip" if loc.path.endswith(".gz") else "zstd" if loc.path.endswith(".zst") else None
+    number, pending = 0, b""
+    with _compressed_stream(loc) as stream:
+        while True:
+            try:
+                chunk = stream.read(1 << 20)
+            except (OSError, pa.ArrowException) as e:
+                what = f"corrupt or truncated {codec} stream" if codec else "read error"
+                raise DataError(f"{loc.uri}: {what} after line {number}: {e}") from e
+            if not chunk:
+                break
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                number += 1
+                yield number, line
+    if pending:
+        yield number + 1, pending
+
+
+def iter_documents(loc: Location, text_field: str) -> Iterator[tuple[str, str, bool]]:
+    """(source id, text, had invalid UTF-8) for every document of one input file."""
+    name = loc.path
+    if name.endswith(".txt"):
+        text, bad = _decode(loc.read_bytes())
+        yield f"{loc.uri}", text, bad
+    elif name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        for number, raw in _iter_lines(loc):
+            if not raw.strip():
+                continue
+            line, bad = _decode(raw)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{loc.uri}: line {number}: invalid JSON ({e.msg})") from e
+            if not isinstance(obj, dict) or text_field not in obj:
+                keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{loc.uri}: line {number}: no text field '{text_field}' "
+                                f"(found: {keys})")
+            text = obj[text_field]
+            if text is None:
+                text = ""
+            if not isinstance(text, str):
+                raise DataError(f"{loc.uri}: line {number}: field '{text_field}' is "
+                                f"{type(text).__name__}, not a string")
+            yield f"{loc.uri}#L{number}", text, bad
+    elif name.endswith(".parquet"):
+        try:
+            parquet = pq.ParquetFile(loc.open_random_access())
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{loc.uri}: not a readable parquet file: {e}") from e
+        if text_field not in parquet.schema_arrow.names:
+            raise DataError(f"{loc.uri}: no column '{text_field}' "
+                            f"(columns: {parquet.schema_arrow.names})")
+        column_type = parquet.schema_arrow.field(text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+                or pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)):
+            raise DataError(f"{loc.uri}: column '{text_field}' is {column_type}, not text")
+        row = 0
+        try:
+            for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+                for value in batch.column(0).to_pylist():
+                    row += 1
+                    if value is None:
+                        yield f"{loc.uri}#R{row}", "", False
+                    elif isinstance(value, bytes):
+                        text, bad = _decode(value)
+                        yield f"{loc.uri}#R{row}", text, bad
+                    else:
+                        yield f"{loc.uri}#R{row}", value, False
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{loc.uri}: corrupt parquet data after row {row}: {e}") from e
+    else:
+        raise DataError(f"{loc.uri}: unsupported file type (supported: {', '.join(SUFFIXES)})")
+
+
+def discover_inputs(uri: str) -> tuple[list[Location], list[str]]:
+    """Input files (sorted) and the files skipped for an unsupported extension."""
+    loc = resolve(uri)
+    loc.ensure_bucket()
+    if not loc.exists():
+        raise FileNotFoundError(f"input {uri} does not exist")
+    if not loc.is_dir():
+        if not loc.path.endswith(SUFFIXES):
+            raise DataError(f"{uri}: unsupported file type (supported: {', '.join(SUFFIXES)})")
+        return [loc], []
+    files = loc.list_files()
+    chosen = [f for f in files if f.path.endswith(SUFFIXES)]
+    skipped = [f.uri for f in files if not f.path.endswith(SUFFIXES)]
+    if not chosen:
+        raise DataError(f"input {uri} holds no supported files ({', '.join(SUFFIXES)}); "
+                        f"found {len(files)} other file(s)")
+    return chosen, skipped
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+@dataclass
+class TokenizerInfo:
+    json: str
+    source: str
+    sha256: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int | None
+    bos_token: str
+    trained: bool = False
+
+
+def _special_id(tokenizer, candidates, explicit: str = "") -> tuple[int | None, str]:
+    for token in ([explicit] if explicit else list(candidates)):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id, token
+    return None, ""
+
+
+def load_tokenizer(spec: str, opts: PrepareOptions, inputs: list[Location]) -> TokenizerInfo:
+    from tokenizers import Tokenizer
+
+    trained = spec.startswith("train:")
+    if trained:
+        try:
+            vocab = int(spec.split(":", 1)[1])
+        except ValueError as e:
+            raise ValueError(f"--tokenizer {spec!r}: expected train:<vocab size>") from e
+        text = train_bpe(inputs, opts, vocab)
+    else:
+        loc = resolve(spec)
+        if not loc.exists():
+            raise FileNotFoundError(f"tokenizer {spec} does not exist")
+        raw = loc.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+            Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a plain Exception on bad JSON
+            raise DataError(f"tokenizer {spec} does not parse as a tokenizer.json: {e}") from e
+    tokenizer = Tokenizer.from_str(text)
+    bos_id, bos_token = _special_id(tokenizer, _BOS_CANDIDATES, opts.bos_token)
+    if bos_id is None:
+        raise DataError(f"tokenizer {spec}: no BOS token found (tried "
+                        f"{[opts.bos_token] if opts.bos_token else list(_BOS_CANDIDATES)}); "
+                        "pass --bos-token")
+    eos_id, _ = _special_id(tokenizer, _EOS_CANDIDATES)
+    if opts.append_eos and eos_id is None:
+        raise DataError(f"tokenizer {spec}: --append-eos but no EOS token found")
+    return TokenizerInfo(json=text, source=spec, sha256=hashlib.sha256(text.encode()).hexdigest(),
+                         vocab_size=tokenizer.get_vocab_size(), bos_id=bos_id, eos_id=eos_id,
+                         bos_token=bos_token, trained=trained)
+
+
+def train_bpe(inputs: list[Location], opts: PrepareOptions, vocab_size: int) -> str:
+    """Byte-level BPE trained on (up to train_tokenizer_max_bytes of) the input: demos/tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def texts():
+        budget = opts.train_tokenizer_max_bytes
+        for loc in inputs:
+            for _, text, _ in iter_documents(loc, opts.text_field):
+                if budget <= 0:
+                    return
+                budget -= len(text)
+                yield text
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    return tokenizer.to_str()
+
+
+# ---- tokenize + write one input file ---------------------------------------------------------
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer_from(json_text: str):
+    from tokenizers import Tokenizer
+
+    key = hashlib.sha256(json_text.encode()).hexdigest()
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = Tokenizer.from_str(json_text)
+    return _TOKENIZERS[key]
+
+
+def _is_val(source: str, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    bucket = int(hashlib.sha256(source.encode()).hexdigest()[:12], 16) / float(1 << 48)
+    return bucket < fraction
+
+
+def _shard_bytes(rows: list[tuple[list[int], str]]) -> bytes:
+    table = pa.table({"tokens": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
+                      "num_tokens": pa.array([len(r[0]) for r in rows], pa.int32()),
+                      "source": pa.array([r[1] for r in rows], pa.string())}, schema=SHARD_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def process_file(file_index: int, input_uri: str, output_uri: str, opts: PrepareOptions,
+                 tok: TokenizerInfo, batch_docs: int = 256) -> list[dict]:
+    """Tokenize one input file and write its shards; returns shard records + one stats record."""
+    loc, out = resolve(input_uri), resolve(output_uri)
+    tokenizer = _tokenizer_from(tok.json)
+    stats = FileStats()
+    records: list[dict] = []
+    pending = {"train": [], "val": []}
+    pending_tokens = {"train": 0, "val": 0}
+    seq = {"train": 0, "val": 0}
+
+    def flush(split: str) -> None:
+        rows = pending[split]
+        if not rows:
+            return
+        data = _shard_bytes(rows)
+        rel = f"{split}/part-{file_index:05d}-{seq[split]:04d}.parquet"
+        out.join(rel).write_bytes(data)
+        records.append(dict(kind="shard", path=rel, split=split, rows=len(rows),
+                            tokens=sum(len(r[0]) for r in rows), bytes=len(data),
+                            sha256=hashlib.sha256(data).hexdigest(), input=input_uri))
+        seq[split] += 1
+        pending[split], pending_tokens[split] = [], 0
+
+    def tokenize(batch: list[tuple[str, str, bool]]) -> None:
+        encodings = tokenizer.encode_batch([text for _, text, _ in batch], add_special_tokens=False)
+        for (source, _, bad), enc in zip(batch, encodings):
+            ids = enc.ids
+            stats.non_utf8_documents += int(bad)
+            if not ids:
+                stats.empty_documents += 1
+                continue
+            if len(ids) < opts.min_tokens:
+                stats.short_documents += 1
+                stats.short_documents_tokens += len(ids)
+                continue
+            tokens = [tok.bos_id] + ids + ([tok.eos_id] if opts.append_eos else [])
+            split = "val" if _is_val(source, opts.val_fraction) else "train"
+            pending[split].append((tokens, source))
+            pending_tokens[split] += len(tokens)
+            stats.documents_written += 1
+            stats.tokens_written += len(tokens)
+            if pending_tokens[split] >= opts.shard_tokens:
+                flush(split)
+
+    batch: list[tuple[str, str, bool]] = []
+    for doc in iter_documents(loc, opts.text_field):
+        stats.documents_read += 1
+        batch.append(doc)
+        if len(batch) >= batch_docs:
+            tokenize(batch)
+            batch = []
+    tokenize(batch) if batch else None
+    flush("train"), flush("val")
+    records.append(dict(kind="stats", input=input_uri, **asdict(stats)))
+    return records
+
+
+# ---- the whole job ---------------------------------------------------------------------------
+def _dataset_key(opts: PrepareOptions, tok: TokenizerInfo, inputs: list[Location]) -> str:
+    ident = dict(options={k: v for k, v in asdict(opts).items() if k not in ("overwrite", "output")},
+                 tokenizer=tok.sha256, inputs=[(f.uri, f.size()) for f in inputs],
+                 version=FORMAT_VERSION)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest of a finished dataset; a folder without one is refused."""
+    out = resolve(uri)
+    loc = out.join(MANIFEST)
+    if not loc.exists():
+        raise DataError(f"{uri} is not a finished dataset: no {MANIFEST} (a run that did not "
+                        "complete, or not a dataset folder)")
+    return json.loads(loc.read_bytes())
+
+
+def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
+    """True when this exact dataset already exists (nothing to do)."""
+    out.ensure_bucket()
+    if not out.exists():
+        return False
+    manifest = out.join(MANIFEST)
+    if manifest.exists():
+        existing = json.loads(manifest.read_bytes())
+        if existing.get("dataset_key") == key and not overwrite:
+            return True
+        if not overwrite:
+            raise DataError(f"{out.uri} already holds a different dataset (dataset_key "
+                            f"{existing.get('dataset_key')} != {key}); pass --overwrite to replace it")
+        log(f"--overwrite: deleting the dataset in {out.uri}")
+        out.delete()
+        return False
+    ours = ("train/", "val/", "tokenizer.json")
+    files = out.list_files() if out.is_dir() else [out]
+    foreign = [f.uri for f in files if not f.uri[len(out.uri) + 1:].startswith(ours)]
+    if foreign and not overwrite:
+        raise DataError(f"{out.uri} is not empty and holds no dataset manifest (e.g. "
+                        f"{foreign[:3]}); pass --overwrite to replace it")
+    if files:
+        log(f"{out.uri}: removing {len(files)} file(s) left by an unfinished run")
+        out.delete()
+    return False
+
+
+def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
+    """Run the whole job; returns the manifest."""
+    if not 0.0 <= opts.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {opts.val_fraction}")
+    if opts.min_tokens < 0 or opts.shard_tokens <= 0:
+        raise ValueError("min_tokens must be >= 0 and shard_tokens > 0")
+    start = time.time()
+    inputs, skipped_files = discover_inputs(opts.input)
+    log(f"input: {len(inputs)} file(s) under {opts.input}"
+        + (f"; {len(skipped_files)} skipped (unsupported type)" if skipped_files else ""))
+    for uri in skipped_files:
+        log(f"  skipped (unsupported type): {uri}")
+    tok = load_tokenizer(opts.tokenizer, opts, inputs)
+    log(f"tokenizer: {'trained BPE' if tok.trained else tok.source}, vocab {tok.vocab_size}, "
+        f"BOS {tok.bos_token!r} = {tok.bos_id}, sha256 {tok.sha256[:12]}")
+    out = resolve(opts.output)
+    key = _dataset_key(opts, tok, inputs)
+    if _prepare_output(out, key, opts.overwrite, log):
+        log(f"{opts.output} already holds this dataset ({key}); nothing to do")
+        return read_manifest(opts.output)
+    out.join("tokenizer.json").write_bytes(tok.json.encode())
+
+    jobs = [(i, f.uri) for i, f in enumerate(inputs)]
+    if use_ray:
+        records = _run_with_ray(jobs, opts, tok)
+    else:
+        records = [r for i, uri in jobs for r in process_file(i, uri, opts.output, opts, tok)]
+    shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["path"])
+    totals = FileStats()
+    for r in records:
+        if r["kind"] == "stats":
+            totals.add(FileStats(**{k: v for k, v in r.items() if k not in ("kind", "input")}))
+    if totals.documents_written == 0:
+        raise DataError(f"input {opts.input} produced no documents ({asdict(totals)}): empty "
+                        "input, or every document was empty or under --min-tokens")
+    splits = {s: dict(documents=sum(r["rows"] for r in shards if r["split"] == s),
+                      tokens=sum(r["tokens"] for r in shards if r["split"] == s),
+                      shards=sum(1 for r in shards if r["split"] == s)) for s in ("train", "val")}
+    manifest = dict(
+        format_version=FORMAT_VERSION, dataset_key=key, created=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                            time.gmtime()),
+        options=asdict(opts),
+        tokenizer=dict(source=tok.source, trained=tok.trained, sha256=tok.sha256,
+                       vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                       bos_token=tok.bos_token, file="tokenizer.json"),
+        inputs=dict(files=len(inputs), skipped_unsupported=skipped_files),
+        counts=asdict(totals), splits=splits,
+        shards=[{k: r[k] for k in ("path", "split", "rows", "tokens", "bytes", "sha256", "input")}
+                for r in shards],
+        seconds=round(time.time() - start, 2))
+    out.join(MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())  # the commit point
+    log(f"done: {splits['train']['documents']} train / {splits['val']['documents']} held-out "
+        f"documents, {totals.tokens_written} tokens in {len(shards)} shard(s); skipped: "
+        f"{totals.empty_documents} empty, {totals.short_documents} under {opts.min_tokens} "
+        f"tokens; {totals.non_utf8_documents} with invalid UTF-8 (replaced) -> "
+        f"{out.join(MANIFEST).uri}")
+    return manifest
+
+
+def _run_with_ray(jobs: list[tuple[int, str]], opts: PrepareOptions,
+                  tok: TokenizerInfo) -> list[dict]:
+    import ray
+
+    from ttte2e.platform.ray_runtime import ensure_ray
+
+    ensure_ray()
+    output, options = opts.output, opts
+    # Workers may have been started before this process set its storage variables (or on other
+    # nodes): ship the driver's S3 endpoint and credentials with the task (never logged).
+    storage_env = {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
+
+    def task(batch: dict) -> dict:
+        os.environ.update(storage_env)
+        records = []
+        for index, uri in zip(batch["index"], batch["uri"]):
+            records += process_file(int(index), str(uri), output, options, tok)
+        return {"record": [json.dumps(r) for r in records]}
+
+    dataset = ray.data.from_items([{"index": i, "uri": uri} for i, uri in jobs])
+    results = dataset.map_batches(task, batch_size=1).take_all()
+    return [json.loads(row["record"]) for row in results]

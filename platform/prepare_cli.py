@@ -1,0 +1,40 @@
+"""Command line of prepare_data: flags generated from PrepareOptions' fields and their docs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ttte2e.platform.local_train import field_docs
+from ttte2e.platform.prepare import DataError, PrepareOptions, prepare
+from ttte2e.platform.storage import StorageError
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PrepareOptions, bool]:
+    parser = argparse.ArgumentParser(description="Tokenize raw text into TTT-E2E token shards.")
+    docs = field_docs(PrepareOptions)
+    for f in dataclasses.fields(PrepareOptions):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = docs.get(f.name, "")
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(flag, required=True, help=help_text)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                help=f"{help_text} (default: {f.default!r})")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="tokenize in this process instead of Ray Data (debugging)")
+    args = vars(parser.parse_args(argv))
+    no_ray = args.pop("no_ray")
+    return PrepareOptions(**args), no_ray
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts, no_ray = parse_args(argv)
+    try:
+        prepare(opts, use_ray=not no_ray)
+    except (DataError, StorageError, FileNotFoundError, ValueError) as e:
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,254 @@
+"""prepare_data: formats, manifest, atomic commit, every bad-input policy, Ray and S3 paths."""
+
+import hashlib
+import io
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from ttte2e.platform.prepare import DataError, PrepareOptions, prepare, read_manifest
+from ttte2e.platform.storage import StorageError, resolve
+
+DOCS = [f"Document number {i}. " + "Some words about long context and test-time training. " * (i % 5 + 1)
+        for i in range(40)]
+
+
+def write_jsonl(path, docs, field="text"):
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+
+
+def compressed(data: bytes, codec: str) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, codec) as out:
+        out.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    write_jsonl(folder / "docs.jsonl", DOCS)
+    out = folder / "ds"
+    prepare(PrepareOptions(input=str(folder / "docs.jsonl"), output=str(out),
+                           tokenizer="train:300"), use_ray=False, log=lambda *_: None)
+    return str(out / "tokenizer.json")
+
+
+def run(tmp_path, tokenizer, input_path=None, **kw):
+    opts = PrepareOptions(input=str(input_path or tmp_path / "in"), output=str(tmp_path / "out"),
+                          tokenizer=tokenizer, **kw)
+    return prepare(opts, use_ray=False, log=lambda *_: None)
+
+
+def read_shards(out, manifest):
+    rows = []
+    for shard in manifest["shards"]:
+        data = (out / shard["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
+        table = pq.read_table(io.BytesIO(data))
+        assert table.num_rows == shard["rows"]
+        assert sum(table.column("num_tokens").to_pylist()) == shard["tokens"]
+        rows += table.to_pylist()
+    return rows
+
+
+def test_all_formats_round_trip_with_bos_and_counts(tmp_path, tokenizer_file):
+    src = tmp_path / "in"
+    (src / "books").mkdir(parents=True)
+    write_jsonl(src / "a.jsonl", DOCS[:10])
+    (src / "b.jsonl.gz").write_bytes(compressed(
+        "".join(json.dumps({"text": d}) + "\n" for d in DOCS[10:20]).encode(), "gzip"))
+    (src / "c.jsonl.zst").write_bytes(compressed(
+        "".join(json.dumps({"text": d}) + "\n" for d in DOCS[20:30]).encode(), "zstd"))
+    pq.write_table(pa.table({"text": DOCS[30:38]}), src / "d.parquet")
+    (src / "books" / "e.txt").write_text(DOCS[38])
+    (src / "books" / "f.txt").write_text(DOCS[39])
+    (src / "README.md").write_text("not data")
+    manifest = run(tmp_path, tokenizer_file, val_fraction=0.25, shard_tokens=300)
+    assert manifest["counts"]["documents_read"] == 40 == manifest["counts"]["documents_written"]
+    assert manifest["inputs"]["skipped_unsupported"] == [str(src / "README.md")]
+    assert manifest["splits"]["val"]["documents"] > 0 and manifest["splits"]["train"]["shards"] > 5
+    rows = read_shards(tmp_path / "out", manifest)
+    tok = Tokenizer.from_file(tokenizer_file)
+    bos = manifest["tokenizer"]["bos_id"]
+    by_text = {}
+    for row in rows:
+        assert row["tokens"][0] == bos and bos not in row["tokens"][1:]
+        by_text[tok.decode(row["tokens"][1:])] = row
+    assert set(by_text) == set(DOCS)  # every document exactly once, text intact
+    assert sum(len(r["tokens"]) for r in rows) == manifest["counts"]["tokens_written"]
+    # the held-out split is by document and deterministic
+    again = run(tmp_path, tokenizer_file, val_fraction=0.25, shard_tokens=300, overwrite=True)
+    assert again["shards"] == manifest["shards"]
+
+
+def test_min_tokens_empty_docs_and_invalid_utf8_are_counted(tmp_path, tokenizer_file):
+    src = tmp_path / "in"
+    src.mkdir()
+    lines = [json.dumps({"text": DOCS[3]}).encode(), json.dumps({"text": ""}).encode(),
+             json.dumps({"text": None}).encode(), json.dumps({"text": "hi"}).encode(),
+             b'{"text": "bad \xff\xfe bytes ' + b"and more words " * 20 + b'"}']
+    (src / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    manifest = run(tmp_path, tokenizer_file, min_tokens=5)
+    counts = manifest["counts"]
+    assert counts["documents_read"] == 5 and counts["documents_written"] == 2
+    assert counts["empty_documents"] == 2 and counts["short_documents"] == 1
+    assert counts["non_utf8_documents"] == 1
+    texts = [Tokenizer.from_file(tokenizer_file).decode(r["tokens"][1:])
+             for r in read_shards(tmp_path / "out", manifest)]
+    assert any("\ufffd" in t for t in texts)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n', r"bad.jsonl: line 2: invalid JSON"),
+    ("nofield.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"nofield.jsonl: line 2: no text field 'text'"),
+    ("num.jsonl", b'{"text": 3}\n', r"num.jsonl: line 1: field 'text' is int"),
+    ("corrupt.parquet", b"PAR1 this is not parquet", r"corrupt.parquet: not a readable parquet"),
+])
+def test_bad_files_raise_errors_naming_file_and_line(tmp_path, tokenizer_file, name, content,
+                                                     message):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        run(tmp_path, tokenizer_file)
+    assert not (tmp_path / "out" / "manifest.json").exists()  # never mistaken for a dataset
+
+
+@pytest.mark.parametrize("codec, suffix", [("gzip", ".jsonl.gz"), ("zstd", ".jsonl.zst")])
+def test_truncated_compressed_input_is_an_error(tmp_path, tokenizer_file, codec, suffix):
+    data = compressed("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 5).encode(), codec)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"cut{suffix}: corrupt or truncated {codec} stream"):
+        run(tmp_path, tokenizer_file)
+
+
+def test_parquet_without_the_text_column(tmp_path, tokenizer_file):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "in" / "p.parquet")
+    with pytest.raises(DataError, match=r"p.parquet: no column 'text' \(columns: \['body'\]\)"):
+        run(tmp_path, tokenizer_file)
+
+
+def test_missing_empty_and_unsupported_inputs(tmp_path, tokenizer_file):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(tmp_path, tokenizer_file, input_path=tmp_path / "nowhere")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.md").write_text("x")
+    with pytest.raises(DataError, match="holds no supported files"):
+        run(tmp_path, tokenizer_file)
+    (tmp_path / "in" / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="produced no documents"):
+        run(tmp_path, tokenizer_file)
+
+
+def test_tokenizer_that_does_not_parse(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", DOCS[:3])
+    (tmp_path / "tok.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(DataError, match="does not parse as a tokenizer.json"):
+        run(tmp_path, str(tmp_path / "tok.json"))
+    with pytest.raises(FileNotFoundError, match="tokenizer .* does not exist"):
+        run(tmp_path, str(tmp_path / "missing.json"))
+
+
+def test_output_holding_another_dataset_needs_overwrite(tmp_path, tokenizer_file):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", DOCS[:5])
+    first = run(tmp_path, tokenizer_file)
+    assert run(tmp_path, tokenizer_file) == first  # same dataset: nothing to do
+    with pytest.raises(DataError, match="already holds a different dataset"):
+        run(tmp_path, tokenizer_file, min_tokens=3)
+    assert run(tmp_path, tokenizer_file, min_tokens=3, overwrite=True)["dataset_key"] != first["dataset_key"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.csv").write_text("1,2")
+    with pytest.raises(DataError, match="not empty and holds no dataset manifest"):
+        prepare(PrepareOptions(input=str(tmp_path / "in"), output=str(other),
+                               tokenizer=tokenizer_file), use_ray=False, log=lambda *_: None)
+    assert (other / "precious.csv").exists()
+
+
+def test_unfinished_run_is_not_a_dataset_and_is_cleaned(tmp_path, tokenizer_file):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", DOCS[:5])
+    leftover = tmp_path / "out" / "train" / "part-00099-0000.parquet"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half written")
+    with pytest.raises(DataError, match="not a finished dataset"):
+        read_manifest(str(tmp_path / "out"))
+    manifest = run(tmp_path, tokenizer_file)
+    assert not leftover.exists()
+    assert read_manifest(str(tmp_path / "out")) == manifest
+
+
+@pytest.mark.slow
+def test_ray_data_path_writes_the_same_shards(tmp_path, tokenizer_file):
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        write_jsonl(tmp_path / "in" / f"part{i}.jsonl", DOCS[i * 10:(i + 1) * 10])
+    local = run(tmp_path, tokenizer_file, val_fraction=0.2)
+    opts = PrepareOptions(input=str(tmp_path / "in"), output=str(tmp_path / "ray_out"),
+                          tokenizer=tokenizer_file, val_fraction=0.2)
+    with_ray = prepare(opts, use_ray=True, log=lambda *_: None)
+    assert [s["sha256"] for s in with_ray["shards"]] == [s["sha256"] for s in local["shards"]]
+    assert with_ray["counts"] == local["counts"]
+
+
+# ---- S3 (a real S3-compatible server on loopback) ----------------------------------------------
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+def s3_fs(env, secret=None):
+    return pafs.S3FileSystem(endpoint_override=env["TTTE2E_S3_ENDPOINT"].split("://")[1],
+                             scheme="http", access_key=env["AWS_ACCESS_KEY_ID"],
+                             secret_key=secret or env["AWS_SECRET_ACCESS_KEY"], region="us-east-1",
+                             allow_bucket_creation=True)
+
+
+@pytest.mark.slow
+def test_prepare_from_s3_to_s3(s3_env, tokenizer_file):
+    fs = s3_fs(s3_env)
+    fs.create_dir("raw")
+    fs.create_dir("tokens")
+    for i in range(2):
+        with fs.open_output_stream(f"raw/dclm/part{i}.jsonl.zst", compression=None) as f:
+            f.write(compressed("".join(json.dumps({"text": d}) + "\n"
+                                       for d in DOCS[i * 20:(i + 1) * 20]).encode(), "zstd"))
+    with fs.open_output_stream("raw/tokenizer.json") as f:
+        f.write(open(tokenizer_file, "rb").read())
+    opts = PrepareOptions(input="s3://raw/dclm", output="s3://tokens/dclm",
+                          tokenizer="s3://raw/tokenizer.json", val_fraction=0.1)
+    manifest = prepare(opts, use_ray=True, log=lambda *_: None)
+    assert manifest["counts"]["documents_written"] == 40
+    assert read_manifest("s3://tokens/dclm") == manifest
+    for shard in manifest["shards"]:
+        data = resolve("s3://tokens/dclm/" + shard["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(manifest)
+    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)
+
+
+@pytest.mark.slow
+def test_s3_wrong_credentials_and_missing_bucket(s3_env, monkeypatch, tokenizer_file):
+    fs = s3_fs(s3_env)
+    fs.create_dir("creds")
+    with fs.open_output_stream("creds/a.jsonl") as f:
+        f.write(b'{"text": "hello"}\n')
+    with pytest.raises(StorageError, match="does not exist"):
+        prepare(PrepareOptions(input="s3://no-such-bucket/x", output="s3://creds/out",
+                               tokenizer=tokenizer_file), use_ray=False, log=lambda *_: None)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StorageError, match=r"s3://creds/a.jsonl.*check the endpoint") as err:
+        prepare(PrepareOptions(input="s3://creds/a.jsonl", output="s3://creds/out",
+                               tokenizer=tokenizer_file), use_ray=False, log=lambda *_: None)
+    assert "wrong-secret" not in str(err.value)
