@@ -252,3 +252,13 @@ def test_s3_wrong_credentials_and_missing_bucket(s3_env, monkeypatch, tokenizer_
         prepare(PrepareOptions(input="s3://creds/a.jsonl", output="s3://creds/out",
                                tokenizer=tokenizer_file), use_ray=False, log=lambda *_: None)
     assert "wrong-secret" not in str(err.value)
+
+
+def test_cli_reports_bad_input_as_a_one_line_error(tmp_path, capsys):
+    from ttte2e.platform.prepare_cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
+              "--tokenizer", "train:100", "--no-ray"])
+    assert exit_info.value.code == 2
+    assert "prepare_data: error: input" in capsys.readouterr().err

@@ -1,0 +1,83 @@
+"""Benchmark: tokenization throughput of prepare_data and the training stream's throughput,
+against the tiny preset's consumption (meta-train tokens/s) on this machine.
+
+    python pipelines/bench_data.py [--docs 800] [--steps 6]
+
+Target: the stream delivers >= 10x what training consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ttte2e.model import TTTModel, preset
+from ttte2e.platform.data import StreamSpec, for_rank, iter_batches, train_dataset
+from ttte2e.platform.demo_corpus import stdlib_documents
+from ttte2e.platform.prepare import PrepareOptions, prepare
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--docs", type=int, default=800, help="stdlib documents in the corpus")
+    parser.add_argument("--files", type=int, default=8, help="input jsonl files")
+    parser.add_argument("--steps", type=int, default=6, help="meta-train steps timed")
+    args = parser.parse_args()
+    cfg = preset("tiny")
+    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    docs = stdlib_documents(args.docs)
+    raw = work / "raw"
+    raw.mkdir()
+    for f in range(args.files):
+        with open(raw / f"part{f:03d}.jsonl", "w") as out:
+            for _, text in docs[f::args.files]:
+                out.write(json.dumps({"text": text}) + "\n")
+    # the tokenizer is trained once, outside the timed runs
+    tok_ds = work / "tok"
+    prepare(PrepareOptions(input=str(raw / "part000.jsonl"), output=str(tok_ds),
+                           tokenizer=f"train:{cfg.vocab_size}"), use_ray=False, log=lambda *_: None)
+    results = {}
+    for mode in ("in-process", "ray"):
+        start = time.perf_counter()
+        manifest = prepare(PrepareOptions(input=str(raw), output=str(work / f"ds-{mode}"),
+                                          tokenizer=str(tok_ds / "tokenizer.json"),
+                                          shard_tokens=1_000_000),
+                           use_ray=mode == "ray", log=lambda *_: None)
+        seconds = time.perf_counter() - start
+        results[f"prepare_{mode}"] = manifest["counts"]["tokens_written"] / seconds
+    dataset = str(work / "ds-ray")
+
+    spec = StreamSpec(dataset, seq_len=cfg.seq_len, global_batch=8)
+    start, tokens = time.perf_counter(), 0
+    for _, windows in iter_batches(spec):
+        tokens += windows.size
+    results["stream_plain"] = tokens / (time.perf_counter() - start)
+    ds = for_rank(train_dataset(spec), spec, 0)
+    start, tokens = time.perf_counter(), 0
+    for row in ds.iter_rows():
+        tokens += row["tokens"].size
+    results["stream_ray"] = tokens / (time.perf_counter() - start)
+
+    model = TTTModel(cfg)
+    batch = next(iter_batches(StreamSpec(dataset, cfg.seq_len, 2)))[1]
+    tokens_t = torch.from_numpy(batch)
+    model.meta_loss(tokens_t).loss.backward()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        model.zero_grad(set_to_none=True)
+        model.meta_loss(tokens_t).loss.backward()
+    results["consumption_tiny"] = args.steps * tokens_t.numel() / (time.perf_counter() - start)
+
+    print("| what | tokens/s | x tiny consumption |")
+    print("|---|---|---|")
+    for name, rate in results.items():
+        print(f"| {name} | {rate:,.0f} | {rate / results['consumption_tiny']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
