@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from ttte2e.model import PRESETS, TTTModel, inner_lr_at, preset
-from ttte2e.platform.demo_corpus import build_demo_data, pack_windows
+from ttte2e.platform.data import StreamPosition, StreamSpec, WindowReader, iter_batches
+from ttte2e.platform.demo_corpus import write_demo_corpus
+from ttte2e.platform.prepare import PrepareOptions, prepare
 
 
 @dataclass
@@ -60,6 +62,8 @@ class LocalTrainConfig:
     """Seed of the model init and the data order."""
     max_docs: int = 0
     """Use only the first N corpus documents (0 = all)."""
+    ray: bool = True
+    """Tokenize in Ray Data (a private local cluster unless RAY_ADDRESS is set)."""
 
 
 def lr_factor(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -151,23 +155,28 @@ def train(cfg: LocalTrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model_cfg = preset(cfg.preset)
-    print(f"[1/4] corpus: tokenizer (BPE {model_cfg.vocab_size}) + token arrays from the Python "
-          f"standard library -> {out / 'corpus'}", flush=True)
-    data = build_demo_data(out / "corpus", model_cfg.vocab_size, cfg.max_docs or None)
-    if data.bos_id != model_cfg.bos_token_id:
-        raise RuntimeError(f"tokenizer BOS id {data.bos_id} != model bos_token_id "
-                           f"{model_cfg.bos_token_id}")
-    train_windows = torch.from_numpy(pack_windows(data.train_tokens, model_cfg.seq_len)).long()
-    if data.val_tokens.size <= model_cfg.seq_len:
-        raise ValueError(f"the held-out split has {data.val_tokens.size} tokens, fewer than one "
-                         f"window of {model_cfg.seq_len + 1}: use more documents (--max-docs)")
-    val_windows = torch.from_numpy(pack_windows(data.val_tokens, model_cfg.seq_len)).long()
-    val_windows = val_windows[:cfg.eval_windows]
-    needed = cfg.steps * cfg.batch_size
-    order = torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(cfg.seed))
-    print(f"      {data.n_train_docs} train / {data.n_val_docs} held-out documents, "
-          f"{len(train_windows)} train windows of T+1={model_cfg.seq_len + 1}; this run uses "
-          f"{needed} ({needed / len(train_windows):.2f} epochs)", flush=True)
+    print(f"[1/4] data: Python standard library as jsonl -> prepare_data (Ray Data, BPE "
+          f"{model_cfg.vocab_size}) -> {out / 'data'}", flush=True)
+    raw = write_demo_corpus(out / "raw", cfg.max_docs or None)
+    manifest = prepare(PrepareOptions(input=str(raw), output=str(out / "data"),
+                                      tokenizer=f"train:{model_cfg.vocab_size}",
+                                      val_fraction=0.05, shard_tokens=1_000_000),
+                       use_ray=cfg.ray, log=lambda msg: print("      " + msg, flush=True))
+    if manifest["tokenizer"]["bos_id"] != model_cfg.bos_token_id:
+        raise RuntimeError(f"tokenizer BOS id {manifest['tokenizer']['bos_id']} != model "
+                           f"bos_token_id {model_cfg.bos_token_id}")
+    spec = StreamSpec(str(out / "data"), model_cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    val = WindowReader(str(out / "data"), "val", model_cfg.seq_len, cfg.seed)
+    if val.windows_per_epoch < 1:
+        raise ValueError("the held-out split has no window: use more documents (--max-docs)")
+    val_windows = torch.from_numpy(val.windows(0, 0, min(cfg.eval_windows, val.windows_per_epoch)))
+    stream = iter_batches(spec, epochs=1_000_000)
+    position = StreamPosition()
+    steps_per_epoch = spec.steps_per_epoch(WindowReader(spec.uri, "train", spec.seq_len, spec.seed))
+    print(f"      {manifest['splits']['train']['documents']} train / "
+          f"{manifest['splits']['val']['documents']} held-out documents; {steps_per_epoch} steps "
+          f"of {cfg.batch_size} windows (T+1={model_cfg.seq_len + 1}) per epoch; this run: "
+          f"{cfg.steps} steps ({cfg.steps / steps_per_epoch:.2f} epochs)", flush=True)
 
     model = TTTModel(model_cfg)
     warmup = max(1, round(cfg.warmup_fraction * cfg.steps))
@@ -187,9 +196,9 @@ def train(cfg: LocalTrainConfig) -> dict:
     bar = tqdm(range(cfg.steps), desc="meta-train", unit="step", dynamic_ncols=True)
     for step in bar:
         start = time.perf_counter()
-        take = order[(step * cfg.batch_size + torch.arange(cfg.batch_size)) % len(order)]
+        position, windows = next(stream)
         eta = inner_lr_at(step, warmup, model_cfg.inner_lr)
-        out_step = model.meta_loss(train_windows[take], eta=eta)
+        out_step = model.meta_loss(torch.from_numpy(windows), eta=eta)
         optimizer.zero_grad(set_to_none=True)
         out_step.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -218,9 +227,9 @@ def train(cfg: LocalTrainConfig) -> dict:
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                ckpt / "optimizer.pt")
     (ckpt / "trainer_state.json").write_text(json.dumps(
-        dict(step=cfg.steps, windows_consumed=needed, seed=cfg.seed,
+        dict(step=cfg.steps, data=spec.uri, stream_position=position.to_dict(), seed=cfg.seed,
              train=dataclasses.asdict(cfg)), indent=2))
-    (out / "tokenizer.json").write_bytes(data.tokenizer_path.read_bytes())
+    (out / "tokenizer.json").write_bytes((out / "data" / "tokenizer.json").read_bytes())
     plot = out / "curves.png"
     _plot(history, evals, model_cfg.chunk_size, plot)
     (out / "metrics.json").write_text(json.dumps(dict(history=history, evals=evals), indent=1))
@@ -252,6 +261,11 @@ def parse_args(argv: list[str] | None = None) -> LocalTrainConfig:
     parser = argparse.ArgumentParser(description="In-process TTT-E2E meta-training (demo).")
     docs = field_docs(LocalTrainConfig)
     for f in dataclasses.fields(LocalTrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f"{docs.get(f.name, '')} (default: {f.default!r})")
+        flag, help_text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                help=f"{help_text} (default: {f.default!r})")
     return LocalTrainConfig(**vars(parser.parse_args(argv)))

@@ -1,25 +1,12 @@
 """The demo job's pieces: packing, schedule, and a short real run end to end."""
 
+import json
 import math
 
-import numpy as np
 import pytest
 
-from ttte2e.platform.demo_corpus import pack_windows, stdlib_documents
+from ttte2e.platform.demo_corpus import stdlib_documents, write_demo_corpus
 from ttte2e.platform.local_train import LocalTrainConfig, lr_factor, parse_args, train
-
-
-def test_windows_make_every_token_a_target_exactly_once():
-    tokens = np.arange(1001, dtype=np.int32)
-    windows = pack_windows(tokens, 64)
-    assert windows.shape == (15, 65)
-    targets = windows[:, 1:].reshape(-1)
-    assert np.array_equal(targets, np.arange(1, 1 + 15 * 64))  # contiguous, no gap, no repeat
-    assert np.array_equal(windows[1:, 0], windows[:-1, -1])    # window i+1 starts where i ends
-    with pytest.raises(ValueError, match="cannot fill one window"):
-        pack_windows(tokens[:10], 64)
-    with pytest.raises(ValueError, match="cannot fill one window"):
-        pack_windows(tokens[:0], 64)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -39,6 +26,13 @@ def test_cli_rejects_unknown_presets(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         train(LocalTrainConfig(preset="7B", out_dir=str(tmp_path)))
     assert parse_args(["--steps", "7"]).steps == 7
+    assert parse_args(["--no-ray"]).ray is False and parse_args([]).ray is True
+
+
+def test_demo_corpus_is_jsonl_documents(tmp_path):
+    folder = write_demo_corpus(tmp_path / "raw", max_docs=12, files=3)
+    lines = [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in open(f)]
+    assert len(lines) == 12 and all(len(x["text"]) > 200 for x in lines)
 
 
 @pytest.mark.slow
@@ -48,7 +42,7 @@ def test_short_demo_run_writes_checkpoint_plot_and_mlflow_run(tmp_path):
 
     from ttte2e.model import TTTModel
 
-    cfg = LocalTrainConfig(steps=3, eval_every=3, eval_windows=2, max_docs=150,
+    cfg = LocalTrainConfig(steps=3, eval_every=3, eval_windows=2, max_docs=300, ray=False,
                            out_dir=str(tmp_path / "run"))
     result = train(cfg)
     model = TTTModel.from_pretrained(result["checkpoint"])
@@ -64,3 +58,5 @@ def test_short_demo_run_writes_checkpoint_plot_and_mlflow_run(tmp_path):
     assert {"curves.png", "metrics.json", "model"} <= artifacts
     state = torch.load(tmp_path / "run" / "checkpoint" / "optimizer.pt", weights_only=False)
     assert "optimizer" in state and "scheduler" in state
+    trainer_state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert trainer_state["stream_position"] == {"epoch": 0, "step": 3}
