@@ -10,9 +10,12 @@ windows); rank r of R gets the contiguous slice [r*G/R, (r+1)*G/R) of them. So t
 is just (epoch, step): a checkpoint stores it, and a resumed run reads from there on (windows are
 located by token offset through the per-shard counts; nothing before them is read).
 
-Ray Data: `train_dataset` is a dataset of (epoch, step, rank) rows; each Ray Train worker filters
-its rank and a map reads + packs its windows (local or s3://), order preserved. `iter_batches`
-is the same without Ray (single process, tests, tools).
+Ray Data: `train_dataset` is a dataset of (epoch, step, rank) rows; `for_rank` filters one rank
+and reads + packs its windows (local or s3://), order preserved. `rank_datasets` gives Ray Train
+one such dataset per rank (names from `rank_dataset_name`), passed unsplit
+(DataConfig(datasets_to_split=[])); worker r iterates
+`ray.train.get_dataset_shard(rank_dataset_name(r))`. `iter_batches` is the same stream without
+Ray (single process, tests, tools).
 
 Why not `read_parquet` straight into packing: its blocks carry no stable position, so neither an
 exact resume point nor "every token once across a restart" could be guaranteed.
@@ -199,12 +202,24 @@ class _RankReader:
         return {"epoch": batch["epoch"], "step": batch["step"], "tokens": np.stack(tokens)}
 
 
-def for_rank(dataset, spec: StreamSpec, rank: int):
+def for_rank(dataset, spec: StreamSpec, rank: int, cpus: float = 0.25):
     """This rank's rows of `train_dataset` with its windows read and packed, in order.
 
     Each output row: epoch, step, tokens [local_batch, T+1]."""
     storage_env = {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
-    mine = dataset.filter(lambda row: row["rank"] == rank)
+    # small CPU shares: the training workers hold most CPUs, and Ray Data stalls without any
+    mine = dataset.filter(lambda row: row["rank"] == rank, num_cpus=cpus)
     mine.context.execution_options.preserve_order = True
     return mine.map_batches(_RankReader, fn_constructor_args=(spec, rank, storage_env),
-                            batch_size=1, concurrency=1)
+                            batch_size=1, concurrency=1, num_cpus=cpus)
+
+
+def rank_dataset_name(rank: int) -> str:
+    return f"train_rank{rank}"
+
+
+def rank_datasets(spec: StreamSpec, start: StreamPosition = StreamPosition(),
+                  epochs: int = 1) -> dict:
+    """{rank_dataset_name(r): this rank's Ray Data pipeline} for TorchTrainer(datasets=...)."""
+    base = train_dataset(spec, start, epochs)
+    return {rank_dataset_name(r): for_rank(base, spec, r) for r in range(spec.world_size)}

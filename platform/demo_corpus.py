@@ -46,3 +46,31 @@ def write_demo_corpus(folder: str | Path, max_docs: int | None = None, files: in
             for name, text in docs[f::files]:
                 out.write(json.dumps({"text": text, "source": name}) + "\n")
     return folder
+
+
+def write_demo_books(folder: str | Path, max_books: int | None = None,
+                     min_chars: int = 200_000) -> Path:
+    """Books stand-in: each stdlib package with enough source, all its modules concatenated into
+    one long .txt document (a codebase is a real long-context workload)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for package in sorted(p for p in root.iterdir() if (p / "__init__.py").exists()):
+        if package.name in ("test", "site-packages", "idlelib"):
+            continue
+        parts = []
+        for path in sorted(package.rglob("*.py")):
+            if "/tests/" in path.as_posix() or "/test/" in path.as_posix():
+                continue
+            parts.append(f"# ==== {path.relative_to(root).as_posix()} ====\n"
+                         + path.read_text(encoding="utf-8", errors="replace"))
+        text = "\n".join(parts)
+        if len(text) >= min_chars:
+            (folder / f"{package.name}.txt").write_text(text, encoding="utf-8")
+            written += 1
+            if max_books and written >= max_books:
+                break
+    if not written:
+        raise RuntimeError(f"no stdlib package under {root} has {min_chars} characters of source")
+    return folder

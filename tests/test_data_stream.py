@@ -118,3 +118,38 @@ def test_ray_data_stream_matches_the_plain_reader(dataset):
         assert len(rows) == len(expected[rank])
         for row, windows in zip(rows, expected[rank]):
             np.testing.assert_array_equal(row["tokens"], windows)
+
+
+@pytest.mark.slow
+def test_ray_train_workers_get_their_windows_via_get_dataset_shard(dataset, tmp_path):
+    """2 TorchTrainer workers each iterate their own rank's stream (from a resume position)."""
+    import ray
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ttte2e.platform.data import rank_dataset_name, rank_datasets
+    from ttte2e.platform.ray_runtime import ensure_ray
+
+    ensure_ray()
+    spec = StreamSpec(dataset, seq_len=16, global_batch=4, world_size=2, seed=3)
+    start = StreamPosition(0, 1)
+    expected, _ = run(spec, start=start)
+
+    def loop(config):
+        import numpy as np
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        seen = [batch["tokens"][0].numpy().tolist() for batch in
+                ray.train.get_dataset_shard(config["name"](rank)).iter_torch_batches(batch_size=1)]
+        np.save(f"{config['out']}/rank{rank}.npy", np.array(seen))
+
+    trainer = TorchTrainer(
+        loop, train_loop_config={"name": rank_dataset_name, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets=rank_datasets(spec, start), dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(name="stream", storage_path=str(tmp_path / "ray_results")))
+    trainer.fit()
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npy")
+        np.testing.assert_array_equal(got, np.stack(expected[rank]))

@@ -60,3 +60,11 @@ def test_short_demo_run_writes_checkpoint_plot_and_mlflow_run(tmp_path):
     assert "optimizer" in state and "scheduler" in state
     trainer_state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert trainer_state["stream_position"] == {"epoch": 0, "step": 3}
+
+
+def test_books_stand_in_is_long_documents(tmp_path):
+    from ttte2e.platform.demo_corpus import write_demo_books
+
+    folder = write_demo_books(tmp_path / "books", max_books=3)
+    books = sorted(folder.glob("*.txt"))
+    assert len(books) == 3 and all(b.stat().st_size >= 200_000 for b in books)

@@ -3,7 +3,6 @@
 import hashlib
 import io
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -117,6 +116,20 @@ def test_bad_files_raise_errors_naming_file_and_line(tmp_path, tokenizer_file, n
     with pytest.raises(DataError, match=message):
         run(tmp_path, tokenizer_file)
     assert not (tmp_path / "out" / "manifest.json").exists()  # never mistaken for a dataset
+
+
+def test_truncated_jsonl_and_parquet_are_errors(tmp_path, tokenizer_file):
+    (tmp_path / "in").mkdir()
+    data = "".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode()
+    (tmp_path / "in" / "cut.jsonl").write_bytes(data[: len(data) // 2])  # ends mid-object
+    with pytest.raises(DataError, match=r"cut.jsonl: line \d+: invalid JSON"):
+        run(tmp_path, tokenizer_file)
+    (tmp_path / "in" / "cut.jsonl").unlink()
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"text": DOCS}), sink)
+    (tmp_path / "in" / "cut.parquet").write_bytes(sink.getvalue()[: len(sink.getvalue()) // 2])
+    with pytest.raises(DataError, match=r"cut.parquet: not a readable parquet"):
+        run(tmp_path, tokenizer_file)
 
 
 @pytest.mark.parametrize("codec, suffix", [("gzip", ".jsonl.gz"), ("zstd", ".jsonl.zst")])
