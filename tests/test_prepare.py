@@ -249,6 +249,11 @@ def test_prepare_from_s3_to_s3(s3_env, tokenizer_file):
         assert hashlib.sha256(data).hexdigest() == shard["sha256"]
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(manifest)
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)
+    # the training stream reads the shards straight from S3
+    from ttte2e.platform.data import StreamSpec, iter_batches
+
+    position, windows = next(iter_batches(StreamSpec("s3://tokens/dclm", seq_len=16, global_batch=2)))
+    assert windows.shape == (2, 17) and windows[0, 0] == manifest["tokenizer"]["bos_id"]
 
 
 @pytest.mark.slow
