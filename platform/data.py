@@ -13,8 +13,8 @@ located by token offset through the per-shard counts; nothing before them is rea
 Ray Data: `train_dataset` is a dataset of (epoch, step, rank) rows; `for_rank` filters one rank
 and reads + packs its windows (local or s3://), order preserved. `rank_datasets` gives Ray Train
 one such dataset per rank (names from `rank_dataset_name`), passed unsplit
-(DataConfig(datasets_to_split=[])); worker r iterates
-`ray.train.get_dataset_shard(rank_dataset_name(r))`. `iter_batches` is the same stream without
+(`stream_data_config()`); worker r reads `ordered_batches(
+ray.train.get_dataset_shard(rank_dataset_name(r)).iter_rows(), spec, start)`. `iter_batches` is the same stream without
 Ray (single process, tests, tools).
 
 Why not `read_parquet` straight into packing: its blocks carry no stable position, so neither an
@@ -223,3 +223,39 @@ def rank_datasets(spec: StreamSpec, start: StreamPosition = StreamPosition(),
     """{rank_dataset_name(r): this rank's Ray Data pipeline} for TorchTrainer(datasets=...)."""
     base = train_dataset(spec, start, epochs)
     return {rank_dataset_name(r): for_rank(base, spec, r) for r in range(spec.world_size)}
+
+
+def stream_data_config():
+    """Ray Train DataConfig for `rank_datasets`: unsplit, order preserved (Ray Train applies its
+    own execution options to datasets, overriding the ones set on them)."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+
+
+def ordered_batches(rows, spec: StreamSpec, start: StreamPosition = StreamPosition(),
+                    max_buffer: int = 256) -> Iterator[tuple[StreamPosition, np.ndarray]]:
+    """(position after, [local_batch, T+1] windows) in stream order from rows carrying
+    epoch/step/tokens (e.g. a worker's get_dataset_shard(...).iter_rows()).
+
+    Rows that arrive early are held (up to max_buffer) until their turn, so the stream order never
+    depends on how Ray schedules blocks; a gap that never fills is an error, not a skip."""
+    reader = WindowReader(spec.uri, spec.split, spec.seq_len, spec.seed)
+    steps = spec.steps_per_epoch(reader)
+    expected, pending = (start.epoch, start.step), {}
+    for row in rows:
+        key = (int(row["epoch"]), int(row["step"]))
+        if key < expected or key in pending:
+            raise RuntimeError(f"stream row {key} repeated (expected {expected})")
+        pending[key] = np.asarray(row["tokens"])
+        if len(pending) > max_buffer:
+            raise RuntimeError(f"stream out of order: waiting for {expected}, holding "
+                               f"{len(pending)} later rows")
+        while expected in pending:
+            tokens = pending.pop(expected)
+            epoch, step = expected
+            expected = (epoch, step + 1) if step + 1 < steps else (epoch + 1, 0)
+            yield StreamPosition(*expected), tokens
+    if pending:
+        raise RuntimeError(f"stream ended waiting for {expected} with {len(pending)} rows held")

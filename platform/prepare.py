@@ -313,8 +313,11 @@ def _shard_bytes(rows: list[tuple[list[int], str]]) -> bytes:
 
 
 def process_file(file_index: int, input_uri: str, output_uri: str, opts: PrepareOptions,
-                 tok: TokenizerInfo, batch_docs: int = 256) -> list[dict]:
-    """Tokenize one input file and write its shards; returns shard records + one stats record."""
+                 tok: TokenizerInfo, batch_docs: int = 256, relative_name: str = "") -> list[dict]:
+    """Tokenize one input file and write its shards; returns shard records + one stats record.
+
+    The held-out split hashes the document's identity relative to the input root
+    (relative_name + line/row), so it does not change when the data moves (local -> S3)."""
     loc, out = resolve(input_uri), resolve(output_uri)
     tokenizer = _tokenizer_from(tok.json)
     stats = FileStats()
@@ -349,7 +352,8 @@ def process_file(file_index: int, input_uri: str, output_uri: str, opts: Prepare
                 stats.short_documents_tokens += len(ids)
                 continue
             tokens = [tok.bos_id] + ids + ([tok.eos_id] if opts.append_eos else [])
-            split = "val" if _is_val(source, opts.val_fraction) else "train"
+            identity = (relative_name or input_uri.rsplit("/", 1)[-1]) + source[len(input_uri):]
+            split = "val" if _is_val(identity, opts.val_fraction) else "train"
             pending[split].append((tokens, source))
             pending_tokens[split] += len(tokens)
             stats.documents_written += 1
@@ -438,11 +442,14 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
         return read_manifest(opts.output)
     out.join("tokenizer.json").write_bytes(tok.json.encode())
 
-    jobs = [(i, f.uri) for i, f in enumerate(inputs)]
+    root = resolve(opts.input).uri
+    jobs = [(i, f.uri, f.uri[len(root) + 1:] if f.uri != root else f.uri.rsplit("/", 1)[-1])
+            for i, f in enumerate(inputs)]
     if use_ray:
         records = _run_with_ray(jobs, opts, tok)
     else:
-        records = [r for i, uri in jobs for r in process_file(i, uri, opts.output, opts, tok)]
+        records = [r for i, uri, rel in jobs
+                   for r in process_file(i, uri, opts.output, opts, tok, relative_name=rel)]
     shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["path"])
     totals = FileStats()
     for r in records:
@@ -475,7 +482,7 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
     return manifest
 
 
-def _run_with_ray(jobs: list[tuple[int, str]], opts: PrepareOptions,
+def _run_with_ray(jobs: list[tuple[int, str, str]], opts: PrepareOptions,
                   tok: TokenizerInfo) -> list[dict]:
     import ray
 
@@ -490,10 +497,11 @@ def _run_with_ray(jobs: list[tuple[int, str]], opts: PrepareOptions,
     def task(batch: dict) -> dict:
         os.environ.update(storage_env)
         records = []
-        for index, uri in zip(batch["index"], batch["uri"]):
-            records += process_file(int(index), str(uri), output, options, tok)
+        for index, uri, rel in zip(batch["index"], batch["uri"], batch["rel"]):
+            records += process_file(int(index), str(uri), output, options, tok,
+                                    relative_name=str(rel))
         return {"record": [json.dumps(r) for r in records]}
 
-    dataset = ray.data.from_items([{"index": i, "uri": uri} for i, uri in jobs])
+    dataset = ray.data.from_items([{"index": i, "uri": uri, "rel": rel} for i, uri, rel in jobs])
     results = dataset.map_batches(task, batch_size=1).take_all()
     return [json.loads(row["record"]) for row in results]

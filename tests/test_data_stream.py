@@ -123,11 +123,11 @@ def test_ray_data_stream_matches_the_plain_reader(dataset):
 @pytest.mark.slow
 def test_ray_train_workers_get_their_windows_via_get_dataset_shard(dataset, tmp_path):
     """2 TorchTrainer workers each iterate their own rank's stream (from a resume position)."""
-    import ray
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ttte2e.platform.data import rank_dataset_name, rank_datasets
+    from ttte2e.platform.data import (ordered_batches, rank_dataset_name, rank_datasets,
+                                      stream_data_config)
     from ttte2e.platform.ray_runtime import ensure_ray
 
     ensure_ray()
@@ -140,16 +140,31 @@ def test_ray_train_workers_get_their_windows_via_get_dataset_shard(dataset, tmp_
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
-        seen = [batch["tokens"][0].numpy().tolist() for batch in
-                ray.train.get_dataset_shard(config["name"](rank)).iter_torch_batches(batch_size=1)]
+        rows = ray.train.get_dataset_shard(config["name"](rank)).iter_rows()
+        seen = [tokens for _, tokens in ordered_batches(rows, config["spec"], config["start"])]
         np.save(f"{config['out']}/rank{rank}.npy", np.array(seen))
 
     trainer = TorchTrainer(
-        loop, train_loop_config={"name": rank_dataset_name, "out": str(tmp_path)},
+        loop, train_loop_config={"name": rank_dataset_name, "out": str(tmp_path), "spec": spec,
+                                 "start": start},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets=rank_datasets(spec, start), dataset_config=DataConfig(datasets_to_split=[]),
+        datasets=rank_datasets(spec, start), dataset_config=stream_data_config(),
         run_config=RunConfig(name="stream", storage_path=str(tmp_path / "ray_results")))
     trainer.fit()
     for rank in range(2):
         got = np.load(tmp_path / f"rank{rank}.npy")
         np.testing.assert_array_equal(got, np.stack(expected[rank]))
+
+
+def test_ordered_batches_resequences_and_refuses_gaps_and_repeats(dataset):
+    from ttte2e.platform.data import ordered_batches
+
+    spec = StreamSpec(dataset, seq_len=16, global_batch=2, seed=0)
+    rows = [{"epoch": 0, "step": s, "tokens": np.full((2, 17), s)} for s in (1, 0, 3, 2, 4)]
+    out = list(ordered_batches(rows, spec))
+    assert [int(t[0, 0]) for _, t in out] == [0, 1, 2, 3, 4]
+    assert out[-1][0] == StreamPosition(0, 5)
+    with pytest.raises(RuntimeError, match="ended waiting for"):
+        list(ordered_batches([rows[0], rows[2]], spec))  # step 0 never comes
+    with pytest.raises(RuntimeError, match="repeated"):
+        list(ordered_batches([rows[1], rows[1]], spec))

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -81,9 +82,17 @@ def test_all_formats_round_trip_with_bos_and_counts(tmp_path, tokenizer_file):
         by_text[tok.decode(row["tokens"][1:])] = row
     assert set(by_text) == set(DOCS)  # every document exactly once, text intact
     assert sum(len(r["tokens"]) for r in rows) == manifest["counts"]["tokens_written"]
-    # the held-out split is by document and deterministic
+    # the held-out split is by document, deterministic, and independent of where the data lives
     again = run(tmp_path, tokenizer_file, val_fraction=0.25, shard_tokens=300, overwrite=True)
     assert again["shards"] == manifest["shards"]
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(src, moved)
+    elsewhere = prepare(PrepareOptions(input=str(moved), output=str(tmp_path / "out2"),
+                                       tokenizer=tokenizer_file, val_fraction=0.25,
+                                       shard_tokens=300), use_ray=False, log=lambda *_: None)
+    assert elsewhere["splits"] == manifest["splits"]
+    assert [(s["path"], s["rows"], s["tokens"]) for s in elsewhere["shards"]] == \
+        [(s["path"], s["rows"], s["tokens"]) for s in manifest["shards"]]
 
 
 def test_min_tokens_empty_docs_and_invalid_utf8_are_counted(tmp_path, tokenizer_file):
