@@ -10,9 +10,7 @@ sqlite and a PNG of the curves.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ttte2e.model import PRESETS, TTTModel, inner_lr_at, preset
+from ttte2e.platform.cli import field_docs
 from ttte2e.platform.data import StreamPosition, StreamSpec, WindowReader, iter_batches
 from ttte2e.platform.demo_corpus import write_demo_corpus
 from ttte2e.platform.prepare import PrepareOptions, prepare
@@ -247,14 +246,6 @@ def train(cfg: LocalTrainConfig) -> dict:
         print(f"  MLflow run : {run_id} in {tracker.uri}")
         print(f"               (browse: mlflow ui --backend-store-uri {tracker.uri})")
     return dict(checkpoint=str(ckpt), plot=str(plot), run_id=run_id, history=history, evals=evals)
-
-
-def field_docs(cls) -> dict[str, str]:
-    """The one-line docstring under each dataclass field (used as CLI help)."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
-            and isinstance(b.value, ast.Constant)}
 
 
 def parse_args(argv: list[str] | None = None) -> LocalTrainConfig:

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from ttte2e.platform.local_train import field_docs
+from ttte2e.platform.cli import field_docs
 from ttte2e.platform.prepare import DataError, PrepareOptions, prepare
 from ttte2e.platform.storage import StorageError
 
