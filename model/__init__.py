@@ -1,9 +1,9 @@
 """TTT-E2E model: config + presets, transformer, inner loop with remat, FLOPs, converters."""
 
 from .config import PRESETS, TTTConfig, preset
-from .flops import FlopsEstimate, estimate_flops
+from .flops import FlopsEstimate, count_parameters, estimate_flops
 from .inner_loop import inner_lr_at
 from .transformer import LMOutput, MetaLossOutput, TTTModel
 
 __all__ = ["PRESETS", "TTTConfig", "preset", "TTTModel", "MetaLossOutput", "LMOutput",
-           "estimate_flops", "FlopsEstimate", "inner_lr_at"]
+           "estimate_flops", "count_parameters", "FlopsEstimate", "inner_lr_at"]

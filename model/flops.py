@@ -69,3 +69,12 @@ def estimate_flops(config: TTTConfig, seq_len: int | None = None,
     suffix_cost = (3 + _RECOMPUTES[remat]) * (suffix_fwd + inner_bwd)
     return FlopsEstimate(meta_step=prefix_cost + suffix_cost, swa_step=swa,
                          full_attention_step=full)
+
+
+def count_parameters(config: TTTConfig) -> int:
+    """Parameters of TTTModel(config), without building it (tied embedding/head)."""
+    c = config
+    d, hidden = c.d_model, c.mlp_hidden
+    block = 4 * d * d + 2 * c.head_dim + 4 * d + 3 * d * hidden  # attention, QK gains, norms, MLP
+    prime = 2 * d + 3 * d * hidden                               # prime norms + prime MLP
+    return c.vocab_size * d + c.n_layers * block + c.n_ttt_blocks * prime + d

@@ -259,3 +259,50 @@ def ordered_batches(rows, spec: StreamSpec, start: StreamPosition = StreamPositi
             yield StreamPosition(*expected), tokens
     if pending:
         raise RuntimeError(f"stream ended waiting for {expected} with {len(pending)} rows held")
+
+
+class _StepReader:
+    """Ray Data actor: step index (from `start`) -> this rank's windows of that step."""
+
+    def __init__(self, spec: StreamSpec, rank: int, start: StreamPosition, storage_env: dict):
+        os.environ.update(storage_env)
+        self.spec, self.rank = spec, rank
+        self.reader = WindowReader(spec.uri, spec.split, spec.seq_len, spec.seed)
+        steps = spec.steps_per_epoch(self.reader)
+        self.first, self.steps = start.epoch * steps + start.step, steps
+
+    def __call__(self, batch: dict) -> dict:
+        epochs, steps, tokens = [], [], []
+        for i in batch["i"]:
+            epoch, step = divmod(self.first + int(i), self.steps)
+            epochs.append(epoch), steps.append(step)
+            tokens.append(self.spec.read(self.reader, epoch, step, self.rank))
+        return {"epoch": np.array(epochs), "step": np.array(steps), "tokens": np.stack(tokens)}
+
+
+def worker_stream(spec: StreamSpec, rank: int, start: StreamPosition, n_steps: int,
+                  use_ray_data: bool = True, cpus: float = 0.25
+                  ) -> Iterator[tuple[StreamPosition, np.ndarray]]:
+    """The next n_steps batches of one rank from `start`, as (position after, windows).
+
+    Built inside each training worker, so a worker group restarted from a checkpoint streams from
+    that checkpoint's position without reading anything before it. With use_ray_data the windows
+    are read and packed in a Ray Data actor ahead of the training step (overlapping I/O)."""
+    if not use_ray_data:
+        reader = WindowReader(spec.uri, spec.split, spec.seq_len, spec.seed)
+        steps = spec.steps_per_epoch(reader)
+        first = start.epoch * steps + start.step
+        for i in range(n_steps):
+            epoch, step = divmod(first + i, steps)
+            after = divmod(first + i + 1, steps)
+            yield StreamPosition(*after), spec.read(reader, epoch, step, rank)
+        return
+    import ray
+
+    storage_env = {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
+    dataset = ray.data.from_items([{"i": i} for i in range(n_steps)])
+    dataset = dataset.map_batches(_StepReader, fn_constructor_args=(spec, rank, start, storage_env),
+                                  batch_size=1, concurrency=1, num_cpus=cpus)
+    dataset.context.execution_options.preserve_order = True
+    dataset.context.enable_progress_bars = False  # the trainer's bar is the one users watch
+    yield from ordered_batches(dataset.iter_rows(), spec, start)

@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from ttte2e.model import TTTConfig, TTTModel
+from ttte2e.model import PRESETS, TTTConfig, TTTModel, count_parameters, preset
 from ttte2e.model.flops import _mean_keys
 
 CFG = TTTConfig(vocab_size=512, d_model=64, n_layers=4, n_ttt_blocks=2, n_heads=4, mlp_hidden=96,
@@ -57,3 +57,11 @@ def test_remat_costs_more_and_full_attention_grows_with_length():
     short, long = estimate_flops(cfg, 256), estimate_flops(cfg, 4096)
     assert long.swa_step == pytest.approx(short.swa_step, rel=0.05)  # window-bound
     assert long.full_attention_step > 1.5 * short.full_attention_step
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_count_parameters_matches_the_built_model(name):
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = TTTModel(cfg)
+    assert count_parameters(cfg) == model.num_parameters()

@@ -1,0 +1,114 @@
+"""MLflow for training runs: where runs go, one run per training run (resumed with it), logging
+that never takes training down, and no credentials in anything logged or printed.
+
+Choice when the tracking server is unreachable: the driver fails fast before any worker starts
+(creating the run needs the server); once training runs, a logging failure is reported once and
+training continues (a checkpoint is worth more than a metric).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+RUN_NAME_TAG = "ttte2e.run_name"
+_SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_KEYS = re.compile(r"(secret|password|token|access_key|credential)", re.I)
+
+
+def redact(text: str) -> str:
+    """Drop user:password@ from every URI in text."""
+    return _SECRET_IN_URI.sub(r"\g<scheme>***@", text)
+
+
+def loggable_params(params: dict) -> dict:
+    """str values for mlflow.log_params, with credentials removed (keys or URIs that carry them)."""
+    out = {}
+    for key, value in params.items():
+        if _SECRET_KEYS.search(key):
+            continue
+        out[key] = redact(str(value))[:6000]
+    return out
+
+
+def tracking_uri(setting: str, storage: str) -> str | None:
+    """None when tracking is off; the flag, else MLFLOW_TRACKING_URI, else sqlite beside local
+    storage (or in the working folder when storage is s3://)."""
+    if setting == "off":
+        return None
+    if setting:
+        return setting
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = Path.cwd() if storage.startswith("s3://") else Path(storage).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict,
+              artifact_location: str | None = None) -> str:
+    """The MLflow run of this training run: the existing one with the same run name (a resumed
+    run keeps its history), or a new one. Raises when the server cannot be reached."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_location)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    logged = loggable_params(params)
+    items = list(logged.items())
+    from mlflow.entities import Param
+
+    for i in range(0, len(items), 90):
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 90]])
+    return run.info.run_id
+
+
+class RunLogger:
+    """Logs metrics/artifacts/tags to one run; the first failure is reported, later ones quietly
+    skipped, and training goes on."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id, self.failed = uri, run_id, False
+        self.client = _client(uri) if uri and run_id else None
+
+    def _do(self, what: str, fn) -> None:
+        if self.client is None or self.failed:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            self.failed = True
+            print(f"[tracking] MLflow {what} failed ({type(e).__name__}: {redact(str(e))[:300]}); "
+                  "training continues without tracking", file=sys.stderr, flush=True)
+
+    def metrics(self, values: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        self._do("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self._do("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), folder))
+
+    def tag(self, key: str, value: str) -> None:
+        self._do("set_tag", lambda: self.client.set_tag(self.run_id, key, redact(value)))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._do("end_run", lambda: self.client.set_terminated(self.run_id, status))

@@ -1,0 +1,250 @@
+"""What a distributed training run is: TrainConfig, its batch geometry and the pre-flight checks.
+
+Every check here runs in the driver before any worker starts, so bad input (unknown preset, a
+dataset without a manifest, a tokenizer that does not fit the model, too little data, more workers
+than the cluster has, storage that cannot be written, ZeRO-3) is one clear error, not a crashed
+worker group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ttte2e.model import PRESETS, TTTConfig, preset
+
+
+class ConfigError(ValueError):
+    """A training run's configuration or inputs are unusable; the message says which and why."""
+
+
+@dataclass
+class TrainConfig:
+    """A meta-training run (pretraining or context extension) on Ray Train + DeepSpeed."""
+
+    preset: str = "3B"
+    """Model preset (ttte2e.model.PRESETS); any model field can be overridden (model_overrides)."""
+    model_overrides: dict = field(default_factory=dict)
+    """TTTConfig fields changed from the preset, e.g. {'seq_len': 32768}."""
+    data: str = ""
+    """Prepared dataset (pipelines/prepare_data.py output): local path or s3:// URI."""
+    storage: str = "runs"
+    """Where checkpoints go (Ray Train storage_path): local path or s3:// URI."""
+    name: str = ""
+    """Run name (a folder under storage). Re-running with the same name resumes it."""
+    resume_from: str = ""
+    """Resume from this checkpoint folder (model, optimizer, schedule, data position)."""
+    init_from: str = ""
+    """Start from this checkpoint's parameters only (fresh optimizer, schedule and data)."""
+    workers: int = 1
+    """Training workers (one per GPU on GPU clusters)."""
+    device: str = "auto"
+    """'cpu', 'gpu', or 'auto' (GPUs when the cluster has one per worker)."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per training worker (leave some for Ray Data)."""
+    placement: str = "PACK"
+    """Placement of the workers: PACK, SPREAD or STRICT_SPREAD (one per node)."""
+    data_cpus: float = 0.25
+    """CPUs per Ray Data operator of each worker's input stream."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1 or 2 (3 breaks higher-order backward and is refused)."""
+    precision: str = "auto"
+    """'fp32', 'bf16' (autocast; fast weights, inner grads and clip norm stay fp32) or 'auto'
+    (bf16 on GPU, fp32 on CPU)."""
+    batch_tokens: int = 1 << 20
+    """Global batch in tokens per optimizer step (a multiple of seq_len)."""
+    micro_batch: int = 1
+    """Sequences per worker per forward/backward; gradient accumulation covers the rest."""
+    tokens: int = 54_000_000_000
+    """Token budget (paper: 54B = 1x Chinchilla at 3B; 164B for its headline run)."""
+    steps: int = 0
+    """Optimizer steps; 0 = tokens / batch_tokens."""
+    lr: float = 8e-4
+    """Peak outer learning rate."""
+    min_lr: float = 1e-5
+    """Final learning rate of the cosine decay."""
+    warmup_fraction: float = 0.1
+    """Fraction of the steps of linear warm-up (outer lr, and the inner eta ramp)."""
+    eta_ramp: bool = True
+    """Ramp the inner learning rate 0.1x -> 1x over the warm-up (off: eta = inner_lr throughout)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (all parameters, as the paper)."""
+    grad_clip: float = 1.0
+    """Outer global-norm gradient clip."""
+    eval_every: int = 500
+    """Score the held-out split every N steps and at the end (0 = only at the end)."""
+    eval_windows: int = 32
+    """Held-out windows per evaluation (split over the workers)."""
+    checkpoint_every: int = 1000
+    """Checkpoint every N steps and at the end."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in storage (the newest)."""
+    stop_after: int = 0
+    """End this invocation after N more steps, with a checkpoint (0 = run to the end); running
+    the same command again (same name) resumes. For time-limited allocations."""
+    max_failures: int = 3
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    stream: str = "ray_data"
+    """Input stream: 'ray_data' (reading in Ray Data actors) or 'in_worker' (no Ray Data)."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite beside local storage; 'off'."""
+    experiment: str = "ttte2e"
+    """MLflow experiment."""
+    peak_tflops: float = 0.0
+    """Per-device peak TFLOP/s for MFU; 0 = from the GPU model (on CPU MFU is reported n/a)."""
+    seed: int = 0
+    """Seed of the model init and the data order."""
+
+    # ---- derived -------------------------------------------------------------------------------
+    def model_config(self) -> TTTConfig:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        try:
+            return preset(self.preset, **self.model_overrides)
+        except TypeError as e:
+            raise ConfigError(f"model_overrides {self.model_overrides}: {e}") from None
+
+    def run_name(self) -> str:
+        return self.name or f"{self.preset.lower()}-{uuid.uuid4().hex[:6]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How one optimizer step's global batch is spread: workers x micro_batch x accumulation."""
+
+    seq_len: int
+    sequences: int          # per optimizer step, all workers
+    workers: int
+    micro_batch: int
+    accumulation: int
+    steps: int
+
+    @property
+    def per_worker(self) -> int:
+        return self.sequences // self.workers
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences * self.seq_len
+
+
+def batch_geometry(cfg: TrainConfig, model: TTTConfig) -> BatchGeometry:
+    t = model.seq_len
+    if cfg.batch_tokens < t or cfg.batch_tokens % t:
+        raise ConfigError(f"batch_tokens {cfg.batch_tokens} is not a positive multiple of "
+                          f"seq_len {t}")
+    sequences = cfg.batch_tokens // t
+    if cfg.workers < 1 or cfg.micro_batch < 1:
+        raise ConfigError("workers and micro_batch must be >= 1")
+    if sequences % (cfg.workers * cfg.micro_batch):
+        raise ConfigError(f"{sequences} sequences per step (batch_tokens / seq_len) do not split "
+                          f"into {cfg.workers} workers x micro_batch {cfg.micro_batch}")
+    steps = cfg.steps or cfg.tokens // cfg.batch_tokens
+    if steps < 1:
+        raise ConfigError(f"token budget {cfg.tokens} is less than one batch of "
+                          f"{cfg.batch_tokens} tokens")
+    return BatchGeometry(t, sequences, cfg.workers, cfg.micro_batch,
+                         sequences // (cfg.workers * cfg.micro_batch), steps)
+
+
+def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
+    """Checks that need no data, storage or cluster."""
+    model = cfg.model_config()
+    if cfg.zero_stage == 3:
+        raise ConfigError("ZeRO stage 3 partitions parameters and breaks the repeated/higher-order "
+                          "backward of the meta-objective; use zero_stage 1 or 2")
+    if cfg.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"zero_stage {cfg.zero_stage}: choose 0, 1 or 2")
+    choices = dict(device=("auto", "cpu", "gpu"), precision=("auto", "fp32", "bf16"),
+                   stream=("ray_data", "in_worker"),
+                   placement=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} {getattr(cfg, name)!r}: choose one of {allowed}")
+    if cfg.resume_from and cfg.init_from:
+        raise ConfigError("resume_from and init_from are exclusive (resume continues a run; "
+                          "init_from starts a new one from parameters)")
+    for name in ("lr", "grad_clip", "cpus_per_worker", "data_cpus"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be > 0")
+    if not 0 <= cfg.warmup_fraction < 1:
+        raise ConfigError("warmup_fraction must be in [0, 1)")
+    if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1 or cfg.eval_windows < 1:
+        raise ConfigError("checkpoint_every, keep_checkpoints and eval_windows must be >= 1")
+    return model, batch_geometry(cfg, model)
+
+
+def check_data(cfg: TrainConfig, model: TTTConfig, geometry: BatchGeometry) -> dict:
+    """The dataset exists, its tokenizer fits the model, and it holds a global batch and an
+    evaluation's worth of windows. Returns facts for the log."""
+    from ttte2e.platform.data import WindowReader
+    from ttte2e.platform.prepare import DataError, read_manifest
+
+    if not cfg.data:
+        raise ConfigError("no dataset given (--data: a folder written by pipelines/prepare_data.py)")
+    try:
+        manifest = read_manifest(cfg.data)
+    except (DataError, OSError) as e:
+        raise ConfigError(str(e)) from None
+    tok = manifest["tokenizer"]
+    if tok["vocab_size"] > model.vocab_size:
+        raise ConfigError(f"{cfg.data}: tokenizer has {tok['vocab_size']} tokens, the model's "
+                          f"vocabulary only {model.vocab_size} (preset {cfg.preset}); use a model "
+                          "with vocab_size >= the tokenizer's, or re-tokenize")
+    if tok["bos_id"] != model.bos_token_id:
+        raise ConfigError(f"{cfg.data}: tokenizer BOS id {tok['bos_id']} != the model's "
+                          f"bos_token_id {model.bos_token_id}")
+    train = WindowReader(cfg.data, "train", model.seq_len, cfg.seed)
+    if train.windows_per_epoch < geometry.sequences:
+        raise ConfigError(f"{cfg.data}: the train split packs into {train.windows_per_epoch} "
+                          f"windows of T+1 = {model.seq_len + 1} tokens, fewer than one global "
+                          f"batch of {geometry.sequences}")
+    try:
+        val = WindowReader(cfg.data, "val", model.seq_len, cfg.seed)
+        val_windows = val.windows_per_epoch
+    except ValueError:
+        val_windows = 0
+    if val_windows < 1:
+        raise ConfigError(f"{cfg.data}: the held-out split has no window of T+1 = "
+                          f"{model.seq_len + 1} tokens (prepare with a larger --val-fraction)")
+    steps_per_epoch = train.windows_per_epoch // geometry.sequences
+    return dict(train_windows=train.windows_per_epoch, val_windows=val_windows,
+                steps_per_epoch=steps_per_epoch,
+                epochs=geometry.steps / steps_per_epoch, vocab=tok["vocab_size"])
+
+
+def check_storage(uri: str) -> None:
+    """The storage folder can be written (a probe file is written and removed)."""
+    from ttte2e.platform.storage import resolve
+
+    try:
+        loc = resolve(uri)
+        loc.ensure_bucket()
+        probe = loc.join(f".write-probe-{uuid.uuid4().hex[:8]}")
+        probe.write_bytes(b"ok")
+        probe.delete()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"storage {uri!r} cannot be written: {e}") from None
+
+
+def check_resources(cfg: TrainConfig, resources: dict) -> bool:
+    """Whether to use GPUs; refuses a run that asks for more than the cluster has."""
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    use_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus >= cfg.workers)
+    if use_gpu and gpus < cfg.workers:
+        raise ConfigError(f"{cfg.workers} GPU workers requested, the cluster has {gpus:g} GPUs")
+    data = 0 if cfg.stream == "in_worker" else cfg.data_cpus * cfg.workers
+    need = cfg.workers * cfg.cpus_per_worker + data
+    if need > cpus + 1e-9:
+        raise ConfigError(f"{cfg.workers} workers x {cfg.cpus_per_worker} CPUs + {data:g} CPUs of "
+                          f"data readers = {need:g} CPUs; the cluster has {cpus:g} CPUs")
+    return use_gpu
