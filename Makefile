@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 demo: install
-	$(PY) pipelines/train_local.py --out-dir runs/demo
+	$(PY) pipelines/demo.py --out-dir runs/demo
 
 test: install
 	$(PY) -m pytest -q

@@ -478,6 +478,10 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     else:
         log(f"[paused] at step {state['step']} of {geometry.steps} (--stop-after); run the same "
             f"command again (--name {name}) to continue")
+    summary = dict(checkpoint=ckpt_uri, run_name=name, finished=finished, step=state["step"],
+                   run_id=run_id, tracking_uri=redact(uri) if uri else None,
+                   plot=f"{run_dir.uri}/curves.png", final_eval=state["evals"][-1:] or None)
+    run_dir.join("result.json").write_bytes(json.dumps(summary, indent=1).encode())
     final = state["evals"][-1] if state["evals"] else {}
     log(f"[done] {state['step']} steps; final train loss {state['history'][-1]['loss']:.4f}; "
         f"held-out {final.get('val_loss', float('nan')):.4f} (no TTT "

@@ -18,6 +18,37 @@ def reference_cases() -> list[Path]:
     return cases
 
 
+SMALL = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=2, mlp_hidden=128, seq_len=128,
+             window=32, chunk_size=16)
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """A small prepared dataset (stdlib documents, BPE 512) for training tests: (uri, bos id)."""
+    from ttte2e.platform.demo_corpus import write_demo_corpus
+    from ttte2e.platform.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("train-data")
+    raw = write_demo_corpus(root / "raw", max_docs=40, files=2)
+    manifest = prepare(PrepareOptions(input=str(raw), output=str(root / "data"),
+                                      tokenizer="train:512", val_fraction=0.1,
+                                      shard_tokens=50_000), use_ray=False, log=lambda *_: None)
+    return str(root / "data"), manifest["tokenizer"]["bos_id"]
+
+
+def small_config(dataset, storage, **changes):
+    """A 6-step, 2-worker run of a small model on train_data (tracking off, no retries)."""
+    from ttte2e.platform.train_config import TrainConfig
+
+    uri, bos = dataset
+    base = dict(preset="tiny", model_overrides=dict(SMALL, bos_token_id=bos), data=uri,
+                storage=str(storage), workers=2, micro_batch=1, batch_tokens=4 * 128, steps=6,
+                lr=3e-3, eval_every=0, eval_windows=2, checkpoint_every=2, tracking_uri="off",
+                max_failures=0)
+    return TrainConfig(**{**base, **changes})
+
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -1,12 +1,12 @@
-"""The demo job's pieces: packing, schedule, and a short real run end to end."""
+"""The README's main job: the corpus it trains on, the schedule, and the whole job end to end
+(a private `ray start --head`, then `ray job submit` of prepare_data and pretrain_3b.py)."""
 
 import json
-import math
 
 import pytest
 
 from ttte2e.platform.demo_corpus import stdlib_documents, write_demo_corpus
-from ttte2e.platform.local_train import LocalTrainConfig, lr_factor, parse_args, train
+from ttte2e.platform.trainer import lr_factor
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -22,44 +22,10 @@ def test_stdlib_corpus_has_documents():
     assert len(docs) == 20 and all(len(text) > 200 for _, text in docs)
 
 
-def test_cli_rejects_unknown_presets(tmp_path):
-    with pytest.raises(ValueError, match="unknown preset"):
-        train(LocalTrainConfig(preset="7B", out_dir=str(tmp_path)))
-    assert parse_args(["--steps", "7"]).steps == 7
-    assert parse_args(["--no-ray"]).ray is False and parse_args([]).ray is True
-
-
 def test_demo_corpus_is_jsonl_documents(tmp_path):
     folder = write_demo_corpus(tmp_path / "raw", max_docs=12, files=3)
     lines = [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in open(f)]
     assert len(lines) == 12 and all(len(x["text"]) > 200 for x in lines)
-
-
-@pytest.mark.slow
-def test_short_demo_run_writes_checkpoint_plot_and_mlflow_run(tmp_path):
-    import mlflow
-    import torch
-
-    from ttte2e.model import TTTModel
-
-    cfg = LocalTrainConfig(steps=3, eval_every=3, eval_windows=2, max_docs=300, ray=False,
-                           out_dir=str(tmp_path / "run"))
-    result = train(cfg)
-    model = TTTModel.from_pretrained(result["checkpoint"])
-    assert model.config.n_ttt_blocks == 1
-    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
-    assert len(result["history"]) == 3 and all(math.isfinite(h["loss"]) for h in result["history"])
-    assert result["history"][0]["eta"] == pytest.approx(0.1)  # inner lr ramp starts at 0.1x
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
-    run = mlflow.get_run(result["run_id"])
-    assert run.info.status == "FINISHED"
-    assert "val_loss_ttt" in run.data.metrics and run.data.params["model.n_layers"] == "4"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"])}
-    assert {"curves.png", "metrics.json", "model"} <= artifacts
-    state = torch.load(tmp_path / "run" / "checkpoint" / "optimizer.pt", weights_only=False)
-    assert "optimizer" in state and "scheduler" in state
-    trainer_state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
-    assert trainer_state["stream_position"] == {"epoch": 0, "step": 3}
 
 
 def test_books_stand_in_is_long_documents(tmp_path):
@@ -68,3 +34,29 @@ def test_books_stand_in_is_long_documents(tmp_path):
     folder = write_demo_books(tmp_path / "books", max_books=3)
     books = sorted(folder.glob("*.txt"))
     assert len(books) == 3 and all(b.stat().st_size >= 200_000 for b in books)
+
+
+@pytest.mark.slow
+def test_demo_job_submits_prepare_and_training_to_a_private_head(tmp_path, capfd):
+    import mlflow
+    import psutil
+
+    from ttte2e.model import TTTModel
+    from ttte2e.platform.demo_job import run_demo
+
+    before = {p.pid for p in psutil.process_iter()}
+    result = run_demo(str(tmp_path / "demo"), steps=4, max_docs=200, name="t")
+    out = capfd.readouterr().out
+    assert "ray job submit -- python pipelines/pretrain_3b.py" in out and "succeeded" in out
+    model = TTTModel.from_pretrained(f"{result['checkpoint']}/model")
+    assert model.config.n_ttt_blocks == 1 and result["step"] == 4 and result["finished"]
+    assert (tmp_path / "demo" / "runs" / "t" / "curves.png").stat().st_size > 10_000
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and "val_loss" in run.data.metrics
+    assert {"curves.png", "metrics.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the head and all its processes are gone; nothing else was touched
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+            and "ray" in " ".join(p.info["cmdline"] or []).lower()]
+    assert not left, [p.info["cmdline"][:3] for p in left]
+    

@@ -14,34 +14,11 @@ import torch
 
 from ttte2e.model import TTTModel
 from ttte2e.platform.data import StreamSpec, iter_batches
-from ttte2e.platform.demo_corpus import write_demo_corpus
-from ttte2e.platform.prepare import PrepareOptions, prepare
 from ttte2e.platform.train_config import (ConfigError, TrainConfig, batch_geometry, check_data,
                                           check_options, check_resources, check_storage)
 from ttte2e.platform.trainer import eta_at, lr_factor, read_state, warmup_steps
 
-SMALL = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=2, mlp_hidden=128, seq_len=128,
-             window=32, chunk_size=16)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    raw = write_demo_corpus(root / "raw", max_docs=40, files=2)
-    manifest = prepare(PrepareOptions(input=str(raw), output=str(root / "data"),
-                                      tokenizer="train:512", val_fraction=0.1,
-                                      shard_tokens=50_000), use_ray=False, log=lambda *_: None)
-    return str(root / "data"), manifest["tokenizer"]["bos_id"]
-
-
-def small_config(dataset, storage, **changes) -> TrainConfig:
-    uri, bos = dataset
-    base = dict(preset="tiny", model_overrides=dict(SMALL, bos_token_id=bos), data=uri,
-                storage=str(storage), workers=2, micro_batch=1, batch_tokens=4 * 128, steps=6,
-                lr=3e-3, eval_every=0, eval_windows=2, checkpoint_every=2, tracking_uri="off",
-                max_failures=0)
-    return TrainConfig(**{**base, **changes})
-
+from conftest import SMALL, small_config
 
 # ---- pre-flight checks and geometry (no Ray) ------------------------------------------------------
 def test_batch_geometry_splits_the_global_batch():
@@ -67,19 +44,19 @@ def test_bad_options_are_refused_before_any_worker(changes, message):
         check_options(TrainConfig(**{**dict(preset="tiny", batch_tokens=2048), **changes}))
 
 
-def test_bad_data_is_refused_with_the_reason(data, tmp_path):
-    cfg = small_config(data, tmp_path)
+def test_bad_data_is_refused_with_the_reason(train_data, tmp_path):
+    cfg = small_config(train_data, tmp_path)
     model, geometry = check_options(cfg)
     facts = check_data(cfg, model, geometry)
     assert facts["train_windows"] >= geometry.sequences and facts["val_windows"] >= 1
     with pytest.raises(ConfigError, match="no manifest.json"):
-        check_data(small_config(data, tmp_path, data=str(tmp_path)), model, geometry)
+        check_data(small_config(train_data, tmp_path, data=str(tmp_path)), model, geometry)
     small_vocab = model.replace(vocab_size=256)
     with pytest.raises(ConfigError, match="tokenizer has 512 tokens"):
         check_data(cfg, small_vocab, geometry)
     with pytest.raises(ConfigError, match="BOS"):
         check_data(cfg, model.replace(bos_token_id=model.bos_token_id + 5), geometry)
-    huge = batch_geometry(small_config(data, tmp_path, batch_tokens=128 * 100_000), model)
+    huge = batch_geometry(small_config(train_data, tmp_path, batch_tokens=128 * 100_000), model)
     with pytest.raises(ConfigError, match="fewer than one global batch"):
         check_data(cfg, model, huge)
 
@@ -175,12 +152,12 @@ def reference_run(cfg: TrainConfig) -> tuple[list[float], list[float]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory, ray_session):
+def uninterrupted(train_data, tmp_path_factory, ray_session):
     """Two ZeRO-2 workers, micro-batch 1 x accumulation 2, 6 steps, checkpoints every 2 steps."""
     from ttte2e.platform.trainer import fit
 
     storage = tmp_path_factory.mktemp("runs")
-    cfg = small_config(data, storage, name="whole", tracking_uri="",
+    cfg = small_config(train_data, storage, name="whole", tracking_uri="",
                        experiment="trainer-test")
     return cfg, fit(cfg, log=lambda *_: None)
 
@@ -227,27 +204,27 @@ def test_mlflow_run_has_params_metrics_and_the_checkpoint(uninterrupted):
 
 
 @pytest.mark.slow
-def test_stopped_then_rerun_with_the_same_name_ends_with_the_same_curve(data, uninterrupted,
+def test_stopped_then_rerun_with_the_same_name_ends_with_the_same_curve(train_data, uninterrupted,
                                                                         tmp_path):
     from ttte2e.platform.trainer import fit
 
     _, whole = uninterrupted
-    cfg = small_config(data, tmp_path, name="paused", stop_after=3)
+    cfg = small_config(train_data, tmp_path, name="paused", stop_after=3)
     first = fit(cfg, log=lambda *_: None)
     assert first["finished"] is False and first["step"] == 3
-    second = fit(small_config(data, tmp_path, name="paused"), log=lambda *_: None)
+    second = fit(small_config(train_data, tmp_path, name="paused"), log=lambda *_: None)
     assert second["finished"] and [h["step"] for h in second["history"]] == list(range(1, 7))
     assert losses_of(second) == pytest.approx(losses_of(whole), rel=1e-6)
 
 
 @pytest.mark.slow
-def test_resume_from_an_explicit_checkpoint(data, uninterrupted, tmp_path):
+def test_resume_from_an_explicit_checkpoint(train_data, uninterrupted, tmp_path):
     from ttte2e.platform.trainer import fit
 
     _, whole = uninterrupted
     middle = Path(whole["checkpoint"]).parent / "checkpoint_00000004"
     assert read_state(middle)["step"] == 4
-    resumed = fit(small_config(data, tmp_path, name="branch", resume_from=str(middle)),
+    resumed = fit(small_config(train_data, tmp_path, name="branch", resume_from=str(middle)),
                   log=lambda *_: None)
     assert losses_of(resumed) == pytest.approx(losses_of(whole), rel=1e-6)
 
@@ -260,11 +237,11 @@ def _train_workers() -> list:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_recovers_from_the_last_checkpoint(data, uninterrupted, tmp_path):
+def test_a_killed_worker_recovers_from_the_last_checkpoint(train_data, uninterrupted, tmp_path):
     from ttte2e.platform.trainer import fit
 
     _, whole = uninterrupted
-    cfg = small_config(data, tmp_path, name="killed", max_failures=2)
+    cfg = small_config(train_data, tmp_path, name="killed", max_failures=2)
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(result=fit(cfg, log=lambda *_: None)),
                               daemon=True)
@@ -284,3 +261,31 @@ def test_a_killed_worker_recovers_from_the_last_checkpoint(data, uninterrupted, 
     # the recovered run's curve is the uninterrupted one: nothing lost or repeated
     assert [h["step"] for h in result["history"]] == list(range(1, 7))
     assert losses_of(result) == pytest.approx(losses_of(whole), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_checkpoints_to_s3_and_resume_from_there(train_data, uninterrupted, s3_server,
+                                                  monkeypatch, tmp_path):
+    """Storage on a real S3 server (SeaweedFS on 127.0.0.1): checkpoints land in the bucket and
+    a run resumed from an s3:// checkpoint continues exactly; no credential in what is written."""
+    import pyarrow.fs as pafs
+
+    from ttte2e.platform.storage import resolve, s3_options
+    from ttte2e.platform.trainer import fit
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    pafs.S3FileSystem(**s3_options(), allow_bucket_creation=True).create_dir("ckpts")
+    _, whole = uninterrupted
+    first = fit(small_config(train_data, "s3://ckpts/runs", name="s3run", stop_after=2),
+                log=lambda *_: None)
+    assert first["checkpoint"] == "s3://ckpts/runs/s3run/checkpoint_00000002"
+    files = {f.uri.rsplit("/", 2)[-2] + "/" + f.uri.rsplit("/", 1)[-1]
+             for f in resolve(first["checkpoint"]).list_files()}
+    assert {"model/model.safetensors", "ds/mp_rank_00_model_states.pt",
+            "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    state = resolve(first["checkpoint"] + "/trainer_state.json").read_bytes().decode()
+    assert s3_server["AWS_SECRET_ACCESS_KEY"] not in state
+    resumed = fit(small_config(train_data, tmp_path, name="from-s3", resume_from=first["checkpoint"]),
+                  log=lambda *_: None)
+    assert losses_of(resumed) == pytest.approx(losses_of(whole), rel=1e-6)

@@ -1,0 +1,77 @@
+"""The README's main job: what users run on a cluster, on this machine with embedded defaults.
+
+A private Ray head (`ray start --head`), then two `ray job submit`s against it, exactly as on a
+real cluster: prepare_data (the Python standard library as a jsonl corpus, a BPE trained on it,
+tokenized in Ray Data) and pretrain_3b.py with the tiny preset (Ray Train, 2 DeepSpeed ZeRO-2
+workers, checkpoints to local storage, MLflow on sqlite). The head is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ttte2e.platform.demo_corpus import write_demo_corpus
+from ttte2e.platform.local_cluster import LocalRayCluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
+             max_docs: int = 0, name: str = "") -> dict:
+    out = Path(out_dir).resolve()
+    name = name or time.strftime("tiny-%Y%m%d-%H%M%S")
+    python = sys.executable
+
+    def say(msg: str) -> None:
+        print(f"[demo] {msg}", flush=True)
+
+    say(f"1/4 corpus: the Python standard library as jsonl -> {out / 'raw'}")
+    raw = write_demo_corpus(out / "raw", max_docs or None)
+    with LocalRayCluster(num_cpus=2, log=say) as cluster:
+        say(f"2/4 ray job submit -- python pipelines/prepare_data.py  (BPE 4096, Ray Data) -> "
+            f"{out / 'data'}")
+        rc = cluster.submit([python, "pipelines/prepare_data.py", "--input", str(raw),
+                             "--output", str(out / "data"), "--tokenizer", "train:4096",
+                             "--val-fraction", "0.05", "--shard-tokens", "1000000"], str(REPO))
+        if rc:
+            raise SystemExit(f"[demo] the prepare_data job failed (exit status {rc})")
+        say(f"3/4 ray job submit -- python pipelines/pretrain_3b.py --preset tiny  ({workers} "
+            f"DeepSpeed ZeRO-2 workers, {steps} steps) -> {out / 'runs' / name}")
+        rc = cluster.submit([python, "pipelines/pretrain_3b.py", "--preset", "tiny",
+                             "--data", str(out / "data"), "--storage", str(out / "runs"),
+                             "--name", name, "--workers", str(workers),
+                             "--batch-tokens", str(2 * 512), "--steps", str(steps),
+                             "--lr", "3e-3", "--eval-every", str(max(1, steps // 4)),
+                             "--eval-windows", "16", "--checkpoint-every", str(max(1, steps // 2)),
+                             "--experiment", "ttte2e-demo"], str(REPO))
+        if rc:
+            raise SystemExit(f"[demo] the training job failed (exit status {rc})")
+    result = json.loads((out / "runs" / name / "result.json").read_text())
+    final = (result.get("final_eval") or [{}])[0]
+    say("4/4 done")
+    if final:
+        say(f"held-out loss {final['val_loss']:.3f} with TTT vs {final['val_loss_no_ttt']:.3f} "
+            f"without (same weights); beyond the first window {final['val_loss_beyond_window']:.3f}"
+            f" vs {final['val_loss_beyond_window_no_ttt']:.3f}")
+    say(f"checkpoint : {result['checkpoint']}")
+    say(f"             (TTTModel.from_pretrained('{result['checkpoint']}/model'))")
+    say(f"plots      : {result['plot']}")
+    if result.get("run_id"):
+        say(f"MLflow run : {result['run_id']} in {result['tracking_uri']}")
+        say(f"             (browse: mlflow ui --backend-store-uri {result['tracking_uri']})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="runs/demo", help="where everything is written")
+    parser.add_argument("--steps", type=int, default=240, help="optimizer steps of the tiny run")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--max-docs", type=int, default=0, help="corpus documents (0 = all)")
+    parser.add_argument("--name", default="", help="run name (default: tiny-<time>)")
+    args = parser.parse_args(argv)
+    run_demo(args.out_dir, args.steps, args.workers, args.max_docs, args.name)

@@ -1,0 +1,31 @@
+"""Training across a simulated 2-node cluster (ray.cluster_utils.Cluster: two raylets, 1 CPU each,
+on this machine): the workers land on different nodes and the run matches the 1-node result."""
+
+import pytest
+
+from conftest import small_config
+
+
+@pytest.mark.slow
+def test_training_spreads_over_two_nodes(train_data, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ttte2e.platform.trainer import fit, read_state
+
+    assert not ray.is_initialized()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address)
+        cfg = small_config(train_data, tmp_path, name="spread", steps=2, placement="STRICT_SPREAD",
+                           checkpoint_every=2)
+        result = fit(cfg, log=lambda *_: None)
+        nodes = read_state(result["checkpoint"])["nodes"]
+        assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert set(nodes) <= alive
+        assert result["finished"] and len(result["history"]) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
