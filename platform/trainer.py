@@ -284,7 +284,7 @@ def train_loop(loop: dict) -> None:
             if rank == 0:
                 model.save_pretrained(Path(tmp) / "model")
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
-                    dict(state, world_size=world, nodes=nodes, train=cfg.to_dict(), model=model_cfg.to_dict(),
+                    dict(state, world_size=world, nodes=nodes, torch_threads=torch.get_num_threads(), train=cfg.to_dict(), model=model_cfg.to_dict(),
                          geometry=dataclasses.asdict(geometry)), indent=1))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{state['step']:08d}")

@@ -37,12 +37,12 @@ def train_data(tmp_path_factory):
 
 
 def small_config(dataset, storage, **changes):
-    """A 6-step, 2-worker run of a small model on train_data (tracking off, no retries)."""
+    """A 10-step, 2-worker run of a small model on train_data (tracking off, no retries)."""
     from ttte2e.platform.train_config import TrainConfig
 
     uri, bos = dataset
     base = dict(preset="tiny", model_overrides=dict(SMALL, bos_token_id=bos), data=uri,
-                storage=str(storage), workers=2, micro_batch=1, batch_tokens=4 * 128, steps=6,
+                storage=str(storage), workers=2, micro_batch=1, batch_tokens=4 * 128, steps=10,
                 lr=3e-3, eval_every=0, eval_windows=2, checkpoint_every=2, tracking_uri="off",
                 max_failures=0)
     return TrainConfig(**{**base, **changes})
