@@ -33,7 +33,7 @@ class LocalRayCluster:
         self.num_cpus = num_cpus
         self.log = log
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # sockets: keep the path short
-        self.gcs_port, self.dashboard_port, *self._more = _free_ports(8)
+        self.gcs_port, self.dashboard_port, *self._more = _free_ports(7)
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
                     # token auth would need a token file in $HOME shared with other clusters; the
                     # dashboard is bound to 127.0.0.1 instead
@@ -49,16 +49,14 @@ class LocalRayCluster:
         return str(exe) if exe.exists() else "ray"
 
     def start(self) -> "LocalRayCluster":
-        client, agent, agent_grpc, runtime_env, metrics, lo, hi = (
-            self._more[0], self._more[1], self._more[2], self._more[3], self._more[4],
-            20000 + (self.gcs_port % 20000), 20000 + (self.gcs_port % 20000) + 199)
+        client, agent, agent_grpc, runtime_env, metrics = self._more[:5]
         cmd = [self._ray(), "start", "--head", "--node-ip-address=127.0.0.1",
                f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-               f"--metrics-export-port={metrics}", f"--min-worker-port={lo}",
-               f"--max-worker-port={hi}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+               f"--metrics-export-port={metrics}", f"--temp-dir={self.temp_dir}",
+               "--disable-usage-stats"]
         if self.num_cpus:
             cmd.append(f"--num-cpus={self.num_cpus}")
         self.log(f"starting a private Ray head (dashboard {self.address}, temp dir {self.temp_dir})")

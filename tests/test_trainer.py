@@ -225,8 +225,8 @@ def test_resume_from_an_explicit_checkpoint(train_data, uninterrupted, tmp_path)
     from ttte2e.platform.trainer import fit
 
     _, whole = uninterrupted
-    middle = Path(whole["checkpoint"]).parent / "checkpoint_00000004"
-    assert read_state(middle)["step"] == 4
+    middle = Path(whole["checkpoint"]).parent / "checkpoint_00000006"  # 3 newest are kept
+    assert read_state(middle)["step"] == 6
     resumed = fit(small_config(train_data, tmp_path, name="branch", resume_from=str(middle)),
                   log=lambda *_: None)
     assert losses_of(resumed) == pytest.approx(losses_of(whole), rel=1e-6)
@@ -304,5 +304,61 @@ def test_a_non_finite_loss_stops_the_run_and_is_never_checkpointed(train_data, r
                        checkpoint_every=1)
     with pytest.raises(Exception, match="non-finite meta-loss"):
         fit(cfg, log=lambda *_: None)
-    written = sorted(p.name for p in (tmp_path / "nan").glob("checkpoint_*"))
+    written = sorted(p.name for p in (tmp_path / "nan").glob("checkpoint_0*"))
     assert written == ["checkpoint_00000001"]
+
+
+@pytest.mark.slow
+def test_extend_context_starts_from_the_parameters_with_eta_one(train_data, uninterrupted,
+                                                                tmp_path):
+    """pipelines/extend_context.py: parameters only from the pretraining checkpoint (fresh
+    optimizer, schedule and data position), longer T, eta = inner_lr from the first step."""
+    import runpy
+
+    from ttte2e.platform.train_cli import run_main
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "pipelines" / "extend_context.py"),
+                            run_name="not_main")
+    _, whole = uninterrupted
+    uri, bos = train_data
+    argv = ["--preset", "tiny", "--data", uri, "--storage", str(tmp_path), "--name", "ext",
+            "--init-from", whole["checkpoint"], "--workers", "2", "--batch-tokens", "512",
+            "--steps", "2", "--eval-windows", "2", "--tracking-uri", "off", "--max-failures", "0"]
+    for key, value in SMALL.items():
+        if key != "seq_len":
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    argv += ["--bos-token-id", str(bos), "--seq-len", "256"]
+    result = run_main("t", script["DEFAULTS"], script["MODEL_DEFAULTS"], require_init=True,
+                      argv=argv)
+    state = read_state(result["checkpoint"])
+    assert state["model"]["seq_len"] == 256 and state["train"]["lr"] == 4e-4
+    assert [h["eta"] for h in result["history"]] == [1.0, 1.0]
+    # trained parameters, not a fresh init: the first loss is already near the pretrained one
+    assert result["history"][0]["loss"] < whole["history"][0]["loss"] - 0.3
+    with pytest.raises(SystemExit):
+        run_main("t", script["DEFAULTS"], script["MODEL_DEFAULTS"], require_init=True,
+                 argv=["--preset", "tiny", "--data", uri])
+
+
+def test_capacity_plan_for_3b(capsys):
+    from ttte2e.model import count_parameters
+    from ttte2e.platform.plan import GIB, capacity_plan, memory_per_gpu
+    from ttte2e.platform.train_cli import run_main
+
+    cfg = TrainConfig(preset="3B")
+    plan = capacity_plan(cfg, nodes=8, gpus_per_node=8, gpu="h100", mfu=0.3)
+    p = count_parameters(cfg.model_config())
+    assert 2.8e9 < p < 3.0e9 and plan["gpus"] == 64
+    short, long = plan["memory"][8192], plan["memory"][131072]
+    assert short.weights == 4 * p and short.optimizer == 8 * p / 64 and short.grads == 4 * p / 64
+    assert long.total > short.total and long.suffix_carries > short.suffix_carries
+    assert plan["flops"][131072]["meta"] < plan["flops"][131072]["full_attention"]
+    # the wall-clock is the token budget's FLOPs over the cluster's delivered FLOP/s
+    assert plan["seconds"] == pytest.approx(plan["tokens"] * plan["flops"][8192]["meta"]
+                                            / (64 * 989e12 * 0.3))
+    zero1 = memory_per_gpu(cfg.model_config(), 8192, 1, 64, 1)
+    assert zero1.grads == 4 * p and zero1.optimizer == 8 * p / 64
+    run_main("t", dict(preset="3B"), argv=["--plan", "--nodes", "8", "--gpus-per-node", "8"])
+    out = capsys.readouterr().out
+    assert "parameters        2.898 B" in out and "131072" in out and "wall-clock" in out
+    assert f"{short.total / GIB:6.1f}" in out
