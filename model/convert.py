@@ -53,6 +53,71 @@ def _tensor(value: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value))
 
 
+def convert_official_array(name: str, array: Any, n_layers: int, n_suffix: int
+                           ) -> dict[str, torch.Tensor]:
+    """One official array -> our tensors (a stacked [L] or [S] array becomes one per block), so a
+    large checkpoint can be converted array by array."""
+    value = _tensor(array)
+    for key, ours in _TOP_MAP.items():
+        if name == _PREFIX + key:
+            return {ours: value}
+    for table, prefix, count, first in ((_BLOCK_MAP, _BLOCKS, n_layers, 0),
+                                        (_PRIME_MAP, _PRIME, n_suffix, n_layers - n_suffix)):
+        if name.startswith(prefix) and name[len(prefix):] in table:
+            ours, linear = table[name[len(prefix):]]
+            if value.shape[0] != count:
+                raise ValueError(f"{name}: leading axis {value.shape[0]} != {count} "
+                                 f"{'layers' if table is _BLOCK_MAP else 'suffix blocks'}")
+            return {f"blocks.{first + i}.{ours}": (w.T if linear else w).contiguous()
+                    for i, w in enumerate(value)}
+    raise ValueError(f"unknown official parameter {name!r}")
+
+
+def official_shapes(config: TTTConfig) -> dict[str, tuple[int, ...]]:
+    """The official name and shape of every parameter of a model with this config."""
+    c = config
+    d, hidden, hd, n, s = c.d_model, c.mlp_hidden, c.head_dim, c.n_layers, c.n_ttt_blocks
+    per_block = {"seq_norm.weight": (d,), "seq_modeling_block.wq.weight": (d, d),
+                 "seq_modeling_block.wk.weight": (d, d), "seq_modeling_block.wv.weight": (d, d),
+                 "seq_modeling_block.wo.weight": (d, d), "seq_modeling_block.q_norm.weight": (hd,),
+                 "seq_modeling_block.k_norm.weight": (hd,), "seq_post_norm.weight": (d,),
+                 "ffn_norm.weight": (d,), "feed_forward.w1.weight": (d, hidden),
+                 "feed_forward.w3.weight": (d, hidden), "feed_forward.w2.weight": (hidden, d),
+                 "ffn_post_norm.weight": (d,)}
+    prime = {"ffn_prime_norm.weight": (d,), "feed_forward_prime.w1.weight": (d, hidden),
+             "feed_forward_prime.w3.weight": (d, hidden), "feed_forward_prime.w2.weight": (hidden, d),
+             "ffn_prime_post_norm.weight": (d,)}
+    out = {_PREFIX + "wte.weight": (c.vocab_size, d), _PREFIX + "ln_f.weight": (d,)}
+    out.update({_BLOCKS + k: (n, *v) for k, v in per_block.items()})
+    out.update({_PRIME + k: (s, *v) for k, v in prime.items()})
+    return out
+
+
+def config_from_shapes(shapes: Mapping[str, Any], **fields: Any) -> TTTConfig:
+    """The architecture read off official parameter shapes (vocab, width, layers, heads via the
+    QK-norm gain's head_dim, MLP width, TTT blocks); other fields as given."""
+    try:
+        vocab, d = shapes[_PREFIX + "wte.weight"]
+        n_layers, head_dim = shapes[_BLOCKS + "seq_modeling_block.q_norm.weight"]
+        hidden = shapes[_BLOCKS + "feed_forward.w1.weight"][2]
+        n_suffix = shapes[_PRIME + "ffn_prime_norm.weight"][0]
+    except KeyError as e:
+        raise ValueError(f"official parameters lack {e.args[0]!r}: cannot infer the architecture")
+    if d % head_dim:
+        raise ValueError(f"width {d} is not a multiple of head_dim {head_dim}")
+    arch = dict(vocab_size=int(vocab), d_model=int(d), n_layers=int(n_layers),
+                n_heads=int(d // head_dim), mlp_hidden=int(hidden), n_ttt_blocks=int(n_suffix))
+    return TTTConfig(**{**fields, **arch})
+
+
+def read_official_checkpoint(path: str, step: int | None = None) -> dict[str, np.ndarray]:
+    """Parameters of an official orbax checkpoint by official name (latest step when none),
+    without JAX: see official_checkpoint.py."""
+    from .official_checkpoint import read_official_checkpoint as read
+
+    return read(path, step)
+
+
 def official_to_state_dict(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Official parameter arrays (numpy or tensors, by official name) -> our state_dict."""
     if "language_model.lm_head.weight" in arrays:
@@ -63,24 +128,11 @@ def official_to_state_dict(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]
     if missing or unknown:
         raise ValueError(f"official parameters do not match TTT-E2E: missing {missing}, "
                          f"unknown {unknown}")
-    out = {ours: _tensor(arrays[_PREFIX + k]) for k, ours in _TOP_MAP.items()}
     n_layers = _tensor(arrays[_BLOCKS + "seq_norm.weight"]).shape[0]
     n_suffix = _tensor(arrays[_PRIME + "ffn_prime_norm.weight"]).shape[0]
-    for key, (ours, linear) in _BLOCK_MAP.items():
-        stacked = _tensor(arrays[_BLOCKS + key])
-        if stacked.shape[0] != n_layers:
-            raise ValueError(f"{_BLOCKS + key}: leading axis {stacked.shape[0]} != {n_layers} layers")
-        for layer in range(n_layers):
-            w = stacked[layer]
-            out[f"blocks.{layer}.{ours}"] = (w.T if linear else w).contiguous()
-    for key, (ours, linear) in _PRIME_MAP.items():
-        stacked = _tensor(arrays[_PRIME + key])
-        if stacked.shape[0] != n_suffix:
-            raise ValueError(f"{_PRIME + key}: leading axis {stacked.shape[0]} != {n_suffix} "
-                             "suffix blocks")
-        for s in range(n_suffix):
-            w = stacked[s]
-            out[f"blocks.{n_layers - n_suffix + s}.{ours}"] = (w.T if linear else w).contiguous()
+    out = {}
+    for name in OFFICIAL_NAMES:
+        out.update(convert_official_array(name, arrays[name], n_layers, n_suffix))
     return out
 
 

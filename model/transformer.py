@@ -28,6 +28,7 @@ from .config import TTTConfig
 from .flops import FlopsEstimate, estimate_flops
 from .inner_loop import run_inner_loop
 from .layers import Block, RMSNorm, at_least_fp32, rope_angles
+from .weights_io import DEFAULT_SHARD_BYTES, read_model_state, write_model_folder
 
 
 @dataclass
@@ -167,28 +168,32 @@ class TTTModel(nn.Module):
     def estimate_flops(self, seq_len: int | None = None, remat: str | None = None) -> FlopsEstimate:
         return estimate_flops(self.config, seq_len, remat)
 
-    # ---- weights on disk: config.json + model.safetensors --------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
-        return directory
+    # ---- weights on disk: config.json + model.safetensors (sharded above a size) ---------------
+    def save_pretrained(self, directory: str | Path,
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+        """Hugging Face-style folder: config.json + model.safetensors, or shards + an index."""
+        write_model_folder(directory, self.config.to_dict(), self.state_dict().items(),
+                           max_shard_bytes)
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> "TTTModel":
         """Load a directory written by save_pretrained (config fields may be overridden)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        for name in ("config.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory} is not a TTT-E2E model directory: no {name}")
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a TTT-E2E model directory: no config.json")
         config = TTTConfig.from_dict({**json.loads((directory / "config.json").read_text()),
                                       **overrides})
+        state = read_model_state(directory)
         model = cls(config)
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{directory}: weights do not fit its config.json: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}, shape (file vs model) "
+                             f"{wrong[:5]}")
+        model.load_state_dict(state)
         return model

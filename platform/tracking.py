@@ -112,3 +112,26 @@ class RunLogger:
 
     def end(self, status: str = "FINISHED") -> None:
         self._do("end_run", lambda: self.client.set_terminated(self.run_id, status))
+
+
+def register_model_folder(uri: str, name: str, folder_uri: str, params: dict,
+                          experiment: str = "ttte2e-imports", tags: dict | None = None) -> str:
+    """Register a model folder (config.json + safetensors) as a new version of `name`, by
+    reference to where it lives (nothing is uploaded into MLflow). Returns the version."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=f"register-{name}", tags=tags or {})
+    from mlflow.entities import Param
+
+    items = list(loggable_params(params).items())
+    for i in range(0, len(items), 90):
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 90]])
+    client.set_terminated(run.info.run_id)
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - MlflowException when absent
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=folder_uri, run_id=run.info.run_id,
+                                          tags={k: redact(str(v)) for k, v in (tags or {}).items()})
+    return version.version

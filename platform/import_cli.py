@@ -1,0 +1,69 @@
+"""Command line of pipelines/import_official.py."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from ttte2e.model import TTTConfig
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    hints = typing.get_type_hints(TTTConfig)
+    fields = {f.name for f in dataclasses.fields(TTTConfig)}
+    if not sep or key not in fields:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of "
+                                         f"{sorted(fields)}")
+    kind = hints[key]
+    if kind is bool:
+        return key, value.lower() in ("1", "true", "yes")
+    return key, kind(value)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ttte2e.model.official_checkpoint import OfficialCheckpointError, import_official_checkpoint
+
+    parser = argparse.ArgumentParser(description="Import an official TTT-E2E checkpoint.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint manager root (holds step folders): path, s3:// or gs://")
+    parser.add_argument("--preset", default="auto",
+                        help="125m | 350m | 760m | 1b | 3b (checked against every stored shape), "
+                             "or auto (architecture from the shapes)")
+    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--step", type=int, default=None, help="step to read (default: latest)")
+    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                        metavar="FIELD=VALUE", help="config field the shapes do not fix, e.g. "
+                        "seq_len=131072 (repeatable)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0,
+                        help="safetensors shard size limit (GB)")
+    parser.add_argument("--register", default="", help="register the folder in MLflow under NAME")
+    parser.add_argument("--tracking-uri", default="",
+                        help="MLflow tracking URI for --register (default: MLFLOW_TRACKING_URI, "
+                             "else sqlite beside --out)")
+    args = parser.parse_args(argv)
+    try:
+        config, files = import_official_checkpoint(
+            args.checkpoint, args.out, args.preset, args.step,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3), **dict(args.overrides))
+    except (OfficialCheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"import_official: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = Path(args.out).resolve()
+    print(f"imported {args.checkpoint} -> {out} ({', '.join(files)}; "
+          f"{config.n_layers} layers, d {config.d_model}, {config.n_ttt_blocks} TTT blocks)")
+    print(f"  load with TTTModel.from_pretrained({str(out)!r})")
+    result = dict(out=str(out), files=files, config=config.to_dict())
+    if args.register:
+        from ttte2e.platform.tracking import register_model_folder, tracking_uri
+
+        uri = tracking_uri(args.tracking_uri, str(out.parent))
+        version = register_model_folder(uri, args.register, out.as_uri(),
+                                        {f"model.{k}": v for k, v in config.to_dict().items()},
+                                        tags={"source_checkpoint": args.checkpoint})
+        print(f"  registered as {args.register} version {version} in {uri}")
+        result.update(registered=args.register, version=version, tracking_uri=uri)
+    return result
