@@ -159,6 +159,25 @@ def open_checkpoint(uri: str):
     return Checkpoint(loc.path, filesystem=loc.fs)
 
 
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "n_ttt_blocks")
+
+
+def check_init_from(uri: str, model_cfg: TTTConfig) -> None:
+    """--init-from is a training checkpoint (model/ inside) or a model folder (config.json +
+    safetensors, e.g. pipelines/import_official.py output) of the same architecture."""
+    loc = resolve(uri)
+    folder = loc.join("model") if loc.join("model", "config.json").exists() else loc
+    if not folder.join("config.json").exists():
+        raise ConfigError(f"{uri}: neither a training checkpoint (model/config.json) nor a model "
+                          "folder (config.json + safetensors)")
+    saved = json.loads(folder.join("config.json").read_bytes())
+    diff = {k: (saved.get(k), getattr(model_cfg, k)) for k in ARCHITECTURE_FIELDS
+            if saved.get(k) != getattr(model_cfg, k)}
+    if diff:
+        raise ConfigError(f"{uri}: its architecture differs from this run's model "
+                          f"(field: (saved, run)) {diff}")
+
+
 # ---- the worker ---------------------------------------------------------------------------------
 def _device(use_gpu: bool) -> torch.device:
     if use_gpu:
@@ -222,8 +241,12 @@ def train_loop(loop: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     model = TTTModel(model_cfg)
     if cfg.init_from:
-        with open_checkpoint(cfg.init_from).as_directory() as d:
-            model.load_state_dict(TTTModel.from_pretrained(Path(d) / "model").state_dict())
+        from ray.train import Checkpoint as RayCheckpoint
+
+        source = resolve(cfg.init_from)
+        with RayCheckpoint(source.path, filesystem=source.fs).as_directory() as d:
+            folder = Path(d) / "model" if (Path(d) / "model" / "config.json").is_file() else Path(d)
+            model.load_state_dict(TTTModel.from_pretrained(folder).state_dict())
     objective = MetaObjective(model, autocast_dtype).to(device)
     total, warmup = geometry.steps, warmup_steps(cfg, geometry.steps)
 
@@ -403,10 +426,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     if cfg.resume_from:
         open_checkpoint(cfg.resume_from)
     if cfg.init_from:
-        ckpt = resolve(cfg.init_from)
-        if not ckpt.join("model", "model.safetensors").exists():
-            raise ConfigError(f"{cfg.init_from}: no model/model.safetensors (not a checkpoint of "
-                              "this trainer)")
+        check_init_from(cfg.init_from, model_cfg)
     ensure_ray()
     import ray
 

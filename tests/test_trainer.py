@@ -362,3 +362,16 @@ def test_capacity_plan_for_3b(capsys):
     out = capsys.readouterr().out
     assert "parameters        2.898 B" in out and "131072" in out and "wall-clock" in out
     assert f"{short.total / GIB:6.1f}" in out
+
+
+def test_init_from_must_be_a_model_of_the_same_architecture(tmp_path):
+    from ttte2e.model import preset
+    from ttte2e.platform.trainer import check_init_from
+
+    tiny = preset("tiny")
+    TTTModel(tiny).save_pretrained(tmp_path / "folder")  # e.g. an imported official checkpoint
+    check_init_from(str(tmp_path / "folder"), tiny.replace(seq_len=1024))
+    with pytest.raises(ConfigError, match="architecture differs.*d_model"):
+        check_init_from(str(tmp_path / "folder"), tiny.replace(d_model=256, n_heads=4))
+    with pytest.raises(ConfigError, match="neither a training checkpoint"):
+        check_init_from(str(tmp_path), tiny)
