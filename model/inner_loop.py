@@ -58,6 +58,7 @@ class _LoopContext:
     clip: float
     window: int
     chunk: int
+    offset: int = 0        # targets/mask start at this sequence position (decode: the chunk's)
 
 
 def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
@@ -90,7 +91,7 @@ def _chunk_run(model: "TTTModel", ctx: _LoopContext, c: int, create_graph: bool,
                                       tuple(fast[3 * s:3 * s + 3]))
         new_caches += [torch.cat((cache_k, k), 2)[:, :, -window:],
                        torch.cat((cache_v, v), 2)[:, :, -window:]]
-    span = slice(c * b, (c + 1) * b)
+    span = slice(c * b - ctx.offset, (c + 1) * b - ctx.offset)
     mask = ctx.mask[:, span]
     weights = mask / mask.sum(-1, keepdim=True).clamp_min(1e-10)  # l = sum_t weights_t * nll_t
     # the fused head returns dl/dh_final as well: the inner gradient starts from it

@@ -165,6 +165,18 @@ class TTTModel(nn.Module):
                               chunk_loss=inner.chunk_loss, inner_grad_norm=inner.inner_grad_norm,
                               fast_weights=inner.fast_weights)
 
+    def prefill(self, tokens: torch.Tensor, mode: str = "ttt"):
+        """Consume prompts [B, P]: (DecodeState, NLL [B, P-1]); see decode.py."""
+        from .decode import prefill
+
+        return prefill(self, tokens, mode)
+
+    def generate(self, prompts, max_new_tokens: int = 64, mode: str = "ttt", **sampling):
+        """New token ids per prompt, decoding with continued TTT; see decode.generate."""
+        from .decode import generate
+
+        return generate(self, prompts, max_new_tokens, mode, **sampling)
+
     def estimate_flops(self, seq_len: int | None = None, remat: str | None = None) -> FlopsEstimate:
         return estimate_flops(self.config, seq_len, remat)
 

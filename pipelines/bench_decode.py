@@ -1,0 +1,112 @@
+"""Benchmark: per-token decode latency vs context length (TTT-E2E, full attention, SWA without
+TTT), the decode state's size, and prefill time per token vs context (TTT-E2E vs full attention).
+
+    python pipelines/bench_decode.py [--contexts 1024,4096,16384,32768] [--repeats 3] [--png out.png]
+
+Latency = the mean over whole groups of b decoded tokens (so the TTT step every b tokens is
+counted), median over repeats from the same prefilled state; tiny preset (k = 128, b = 64),
+random weights (speed does not depend on them), one thread per op as on a loaded CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from ttte2e.model import TTTModel, preset
+from ttte2e.model.decode import decode_step, prefill
+
+
+def decode_latency(model, state, tokens: int, repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        s = copy.deepcopy(state)
+        feed = torch.randint(2, model.config.vocab_size, (tokens,))
+        start = time.perf_counter()
+        for t in feed:
+            decode_step(model, s, t[None])
+        runs.append((time.perf_counter() - start) / tokens)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    parser.add_argument("--groups", type=int, default=2, help="groups of b tokens decoded per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-windows", default="1,2,4,8,16",
+                        help="prefill lengths in windows of k")
+    parser.add_argument("--png", default="", help="write a plot here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    cfg = preset("tiny", seq_len=max(contexts))
+    model = TTTModel(cfg).eval()
+    n_tokens = args.groups * cfg.chunk_size
+    print(f"tiny preset: k = {cfg.window}, b = {cfg.chunk_size}, {torch.get_num_threads()} threads; "
+          f"decode {n_tokens} tokens ({args.groups} groups of b) x {args.repeats} repeats")
+    print("\n| context | TTT-E2E ms/token | full attention ms/token | SWA (no TTT) ms/token | "
+          "TTT-E2E state | full-attention state |")
+    print("|---|---|---|---|---|---|")
+    rows = {}
+    for context in contexts:
+        prompt = torch.randint(2, cfg.vocab_size, (1, context))
+        row = {}
+        for mode in ("ttt", "full", "swa"):
+            state, _ = prefill(model, prompt, mode)
+            row[mode] = decode_latency(model, state, n_tokens, args.repeats)
+            row[mode + "_bytes"] = state.nbytes()
+        rows[context] = row
+        print(f"| {context:,} | {row['ttt'] * 1e3:.2f} | {row['full'] * 1e3:.2f} | "
+              f"{row['swa'] * 1e3:.2f} | {row['ttt_bytes'] / 2**20:.2f} MiB | "
+              f"{row['full_bytes'] / 2**20:.2f} MiB |")
+    first, last = contexts[0], contexts[-1]
+    print(f"\nTTT-E2E latency {last} / {first}: {rows[last]['ttt'] / rows[first]['ttt']:.2f} "
+          f"(target <= 1.10); full attention: {rows[last]['full'] / rows[first]['full']:.2f}; "
+          f"SWA: {rows[last]['swa'] / rows[first]['swa']:.2f}")
+
+    print("\n| prefill T | windows | TTT-E2E ms/token | full attention ms/token | full / TTT-E2E |")
+    print("|---|---|---|---|---|")
+    prefill_rows = {}
+    for w in (int(x) for x in args.prefill_windows.split(",")):
+        t = w * cfg.window
+        prompt = torch.randint(2, cfg.vocab_size, (1, t))
+        times = {}
+        for mode in ("ttt", "full"):
+            runs = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                prefill(model, prompt, mode)
+                runs.append((time.perf_counter() - start) / t)
+            times[mode] = statistics.median(runs)
+        prefill_rows[w] = times
+        print(f"| {t:,} | {w} | {times['ttt'] * 1e3:.3f} | {times['full'] * 1e3:.3f} | "
+              f"{times['full'] / times['ttt']:.2f} |")
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for mode, label in (("ttt", "TTT-E2E"), ("full", "full attention"), ("swa", "SWA")):
+            a.plot(contexts, [rows[c][mode] * 1e3 for c in contexts], "o-", label=label)
+        a.set_xscale("log", base=2), a.set_xlabel("context"), a.set_ylabel("ms / token")
+        a.set_title("decode latency"), a.legend()
+        ws = sorted(prefill_rows)
+        for mode, label in (("ttt", "TTT-E2E"), ("full", "full attention")):
+            b.plot([w * cfg.window for w in ws], [prefill_rows[w][mode] * 1e3 for w in ws], "o-",
+                   label=label)
+        b.set_xscale("log", base=2), b.set_xlabel("prompt length"), b.set_ylabel("ms / token")
+        b.set_title("prefill time per token"), b.legend()
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+        print(f"\nplot: {args.png}")
+
+
+if __name__ == "__main__":
+    main()

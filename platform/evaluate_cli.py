@@ -1,0 +1,74 @@
+"""Command line of pipelines/evaluate.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ttte2e.model.decode import MODES
+
+
+def _ints(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        scale = 1024 if part.endswith("K") else 1
+        out.append(int(float(part.rstrip("K")) * scale))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ttte2e.platform.evaluate import load_model, loss_vs_context, niah, write_report
+
+    parser = argparse.ArgumentParser(description="Evaluate a TTT-E2E model.")
+    parser.add_argument("--model", required=True, help="model folder, training checkpoint, "
+                        "s3:// copy, or models:/NAME/VERSION | models:/NAME@ALIAS")
+    parser.add_argument("--data", required=True, help="prepared dataset (its val split is used)")
+    parser.add_argument("--contexts", default="1K,2K,4K", help="context lengths, e.g. 1K,2K,8K")
+    parser.add_argument("--windows", type=int, default=8, help="held-out windows per context")
+    parser.add_argument("--modes", default=",".join(MODES), help="ttt,swa,full")
+    parser.add_argument("--niah", action="store_true", help="also run single-needle-in-a-haystack")
+    parser.add_argument("--niah-depths", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--niah-trials", type=int, default=4)
+    parser.add_argument("--out", default="runs/eval", help="report, JSON and PNG go here")
+    parser.add_argument("--tracking-uri", default="", help="log the report to this MLflow URI")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.model, args.tracking_uri or None)
+        contexts = _ints(args.contexts)
+        modes = tuple(m.strip() for m in args.modes.split(","))
+        unknown = [m for m in modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"unknown modes {unknown}; choose from {MODES}")
+        results = loss_vs_context(model, args.data, contexts, args.windows, modes)
+        needles = None
+        if args.niah:
+            from ttte2e.platform.prepare import read_manifest
+            from ttte2e.platform.storage import resolve
+
+            tok = resolve(args.data).join(read_manifest(args.data)["tokenizer"]["file"])
+            local = Path(args.out) / "tokenizer.json"
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(tok.read_bytes())
+            needles = niah(model, str(local), args.data, contexts,
+                           [float(d) for d in args.niah_depths.split(",")], args.niah_trials)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    report = write_report(results, needles, Path(args.out), model.config.window)
+    print(report["table"])
+    print(f"report: {report['report']}\nplot  : {report['plot']}")
+    if args.tracking_uri:
+        from ttte2e.platform.tracking import RunLogger, start_run
+
+        run_id = start_run(args.tracking_uri, "ttte2e-eval", f"eval-{Path(args.model).name}",
+                           {"model": args.model, "data": args.data, "contexts": args.contexts})
+        logger = RunLogger(args.tracking_uri, run_id)
+        for context, r in results.items():
+            logger.metrics({f"loss_{m}": v["loss"] for m, v in r.items()}, context)
+        for f in ("report.md", "loss_vs_context.png", "loss_vs_context.json"):
+            logger.artifact(Path(args.out) / f)
+        logger.end()
+        report["run_id"] = run_id
+    return dict(report, results=results, niah=needles)

@@ -1,0 +1,158 @@
+"""Inference: prefill = the training forward, teacher-forced decoding = prefill (with the TTT step
+every b tokens), baselines from the same code, generation, the decode state's bounded size."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import reference_cases
+from ttte2e.model import TTTModel, preset
+from ttte2e.model.convert import config_from_official, official_to_state_dict
+from ttte2e.model.decode import decode_step, generate, prefill, sample_next, stream_generate
+
+SMALL = dict(vocab_size=512, d_model=64, n_heads=2, mlp_hidden=128, seq_len=128, window=32,
+             chunk_size=16, bos_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = TTTModel(preset("tiny", **SMALL))
+    with torch.no_grad():  # larger prime weights: TTT visibly changes the NLLs
+        for w in m.fast_weight_parameters():
+            w.mul_(8)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(2, 512, (2, 129), generator=g)
+    t[1, 40] = 1  # a BOS inside: masked target, as in training
+    return t
+
+
+def teacher_forced(model, tokens, prompt_len, mode="ttt"):
+    state, nll = prefill(model, tokens[:, :prompt_len], mode)
+    parts, logits = [nll], state.last_logits
+    for t in range(prompt_len, tokens.shape[1]):
+        parts.append(-torch.log_softmax(logits.float(), -1).gather(1, tokens[:, t:t + 1]))
+        if t + 1 < tokens.shape[1]:
+            logits = decode_step(model, state, tokens[:, t])
+    return torch.cat(parts, 1), state
+
+
+def test_prefill_nll_is_the_meta_loss_nll(model, tokens):
+    with torch.no_grad():
+        expected = model.meta_loss(tokens).token_nll
+        plain = model.meta_loss(tokens, eta=0.0).token_nll
+    state, nll = prefill(model, tokens)
+    assert torch.equal(nll, expected)
+    assert (expected - plain).abs().max() > 1e-2  # TTT matters in this model
+    assert state.chunks_done == 128 // 16 and state.pending_tokens.shape[1] == 1
+
+
+@pytest.mark.parametrize("prompt_len", [1, 17, 64])
+def test_teacher_forced_decoding_equals_prefill(model, tokens, prompt_len):
+    with torch.no_grad():
+        expected = model.meta_loss(tokens).token_nll
+    got, state = teacher_forced(model, tokens, prompt_len)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 1e-5
+    assert state.chunks_done == 7  # the last chunk waits for the token after it
+
+
+def test_baselines_swa_and_full_attention(model, tokens):
+    with torch.no_grad():
+        swa = model.meta_loss(tokens, eta=0.0).token_nll
+        full_model = TTTModel(model.config.replace(attention="full"))
+        full_model.load_state_dict(model.state_dict())
+        full = full_model.lm_loss(tokens).token_nll
+    got, _ = teacher_forced(model, tokens, 9, mode="swa")
+    assert (got - swa).abs().max() < 1e-5
+    got, state = teacher_forced(model, tokens, 9, mode="full")
+    assert (got - full).abs().max() < 1e-5
+    assert state.caches[0][0].shape[2] == 128  # the full-attention cache grows with the context
+
+
+def test_decode_state_size_is_bounded_for_ttt_and_grows_for_full_attention(model):
+    sizes = {}
+    for mode in ("ttt", "full"):
+        state, _ = prefill(model, torch.randint(2, 512, (1, 20)), mode)
+        seen = []
+        for step in range(120):
+            decode_step(model, state, torch.randint(2, 512, (1,)))
+            seen.append(state.nbytes())
+        sizes[mode] = seen
+    assert max(sizes["ttt"][40:]) == min(sizes["ttt"][40:]) or \
+        max(sizes["ttt"]) <= sizes["ttt"][40] * 1.3  # only the pending chunk (<= b) varies
+    assert sizes["full"][-1] > 2 * sizes["full"][40]
+
+
+@pytest.mark.parametrize("case", reference_cases(), ids=lambda p: p.stem)
+def test_prefill_reproduces_the_official_nll(case):
+    data = np.load(case)
+    cfg = config_from_official(json.loads(str(data["config_json"])))
+    model = TTTModel(cfg)
+    model.load_state_dict(official_to_state_dict(
+        {k: data[k] for k in data.files if k.startswith("language_model.")}))
+    _, nll = prefill(model, torch.from_numpy(data["tokens"]).long())
+    np.testing.assert_allclose(nll.numpy(), data["nll_ttt"], rtol=0, atol=1e-5)
+
+
+def test_generate_greedy_sampling_stops_streaming_and_batches(model):
+    prompt = torch.randint(2, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    greedy = generate(model, prompt, max_new_tokens=12)
+    assert [len(g) for g in greedy] == [12, 12]
+    # greedy = argmax of the teacher-forced logits along its own output
+    state, _ = prefill(model, prompt[:1])
+    logits = state.last_logits
+    for token in greedy[0]:
+        assert int(logits.argmax()) == token
+        logits = decode_step(model, state, torch.tensor([token]))
+    # streaming yields the same tokens, one step at a time
+    streamed = [t.tolist() for t in stream_generate(model, prompt, max_new_tokens=12)]
+    assert [list(col) for col in zip(*streamed)] == greedy
+    # a stop token ends a sequence (and is included)
+    stop = greedy[0][3]
+    stopped = generate(model, prompt[:1], max_new_tokens=12, stop_tokens=(stop,))
+    assert stopped[0][-1] == stop and len(stopped[0]) == greedy[0].index(stop) + 1
+    # sampling: seeded = reproducible; prompts of different lengths in one call
+    a = generate(model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=6, temperature=0.8,
+                 top_p=0.9, seed=0)
+    b = generate(model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=6, temperature=0.8,
+                 top_p=0.9, seed=0)
+    assert a == b and [len(x) for x in a] == [6, 6]
+    seen = []
+    generate(model, [[5, 6, 7]], max_new_tokens=4, on_token=lambda t: seen.append(t.tolist()))
+    assert len(seen) == 4
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    assert sample_next(logits, None).item() == 0
+    # repetition penalty: a seen positive logit is divided, a seen negative one multiplied
+    assert sample_next(logits, torch.tensor([[0]]), repetition_penalty=4.0).item() == 1
+    # top_p keeps the smallest set reaching p: here only the top token
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(torch.tensor([[10.0, 0.0, 0.0, 0.0]]), None, temperature=1.0,
+                         top_p=0.5, generator=g).item() for _ in range(50)}
+    assert picks == {0}
+
+
+def test_bad_input_is_refused(model):
+    with pytest.raises(ValueError, match="empty"):
+        prefill(model, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        prefill(model, torch.tensor([[3, 600]]))
+    with pytest.raises(ValueError, match="unknown decode mode"):
+        prefill(model, torch.tensor([[3, 4]]), mode="beam")
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[3], []])
+    with pytest.raises(ValueError, match="exceeds max_context"):
+        list(stream_generate(model, torch.tensor([[3, 4]]), max_new_tokens=10, max_context=8))
+    state, _ = prefill(model, torch.tensor([[3, 4]]))
+    with pytest.raises(ValueError, match="one token per sequence"):
+        decode_step(model, state, torch.tensor([3, 4]))

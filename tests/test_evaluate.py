@@ -1,0 +1,65 @@
+"""pipelines/evaluate.py: loss vs context for TTT-E2E and the baselines, S-NIAH, model loading
+from folders, checkpoints and the MLflow registry, and its errors."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import SMALL
+from ttte2e.model import TTTModel, preset
+
+
+@pytest.fixture(scope="module")
+def model_folder(train_data, tmp_path_factory):
+    _, bos = train_data
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("eval-model") / "model"
+    TTTModel(preset("tiny", **SMALL, bos_token_id=bos)).save_pretrained(folder)
+    return folder
+
+
+def test_loss_vs_context_and_niah_report(train_data, model_folder, tmp_path):
+    from ttte2e.platform.evaluate_cli import main
+
+    uri, _ = train_data
+    out = main(["--model", str(model_folder), "--data", uri, "--contexts", "128,256",
+                "--windows", "2", "--niah", "--niah-depths", "0,0.5", "--niah-trials", "1",
+                "--out", str(tmp_path / "eval")])
+    results = out["results"]
+    assert set(results) == {128, 256} and set(results[128]) == {"ttt", "swa", "full"}
+    for mode, r in results[128].items():
+        assert len(r["bins"]) == 16 and r["beyond_window"] is not None and 0 < r["loss"] < 20
+    # same weights: SWA and full attention agree inside the first window, TTT-E2E differs after
+    assert results[128]["swa"]["bins"][0][2] == pytest.approx(results[128]["full"]["bins"][0][2],
+                                                             abs=1e-4)
+    assert set(out["niah"]) == {(128, 0.0), (128, 0.5), (256, 0.0), (256, 0.5)}
+    assert all(0 <= v <= 1 for v in out["niah"].values())
+    assert (tmp_path / "eval" / "loss_vs_context.png").stat().st_size > 10_000
+    assert "S-NIAH" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_models_uri_from_the_registry_and_bad_input(train_data, model_folder, tmp_path, capsys):
+    from ttte2e.platform.evaluate import load_model
+    from ttte2e.platform.evaluate_cli import main
+    from ttte2e.platform.tracking import register_model_folder
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version = register_model_folder(uri, "tiny-eval", model_folder.as_uri(), {"x": 1})
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_registered_model_alias("tiny-eval", "champion", version)
+    a = load_model("models:/tiny-eval@champion", uri)
+    b = load_model(f"models:/tiny-eval/{version}", uri)
+    assert torch.equal(a.embed.weight, b.embed.weight)
+    with pytest.raises(ValueError, match="not in the model registry"):
+        load_model("models:/tiny-eval@nobody", uri)
+    with pytest.raises(ValueError, match="give a version"):
+        load_model("models:/tiny-eval", uri)
+    with pytest.raises(ValueError, match="neither a model folder"):
+        load_model(str(tmp_path))
+    data, _ = train_data
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_folder), "--data", data, "--modes", "ttt,beam",
+              "--out", str(tmp_path / "e")])
+    assert "unknown modes" in capsys.readouterr().err
