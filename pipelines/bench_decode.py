@@ -52,6 +52,9 @@ def main() -> None:
     print("\n| context | TTT-E2E ms/token | full attention ms/token | SWA (no TTT) ms/token | "
           "TTT-E2E state | full-attention state |")
     print("|---|---|---|---|---|---|")
+    # warm-up (first calls allocate and initialise kernels): not measured
+    warm, _ = prefill(model, torch.randint(2, cfg.vocab_size, (1, 2 * cfg.window)))
+    decode_latency(model, warm, n_tokens, 1)
     rows = {}
     for context in contexts:
         prompt = torch.randint(2, cfg.vocab_size, (1, context))
