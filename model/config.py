@@ -171,6 +171,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The fields parameter shapes determine: two configs that agree on them hold the same weights.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "n_ttt_blocks")
+
+
 def preset(name: str, **overrides: Any) -> TTTConfig:
     """The named preset as a TTTConfig, with any field overridden."""
     if name not in PRESETS:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlparse
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import TTTConfig
 
 
 class OfficialCheckpointError(ValueError):
@@ -64,6 +67,19 @@ def checkpoint_steps(root: str) -> list[int]:
     return sorted(steps)
 
 
+def resolve_step(path: str, step: int | None) -> int:
+    """The given step (checked to exist) or the latest one."""
+    steps = checkpoint_steps(path)
+    if not steps:
+        raise OfficialCheckpointError(f"{path}: no checkpoint step folders (expected folders "
+                                      "named by step number, e.g. 4799/)")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise OfficialCheckpointError(f"{path}: no step {step}; steps present: {steps}")
+    return step
+
+
 def _item_spec(root: str, step: int, item: str) -> dict:
     spec = _kvstore(root)
     return {**spec, "path": f"{spec['path']}{step}/{item}/"}
@@ -91,14 +107,7 @@ def iter_official_checkpoint(path: str, step: int | None = None, item: str = "mo
     """(official name, array) one array at a time: at most one array in memory."""
     import tensorstore as ts
 
-    steps = checkpoint_steps(path)
-    if not steps:
-        raise OfficialCheckpointError(f"{path}: no checkpoint step folders (expected folders "
-                                      "named by step number, e.g. 4799/)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise OfficialCheckpointError(f"{path}: no step {step}; steps present: {steps}")
+    step = resolve_step(path, step)
     meta = json.loads(_read(_item_spec(path, step, item), "_METADATA") or b"{}")
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     base = _item_spec(path, step, item)
@@ -133,13 +142,7 @@ def official_config(path: str, preset_name: str = "auto", step: int | None = Non
     from .config import PRESETS, TTTConfig, preset
     from .convert import config_from_shapes, official_shapes
 
-    steps = checkpoint_steps(path)
-    if not steps:
-        raise OfficialCheckpointError(f"{path}: no checkpoint step folders (expected folders "
-                                      "named by step number, e.g. 4799/)")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise OfficialCheckpointError(f"{path}: no step {step}; steps present: {steps}")
+    step = resolve_step(path, step)
     stored = {k: tuple(v) for k, v in official_array_names(path, step).items()}
     if "language_model.lm_head.weight" in stored:
         raise OfficialCheckpointError(f"{path}: untied output head (lm_head) is not supported")
@@ -172,17 +175,12 @@ def import_official_checkpoint(path: str, out_dir: str, preset_name: str = "auto
                                **overrides) -> tuple["TTTConfig", list[str]]:
     """Official checkpoint -> our model folder (config.json + safetensors), array by array."""
     from .convert import convert_official_array
-    from .weights_io import DEFAULT_SHARD_BYTES, ShardWriter
+    from .weights_io import DEFAULT_SHARD_BYTES, write_model_folder
 
     config, step = official_config(path, preset_name, step, **overrides)
-    writer = ShardWriter(out_dir, max_shard_bytes or DEFAULT_SHARD_BYTES)
-    for name, array in iter_official_checkpoint(path, step):
-        for ours, tensor in convert_official_array(name, array, config.n_layers,
-                                                   config.n_ttt_blocks).items():
-            writer.add(ours, tensor)
-        del array
-    files = writer.close()
-    from pathlib import Path
-
-    (Path(out_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    tensors = ((ours, tensor) for name, array in iter_official_checkpoint(path, step)
+               for ours, tensor in convert_official_array(name, array, config.n_layers,
+                                                          config.n_ttt_blocks).items())
+    files = write_model_folder(out_dir, config.to_dict(), tensors,
+                               max_shard_bytes or DEFAULT_SHARD_BYTES)
     return config, files

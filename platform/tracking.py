@@ -69,13 +69,17 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict,
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
-    logged = loggable_params(params)
-    items = list(logged.items())
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    """All params, credentials removed, in batches under MLflow's per-call limit of 100."""
     from mlflow.entities import Param
 
+    items = list(loggable_params(params).items())
     for i in range(0, len(items), 90):
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 90]])
-    return run.info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 90]])
 
 
 class RunLogger:
@@ -122,11 +126,7 @@ def register_model_folder(uri: str, name: str, folder_uri: str, params: dict,
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     run = client.create_run(exp_id, run_name=f"register-{name}", tags=tags or {})
-    from mlflow.entities import Param
-
-    items = list(loggable_params(params).items())
-    for i in range(0, len(items), 90):
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 90]])
+    _log_params(client, run.info.run_id, params)
     client.set_terminated(run.info.run_id)
     try:
         client.get_registered_model(name)

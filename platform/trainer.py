@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ttte2e.model import TTTConfig, TTTModel, count_parameters, estimate_flops, inner_lr_at
+from ttte2e.model.config import ARCHITECTURE_FIELDS
 from ttte2e.platform.data import StreamPosition, StreamSpec, WindowReader, worker_stream
 from ttte2e.platform.storage import STORAGE_ENV_VARS, resolve
 from ttte2e.platform.tracking import RunLogger, redact
@@ -157,9 +158,6 @@ def open_checkpoint(uri: str):
     if not loc.join(STATE_FILE).exists():
         raise ConfigError(f"{uri} is not a training checkpoint (no {STATE_FILE})")
     return Checkpoint(loc.path, filesystem=loc.fs)
-
-
-ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "n_ttt_blocks")
 
 
 def check_init_from(uri: str, model_cfg: TTTConfig) -> None:

@@ -49,6 +49,22 @@ def small_config(dataset, storage, **changes):
 
 
 
+def load_case(path):
+    """(npz data, TTTModel with the case's official config and parameters)."""
+    import json
+
+    import numpy as np
+
+    from ttte2e.model import TTTModel
+    from ttte2e.model.convert import config_from_official, official_to_state_dict
+
+    data = np.load(path)
+    model = TTTModel(config_from_official(json.loads(str(data["config_json"]))))
+    model.load_state_dict(official_to_state_dict(
+        {k: data[k] for k in data.files if k.startswith("language_model.")}))
+    return data, model
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

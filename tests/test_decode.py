@@ -1,15 +1,12 @@
 """Inference: prefill = the training forward, teacher-forced decoding = prefill (with the TTT step
 every b tokens), baselines from the same code, generation, the decode state's bounded size."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import reference_cases
+from conftest import load_case, reference_cases
 from ttte2e.model import TTTModel, preset
-from ttte2e.model.convert import config_from_official, official_to_state_dict
 from ttte2e.model.decode import decode_step, generate, prefill, sample_next, stream_generate
 
 SMALL = dict(vocab_size=512, d_model=64, n_heads=2, mlp_hidden=128, seq_len=128, window=32,
@@ -97,11 +94,7 @@ def test_decode_state_size_is_bounded_for_ttt_and_grows_for_full_attention(model
 
 @pytest.mark.parametrize("case", reference_cases(), ids=lambda p: p.stem)
 def test_prefill_reproduces_the_official_nll(case):
-    data = np.load(case)
-    cfg = config_from_official(json.loads(str(data["config_json"])))
-    model = TTTModel(cfg)
-    model.load_state_dict(official_to_state_dict(
-        {k: data[k] for k in data.files if k.startswith("language_model.")}))
+    data, model = load_case(case)
     _, nll = prefill(model, torch.from_numpy(data["tokens"]).long())
     np.testing.assert_allclose(nll.numpy(), data["nll_ttt"], rtol=0, atol=1e-5)
 

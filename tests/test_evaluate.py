@@ -1,7 +1,6 @@
 """pipelines/evaluate.py: loss vs context for TTT-E2E and the baselines, S-NIAH, model loading
 from folders, checkpoints and the MLflow registry, and its errors."""
 
-import json
 
 import pytest
 import torch

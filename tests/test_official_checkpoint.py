@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE_DIR
+from conftest import REFERENCE_DIR, load_case
 from ttte2e.model import TTTModel, preset
+from ttte2e.model.config import ARCHITECTURE_FIELDS
 from ttte2e.model.convert import config_from_official, read_official_checkpoint
 from ttte2e.model.official_checkpoint import (OfficialCheckpointError, checkpoint_steps,
                                               import_official_checkpoint, official_config)
 
 CKPT = REFERENCE_DIR / "official_ckpt_tiny_a"
 CASE_A = REFERENCE_DIR / "ttt_e2e_tiny_a.npz"
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "n_ttt_blocks")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def case_a():
 
 
 def other_fields(config) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in SHAPE_FIELDS}
+    return {k: v for k, v in config.to_dict().items() if k not in ARCHITECTURE_FIELDS}
 
 
 def test_reads_the_official_checkpoint_bit_exactly(case_a):
@@ -46,8 +46,8 @@ def test_imported_model_reproduces_the_official_nll(case_a, tmp_path):
     config, files = import_official_checkpoint(str(CKPT), str(tmp_path / "m"), "auto",
                                                **other_fields(reference_cfg))
     assert files == ["model.safetensors"]
-    assert {k: getattr(config, k) for k in SHAPE_FIELDS} == \
-        {k: getattr(reference_cfg, k) for k in SHAPE_FIELDS}
+    assert {k: getattr(config, k) for k in ARCHITECTURE_FIELDS} == \
+        {k: getattr(reference_cfg, k) for k in ARCHITECTURE_FIELDS}
     model = TTTModel.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         out = model.meta_loss(torch.from_numpy(data["tokens"]).long())
@@ -67,11 +67,7 @@ def test_import_cli_streams_into_shards_and_registers(case_a, tmp_path, capsys):
                    *sets])
     assert len(result["files"]) > 1 and (tmp_path / "m" / "model.safetensors.index.json").exists()
     model = TTTModel.from_pretrained(tmp_path / "m")
-    reference = TTTModel(reference_cfg)
-    from ttte2e.model.convert import official_to_state_dict
-
-    reference.load_state_dict(official_to_state_dict(
-        {k: data[k] for k in data.files if k.startswith("language_model.")}))
+    _, reference = load_case(CASE_A)
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
     version = mlflow.MlflowClient(uri).get_model_version("tiny-official", result["version"])

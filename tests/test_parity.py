@@ -4,28 +4,15 @@ Every case file found is checked (case A ships; others with other sizes use the 
 the plain and the BOS batch, with and without TTT, under every remat mode.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import reference_cases
-from ttte2e.model import TTTModel
-from ttte2e.model.convert import (config_from_official, official_to_state_dict,
-                                  state_dict_to_official)
+from conftest import load_case, reference_cases
+from ttte2e.model.convert import state_dict_to_official
 
 CASES = reference_cases()
 BATCHES = ["", "bos."]
-
-
-def load_case(path):
-    data = np.load(path)
-    cfg = config_from_official(json.loads(str(data["config_json"])))
-    model = TTTModel(cfg)
-    model.load_state_dict(official_to_state_dict(
-        {k: data[k] for k in data.files if k.startswith("language_model.")}))
-    return data, model
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda p: p.stem)

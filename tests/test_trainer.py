@@ -2,8 +2,6 @@
 (stop and rerun, explicit checkpoint, a killed worker), tracking, and the pre-flight errors."""
 
 import itertools
-import json
-import os
 import signal
 import threading
 import time
