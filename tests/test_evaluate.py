@@ -62,3 +62,30 @@ def test_models_uri_from_the_registry_and_bad_input(train_data, model_folder, tm
         main(["--model", str(model_folder), "--data", data, "--modes", "ttt,beam",
               "--out", str(tmp_path / "e")])
     assert "unknown modes" in capsys.readouterr().err
+
+
+def test_niah_scoring_passes_an_oracle_and_fails_a_guesser(train_data, model_folder, tmp_path,
+                                                          monkeypatch):
+    """The harness itself: a model that reads the needle scores 1, one that does not scores 0."""
+    import re
+
+    from tokenizers import Tokenizer
+
+    from ttte2e.platform import evaluate
+    from ttte2e.platform.prepare import read_manifest
+
+    uri, _ = train_data
+    tok_path = f"{uri}/{read_manifest(uri)['tokenizer']['file']}"
+    tok = Tokenizer.from_file(tok_path)
+    model = evaluate.load_model(str(model_folder))
+
+    def oracle(model, prompts, max_new_tokens, mode):
+        number = re.findall(r"is: (\d{7})\.", tok.decode(prompts[0]))[0]
+        return [tok.encode(" " + number).ids]
+
+    monkeypatch.setattr(evaluate, "generate", oracle)
+    scores = evaluate.niah(model, tok_path, uri, [256], [0.0, 0.5, 1.0], trials=2)
+    assert set(scores.values()) == {1.0}
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: [tok.encode(" 1234").ids])
+    scores = evaluate.niah(model, tok_path, uri, [256], [0.0, 0.5, 1.0], trials=2)
+    assert set(scores.values()) == {0.0}
