@@ -23,53 +23,11 @@ from ttte2e.model.decode import MODES, generate, prefill
 MODE_LABELS = {"ttt": "TTT-E2E", "swa": "SWA (no TTT)", "full": "full attention"}
 
 
-def _local_folder(uri: str) -> Path:
-    from ttte2e.platform.storage import resolve
-
-    loc = resolve(uri)
-    if not loc.is_s3:
-        return Path(loc.path)
-    target = Path(tempfile.mkdtemp(prefix="ttte2e-model-"))
-    for f in loc.list_files():
-        rel = f.uri[len(loc.uri) + 1:]
-        (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        (target / rel).write_bytes(f.read_bytes())
-    return target
-
-
-def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> str:
-    """models:/NAME/VERSION or models:/NAME@ALIAS -> the registered version's source folder."""
-    if not uri.startswith("models:/"):
-        return uri
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    ref = uri[len("models:/"):]
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, number = ref.partition("/")
-            if not number:
-                raise ValueError(f"{uri}: give a version (models:/NAME/1) or an alias "
-                                 "(models:/NAME@champion)")
-            version = client.get_model_version(name, number)
-    except MlflowException as e:
-        raise ValueError(f"{uri}: not in the model registry ({e.message[:200]})") from None
-    source = version.source
-    return source[len("file://"):] if source.startswith("file://") else source
-
-
 def load_model(uri: str, tracking_uri: str | None = None) -> TTTModel:
-    folder = _local_folder(resolve_model_uri(uri, tracking_uri))
-    if (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{uri}: neither a model folder (config.json + safetensors) nor a "
-                         "training checkpoint (model/config.json)")
-    return TTTModel.from_pretrained(folder).eval()
+    """The model of a folder, checkpoint, s3:// copy or models:/ URI (platform/registry.py)."""
+    from ttte2e.platform.registry import load_model as load
+
+    return load(uri, tracking_uri).model
 
 
 def _masked_nll(model: TTTModel, windows: torch.Tensor, mode: str) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "seq_len=131072 (repeatable)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
                         help="safetensors shard size limit (GB)")
-    parser.add_argument("--register", default="", help="register the folder in MLflow under NAME")
+    parser.add_argument("--tokenizer", default="",
+                        help="tokenizer.json to save beside the weights (the official checkpoints "
+                             "use Llama 3's tokenizer; give its tokenizer.json to generate text)")
+    parser.add_argument("--register", default="", help="register the folder in MLflow under NAME "
+                        "(by reference: the version points at --out)")
+    parser.add_argument("--alias", default="candidate", help="alias of the registered version")
     parser.add_argument("--tracking-uri", default="",
                         help="MLflow tracking URI for --register (default: MLFLOW_TRACKING_URI, "
                              "else sqlite beside --out)")
@@ -57,13 +62,21 @@ def main(argv: list[str] | None = None) -> dict:
           f"{config.n_layers} layers, d {config.d_model}, {config.n_ttt_blocks} TTT blocks)")
     print(f"  load with TTTModel.from_pretrained({str(out)!r})")
     result = dict(out=str(out), files=files, config=config.to_dict())
+    if args.tokenizer:
+        from ttte2e.platform.storage import resolve
+
+        (out / "tokenizer.json").write_bytes(resolve(args.tokenizer).read_bytes())
+        print(f"  tokenizer: {args.tokenizer} -> {out / 'tokenizer.json'}")
     if args.register:
-        from ttte2e.platform.tracking import register_model_folder, tracking_uri
+        from ttte2e.platform.registry import RegistryError, register
+        from ttte2e.platform.tracking import tracking_uri
 
         uri = tracking_uri(args.tracking_uri, str(out.parent))
-        version = register_model_folder(uri, args.register, out.as_uri(),
-                                        {f"model.{k}": v for k, v in config.to_dict().items()},
-                                        tags={"source_checkpoint": args.checkpoint})
-        print(f"  registered as {args.register} version {version} in {uri}")
-        result.update(registered=args.register, version=version, tracking_uri=uri)
+        try:
+            reg = register(str(out), args.register, uri, alias=args.alias, weights="reference")
+        except RegistryError as e:
+            print(f"import_official: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"  registered as {reg['uri']} (version {reg['version']}) in {reg['tracking_uri']}")
+        result.update(registered=args.register, version=reg["version"], tracking_uri=uri)
     return result

@@ -38,7 +38,13 @@ class LocalRayCluster:
                     # token auth would need a token file in $HOME shared with other clusters; the
                     # dashboard is bound to 127.0.0.1 instead
                     "RAY_AUTH_MODE": "disabled"}
-        self.env.pop("RAY_ADDRESS", None)
+        # every process the head starts (raylet, workers) finds this cluster through RAY_ADDRESS,
+        # never another one on the machine (Ray Train's placement-group cleaner looks it up)
+        self.env["RAY_ADDRESS"] = self.gcs_address
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
 
     @property
     def address(self) -> str:

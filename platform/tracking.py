@@ -55,22 +55,40 @@ def _client(uri: str):
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict,
-              artifact_location: str | None = None) -> str:
+              artifact_location: str | None = None, parent_run_id: str | None = None) -> str:
     """The MLflow run of this training run: the existing one with the same run name (a resumed
-    run keeps its history), or a new one. Raises when the server cannot be reached."""
+    run keeps its history), or a new one (a child of parent_run_id when given, e.g. a sweep's
+    trial). Raises when the server cannot be reached."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=artifact_location)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                               max_results=1)
+    found = _runs_named(client, exp_id, run_name)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    tags = {RUN_NAME_TAG: run_name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     _log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def _runs_named(client, experiment_id: str, run_name: str) -> list:
+    return client.search_runs([experiment_id],
+                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+
+
+def end_named_run(uri: str, experiment: str, run_name: str, status: str, note: str) -> None:
+    """Close the run of a training run that was stopped from outside (a sweep's scheduler stops
+    trials by ending their processes), with a `stopped` tag saying why."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    for run in _runs_named(client, exp.experiment_id, run_name) if exp else []:
+        client.set_tag(run.info.run_id, "stopped", note)
+        client.set_terminated(run.info.run_id, status)
 
 
 def _log_params(client, run_id: str, params: dict) -> None:
@@ -116,22 +134,3 @@ class RunLogger:
 
     def end(self, status: str = "FINISHED") -> None:
         self._do("end_run", lambda: self.client.set_terminated(self.run_id, status))
-
-
-def register_model_folder(uri: str, name: str, folder_uri: str, params: dict,
-                          experiment: str = "ttte2e-imports", tags: dict | None = None) -> str:
-    """Register a model folder (config.json + safetensors) as a new version of `name`, by
-    reference to where it lives (nothing is uploaded into MLflow). Returns the version."""
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=f"register-{name}", tags=tags or {})
-    _log_params(client, run.info.run_id, params)
-    client.set_terminated(run.info.run_id)
-    try:
-        client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - MlflowException when absent
-        client.create_registered_model(name)
-    version = client.create_model_version(name, source=folder_uri, run_id=run.info.run_id,
-                                          tags={k: redact(str(v)) for k, v in (tags or {}).items()})
-    return version.version

@@ -58,9 +58,13 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
 
 
 def parse(argv: list[str] | None, description: str, defaults: dict | None = None,
-          model_defaults: dict | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """(TrainConfig, the parsed namespace incl. the --plan options)."""
-    args = build_parser(description, defaults).parse_args(argv)
+          model_defaults: dict | None = None, extend=None) -> tuple[TrainConfig, argparse.Namespace]:
+    """(TrainConfig, the parsed namespace incl. the --plan options and whatever flags
+    extend(parser) adds)."""
+    parser = build_parser(description, defaults)
+    if extend is not None:
+        extend(parser)
+    args = parser.parse_args(argv)
     values = vars(args)
     overrides = dict(model_defaults or {})
     overrides.update({k[len("model."):]: v for k, v in values.items()

@@ -9,6 +9,7 @@ worker group.
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,10 @@ class TrainConfig:
     """MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite beside local storage; 'off'."""
     experiment: str = "ttte2e"
     """MLflow experiment."""
+    register_as: str = ""
+    """Register the final checkpoint in the MLflow model registry under this name (empty = no)."""
+    register_alias: str = "candidate"
+    """Alias the registered version gets (promote it with pipelines/registry.py promote)."""
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for MFU; 0 = from the GPU model (on CPU MFU is reported n/a)."""
     seed: int = 0
@@ -180,6 +185,13 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
         raise ConfigError("warmup_fraction must be in [0, 1)")
     if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1 or cfg.eval_windows < 1:
         raise ConfigError("checkpoint_every, keep_checkpoints and eval_windows must be >= 1")
+    if cfg.register_as:
+        if cfg.tracking_uri == "off":
+            raise ConfigError("register_as needs MLflow: drop --tracking-uri off")
+        if not re.fullmatch(r"[\w.-]+", cfg.register_as):
+            raise ConfigError(f"register_as {cfg.register_as!r}: use letters, digits, '_', '-', '.'")
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", cfg.register_alias or "_"):
+            raise ConfigError(f"register_alias {cfg.register_alias!r}: a name like candidate")
     return model, batch_geometry(cfg, model)
 
 
@@ -236,6 +248,12 @@ def check_storage(uri: str) -> None:
         raise ConfigError(f"storage {uri!r} cannot be written: {e}") from None
 
 
+def cpus_needed(cfg: TrainConfig) -> float:
+    """CPUs a run reserves: its workers and their Ray Data readers."""
+    data = 0 if cfg.stream == "in_worker" else cfg.data_cpus * cfg.workers
+    return cfg.workers * cfg.cpus_per_worker + data
+
+
 def check_resources(cfg: TrainConfig, resources: dict) -> bool:
     """Whether to use GPUs; refuses a run that asks for more than the cluster has."""
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
@@ -243,7 +261,7 @@ def check_resources(cfg: TrainConfig, resources: dict) -> bool:
     if use_gpu and gpus < cfg.workers:
         raise ConfigError(f"{cfg.workers} GPU workers requested, the cluster has {gpus:g} GPUs")
     data = 0 if cfg.stream == "in_worker" else cfg.data_cpus * cfg.workers
-    need = cfg.workers * cfg.cpus_per_worker + data
+    need = cpus_needed(cfg)
     if need > cpus + 1e-9:
         raise ConfigError(f"{cfg.workers} workers x {cfg.cpus_per_worker} CPUs + {data:g} CPUs of "
                           f"data readers = {need:g} CPUs; the cluster has {cpus:g} CPUs")

@@ -30,6 +30,7 @@ import torch
 from ttte2e.model import TTTConfig, TTTModel, count_parameters, estimate_flops, inner_lr_at
 from ttte2e.model.config import ARCHITECTURE_FIELDS
 from ttte2e.platform.data import StreamPosition, StreamSpec, WindowReader, worker_stream
+from ttte2e.platform.serving import TOKENIZER_FILE
 from ttte2e.platform.storage import STORAGE_ENV_VARS, resolve
 from ttte2e.platform.tracking import RunLogger, redact
 from ttte2e.platform.train_config import (BatchGeometry, ConfigError, TrainConfig, batch_geometry,
@@ -286,6 +287,9 @@ def train_loop(loop: dict) -> None:
     n_val = min(cfg.eval_windows, val.windows_per_epoch)
     val_windows = torch.from_numpy(val.windows(0, 0, n_val)[rank::world]).to(device)
 
+    # the dataset's tokenizer goes into every checkpoint's model/ folder: a checkpoint (and a
+    # registered model) is then all that text generation needs
+    tokenizer = _dataset_tokenizer(cfg.data) if rank == 0 else None
     logger = RunLogger(loop["tracking_uri"], loop["run_id"]) if rank == 0 else RunLogger(None, None)
     flops_per_token = estimate_flops(model_cfg).meta_step
     peak = _peak_flops(cfg, device)
@@ -304,8 +308,10 @@ def train_loop(loop: dict) -> None:
             torch.save(_rng_state(), Path(tmp) / "rng" / f"rank{rank}.pt")
             if rank == 0:
                 model.save_pretrained(Path(tmp) / "model")
+                if tokenizer is not None:
+                    (Path(tmp) / "model" / TOKENIZER_FILE).write_bytes(tokenizer)
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
-                    dict(state, world_size=world, nodes=nodes, torch_threads=torch.get_num_threads(), train=cfg.to_dict(), model=model_cfg.to_dict(),
+                    dict(state, world_size=world, nodes=nodes, mlflow_run_id=loop["run_id"], torch_threads=torch.get_num_threads(), train=cfg.to_dict(), model=model_cfg.to_dict(),
                          geometry=dataclasses.asdict(geometry)), indent=1))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
@@ -348,7 +354,8 @@ def train_loop(loop: dict) -> None:
         state["history"].append(record)
         state["step"], state["position"] = step + 1, position.to_dict()
         last = step + 1 == total
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+        evaluated = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last
+        if evaluated:
             objective.eval()
             metrics = held_out_metrics(model, val_windows, model_cfg.inner_lr,
                                        objective.autocast(device),
@@ -372,8 +379,13 @@ def train_loop(loop: dict) -> None:
                       f"eta {eta:.2f} inner-norm {record['inner_grad_norm']:.3f} (clipped "
                       f"{record['inner_clip_fraction']:.0%}) {tokens_per_s:,.0f} tok/s MFU {mfu}",
                       flush=True)
+        # every report carries the latest held-out metrics (what a Ray Tune scheduler compares)
+        report = {k: v for k, v in {**record, **(state["evals"][-1] if state["evals"] else {})}
+                  .items() if v is not None}
         if (step + 1) % cfg.checkpoint_every == 0 or last or step + 1 == stop:
-            save_and_report({k: v for k, v in record.items() if v is not None})
+            save_and_report(report)
+        elif evaluated:
+            ray.train.report(report)
     if bar is not None:
         bar.close()
 
@@ -402,17 +414,52 @@ def plot_run(state: dict, path: Path) -> Path:
     return path
 
 
+def _dataset_tokenizer(data: str) -> bytes | None:
+    from ttte2e.platform.prepare import read_manifest
+
+    info = read_manifest(data).get("tokenizer") or {}
+    loc = resolve(data).join(info["file"]) if info.get("file") else None
+    return loc.read_bytes() if loc is not None and loc.exists() else None
+
+
 def _storage_env() -> dict:
     return {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
 
 
-def fit(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) a training run; returns where its results are and its metric history."""
+def _register_final(checkpoint: str, cfg: TrainConfig, uri: str, log) -> dict:
+    """Register the final checkpoint. A failure here ends the job with an error (exit status 2)
+    that says the checkpoint is safe and gives the command that registers it later."""
+    from ttte2e.platform.registry import register
+
+    try:
+        out = register(checkpoint, cfg.register_as, uri, alias=cfg.register_alias)
+    except Exception as e:  # noqa: BLE001 - whatever failed, the trained model must not be lost
+        raise ConfigError(
+            f"training finished (checkpoint {checkpoint}) but registering it as "
+            f"{cfg.register_as!r} failed ({type(e).__name__}: {redact(str(e))[:300]}); register "
+            f"it with: python pipelines/registry.py register {checkpoint} --name "
+            f"{cfg.register_as} --alias {cfg.register_alias} --tracking-uri {redact(uri)}") from None
+    log(f"[registry] {out['uri']} -> version {out['version']} ({out['weights']} weights)")
+    return out
+
+
+def _tune_callbacks() -> list:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
+
+
+def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
+        report_to_tune: bool = False) -> dict:
+    """Run (or resume) a training run; returns where its results are and its metric history.
+    parent_run_id: the MLflow run this run's run is a child of (a sweep). report_to_tune: forward
+    the workers' reports to the Ray Tune trial this runs in (platform/ablation.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ttte2e.platform.ray_runtime import ensure_ray
     from ttte2e.platform import tracking
+    from ttte2e.platform.registry import check_tracking
 
     model_cfg, geometry = check_options(cfg)
     # workers run in other folders (and on other nodes): local paths become absolute
@@ -449,7 +496,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                   "train.run_name": name, **{f"geometry.{k}": v for k, v in
                                              dataclasses.asdict(geometry).items()}}
         try:
-            run_id = tracking.start_run(uri, cfg.experiment, name, params, artifacts)
+            check_tracking(uri)
+            run_id = tracking.start_run(uri, cfg.experiment, name, params, artifacts,
+                                        parent_run_id)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"MLflow tracking at {redact(uri)} is unusable ({type(e).__name__}: "
                               f"{redact(str(e))[:300]}); fix it or pass --tracking-uri off") from None
@@ -467,7 +516,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         run_config=RunConfig(
             name=name, storage_path=storage.path, storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=_tune_callbacks() if report_to_tune else None),
     )
     logger = RunLogger(uri, run_id)
     try:
@@ -500,6 +550,11 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                    run_id=run_id, tracking_uri=redact(uri) if uri else None,
                    plot=f"{run_dir.uri}/curves.png", final_eval=state["evals"][-1:] or None)
     run_dir.join("result.json").write_bytes(json.dumps(summary, indent=1).encode())
+    registered = None
+    if finished and cfg.register_as and uri:
+        registered = _register_final(ckpt_uri, cfg, uri, log)
+        summary["registered"] = registered
+        run_dir.join("result.json").write_bytes(json.dumps(summary, indent=1).encode())
     final = state["evals"][-1] if state["evals"] else {}
     log(f"[done] {state['step']} steps; final train loss {state['history'][-1]['loss']:.4f}; "
         f"held-out {final.get('val_loss', float('nan')):.4f} (no TTT "
@@ -508,5 +563,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     log(f"  plots      : {run_dir.uri}/curves.png")
     if run_id:
         log(f"  MLflow run : {run_id} in {redact(uri)}")
-    return dict(checkpoint=ckpt_uri, run_name=name, finished=finished, step=state["step"], run_id=run_id, tracking_uri=uri,
-                plot=f"{run_dir.uri}/curves.png", history=state["history"], evals=state["evals"])
+    if registered:
+        log(f"  registered : {registered['uri']} (version {registered['version']}, weights "
+            f"{registered['weights']})")
+    return dict(summary, tracking_uri=uri, history=state["history"], evals=state["evals"])

@@ -41,19 +41,19 @@ def test_loss_vs_context_and_niah_report(train_data, model_folder, tmp_path):
 def test_models_uri_from_the_registry_and_bad_input(train_data, model_folder, tmp_path, capsys):
     from ttte2e.platform.evaluate import load_model
     from ttte2e.platform.evaluate_cli import main
-    from ttte2e.platform.tracking import register_model_folder
+    from ttte2e.platform.registry import register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    version = register_model_folder(uri, "tiny-eval", model_folder.as_uri(), {"x": 1})
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(uri).set_registered_model_alias("tiny-eval", "champion", version)
+    version = register(str(model_folder), "tiny-eval", uri, alias="champion",
+                       weights="reference")["version"]
     a = load_model("models:/tiny-eval@champion", uri)
     b = load_model(f"models:/tiny-eval/{version}", uri)
-    assert torch.equal(a.embed.weight, b.embed.weight)
-    with pytest.raises(ValueError, match="not in the model registry"):
+    c = load_model(str(model_folder))
+    assert torch.equal(a.embed.weight, b.embed.weight) and torch.equal(a.embed.weight,
+                                                                       c.embed.weight)
+    with pytest.raises(ValueError, match="no alias 'nobody'"):
         load_model("models:/tiny-eval@nobody", uri)
-    with pytest.raises(ValueError, match="give a version"):
+    with pytest.raises(ValueError, match="expected models:/NAME/VERSION"):
         load_model("models:/tiny-eval", uri)
     with pytest.raises(ValueError, match="neither a model folder"):
         load_model(str(tmp_path))

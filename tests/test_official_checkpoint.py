@@ -71,7 +71,13 @@ def test_import_cli_streams_into_shards_and_registers(case_a, tmp_path, capsys):
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
     version = mlflow.MlflowClient(uri).get_model_version("tiny-official", result["version"])
-    assert version.source == (tmp_path / "m").resolve().as_uri()
+    assert version.tags["ttte2e.weights"] == "reference"
+    assert version.tags["ttte2e.weights_uri"] == str((tmp_path / "m").resolve())
+    from ttte2e.platform.registry import load_model
+
+    pulled, tokenizer = load_model("models:/tiny-official@candidate", uri)
+    assert tokenizer is None  # none given to the importer
+    assert torch.equal(pulled.embed.weight, model.embed.weight)
 
 
 def test_bad_checkpoints_raise_errors_naming_the_problem(case_a, tmp_path):

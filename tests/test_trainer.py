@@ -156,7 +156,7 @@ def uninterrupted(train_data, tmp_path_factory, ray_session):
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = small_config(train_data, storage, name="whole", tracking_uri="",
-                       experiment="trainer-test")
+                       experiment="trainer-test", register_as="tiny-trained")
     return cfg, fit(cfg, log=lambda *_: None)
 
 
@@ -202,6 +202,34 @@ def test_mlflow_run_has_params_metrics_and_the_checkpoint(uninterrupted):
     for key in ("tokens_per_s", "inner_grad_norm", "inner_clip_fraction", "eta", "lr",
                 "val_loss", "val_loss_beyond_window"):
         assert client.get_metric_history(result["run_id"], key), key
+
+
+@pytest.mark.slow
+def test_the_final_checkpoint_is_registered_with_config_tokenizer_and_metrics(uninterrupted):
+    """register_as: a version (alias candidate) whose run is a child of the training run, with the
+    final held-out metrics; the pulled model is the checkpoint's and has the dataset's tokenizer."""
+    from mlflow.tracking import MlflowClient
+
+    from ttte2e.platform.registry import load_model
+    from ttte2e.platform.serving import TextGenerator
+
+    cfg, result = uninterrupted
+    reg = result["registered"]
+    assert reg["uri"] == "models:/tiny-trained@candidate" and reg["tokenizer"]
+    client = MlflowClient(result["tracking_uri"])
+    version = client.get_model_version("tiny-trained", reg["version"])
+    run = client.get_run(version.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == result["run_id"]
+    assert run.data.params["model.window"] == "32" and run.data.params["train.step"] == "10"
+    assert run.data.metrics["val_loss"] == pytest.approx(result["evals"][-1]["val_loss"])
+    assert read_state(result["checkpoint"])["mlflow_run_id"] == result["run_id"]
+    model, tokenizer = load_model("models:/tiny-trained@candidate", result["tracking_uri"])
+    trained = TTTModel.from_pretrained(Path(result["checkpoint"]) / "model")
+    for (name, a), (_, b) in zip(model.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert tokenizer.get_vocab_size() == 512
+    text = TextGenerator(model, tokenizer)(["def main("], max_new_tokens=5, temperature=0)
+    assert isinstance(text[0], str) and text[0]
 
 
 @pytest.mark.slow
