@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
 from ttte2e.model import TTTConfig
 from ttte2e.platform.storage import STORAGE_ENV_VARS, resolve
 from ttte2e.platform.train_config import ConfigError, TrainConfig, cpus_needed
@@ -110,13 +112,17 @@ def plan_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
             wanted.append(Trial("ttt", k, b, n))
             if baseline and (knob == "window" or not any(t.method == "swa" for t in wanted)):
                 wanted.append(Trial("swa", k, b0 if knob != "window" else b, l0))
-        by_knob[knob] = []
+        valid = []
         for trial in wanted:
             why = _refusal(base, trial)
             if why:
                 rejected.append((f"{knob}={trial.value(knob)} ({trial.name})", why))
-                continue
-            by_knob[knob].append(trial)
+            else:
+                valid.append(trial)
+        if not any(t.method == "ttt" for t in valid):
+            continue  # a baseline alone is no ablation
+        by_knob[knob] = valid
+        for trial in valid:
             ordered.setdefault(trial.name, trial)
     if not ordered:
         raise ConfigError("no valid trial in this sweep: " + "; ".join(
@@ -214,7 +220,6 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
                baseline: bool, scheduler: str, grace_steps: int, concurrent: int,
                log) -> dict:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from ttte2e.platform import tracking
     from ttte2e.platform.ray_runtime import ensure_ray
@@ -251,7 +256,7 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     parent = None
     if uri:
         check_tracking(uri)
-        artifacts = None if storage.is_s3 else (Path(storage.path) / "mlartifacts").as_uri()
+        artifacts = tracking.artifact_location(uri)  # a server keeps its own artifact store
         params = {**{f"train.{k}": v for k, v in base.to_dict().items()},
                   "sweep.knobs": ",".join(knobs), "sweep.trials": len(plan.trials),
                   "sweep.scheduler": scheduler, "sweep.baseline": baseline,
@@ -270,7 +275,8 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     if scheduler == "asha":
         # stop_last_trials=False: a trial that reaches the last step ends by itself (with its
         # final checkpoint), it is not stopped at its last report
-        asha = ASHAScheduler(time_attr="step", max_t=geometry.steps, reduction_factor=2,
+        asha = RecordingASHA(sweep_dir.join("stopped.json").uri, time_attr="step",
+                             max_t=geometry.steps, reduction_factor=2,
                              grace_period=grace_steps or 2 * base.eval_every,
                              stop_last_trials=False)
     experiment = storage.join(name, "tune")
@@ -303,8 +309,12 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     except BaseException:
         logger.end("FAILED")
         raise
-    interrupted = grid.num_terminated + grid.num_errors < len(grid)  # Ctrl-C / SIGINT / SIGTERM
-    rows = table_rows(plan, grid, geometry.steps, name, interrupted)
+    stopped = json.loads(sweep_dir.join("stopped.json").read_bytes()) if sweep_dir.join(
+        "stopped.json").exists() else {}
+    rows = table_rows(plan, grid, geometry.steps, name, stopped)
+    # Ctrl-C / SIGINT: Tune saves the sweep and returns; what is neither done, failed nor stopped
+    # by the scheduler is unfinished
+    interrupted = any(r["status"].startswith(("unfinished", "not run")) for r in rows)
     local = Path(storage.join(name).path) if not storage.is_s3 else Path(tempfile.mkdtemp())
     local.mkdir(parents=True, exist_ok=True)
     files = write_results(rows, plan, local, model)
@@ -337,11 +347,31 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     if parent:
         log(f"[sweep] MLflow: run {parent} in {out['tracking_uri']}")
     if interrupted:
-        log(f"[sweep] INTERRUPTED with {len(grid) - grid.num_terminated - grid.num_errors} trials "
-            f"unfinished; rerun the same command (--name {name}) to resume")
+        unfinished = sum(r["status"].startswith(("unfinished", "not run")) for r in rows)
+        log(f"[sweep] INTERRUPTED with {unfinished} table rows unfinished; rerun the same command "
+            f"(--name {name}) to resume")
     else:
-        log(f"[sweep] done: {grid.num_terminated} trials finished, {grid.num_errors} failed")
+        log(f"[sweep] done: {len(plan.trials)} trials, {len(stopped)} stopped early by ASHA, "
+            f"{len(errors)} failed")
     return out
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA that also writes which trials it stopped (and at which step) to a JSON file: a trial
+    it stops and one an interruption cut short look the same in Tune's results."""
+
+    def __init__(self, record_uri: str, **options):
+        super().__init__(**options)
+        self.record_uri = record_uri
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP:
+            record = resolve(self.record_uri)
+            done = json.loads(record.read_bytes()) if record.exists() else {}
+            done[_trial_name(trial)] = result.get("step")
+            record.write_bytes(json.dumps(done, indent=1).encode())
+        return action
 
 
 def _trial_name(trial) -> str:
@@ -350,7 +380,8 @@ def _trial_name(trial) -> str:
 
 # ---- results ------------------------------------------------------------------------------------
 def table_rows(plan: SweepPlan, grid, total_steps: int, sweep_name: str,
-               interrupted: bool = False) -> list[dict]:
+               stopped: dict | None = None) -> list[dict]:
+    stopped = stopped or {}
     by_name = {}
     for result in grid:
         trial = Trial(**result.config["trial"])
@@ -361,8 +392,8 @@ def table_rows(plan: SweepPlan, grid, total_steps: int, sweep_name: str,
         elif step is None:
             status = "no result"
         elif step < total_steps:
-            status = (f"unfinished (sweep interrupted) at step {step}" if interrupted
-                      else f"stopped early (ASHA) at step {step}")
+            status = (f"stopped early (ASHA) at step {step}" if trial.name in stopped
+                      else f"unfinished (sweep interrupted) at step {step}")
         else:
             status = "complete"
         by_name[trial.name] = dict(status=status, step=step,

@@ -3,13 +3,16 @@
 A private Ray head (`ray start --head`), then two `ray job submit`s against it, exactly as on a
 real cluster: prepare_data (the Python standard library as a jsonl corpus, a BPE trained on it,
 tokenized in Ray Data) and pretrain_3b.py with the tiny preset (Ray Train, 2 DeepSpeed ZeRO-2
-workers, checkpoints to local storage, MLflow on sqlite). The head is stopped by PID at the end.
+workers, checkpoints to local storage, MLflow on sqlite, the final checkpoint registered in the
+MLflow model registry). The head is stopped by PID at the end; then the registered version is
+promoted to `champion` and pulled back to generate text, as users do after training.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ from ttte2e.platform.demo_corpus import write_demo_corpus
 from ttte2e.platform.local_cluster import LocalRayCluster
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL_NAME = "ttte2e-demo-tiny"
+PROMPT = "import os\n\n\ndef "
 
 
 def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
@@ -29,17 +34,17 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
     def say(msg: str) -> None:
         print(f"[demo] {msg}", flush=True)
 
-    say(f"1/4 corpus: the Python standard library as jsonl -> {out / 'raw'}")
+    say(f"1/5 corpus: the Python standard library as jsonl -> {out / 'raw'}")
     raw = write_demo_corpus(out / "raw", max_docs or None)
     with LocalRayCluster(num_cpus=2, log=say) as cluster:
-        say(f"2/4 ray job submit -- python pipelines/prepare_data.py  (BPE 4096, Ray Data) -> "
+        say(f"2/5 ray job submit -- python pipelines/prepare_data.py  (BPE 4096, Ray Data) -> "
             f"{out / 'data'}")
         rc = cluster.submit([python, "pipelines/prepare_data.py", "--input", str(raw),
                              "--output", str(out / "data"), "--tokenizer", "train:4096",
                              "--val-fraction", "0.05", "--shard-tokens", "1000000"], str(REPO))
         if rc:
             raise SystemExit(f"[demo] the prepare_data job failed (exit status {rc})")
-        say(f"3/4 ray job submit -- python pipelines/pretrain_3b.py --preset tiny  ({workers} "
+        say(f"3/5 ray job submit -- python pipelines/pretrain_3b.py --preset tiny  ({workers} "
             f"DeepSpeed ZeRO-2 workers, {steps} steps) -> {out / 'runs' / name}")
         rc = cluster.submit([python, "pipelines/pretrain_3b.py", "--preset", "tiny",
                              "--data", str(out / "data"), "--storage", str(out / "runs"),
@@ -47,12 +52,20 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
                              "--batch-tokens", str(2 * 512), "--steps", str(steps),
                              "--lr", "3e-3", "--eval-every", str(max(1, steps // 4)),
                              "--eval-windows", "16", "--checkpoint-every", str(max(1, steps // 2)),
-                             "--experiment", "ttte2e-demo"], str(REPO))
+                             "--experiment", "ttte2e-demo", "--register-as", MODEL_NAME],
+                            str(REPO))
         if rc:
             raise SystemExit(f"[demo] the training job failed (exit status {rc})")
     result = json.loads((out / "runs" / name / "result.json").read_text())
     final = (result.get("final_eval") or [{}])[0]
-    say("4/4 done")
+    uri = result["tracking_uri"]
+    say(f"4/5 python pipelines/registry.py promote {MODEL_NAME} @candidate --to champion")
+    _run([python, "pipelines/registry.py", "promote", MODEL_NAME, "@candidate", "--to",
+          "champion", "--tracking-uri", uri])
+    say(f"5/5 python pipelines/pull_model.py models:/{MODEL_NAME}@champion --prompt ...")
+    _run([python, "pipelines/pull_model.py", f"models:/{MODEL_NAME}@champion", "--prompt", PROMPT,
+          "--max-new-tokens", "48", "--temperature", "0.7", "--tracking-uri", uri])
+    say("done")
     if final:
         say(f"held-out loss {final['val_loss']:.3f} with TTT vs {final['val_loss_no_ttt']:.3f} "
             f"without (same weights); beyond the first window {final['val_loss_beyond_window']:.3f}"
@@ -63,7 +76,16 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
     if result.get("run_id"):
         say(f"MLflow run : {result['run_id']} in {result['tracking_uri']}")
         say(f"             (browse: mlflow ui --backend-store-uri {result['tracking_uri']})")
+    registered = result.get("registered") or {}
+    say(f"registry   : models:/{MODEL_NAME}@champion = version {registered.get('version')} "
+        f"(ttte2e.platform.registry.load_model('models:/{MODEL_NAME}@champion', '{uri}'))")
     return result
+
+
+def _run(cmd: list[str]) -> None:
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    if rc:
+        raise SystemExit(f"[demo] {' '.join(cmd[1:3])} failed (exit status {rc})")
 
 
 def main(argv: list[str] | None = None) -> None:

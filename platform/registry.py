@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ttte2e.platform.storage import Location, resolve
-from ttte2e.platform.tracking import RUN_NAME_TAG, _client, _log_params, redact
+from ttte2e.platform.tracking import (RUN_NAME_TAG, _client, _log_params, artifact_location,
+                                      redact)
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 WEIGHTS_TAG, WEIGHTS_URI_TAG, SOURCE_TAG = "ttte2e.weights", "ttte2e.weights_uri", "ttte2e.source"
@@ -65,14 +66,6 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
         raise RegistryError(f"MLflow tracking server {redact(uri)} is unreachable "
                             f"({type(e).__name__}); start it, or point --tracking-uri / "
                             "MLFLOW_TRACKING_URI at a running one") from None
-
-
-def artifact_location(uri: str) -> str | None:
-    """Artifacts of experiments we create on a sqlite store go beside the database (MLflow's
-    default is ./mlruns of whatever folder the process runs in); a server decides its own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
 
 
 def model_folder(uri: str) -> Location:

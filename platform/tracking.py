@@ -47,6 +47,14 @@ def tracking_uri(setting: str, storage: str) -> str | None:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of experiments we create on a sqlite store go beside the database (MLflow's
+    default is ./mlruns of whatever folder the process runs in); a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient

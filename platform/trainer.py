@@ -489,7 +489,7 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.storage)
     run_id = None
     if uri:
-        artifacts = None if storage.is_s3 else (Path(storage.path) / "mlartifacts").as_uri()
+        artifacts = tracking.artifact_location(uri)  # a server keeps its own artifact store
         params = {**{f"model.{k}": v for k, v in model_cfg.to_dict().items()},
                   **{f"train.{k}": v for k, v in cfg.to_dict().items()},
                   "model.parameters": count_parameters(model_cfg),

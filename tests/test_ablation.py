@@ -1,0 +1,267 @@
+"""Ablation sweeps (Ray Tune): grids, rejection before launch, interruption + resume, ASHA, and
+MLflow (parent run per sweep, child run per trial) on a tracking server whose artifact store is S3.
+"""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SMALL
+from ttte2e.platform.ablation import paper_values, plan_sweep
+from ttte2e.platform.train_config import ConfigError, TrainConfig
+
+TINY = TrainConfig(preset="tiny", data="unused", steps=10)
+
+
+def test_paper_grids_scale_to_the_preset():
+    tiny = TINY.model_config()  # T 512, k 128, 4 blocks
+    assert paper_values(tiny, "window") == [64, 128, 256, 512]
+    assert paper_values(tiny, "chunk") == [16, 32, 64, 128]
+    assert paper_values(tiny, "layers") == [1, 2, 3, 4]
+    m760 = TrainConfig(preset="760M").model_config()  # the paper's own grids
+    assert paper_values(m760, "window") == [1024, 2048, 4096, 8192]
+    assert paper_values(m760, "chunk") == [1024, 2048, 4096, 8192]
+    assert paper_values(m760, "layers") == [1, 3, 6, 12]
+
+
+def test_the_full_plan_shares_trials_between_knobs_and_has_swa_baselines():
+    plan = plan_sweep(TINY, ["window", "chunk", "layers"])
+    names = [t.name for t in plan.trials]
+    assert len(names) == len(set(names)) == 14  # 4 TTT + 4 SWA over k; 3 new b; 3 new layer counts
+    assert [t.name for t in plan.by_knob["window"] if t.method == "swa"] == [
+        "swa-k64", "swa-k128", "swa-k256", "swa-k512"]
+    # b and the layer count do not change SWA: one baseline at the base k, shared
+    for knob in ("chunk", "layers"):
+        assert [t.name for t in plan.by_knob[knob] if t.method == "swa"] == ["swa-k128"]
+    base = "ttt-k128-b64-l1"
+    assert all(base in [t.name for t in plan.by_knob[k]] for k in ("window", "chunk", "layers"))
+    swa = next(t for t in plan.trials if t.method == "swa")
+    assert swa.model_overrides()["inner_lr"] == 0.0
+    assert not plan.rejected
+
+
+def test_invalid_combinations_are_rejected_before_launch_with_the_reason():
+    plan = plan_sweep(TINY, ["chunk"], {"chunk": [32, 96, 256]})
+    assert [t.name for t in plan.trials] == ["ttt-k128-b32-l1", "swa-k128"]
+    reasons = dict(plan.rejected)
+    assert "b=256 > k=128" in reasons["chunk=256 (ttt-k128-b256-l1)"]
+    assert "not a multiple" in reasons["chunk=96 (ttt-k128-b96-l1)"]
+    with pytest.raises(ConfigError, match=r"no valid trial in this sweep: chunk=256 .*b=256 > "
+                                          r"k=128.*chunk=512"):
+        plan_sweep(TINY, ["chunk"], {"chunk": [256, 512]})
+    with pytest.raises(ConfigError, match="unknown grid 'heads'"):
+        plan_sweep(TINY, ["heads"])
+    with pytest.raises(ConfigError, match="n_ttt_blocks must be in"):
+        plan_sweep(TINY, ["layers"], {"layers": [9]})
+
+
+def test_cli_bad_input_exits_2_before_anything_starts(capsys):
+    from ttte2e.platform.ablate_cli import main
+
+    for argv, message in (
+            (["--grid", "window,chunk", "--values", "64"], "--values goes with a single --grid"),
+            (["--grid", "chunk", "--values", "256,512"], "no valid trial in this sweep"),
+            (["--grid", "chunk", "--values", "a,b"], "comma-separated integers")):
+        with pytest.raises(SystemExit) as exit_info:
+            main("ablate", dict(preset="tiny"), ["--data", "nowhere", *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+# ---- real sweeps (subprocesses: each starts and stops its own private Ray head) ----------------
+def sweep_command(data: str, storage: Path, name: str, *extra: str) -> list[str]:
+    model = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    return [sys.executable, str(REPO / "pipelines" / "ablate.py"), "--preset", "tiny", *model,
+            "--data", data, "--storage", str(storage), "--name", name, "--workers", "1",
+            "--batch-tokens", "256", "--eval-windows", "2", "--lr", "3e-3", *extra]
+
+
+def env_with(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
+
+
+def read_table(path: Path) -> dict:
+    with open(path) as f:
+        return {(r["knob"], r["method"], r["value"]): r for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_data, tmp_path):
+    """Ctrl-C while the first trial trains, then the same command: finished work is kept, the
+    interrupted trial continues from its checkpoint, the others run; then the table (CSV + MD),
+    the plot and the MLflow parent/child runs are all there."""
+    from mlflow.tracking import MlflowClient
+
+    data, _ = train_data
+    cmd = sweep_command(data, tmp_path, "sweep", "--grid", "chunk", "--values", "8,16",
+                        "--steps", "6", "--eval-every", "2", "--checkpoint-every", "2",
+                        "--max-concurrent", "1")
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, env=env_with(), stdout=log, stderr=subprocess.STDOUT,
+                             cwd=tmp_path)
+    checkpoint = None
+    deadline = time.time() + 300
+    while checkpoint is None and time.time() < deadline and first.poll() is None:
+        checkpoint = next(iter((tmp_path / "sweep" / "runs").glob("*/checkpoint_00000002")), None)
+        time.sleep(0.5)
+    assert checkpoint is not None, (tmp_path / "first.log").read_text()[-3000:]
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    log.close()
+    assert "INTERRUPTED" in (tmp_path / "first.log").read_text()
+
+    second = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "resuming" in out and "resumed at step" in out
+    table = read_table(tmp_path / "sweep" / "ablation.csv")
+    assert set(table) == {("chunk", "ttt", "8"), ("chunk", "ttt", "16"), ("chunk", "swa", "16")}
+    for row in table.values():
+        assert row["status"] == "complete" and row["step"] == "6", row
+        assert float(row["val_loss"]) > 0 and float(row["val_loss_beyond_window"]) > 0
+    assert "| 8 | TTT-E2E | 32 | 8 |" in (tmp_path / "sweep" / "ablation.md").read_text()
+    assert (tmp_path / "sweep" / "ablation_chunk.png").stat().st_size > 10_000
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ttte2e").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "sweep")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == [
+        "sweep-swa-k32", "sweep-ttt-k32-b16-l1", "sweep-ttt-k32-b8-l1"]
+    assert all(r.info.status == "FINISHED" for r in children + [parent])
+    assert children[0].data.params["train.steps"] == "6"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "ablation.csv", "ablation.md", "ablation_chunk.png"}
+    history = client.get_metric_history(children[0].info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 7))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_filesystem(s3_env: dict):
+    import pyarrow.fs as pafs
+
+    from ttte2e.platform.storage import s3_options
+
+    saved = {k: os.environ.get(k) for k in s3_env}
+    os.environ.update(s3_env)
+    try:
+        return pafs.S3FileSystem(**s3_options(), allow_bucket_creation=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def mlflow_server_on_s3(s3_server, tmp_path):
+    """An MLflow tracking server on 127.0.0.1 whose artifact store is a bucket of the SeaweedFS
+    S3 server (artifacts proxied: clients need no S3 credentials). Stopped at the end."""
+    import requests
+
+    s3_filesystem(s3_server).create_dir("mlflow")
+    port = free_port()
+    env = env_with(**s3_server, MLFLOW_S3_ENDPOINT_URL=s3_server["TTTE2E_S3_ENDPOINT"])
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", "s3://mlflow/artifacts"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start: "
+                                   + (tmp_path / "mlflow-server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield uri, s3_server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+def test_asha_sweep_tracked_on_a_server_with_s3_artifacts_then_register_and_pull(
+        train_data, tmp_path, mlflow_server_on_s3):
+    """ASHA stops trailing trials (their workers are freed: later trials still start); the sweep's
+    table/plot and each trial's curves land in the S3 bucket through the tracking server; the best
+    trial is registered (weights logged into S3) and pulled back through the server."""
+    import pyarrow.fs as pafs
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from ttte2e.model import TTTModel
+    from ttte2e.platform.registry import load_model, register
+    uri, s3_env = mlflow_server_on_s3
+    data, _ = train_data
+    cmd = sweep_command(data, tmp_path, "asha", "--grid", "chunk", "--values", "4,8,16,32",
+                        "--no-baseline", "--steps", "8", "--eval-every", "2",
+                        "--checkpoint-every", "2", "--scheduler", "asha", "--grace-steps", "2",
+                        "--max-concurrent", "1", "--tracking-uri", uri)
+    done = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
+                          timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    table = read_table(tmp_path / "asha" / "ablation.csv")
+    statuses = [r["status"] for r in table.values()]
+    assert len(statuses) == 4 and all(s == "complete" or s.startswith("stopped early")
+                                      for s in statuses), statuses
+    assert any(s.startswith("stopped early") for s in statuses), statuses
+    assert any(s == "complete" for s in statuses), statuses
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ttte2e").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "asha")
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert len(children) == 4
+    for row in table.values():
+        expected = "FINISHED" if row["status"] == "complete" else "KILLED"
+        assert children[row["run"]].info.status == expected, row
+    s3 = s3_filesystem(s3_env)
+    stored = [f.path for f in s3.get_file_info(pafs.FileSelector("mlflow/artifacts",
+                                                                 recursive=True))]
+    assert any(p.endswith(f"{parent.info.run_id}/artifacts/ablation_chunk.png") for p in stored)
+    assert any(p.endswith(f"{parent.info.run_id}/artifacts/ablation.csv") for p in stored)
+    finished = next(r for r in table.values() if r["status"] == "complete")
+    run_id = children[finished["run"]].info.run_id
+    assert any(p.endswith(f"{run_id}/artifacts/curves.png") for p in stored)
+
+    # the registry on the same server: weights logged whole go to S3 and come back
+    checkpoint = sorted((tmp_path / "asha" / "runs" / finished["run"]).glob("checkpoint_*"))[-1]
+    reg = register(str(checkpoint), "asha-best", uri, weights="logged")
+    stored = [f.path for f in s3.get_file_info(pafs.FileSelector("mlflow/artifacts",
+                                                                 recursive=True))]
+    assert any(p.endswith("artifacts/weights/model.safetensors") for p in stored)
+    pulled, tokenizer = load_model(reg["uri"], uri)
+    trained = TTTModel.from_pretrained(checkpoint / "model")
+    assert all(torch.equal(a, b) for a, b in zip(pulled.state_dict().values(),
+                                                 trained.state_dict().values()))
+    assert tokenizer is not None
