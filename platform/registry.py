@@ -184,7 +184,8 @@ def register(source: str, name: str, tracking_uri: str, alias: str = "candidate"
                     "tokenizer": "yes" if has_tokenizer else "no", "bytes": str(size),
                     **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
     version = client.create_model_version(name, source=info.model_uri, run_id=run_id,
-                                          tags=version_tags, description=description or None)
+                                          tags=version_tags, description=description or None,
+                                          model_id=info.model_id)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return dict(name=name, version=version.version, alias=alias or None,

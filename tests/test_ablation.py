@@ -255,7 +255,7 @@ def test_asha_sweep_tracked_on_a_server_with_s3_artifacts_then_register_and_pull
     assert any(p.endswith(f"{run_id}/artifacts/curves.png") for p in stored)
 
     # the registry on the same server: weights logged whole go to S3 and come back
-    checkpoint = sorted((tmp_path / "asha" / "runs" / finished["run"]).glob("checkpoint_*"))[-1]
+    checkpoint = sorted((tmp_path / "asha" / "runs" / finished["run"]).glob("checkpoint_0*"))[-1]
     reg = register(str(checkpoint), "asha-best", uri, weights="logged")
     stored = [f.path for f in s3.get_file_info(pafs.FileSelector("mlflow/artifacts",
                                                                  recursive=True))]
