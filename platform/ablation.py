@@ -224,8 +224,8 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     from ttte2e.platform import tracking
     from ttte2e.platform.ray_runtime import ensure_ray
     from ttte2e.platform.registry import check_tracking
-    from ttte2e.platform.train_config import (batch_geometry, check_data, check_options,
-                                              check_resources, check_storage)
+    from ttte2e.platform.train_config import (check_data, check_options, check_resources,
+                                              check_storage)
 
     if scheduler not in ("none", "asha"):
         raise ConfigError(f"scheduler {scheduler!r}: choose none or asha")
