@@ -120,6 +120,20 @@ def _checkpoint_facts(uri: str) -> tuple[dict, dict, str | None]:
 def register(source: str, name: str, tracking_uri: str, alias: str = "candidate",
              weights: str = "auto", max_logged_bytes: int = DEFAULT_MAX_LOGGED_BYTES,
              description: str = "") -> dict:
+    """See _register. MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI to every later
+    subprocess: the caller's setting is put back afterwards."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _register(source, name, tracking_uri, alias, weights, max_logged_bytes,
+                         description)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _register(source: str, name: str, tracking_uri: str, alias: str, weights: str,
+              max_logged_bytes: int, description: str) -> dict:
     """Register the model of `source` (training checkpoint or model folder, local or s3://) as a
     new version of `name`, and point `alias` at it. weights: 'logged' (copied into MLflow),
     'reference' (the version records source's URI) or 'auto' (logged up to max_logged_bytes)."""
@@ -165,7 +179,7 @@ def register(source: str, name: str, tracking_uri: str, alias: str = "candidate"
     staging = Path(tempfile.mkdtemp(prefix="ttte2e-register-")) / "weights" if logged else None
     if staging is not None:
         shutil.copytree(local_copy(folder), staging)
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)  # log_model is fluent-API only (undone in register)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_FILE),

@@ -1,6 +1,7 @@
 """The MLflow model registry: register (logged whole or by reference), aliases, pull back as
 model + tokenizer, text generation, the pyfunc flavor, and bad input."""
 
+import os
 import shutil
 import socket
 import time
@@ -72,7 +73,8 @@ def test_generation_from_a_pulled_model_matches_the_model_s_own_generate(model_w
         TextGenerator(model, None)
 
 
-def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_with_tokenizer, tmp_path):
+def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_with_tokenizer, tmp_path,
+                                                         monkeypatch):
     import mlflow.pyfunc
     import pandas as pd
 
@@ -82,7 +84,7 @@ def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_with_tokenizer, t
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register(str(model_with_tokenizer), "tiny-pyfunc", uri, alias="champion", weights="reference")
     register(str(model_with_tokenizer), "tiny-pyfunc", uri, alias="whole", weights="logged")
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what pyfunc users do; undone after the test
     expected = TextGenerator(*load_model(str(model_with_tokenizer)))(
         ["import os", "class A:"], max_new_tokens=4, temperature=0)
     for alias in ("champion", "whole"):
@@ -136,6 +138,7 @@ def test_bad_input_is_one_clear_error(model_with_tokenizer, tmp_path, capsys, mo
         "models:/tiny/7": r"no version 7 \(versions: \[1\]\)",
         "models:/tiny": r"expected models:/NAME/VERSION or models:/NAME@ALIAS",
     }
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # registering leaves the environment alone
     for ref, message in cases.items():
         with pytest.raises(RegistryError, match=message):
             load_model(ref, uri)
