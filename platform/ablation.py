@@ -236,9 +236,7 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     for what, why in plan.rejected:
         log(f"[sweep] rejected {what}: {why}")
     # pre-flight once, for the base config: every trial shares data, storage and resources
-    model, geometry = check_options(base)
-    for trial in plan.trials:
-        check_options(trial_config(base, trial, dict(name="x", trial_storage=base.storage)))
+    model, geometry = check_options(base)  # each trial's model was checked by plan_sweep
     check_data(base, model, geometry)
     check_storage(base.storage)
     ensure_ray()

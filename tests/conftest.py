@@ -36,6 +36,22 @@ def train_data(tmp_path_factory):
     return str(root / "data"), manifest["tokenizer"]["bos_id"]
 
 
+@pytest.fixture(scope="session")
+def model_folder(train_data, tmp_path_factory):
+    """An untrained SMALL model folder with train_data's tokenizer beside its config."""
+    from ttte2e.model import TTTModel, preset
+    from ttte2e.platform.prepare import read_manifest
+    from ttte2e.platform.storage import resolve
+
+    uri, bos = train_data
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "model"
+    TTTModel(preset("tiny", **SMALL, bos_token_id=bos)).save_pretrained(folder)
+    tokenizer = resolve(uri).join(read_manifest(uri)["tokenizer"]["file"])
+    (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return folder
+
+
 def small_config(dataset, storage, **changes):
     """A 10-step, 2-worker run of a small model on train_data (tracking off, no retries)."""
     from ttte2e.platform.train_config import TrainConfig

@@ -5,17 +5,6 @@ from folders, checkpoints and the MLflow registry, and its errors."""
 import pytest
 import torch
 
-from conftest import SMALL
-from ttte2e.model import TTTModel, preset
-
-
-@pytest.fixture(scope="module")
-def model_folder(train_data, tmp_path_factory):
-    _, bos = train_data
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("eval-model") / "model"
-    TTTModel(preset("tiny", **SMALL, bos_token_id=bos)).save_pretrained(folder)
-    return folder
 
 
 def test_loss_vs_context_and_niah_report(train_data, model_folder, tmp_path):

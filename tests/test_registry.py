@@ -9,35 +9,19 @@ import time
 import pytest
 import torch
 
-from conftest import SMALL
-from ttte2e.model import TTTModel, preset
-
-
-@pytest.fixture(scope="module")
-def model_with_tokenizer(train_data, tmp_path_factory):
-    """A model folder with the training data's tokenizer beside its config."""
-    from ttte2e.platform.prepare import read_manifest
-    from ttte2e.platform.storage import resolve
-
-    uri, bos = train_data
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("reg-model") / "model"
-    TTTModel(preset("tiny", **SMALL, bos_token_id=bos)).save_pretrained(folder)
-    tokenizer = resolve(uri).join(read_manifest(uri)["tokenizer"]["file"])
-    (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
-    return folder
+from ttte2e.model import TTTModel
 
 
 def same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_logged_and_referenced_versions_pull_back_the_model_and_tokenizer(model_with_tokenizer,
+def test_logged_and_referenced_versions_pull_back_the_model_and_tokenizer(model_folder,
                                                                          tmp_path):
     from ttte2e.platform.registry import RegistryError, load_model, register
 
     source = tmp_path / "copy"
-    shutil.copytree(model_with_tokenizer, source)
+    shutil.copytree(model_folder, source)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logged = register(str(source), "tiny", uri, weights="logged")
     referenced = register(str(source), "tiny", uri, weights="reference", alias="")
@@ -58,11 +42,11 @@ def test_logged_and_referenced_versions_pull_back_the_model_and_tokenizer(model_
         load_model("models:/tiny/2", uri)
 
 
-def test_generation_from_a_pulled_model_matches_the_model_s_own_generate(model_with_tokenizer):
+def test_generation_from_a_pulled_model_matches_the_model_s_own_generate(model_folder):
     from ttte2e.platform.registry import load_model
     from ttte2e.platform.serving import TextGenerator
 
-    model, tokenizer = load_model(str(model_with_tokenizer))
+    model, tokenizer = load_model(str(model_folder))
     generate = TextGenerator(model, tokenizer)
     prompt = "def parse(text):"
     text = generate([prompt], max_new_tokens=6, temperature=0)[0]
@@ -73,7 +57,7 @@ def test_generation_from_a_pulled_model_matches_the_model_s_own_generate(model_w
         TextGenerator(model, None)
 
 
-def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_with_tokenizer, tmp_path,
+def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_folder, tmp_path,
                                                          monkeypatch):
     import mlflow.pyfunc
     import pandas as pd
@@ -82,10 +66,10 @@ def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_with_tokenizer, t
     from ttte2e.platform.serving import TextGenerator
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    register(str(model_with_tokenizer), "tiny-pyfunc", uri, alias="champion", weights="reference")
-    register(str(model_with_tokenizer), "tiny-pyfunc", uri, alias="whole", weights="logged")
+    register(str(model_folder), "tiny-pyfunc", uri, alias="champion", weights="reference")
+    register(str(model_folder), "tiny-pyfunc", uri, alias="whole", weights="logged")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what pyfunc users do; undone after the test
-    expected = TextGenerator(*load_model(str(model_with_tokenizer)))(
+    expected = TextGenerator(*load_model(str(model_folder)))(
         ["import os", "class A:"], max_new_tokens=4, temperature=0)
     for alias in ("champion", "whole"):
         pyfunc = mlflow.pyfunc.load_model(f"models:/tiny-pyfunc@{alias}")
@@ -98,13 +82,13 @@ def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_with_tokenizer, t
         assert list(out["text"]) == expected, alias
 
 
-def test_cli_register_promote_list_and_pull(model_with_tokenizer, tmp_path, capsys):
+def test_cli_register_promote_list_and_pull(model_folder, tmp_path, capsys):
     from ttte2e.platform.registry_cli import pull_main, registry_main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = registry_main(["register", str(model_with_tokenizer), "--name", "tiny-cli",
+    first = registry_main(["register", str(model_folder), "--name", "tiny-cli",
                            "--tracking-uri", uri])
-    second = registry_main(["register", str(model_with_tokenizer), "--name", "tiny-cli",
+    second = registry_main(["register", str(model_folder), "--name", "tiny-cli",
                             "--weights", "reference", "--tracking-uri", uri])
     assert (first["version"], second["version"]) == (1, 2)  # candidate moved to version 2
     promoted = registry_main(["promote", "tiny-cli", "1", "--tracking-uri", uri])
@@ -126,12 +110,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_bad_input_is_one_clear_error(model_with_tokenizer, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_clear_error(model_folder, tmp_path, capsys, monkeypatch):
     from ttte2e.platform.registry import RegistryError, load_model, register, set_alias
     from ttte2e.platform.registry_cli import pull_main, registry_main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    register(str(model_with_tokenizer), "tiny", uri, weights="reference")
+    register(str(model_folder), "tiny", uri, weights="reference")
     cases = {
         "models:/nothing@champion": r"no registered model 'nothing' .*\(registered: tiny\)",
         "models:/tiny@champion": r"no alias 'champion' \(aliases: candidate -> v1\)",
@@ -147,7 +131,7 @@ def test_bad_input_is_one_clear_error(model_with_tokenizer, tmp_path, capsys, mo
     with pytest.raises(RegistryError, match="neither a model folder"):
         register(str(tmp_path), "tiny", uri)
     with pytest.raises(RegistryError, match="model name 'a b'"):
-        register(str(model_with_tokenizer), "a b", uri)
+        register(str(model_folder), "a b", uri)
     with pytest.raises(RegistryError, match="no version 3"):
         set_alias("tiny", "3", "champion", uri)
     # a tracking server that is down: fails fast, naming it (MLflow alone retries for minutes)
