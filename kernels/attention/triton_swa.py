@@ -1,0 +1,277 @@
+"""Triton sliding-window attention, forward and backward (FlashAttention-2 style, no T x T).
+
+One kernel family serves both uses, because both are "queries at positions q_offset..q_offset+Tq-1
+over keys at positions 0..Tk-1, key j visible to query t iff t - window < j <= t and
+j >= first_valid_key":
+- the prefix: Tq = Tk = T, q_offset = 0, first_valid_key = 0;
+- a suffix chunk: b queries over a [cache + chunk] buffer of W + b keys, q_offset = W.
+
+Every query block only visits the key blocks inside its window (and every key block only the
+query blocks that see it), so work and memory are O(T * window). The forward also returns the
+row log-sum-exp (natural log, float32) that the backward uses to recompute probabilities.
+The backward is first order; the double backward of the suffix op is written in PyTorch
+(chunk.py) on top of these kernels.
+
+Under TRITON_INTERPRET=1 (CPU tests) tiles are upcast to float32 right after loading: the
+interpreter mishandles bfloat16 arithmetic. On GPU, bf16/fp16 tiles go to tensor cores as they are
+(float32 accumulation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the `triton` extra is optional; the public ops fall back to PyTorch
+    triton = None
+
+AVAILABLE = triton is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the kernels can run on this tensor here (GPU, or the CPU under the interpreter)."""
+    return AVAILABLE and t.dtype in SUPPORTED_DTYPES and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+
+
+if AVAILABLE:
+    LOG2E = 1.4426950408889634
+
+    @triton.jit
+    def _window_bounds_for_queries(m_start, BLOCK_M: tl.constexpr, TK, Q_OFFSET, WINDOW, FIRST_VALID):
+        # keys seen by queries m_start..m_start+BLOCK_M-1 (positions Q_OFFSET + m)
+        lo = tl.maximum(Q_OFFSET + m_start - WINDOW + 1, FIRST_VALID)
+        lo = tl.maximum(lo, 0)
+        hi = tl.minimum(Q_OFFSET + m_start + BLOCK_M, TK)
+        return lo, hi
+
+    @triton.jit
+    def _visible(q_pos, k_pos, TQ_POS_END, TK, WINDOW, FIRST_VALID):
+        diff = q_pos[:, None] - k_pos[None, :]
+        ok = (diff >= 0) & (diff < WINDOW) & (k_pos[None, :] >= FIRST_VALID) & (k_pos[None, :] < TK)
+        return ok & (q_pos[:, None] < TQ_POS_END)
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE,
+                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                    s_ob, s_oh, s_om, s_od,
+                    H, TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd
+        q = tl.load(q_ptrs, mask=(offs_m < TQ)[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        q_pos = Q_OFFSET + offs_m
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo, hi = _window_bounds_for_queries(pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID)
+        k_base = K + b * s_kb + h * s_kh
+        v_base = V + b * s_vb + h * s_vh
+        for start_n in range(lo, hi, BLOCK_N):
+            k_pos = start_n + offs_n
+            kv_mask = (k_pos < TK)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + k_pos[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + k_pos[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # base-2 logits
+            s = tl.where(_visible(q_pos, k_pos, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < TQ)[:, None] & d_ok[None, :])
+        lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634  # natural log
+        tl.store(LSE + pid_bh * TQ + offs_m, lse, mask=offs_m < TQ)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                         s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                         s_db, s_dh, s_dm, s_dd,
+                         H, TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, sm_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = (offs_n < TK)[:, None] & d_ok[None, :]
+        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # queries that see key j: positions j..j+WINDOW-1, i.e. indices minus Q_OFFSET
+        n_start = pid_n * BLOCK_N
+        lo = tl.maximum(n_start - Q_OFFSET, 0)
+        hi = tl.minimum(n_start + BLOCK_N - 1 + WINDOW - Q_OFFSET, TQ)
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = DO + b * s_db + h * s_dh
+        for start_m in range(lo, hi, BLOCK_M):
+            m = start_m + offs_m
+            q_mask = (m < TQ)[:, None] & d_ok[None, :]
+            q = tl.load(q_base + m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+            do = tl.load(do_base + m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=q_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + pid_bh * TQ + m, mask=m < TQ, other=0.0)
+            delta = tl.load(DELTA + pid_bh * TQ + m, mask=m < TQ, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+            p = tl.exp(s - lse[:, None])
+            p = tl.where(_visible(Q_OFFSET + m, offs_n, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID), p, 0.0)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        dk = dk * sm_scale
+        tl.store(DK + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                       s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                       s_db, s_dh, s_dm, s_dd,
+                       H, TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, sm_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        q_mask = (offs_m < TQ)[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                    mask=q_mask, other=0.0)
+        do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
+                     mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + pid_bh * TQ + offs_m, mask=offs_m < TQ, other=0.0)
+        delta = tl.load(DELTA + pid_bh * TQ + offs_m, mask=offs_m < TQ, other=0.0)
+        q_pos = Q_OFFSET + offs_m
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo, hi = _window_bounds_for_queries(pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID)
+        k_base = K + b * s_kb + h * s_kh
+        v_base = V + b * s_vb + h * s_vh
+        for start_n in range(lo, hi, BLOCK_N):
+            k_pos = start_n + offs_n
+            kv_mask = (k_pos < TK)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + k_pos[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + k_pos[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+            p = tl.exp(s - lse[:, None])
+            p = tl.where(_visible(q_pos, k_pos, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID), p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = dq * sm_scale
+        tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, first_valid_key: int):
+    if not AVAILABLE:
+        raise RuntimeError("Triton is not installed: install the `triton` extra or use the PyTorch path")
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [B, H, Tq, dh] and k, v [B, H, Tk, dh]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"more queries ({q.shape[-2]}) than keys ({k.shape[-2]}): queries are the "
+                         "last Tq key positions")
+    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"Triton attention takes float16/bfloat16/float32 q, k, v of one dtype; got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not 0 <= first_valid_key <= k.shape[-2] - q.shape[-2]:
+        raise ValueError(f"first_valid_key {first_valid_key} must lie in the cache part "
+                         f"[0, {k.shape[-2] - q.shape[-2]}]")
+
+
+def _launch_config(head_dim: int, dtype: torch.dtype):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    small = INTERPRET or block_d > 128
+    block = 32 if small else 64
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; ignored for bf16
+    return block, block_d, precision
+
+
+def attention_forward(q, k, v, window: int, first_valid_key: int = 0):
+    """Windowed attention of the last Tq positions of Tk; returns (out [B,H,Tq,dh], lse [B,H,Tq])."""
+    _check(q, k, v, window, first_valid_key)
+    batch, heads, tq, head_dim = q.shape
+    tk = k.shape[-2]
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, tq, device=q.device, dtype=torch.float32)
+    block, block_d, precision = _launch_config(head_dim, q.dtype)
+    grid = (triton.cdiv(tq, block), batch * heads)
+    _fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                      heads, tq, tk, tk - tq, window, first_valid_key,
+                      LOG2E / math.sqrt(head_dim),
+                      HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+                      UPCAST=INTERPRET, PRECISION=precision)
+    return out, lse
+
+
+def attention_backward(q, k, v, out, lse, grad_out, window: int, first_valid_key: int = 0):
+    """First-order gradients (dq, dk, dv) of attention_forward, recomputing probabilities from lse."""
+    _check(q, k, v, window, first_valid_key)
+    batch, heads, tq, head_dim = q.shape
+    tk = k.shape[-2]
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(P * dP)
+    lse = lse.contiguous()
+    # dq uses q's strides and dk/dv k's/v's: allocate them contiguous and hand q/k/v contiguous too
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    block, block_d, precision = _launch_config(head_dim, q.dtype)
+    common = dict(HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+                  UPCAST=INTERPRET, PRECISION=precision)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    scalars = (heads, tq, tk, tk - tq, window, first_valid_key, 1.0 / math.sqrt(head_dim))
+    _bwd_dkdv_kernel[(triton.cdiv(tk, block), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, *scalars, **common)
+    _bwd_dq_kernel[(triton.cdiv(tq, block), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, *strides, *scalars, **common)
+    return dq, dk, dv
