@@ -16,6 +16,7 @@ Memory = VmHWM during the measured work minus VmRSS just before it (peak reset v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -25,7 +26,7 @@ import time
 
 import torch
 
-from ttte2e.kernels.attention import chunk_backend, reference
+from ttte2e.kernels.attention import chunk_attention, chunk_backend, reference
 from ttte2e.model import TTTConfig, TTTModel
 
 # (name, model fields, batch): the meta-step benchmark size of bench_meta_step.py, and one where
@@ -37,6 +38,10 @@ STEP_CONFIGS = [
                          mlp_hidden=256, seq_len=2048, window=1024, chunk_size=128), 1),
 ]
 PREFIX = dict(seq=16384, window=1024, heads=1, head_dim=64)
+# One suffix block's attention on one chunk at a long-context shape: b = 512 queries over
+# [k = 4096 cache + chunk], the pattern of the inner loop (output, inner gradient with
+# create_graph=True, then the outer backward through both).
+SUFFIX = dict(heads=4, chunk=512, window=4096, head_dim=64)
 
 
 def _read_status(field: str) -> int:
@@ -89,9 +94,16 @@ def step_times(rounds: int) -> list[dict]:
 def _probe(kind: str, arg) -> dict:
     if kind == "step":
         name, backend = arg
+        # one tiny step first: lazy imports on first use (torch.library's fake-tensor machinery
+        # for the registered ops) would otherwise count as step memory
+        tiny = dict(vocab_size=64, d_model=16, n_layers=2, n_ttt_blocks=1, n_heads=2,
+                    mlp_hidden=32, seq_len=32, window=16, chunk_size=8)
+        _step(*_make(tiny, 1), backend)
         fields, batch = next((f, b) for n, f, b in STEP_CONFIGS if n == name)
         model, tokens = _make(fields, batch)
         return _measure(lambda: _step(model, tokens, backend))
+    if kind == "suffix":
+        return _suffix_probe(arg)
     path = arg
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, PREFIX["heads"], PREFIX["seq"], PREFIX["head_dim"], generator=gen)
@@ -101,9 +113,48 @@ def _probe(kind: str, arg) -> dict:
     return _measure(lambda: fn(q, k, v, PREFIX["window"]).sum().backward())
 
 
+def _suffix_probe(backend: str) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    n_keys = SUFFIX["window"] + SUFFIX["chunk"]
+
+    def tensors(n_q, n_k, dh):
+        return [torch.randn(1, SUFFIX["heads"], n, dh, generator=gen).requires_grad_()
+                for n in (n_q, n_k, n_k)]
+
+    def pattern(q, k, v, window, saved: list | None = None):
+        hooks = ((lambda t: saved.append(t) or t), (lambda t: t)) if saved is not None else None
+        with contextlib.ExitStack() as stack:
+            if hooks:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(*hooks))
+            out = chunk_attention(q, k, v, window, 0, backend=backend)
+            inner = torch.autograd.grad((out * out).sum(), (q, k, v), create_graph=True)
+        return out, inner
+
+    q, k, v = tensors(8, 24, 8)  # warm-up: lazy imports would count as memory
+    out, inner = pattern(q, k, v, 16)
+    (out.sum() + sum((g * g).sum() for g in inner)).backward()
+
+    q, k, v = tensors(SUFFIX["chunk"], n_keys, SUFFIX["head_dim"])
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    saved: list = []
+    state: dict = {}
+
+    def work():
+        out, inner = pattern(q, k, v, SUFFIX["window"], saved)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                    if isinstance(t, torch.Tensor)}
+        state["saved_mb"] = sum(n for p, n in storages.items() if p not in inputs) / 2**20
+        (out.sum() + sum((g * g).sum() for g in inner)).backward()
+
+    result = _measure(work)
+    return dict(result, saved_mb=state["saved_mb"])
+
+
 def run_probe(kind: str, arg) -> dict:
     cmd = [sys.executable, __file__, "--_probe", json.dumps([kind, arg])]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    # a fixed mmap threshold: freed large buffers go back to the OS, so RSS follows allocations
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"probe {kind} {arg} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,7 +162,7 @@ def run_probe(kind: str, arg) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["step", "memory", "prefix"], default=None)
+    parser.add_argument("--only", choices=["step", "memory", "suffix", "prefix"], default=None)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--json", default=None, help="also write all results to this file")
     parser.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
@@ -139,6 +190,17 @@ def main() -> None:
             math_ = run_probe("step", [name, "math"])["peak_mb"]
             results["memory"].append(dict(config=name, fused_mb=fused, math_mb=math_))
             print(f"| {name} | {fused:.0f} | {math_:.0f} | {fused / math_:.2f} |")
+    if args.only in (None, "suffix"):
+        print(f"\nsuffix attention, one block and chunk: {SUFFIX}, batch 1, float32; output, inner "
+              "gradient (create_graph=True), outer backward; fresh process per path")
+        print("| path | kept for the outer backward MB | peak MB | seconds |")
+        print("|---|---|---|---|")
+        results["suffix"] = {b: run_probe("suffix", b) for b in ("fused", "math")}
+        for b, r in results["suffix"].items():
+            print(f"| {b} | {r['saved_mb']:.0f} | {r['peak_mb']:.0f} | {r['seconds']:.2f} |")
+        f, m = results["suffix"]["fused"], results["suffix"]["math"]
+        print(f"fused / math: kept {f['saved_mb'] / m['saved_mb']:.2f}, peak {f['peak_mb'] / m['peak_mb']:.2f}, "
+              f"time {f['seconds'] / m['seconds']:.2f}")
     if args.only in (None, "prefix"):
         print(f"\nprefix attention forward + backward, {PREFIX}, float32, fresh process per path")
         print("| path | peak MB | seconds |")

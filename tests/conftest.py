@@ -1,6 +1,11 @@
 import os
 from pathlib import Path
 
+# Our Triton kernels run on the CPU under Triton's interpreter in the tests. The variable must be
+# set before triton.jit defines them (the first import of ttte2e.kernels). On CPU only an explicit
+# backend="triton" uses them; the default paths stay PyTorch.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -44,15 +44,20 @@ def _f32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _scores(q: Tensor, k: Tensor) -> Tensor:
+    """c Q K^T in float32 (float64 stays float64); c is folded into the small q side."""
+    return torch.matmul(_f32(q) * (1.0 / math.sqrt(q.shape[-1])), _f32(k).transpose(-1, -2))
+
+
 def _probs(q: Tensor, k: Tensor, lse: Tensor, window: int, first_valid_key: int) -> Tensor:
-    """P = exp(c Q K^T - lse), zero where not visible; float32 (float64 stays float64)."""
-    scores = torch.matmul(_f32(q), _f32(k).transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    """P = exp(c Q K^T - lse), zero where not visible."""
+    scores = _scores(q, k)
     visible = _visible(q.shape[-2], k.shape[-2], window, first_valid_key, q.device)
-    return torch.exp(scores - lse[..., None].to(scores.dtype)).masked_fill_(~visible, 0.0)
+    return scores.sub_(lse[..., None].to(scores.dtype)).exp_().masked_fill_(~visible, 0.0)
 
 
 def torch_forward(q, k, v, window: int, first_valid_key: int) -> tuple[Tensor, Tensor]:
-    scores = torch.matmul(_f32(q), _f32(k).transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = _scores(q, k)
     visible = _visible(q.shape[-2], k.shape[-2], window, first_valid_key, q.device)
     scores.masked_fill_(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
@@ -65,49 +70,56 @@ def torch_backward(q, k, v, out, lse, grad_out, window: int, first_valid_key: in
     c = 1.0 / math.sqrt(q.shape[-1])
     probs = _probs(q, k, lse, window, first_valid_key)
     do = _f32(grad_out)
-    d_probs = torch.matmul(do, _f32(v).transpose(-1, -2))
     delta = (do * _f32(out)).sum(-1, keepdim=True)
-    d_scores = probs * (d_probs - delta)
-    dq = torch.matmul(d_scores, _f32(k)) * c
-    dk = torch.matmul(d_scores.transpose(-1, -2), _f32(q)) * c
     dv = torch.matmul(probs.transpose(-1, -2), do)
+    d_scores = torch.matmul(do, _f32(v).transpose(-1, -2)).sub_(delta).mul_(probs)
+    dq = torch.matmul(d_scores, _f32(k)).mul_(c)
+    dk = torch.matmul(d_scores.transpose(-1, -2), _f32(q)).mul_(c)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def double_backward(q, k, v, lse, grad_out, g_dq, g_dk, g_dv, window: int, first_valid_key: int):
-    """Gradients of (dq, dk, dv) = bwd(q, k, v, dO) w.r.t. q, k, v and dO; see the module doc."""
+    """Gradients of (dq, dk, dv) = bwd(q, k, v, dO) w.r.t. q, k, v and dO; see the module doc.
+    Temporaries are [.., b, W+b]; the ones no longer needed are reused in place."""
     c = 1.0 / math.sqrt(q.shape[-1])
     qf, kf, vf, do = _f32(q), _f32(k), _f32(v), _f32(grad_out)
-    probs = _probs(q, k, lse, window, first_valid_key)
-    d_probs = torch.matmul(do, vf.transpose(-1, -2))
-    delta = (probs * d_probs).sum(-1, keepdim=True)
-    d_scores = probs * (d_probs - delta)
     gq = None if g_dq is None else _f32(g_dq)
     gk = None if g_dk is None else _f32(g_dk)
     gv = None if g_dv is None else _f32(g_dv)
+    probs = _probs(q, k, lse, window, first_valid_key)
+    d_probs = torch.matmul(do, vf.transpose(-1, -2))
+    delta = (probs * d_probs).sum(-1, keepdim=True)
+    d_probs.sub_(delta)  # dP - D from here on
+    d_scores = probs * d_probs
 
-    g_ds = torch.zeros_like(probs)
-    if gq is not None:
-        g_ds = g_ds + torch.matmul(gq, kf.transpose(-1, -2)) * c
-    if gk is not None:
-        g_ds = g_ds + torch.matmul(qf, gk.transpose(-1, -2)) * c
+    if gq is not None and gk is not None:  # G = c (gQ K^T + Q gK^T) as one matmul over [dh | dh]
+        g_ds = torch.matmul(torch.cat((gq, qf), -1) * c, torch.cat((kf, gk), -1).transpose(-1, -2))
+    elif gq is not None:
+        g_ds = torch.matmul(gq * c, kf.transpose(-1, -2))
+    elif gk is not None:
+        g_ds = torch.matmul(qf * c, gk.transpose(-1, -2))
+    else:
+        g_ds = torch.zeros_like(probs)
     e = (g_ds * probs).sum(-1, keepdim=True)
-    g_dp = probs * (g_ds - e)
-    g_p = g_ds * (d_probs - delta) - e * d_probs
+    # g_P = G * (dP - D) - E * dP = G * (dP - D) - E * ((dP - D) + D)
+    g_p = (g_ds * d_probs).sub_(d_probs * e).sub_(e * delta)
     if gv is not None:
-        g_p = g_p + torch.matmul(do, gv.transpose(-1, -2))
-    g_s = probs * (g_p - (probs * g_p).sum(-1, keepdim=True))
+        g_p += torch.matmul(do, gv.transpose(-1, -2))
+    g_dp = g_ds.sub_(e).mul_(probs)  # reuses G's buffer
+    g_s = g_p.sub_((probs * g_p).sum(-1, keepdim=True)).mul_(probs)  # reuses g_P's buffer
 
-    grad_q = torch.matmul(g_s, kf) * c
-    grad_k = torch.matmul(g_s.transpose(-1, -2), qf) * c
-    if gk is not None:
-        grad_q = grad_q + torch.matmul(d_scores, gk) * c
+    if gk is not None:  # grad Q = c (g_S K + dS gK) as one matmul over [W+b | W+b]
+        grad_q = torch.matmul(torch.cat((g_s, d_scores), -1), torch.cat((kf, gk), -2)).mul_(c)
+    else:
+        grad_q = torch.matmul(g_s, kf).mul_(c)
+    grad_k = torch.matmul(g_s.transpose(-1, -2), qf)
     if gq is not None:
-        grad_k = grad_k + torch.matmul(d_scores.transpose(-1, -2), gq) * c
+        grad_k += torch.matmul(d_scores.transpose(-1, -2), gq)
+    grad_k.mul_(c)
     grad_v = torch.matmul(g_dp.transpose(-1, -2), do)
     grad_do = torch.matmul(g_dp, vf)
     if gv is not None:
-        grad_do = grad_do + torch.matmul(probs, gv)
+        grad_do += torch.matmul(probs, gv)
     return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_do.to(grad_out.dtype))
 
 

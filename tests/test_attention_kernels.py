@@ -1,0 +1,226 @@
+"""Fast attention paths against the plain PyTorch reference: the Triton kernels (under
+TRITON_INTERPRET=1 on the CPU, see conftest), the registered twice-differentiable chunk op, and the
+flash-attn dispatch. Awkward shapes on purpose: T not a multiple of the block, window larger than
+T, one head, odd head dims, a cache with invalid rows."""
+
+import math
+
+import pytest
+import torch
+
+from ttte2e.kernels import attention
+from ttte2e.kernels.attention import chunk, flash, reference, triton_swa
+from ttte2e.model import TTTConfig, TTTModel
+
+pytestmark = pytest.mark.skipif(not triton_swa.AVAILABLE or not triton_swa.INTERPRET,
+                                reason="needs triton and TRITON_INTERPRET=1 (set by conftest)")
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty / empty_like filled with NaN, so a kernel that leaves memory unwritten fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
+
+
+def tensors(batch, heads, n_q, n_k, dim, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, n, dim, generator=gen).to(dtype).requires_grad_()
+            for n in (n_q, n_k, n_k)]
+
+
+def grads(out, inputs, upstream):
+    return torch.autograd.grad(out, inputs, upstream)
+
+
+# (batch, heads, queries, keys, head_dim, window, first_valid_key)
+SHAPES = [
+    (1, 1, 37, 37, 8, 5, 0),      # one head, T not a multiple of the block
+    (2, 3, 70, 70, 7, 33, 0),     # odd head dim, window across block edges
+    (1, 2, 40, 40, 16, 100, 0),   # window larger than T: plain causal
+    (2, 2, 24, 88, 12, 64, 19),   # a chunk over [cache + chunk], invalid cache rows first
+    (1, 1, 1, 9, 16, 9, 0),       # one query
+    (1, 2, 33, 33, 20, 1, 0),     # window 1: each query sees only itself
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_forward_and_backward_match_reference(shape, nan_empty):
+    batch, heads, n_q, n_k, dim, window, first_valid = shape
+    q, k, v = tensors(batch, heads, n_q, n_k, dim)
+    expected = reference.chunk_attention(q, k, v, window, first_valid)
+    out, lse = triton_swa.attention_forward(q.detach(), k.detach(), v.detach(), window, first_valid)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dim)
+    visible = chunk._visible(n_q, n_k, window, first_valid, q.device)
+    torch.testing.assert_close(lse, scores.masked_fill(~visible, -math.inf).logsumexp(-1),
+                               rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(expected)
+    got = triton_swa.attention_backward(q.detach(), k.detach(), v.detach(), out, lse, upstream,
+                                        window, first_valid)
+    for name, a, b in zip("qkv", got, grads(expected, (q, k, v), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+    # keys before first_valid_key see no gradient at all
+    assert not got[1][..., :first_valid, :].any() and not got[2][..., :first_valid, :].any()
+
+
+def test_triton_bfloat16_matches_float32_reference():
+    q, k, v = tensors(1, 2, 45, 45, 16, dtype=torch.bfloat16)
+    expected = reference.naive_sliding_window_attention(q.float(), k.float(), v.float(), 20)
+    got = attention.sliding_window_attention(q, k, v, 20, backend="triton")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    upstream = torch.randn_like(expected)
+    g_got = grads(got, (q, k, v), upstream.bfloat16())
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    g_ref = grads(reference.naive_sliding_window_attention(qf, kf, vf, 20), (qf, kf, vf), upstream)
+    for a, b in zip(g_got, g_ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+
+
+def test_triton_reads_strided_inputs():
+    """The model hands over transposed views ([B, P, H, dh] -> [B, H, P, dh])."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 29, 3, 8, generator=gen).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    torch.testing.assert_close(attention.sliding_window_attention(q, k, v, 6, backend="triton"),
+                               reference.naive_sliding_window_attention(q, k, v, 6))
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_chunk_op_second_order_matches_math_path(use_triton):
+    """Value, inner gradient (create_graph) and the gradient through it, as the meta-step uses them."""
+    dtype = torch.float32 if use_triton else torch.float64
+    tol = dict(rtol=1e-4, atol=1e-5) if use_triton else dict(rtol=1e-10, atol=1e-10)
+    results = []
+    for backend in ("triton" if use_triton else "fused", "math"):
+        q, k, v = tensors(2, 2, 8, 21, 6, dtype=dtype, seed=3)
+        out = attention.chunk_attention(q, k, v, window=10, first_valid_key=4, backend=backend)
+        inner = torch.autograd.grad((out.sin() * 3).sum(), (q, k, v), create_graph=True)
+        outer = torch.autograd.grad(out.sum() + sum((g.cos() * (i + 1)).sum() for i, g in enumerate(inner)),
+                                    (q, k, v))
+        results.append([out, *inner, *outer])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("n_q, n_k, window, first_valid", [(4, 9, 5, 2), (5, 5, 5, 0), (3, 11, 2, 8)])
+def test_chunk_op_gradcheck_and_gradgradcheck_float64(n_q, n_k, window, first_valid):
+    q, k, v = tensors(1, 2, n_q, n_k, 3, dtype=torch.float64, seed=n_k)
+
+    def fn(q_, k_, v_):
+        return attention.chunk_attention(q_, k_, v_, window, first_valid, backend="fused")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
+def test_chunk_op_refuses_a_third_order():
+    q, k, v = tensors(1, 1, 3, 6, 4, dtype=torch.float64)
+    out = attention.chunk_attention(q, k, v, 4, backend="fused")
+    g = torch.autograd.grad(out.sum(), q, create_graph=True)[0]
+    torch.autograd.grad(g.square().sum(), k, retain_graph=True)  # second order: fine
+    with pytest.raises(RuntimeError, match="third order"):  # a graph of it would be wrong: refused
+        torch.autograd.grad(g.square().sum(), k, create_graph=True)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_registered_ops_pass_opcheck(use_triton):
+    q, k, v = (t.detach().requires_grad_() for t in tensors(1, 2, 5, 12, 8, seed=2))
+    torch.library.opcheck(chunk.window_attention_fwd, (q, k, v, 6, 3, use_triton))
+    out, lse = chunk.window_attention_fwd(q, k, v, 6, 3, use_triton)
+    torch.library.opcheck(chunk.window_attention_bwd,
+                          (q, k, v, out.detach(), lse, torch.randn_like(out), 6, 3, use_triton))
+
+
+def test_torch_compile_traces_the_chunk_op_in_one_graph():
+    q, k, v = tensors(1, 2, 6, 14, 8, seed=4)
+
+    def step(q_, k_, v_):
+        out = attention.chunk_attention(q_, k_, v_, 8, 2, backend="fused")
+        return (out * out).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager_loss, compiled_loss = step(q, k, v), compiled(q, k, v)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for a, b in zip(torch.autograd.grad(compiled_loss, (q, k, v)), torch.autograd.grad(eager_loss, (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_input_is_named():
+    q, k, v = tensors(1, 1, 4, 8, 4)
+    with pytest.raises(ValueError, match="backend"):
+        attention.chunk_attention(q, k, v, 4, backend="fast")
+    with pytest.raises(ValueError, match="backend"):
+        attention.sliding_window_attention(q, q, q, 4, backend="fast")
+    with pytest.raises(ValueError, match="first_valid_key"):
+        attention.chunk_attention(q, k, v, 4, first_valid_key=6)
+    with pytest.raises(ValueError, match="window"):
+        attention.chunk_attention(q, k, v, 0)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        triton_swa.attention_forward(q.double(), k.double(), v.double(), 4)
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        if flash.flash_attn_func is None:
+            flash.sliding_window_attention(q, q, q, 4)
+        raise RuntimeError("flash-attn installed: nothing to check")
+
+
+def test_prefix_dispatch_order(monkeypatch):
+    monkeypatch.setattr(flash, "flash_attn_func", object())
+    assert attention.prefix_backend("cuda", torch.bfloat16) == "flash"
+    assert attention.prefix_backend("cuda", torch.float32) == "triton"  # flash-attn: fp16/bf16 only
+    assert attention.prefix_backend("cpu", torch.bfloat16) == "blocked"
+    monkeypatch.setattr(flash, "flash_attn_func", None)
+    assert attention.prefix_backend("cuda", torch.bfloat16) == "triton"
+    monkeypatch.setattr(triton_swa, "AVAILABLE", False)
+    assert attention.prefix_backend("cuda", torch.bfloat16) == "blocked"
+
+
+def test_flash_call_translates_layout_and_window(monkeypatch):
+    """A stand-in with flash-attn's documented contract: [B, T, H, dh], causal, window_size=(left,
+    right) = query i sees keys i-left..i+right."""
+    calls = []
+
+    def fake_flash(q, k, v, causal, window_size):
+        calls.append((q.shape, causal, window_size))
+        left, right = window_size
+        i = torch.arange(q.shape[1])
+        diff = i[:, None] - i[None, :]
+        visible = (diff <= left) & (diff >= -right) & ((diff >= 0) if causal else True)
+        out = reference.masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), visible)
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(flash, "flash_attn_func", fake_flash)
+    q, k, v = tensors(2, 3, 30, 30, 8)
+    torch.testing.assert_close(flash.sliding_window_attention(q, k, v, 7),
+                               reference.naive_sliding_window_attention(q, k, v, 7))
+    assert calls == [(torch.Size([2, 30, 3, 8]), True, (6, 0))]
+
+
+MODEL = TTTConfig(vocab_size=37, d_model=32, n_layers=4, n_heads=2, mlp_hidden=48, n_ttt_blocks=2,
+                  seq_len=48, window=16, chunk_size=8, inner_lr=1.0)
+
+
+@pytest.mark.parametrize("backend, dtype", [("fused", torch.float64), ("triton", torch.float32)])
+def test_meta_gradient_is_the_same_with_each_suffix_path(backend, dtype):
+    torch.manual_seed(0)
+    model = TTTModel(MODEL).to(dtype)
+    tokens = torch.randint(0, MODEL.vocab_size, (2, MODEL.seq_len + 1))
+    results = []
+    for name in (backend, "math"):
+        model.zero_grad(set_to_none=True)
+        with attention.chunk_backend(name):
+            loss = model.meta_loss(tokens, remat="chunk").loss
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    # float64: equal to rounding; float32 (Triton): summation order differs, so compare each
+    # gradient as a whole (elementwise, near-zero entries would dominate)
+    limit = 1e-11 if dtype == torch.float64 else 1e-5
+    for a, b in zip(*results):
+        assert ((a - b).norm() / b.norm()).item() < limit
