@@ -249,3 +249,17 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert report["correctness"]["ok"] and report["meta_step"]["loss_fused"] == pytest.approx(
         report["meta_step"]["loss_math"], rel=1e-5)
     assert {"triton_fwd_ms", "triton_fwdbwd_ms", "sdpa_full_causal_fwd_ms"} <= set(report["timings"][0])
+
+
+def test_chunk_op_under_autocast_casts_like_the_math_path():
+    """Under bf16 autocast the suffix hands a float32 cache concatenated with bf16 keys: the
+    registered op (below autocast) gets them cast as autocast casts the math path's matmuls."""
+    q, k, v = tensors(1, 2, 6, 14, 8, seed=5)
+    results = {}
+    for backend in ("fused", "triton", "math"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attention.chunk_attention(q.bfloat16(), k, v.bfloat16(), 8, 2, backend=backend)
+        assert out.dtype == torch.bfloat16
+        results[backend] = out.float()
+    torch.testing.assert_close(results["fused"], results["math"], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results["triton"], results["math"], rtol=2e-2, atol=2e-2)

@@ -29,6 +29,17 @@ CHUNK_BACKENDS = ("fused", "triton", "math")
 _default_chunk_backend = "fused"
 
 
+def _one_dtype(q, k, v):
+    """The registered ops run below autocast, so cast here as autocast would for the matmuls (the
+    suffix concatenates a float32 cache with bf16 keys under autocast); else promote."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def prefix_backend(device_type: str, dtype: torch.dtype) -> str:
     """What `auto` runs for the prefix on this device and dtype."""
     if device_type == "cuda":
@@ -56,7 +67,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if not triton_swa.usable(q):
             raise RuntimeError(f"the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU) and "
                                f"fp16/bf16/fp32; got {q.device.type} {q.dtype}")
-        return chunk.window_attention(q, k, v, window, 0, use_triton=True)
+        return chunk.window_attention(*_one_dtype(q, k, v), window, 0, use_triton=True)
     if backend == "naive":
         return reference.naive_sliding_window_attention(q, k, v, window)
     return reference.blocked_sliding_window_attention(q, k, v, window)
@@ -74,6 +85,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     if backend == "triton" and not triton_swa.usable(q):
         raise RuntimeError(f"the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU) and "
                            f"fp16/bf16/fp32; got {q.device.type} {q.dtype}")
+    q, k, v = _one_dtype(q, k, v)
     use_triton = backend == "triton" or (q.is_cuda and triton_swa.usable(q))
     return chunk.window_attention(q, k, v, window, first_valid_key, use_triton=use_triton)
 
