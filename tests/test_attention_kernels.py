@@ -70,6 +70,27 @@ def test_triton_forward_and_backward_match_reference(shape, nan_empty):
     assert not got[1][..., :first_valid, :].any() and not got[2][..., :first_valid, :].any()
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("present", ["qkv", "k", "qv"])
+def test_triton_double_backward_matches_pytorch_formula(shape, present, nan_empty):
+    """The three-pass Triton double backward vs chunk.double_backward (itself checked by
+    gradgradcheck below); absent cotangents (None) as autograd passes them."""
+    batch, heads, n_q, n_k, dim, window, first_valid = shape
+    q, k, v = (t.detach() for t in tensors(batch, heads, n_q, n_k, dim, seed=7))
+    gen = torch.Generator().manual_seed(8)
+    grad_out = torch.randn(q.shape, generator=gen)
+    cot = {name: torch.randn(t.shape, generator=gen) if name in present else None
+           for name, t in zip("qkv", (q, k, v))}
+    out, lse = chunk.torch_forward(q, k, v, window, first_valid)
+    expected = chunk.double_backward(q, k, v, lse, grad_out, cot["q"], cot["k"], cot["v"],
+                                     window, first_valid)
+    got = triton_swa.attention_double_backward(q, k, v, out, lse, grad_out, cot["q"], cot["k"],
+                                               cot["v"], window, first_valid)
+    for name, a, b in zip(["q", "k", "v", "grad_out"], got, expected):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
 def test_triton_bfloat16_matches_float32_reference():
     q, k, v = tensors(1, 2, 45, 45, 16, dtype=torch.bfloat16)
     expected = reference.naive_sliding_window_attention(q.float(), k.float(), v.float(), 20)
@@ -136,8 +157,13 @@ def test_registered_ops_pass_opcheck(use_triton):
     q, k, v = (t.detach().requires_grad_() for t in tensors(1, 2, 5, 12, 8, seed=2))
     torch.library.opcheck(chunk.window_attention_fwd, (q, k, v, 6, 3, use_triton))
     out, lse = chunk.window_attention_fwd(q, k, v, 6, 3, use_triton)
+    grad_out = torch.randn_like(out).requires_grad_()
     torch.library.opcheck(chunk.window_attention_bwd,
-                          (q, k, v, out.detach(), lse, torch.randn_like(out), 6, 3, use_triton))
+                          (q, k, v, out.detach(), lse, grad_out, 6, 3, use_triton))
+    cotangents = (torch.randn_like(q), None, torch.randn_like(v))
+    torch.library.opcheck(chunk.window_attention_bwd_bwd,
+                          (q.detach(), k.detach(), v.detach(), out.detach(), lse, grad_out.detach(),
+                           *cotangents, 6, 3, use_triton))
 
 
 def test_torch_compile_traces_the_chunk_op_in_one_graph():

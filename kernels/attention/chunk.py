@@ -3,13 +3,14 @@ without running autograd through an unfused softmax.
 
     ttte2e::window_attention_fwd   (q, k, v)            -> (out, lse)
     ttte2e::window_attention_bwd   (q, k, v, out, lse, dout) -> (dq, dk, dv)
-    double backward: a hand-derived formula (`double_backward`) registered as the autograd of the
-    bwd op; it recomputes the probabilities from lse (nothing b x (W+b) is stored between passes).
+    ttte2e::window_attention_bwd_bwd  the autograd of the bwd op: a hand-derived double backward
+    that recomputes the probabilities from lse (nothing b x (W+b) is stored between passes).
 
 Queries are the last Tq of Tk positions (a chunk over [cache + chunk], or Tq = Tk for a whole
 sequence); key j is visible to query t iff t - window < j <= t and j >= first_valid_key.
-fwd and bwd run our Triton kernels (`use_triton`) or dense PyTorch (b x (W+b) per chunk: the size
-the suffix works in). The forward saves only q, k, v, out and lse; the math path keeps the fp32
+All three run our Triton kernels (`use_triton`; the double backward as three tiled passes) or
+dense PyTorch (b x (W+b) per chunk: the size the suffix works in; `double_backward` below is also
+the reference the Triton double backward is tested against). The forward saves only q, k, v, out and lse; the math path keeps the fp32
 scores, the probabilities and every intermediate of softmax's own double backward.
 
 Double backward, with c = 1/sqrt(dh), S = c Q K^T, P = softmax(S), dP = dO V^T,
@@ -172,19 +173,37 @@ def _fwd_backward(ctx, grad_out, _grad_lse):
 window_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
+@torch.library.custom_op("ttte2e::window_attention_bwd_bwd", mutates_args=())
+def window_attention_bwd_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             grad_out: Tensor, g_dq: Tensor | None, g_dk: Tensor | None,
+                             g_dv: Tensor | None, window: int, first_valid_key: int,
+                             use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of window_attention_bwd's outputs w.r.t. (q, k, v, grad_out); not differentiable."""
+    if use_triton:
+        return triton_swa.attention_double_backward(q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv,
+                                                    window, first_valid_key)
+    return double_backward(q, k, v, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key)
+
+
+@window_attention_bwd_bwd.register_fake
+def _(q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key, use_triton):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(grad_out)
+
+
 def _bwd_setup_context(ctx, inputs, output):
-    q, k, v, _out, lse, grad_out, window, first_valid_key, _use_triton = inputs
-    ctx.save_for_backward(q, k, v, lse, grad_out)
-    ctx.window, ctx.first_valid_key = window, first_valid_key
+    q, k, v, out, lse, grad_out, window, first_valid_key, use_triton = inputs
+    ctx.save_for_backward(q, k, v, out, lse, grad_out)
+    ctx.window, ctx.first_valid_key, ctx.use_triton = window, first_valid_key, use_triton
 
 
 def _bwd_backward(ctx, g_dq, g_dk, g_dv):
     if torch.is_grad_enabled():
         raise RuntimeError("window attention supports gradients of gradients (second order) but "
                            "not a third order: use ttte2e.kernels.attention.reference for that")
-    q, k, v, lse, grad_out = ctx.saved_tensors
-    grad_q, grad_k, grad_v, grad_do = double_backward(q, k, v, lse, grad_out, g_dq, g_dk, g_dv,
-                                                      ctx.window, ctx.first_valid_key)
+    q, k, v, out, lse, grad_out = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_do = window_attention_bwd_bwd(
+        q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, ctx.window, ctx.first_valid_key,
+        ctx.use_triton)
     return grad_q, grad_k, grad_v, None, None, grad_do, None, None, None
 
 

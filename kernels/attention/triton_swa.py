@@ -210,6 +210,135 @@ if AVAILABLE:
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
+    # --- double backward -----------------------------------------------------------------------
+    # Gradients of (dQ, dK, dV) = bwd(Q, K, V, dO) given their cotangents (gQ, gK, gV); formulas in
+    # chunk.py. Three passes, each recomputing its tiles (nothing [Tq, Tk] is stored):
+    # row stats E = rowsum(P G), F = rowsum(P gP); then per query block grad Q and grad dO; then
+    # per key block grad K and grad V. All inputs contiguous [B, H, T, dh].
+
+    @triton.jit
+    def _dd_tile(q, do, gq, k, v, gk, gv, lse, delta, visible, sm_scale, PRECISION: tl.constexpr):
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        g = (tl.dot(gq, tl.trans(k), input_precision=PRECISION)
+             + tl.dot(q, tl.trans(gk), input_precision=PRECISION)) * sm_scale
+        dogv = tl.dot(do, tl.trans(gv), input_precision=PRECISION)
+        return p, dp - delta[:, None], g, dogv
+
+    @triton.jit
+    def _load_rows(base, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+        t = tl.load(base + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        if UPCAST:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _dd_rows_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, E, F, GRAD_Q, GRAD_DO,
+                        TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, sm_scale,
+                        STATS_ONLY: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_base = pid_bh * TQ * HEAD_DIM
+        k_base = pid_bh * TK * HEAD_DIM
+        q = _load_rows(Q + q_base, offs_m, TQ, offs_d, HEAD_DIM, UPCAST)
+        do = _load_rows(DO + q_base, offs_m, TQ, offs_d, HEAD_DIM, UPCAST)
+        gq = _load_rows(GQ + q_base, offs_m, TQ, offs_d, HEAD_DIM, UPCAST)
+        row_ok = offs_m < TQ
+        lse = tl.load(LSE + pid_bh * TQ + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + pid_bh * TQ + offs_m, mask=row_ok, other=0.0)
+        if STATS_ONLY:
+            e_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            pgp_acc = tl.zeros([BLOCK_M], dtype=tl.float32)  # rowsum(P (G (dP - D) + dO gV^T))
+        else:
+            e = tl.load(E + pid_bh * TQ + offs_m, mask=row_ok, other=0.0)
+            f = tl.load(F + pid_bh * TQ + offs_m, mask=row_ok, other=0.0)
+            grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            grad_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        q_pos = Q_OFFSET + offs_m
+        lo, hi = _window_bounds_for_queries(pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID)
+        for start_n in range(lo, hi, BLOCK_N):
+            k_pos = start_n + offs_n
+            k = _load_rows(K + k_base, k_pos, TK, offs_d, HEAD_DIM, UPCAST)
+            v = _load_rows(V + k_base, k_pos, TK, offs_d, HEAD_DIM, UPCAST)
+            gk = _load_rows(GK + k_base, k_pos, TK, offs_d, HEAD_DIM, UPCAST)
+            gv = _load_rows(GV + k_base, k_pos, TK, offs_d, HEAD_DIM, UPCAST)
+            visible = _visible(q_pos, k_pos, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID)
+            p, dp_d, g, dogv = _dd_tile(q, do, gq, k, v, gk, gv, lse, delta, visible, sm_scale, PRECISION)
+            if STATS_ONLY:
+                e_acc += tl.sum(p * g, 1)
+                pgp_acc += tl.sum(p * (g * dp_d + dogv), 1)
+            else:
+                g_p = g * dp_d - e[:, None] * (dp_d + delta[:, None]) + dogv
+                g_s = p * (g_p - f[:, None])
+                d_s = p * dp_d
+                g_dp = p * (g - e[:, None])
+                grad_q += tl.dot(g_s.to(k.dtype), k, input_precision=PRECISION)
+                grad_q += tl.dot(d_s.to(gk.dtype), gk, input_precision=PRECISION)
+                grad_do += tl.dot(g_dp.to(v.dtype), v, input_precision=PRECISION)
+                grad_do += tl.dot(p.to(gv.dtype), gv, input_precision=PRECISION)
+        if STATS_ONLY:
+            tl.store(E + pid_bh * TQ + offs_m, e_acc, mask=row_ok)
+            # F = rowsum(P gP) = rowsum(P (G (dP - D) + dO gV^T)) - E D, since rowsum(P dP) = D
+            tl.store(F + pid_bh * TQ + offs_m, pgp_acc - e_acc * delta, mask=row_ok)
+        else:
+            out_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(GRAD_Q + ptrs, (grad_q * sm_scale).to(GRAD_Q.dtype.element_ty), mask=out_mask)
+            tl.store(GRAD_DO + ptrs, grad_do.to(GRAD_DO.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _dd_cols_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, E, F, GRAD_K, GRAD_V,
+                        TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, sm_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_base = pid_bh * TQ * HEAD_DIM
+        k_base = pid_bh * TK * HEAD_DIM
+        k = _load_rows(K + k_base, offs_n, TK, offs_d, HEAD_DIM, UPCAST)
+        v = _load_rows(V + k_base, offs_n, TK, offs_d, HEAD_DIM, UPCAST)
+        gk = _load_rows(GK + k_base, offs_n, TK, offs_d, HEAD_DIM, UPCAST)
+        gv = _load_rows(GV + k_base, offs_n, TK, offs_d, HEAD_DIM, UPCAST)
+        grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        n_start = pid_n * BLOCK_N
+        lo = tl.maximum(n_start - Q_OFFSET, 0)
+        hi = tl.minimum(n_start + BLOCK_N - 1 + WINDOW - Q_OFFSET, TQ)
+        for start_m in range(lo, hi, BLOCK_M):
+            m = start_m + offs_m
+            row_ok = m < TQ
+            q = _load_rows(Q + q_base, m, TQ, offs_d, HEAD_DIM, UPCAST)
+            do = _load_rows(DO + q_base, m, TQ, offs_d, HEAD_DIM, UPCAST)
+            gq = _load_rows(GQ + q_base, m, TQ, offs_d, HEAD_DIM, UPCAST)
+            lse = tl.load(LSE + pid_bh * TQ + m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + pid_bh * TQ + m, mask=row_ok, other=0.0)
+            e = tl.load(E + pid_bh * TQ + m, mask=row_ok, other=0.0)
+            f = tl.load(F + pid_bh * TQ + m, mask=row_ok, other=0.0)
+            visible = _visible(Q_OFFSET + m, offs_n, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID)
+            p, dp_d, g, dogv = _dd_tile(q, do, gq, k, v, gk, gv, lse, delta, visible, sm_scale, PRECISION)
+            g_p = g * dp_d - e[:, None] * (dp_d + delta[:, None]) + dogv
+            g_s = p * (g_p - f[:, None])
+            d_s = p * dp_d
+            g_dp = p * (g - e[:, None])
+            grad_k += tl.dot(tl.trans(g_s).to(q.dtype), q, input_precision=PRECISION)
+            grad_k += tl.dot(tl.trans(d_s).to(gq.dtype), gq, input_precision=PRECISION)
+            grad_v += tl.dot(tl.trans(g_dp).to(do.dtype), do, input_precision=PRECISION)
+        out_mask = (offs_n < TK)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        ptrs = k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(GRAD_K + ptrs, (grad_k * sm_scale).to(GRAD_K.dtype.element_ty), mask=out_mask)
+        tl.store(GRAD_V + ptrs, grad_v.to(GRAD_V.dtype.element_ty), mask=out_mask)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, first_valid_key: int):
     if not AVAILABLE:
         raise RuntimeError("Triton is not installed: install the `triton` extra or use the PyTorch path")
@@ -275,3 +404,36 @@ def attention_backward(q, k, v, out, lse, grad_out, window: int, first_valid_key
     _bwd_dq_kernel[(triton.cdiv(tq, block), batch * heads)](
         q, k, v, grad_out, lse, delta, dq, *strides, *scalars, **common)
     return dq, dk, dv
+
+
+def attention_double_backward(q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window: int,
+                              first_valid_key: int = 0):
+    """Gradients of attention_backward's (dq, dk, dv) w.r.t. (q, k, v, grad_out), given their
+    cotangents (None = zero); returns (grad_q, grad_k, grad_v, grad_grad_out)."""
+    _check(q, k, v, window, first_valid_key)
+    batch, heads, tq, head_dim = q.shape
+    tk = k.shape[-2]
+    q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
+    gq = torch.zeros_like(q) if g_dq is None else g_dq.to(q.dtype).contiguous()
+    gk = torch.zeros_like(k) if g_dk is None else g_dk.to(k.dtype).contiguous()
+    gv = torch.zeros_like(v) if g_dv is None else g_dv.to(v.dtype).contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    lse = lse.float().contiguous()
+    e = torch.empty(batch, heads, tq, device=q.device, dtype=torch.float32)
+    f = torch.empty_like(e)
+    grad_q, grad_do = torch.empty_like(q), torch.empty_like(grad_out)
+    grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+    _, block_d, precision = _launch_config(head_dim, q.dtype)
+    block = 16 if INTERPRET else 32  # six [block, dh] operand tiles live per step: small blocks
+    common = dict(HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+                  UPCAST=INTERPRET, PRECISION=precision)
+    if not INTERPRET:
+        common["num_warps"] = 8 if block_d > 64 else 4
+    scalars = (tq, tk, tk - tq, window, first_valid_key, 1.0 / math.sqrt(head_dim))
+    tensors = (q, k, v, grad_out, gq, gk, gv, lse, delta, e, f)
+    rows = (triton.cdiv(tq, block), batch * heads)
+    _dd_rows_kernel[rows](*tensors, grad_q, grad_do, *scalars, STATS_ONLY=True, **common)
+    _dd_rows_kernel[rows](*tensors, grad_q, grad_do, *scalars, STATS_ONLY=False, **common)
+    _dd_cols_kernel[(triton.cdiv(tk, block), batch * heads)](*tensors, grad_k, grad_v, *scalars,
+                                                             **common)
+    return grad_q, grad_k, grad_v, grad_do
