@@ -9,13 +9,16 @@ it here, so `PYTHONPATH` or `pip install` are not needed.
 
 1. correctness (bf16 and fp32): our Triton kernel vs the fp32 PyTorch reference, forward and
    backward, prefix (T = 2K, k = 500) and chunk (b = 256 over [k = 1000 + b], invalid cache rows);
-   the chunk op's second order (Triton fwd/bwd + PyTorch double backward) vs the math path.
+   the chunk op's second order (Triton forward, backward, double backward) vs the math path.
 2. timings, bf16, B = 1, H = 16, dh = 128, k = 8K, T = 8K and 32K: forward and forward+backward
    of our Triton kernel, SDPA with the sliding window as a mask (what PyTorch offers for it),
    SDPA causal over the full sequence (flash; not windowed: the full-attention cost), flash-attn
    window_size if importable.
-3. meta-train step (loss forward + backward, bf16 autocast, remat 'chunk') with the suffix chunk
-   attention fused (Triton fwd/bwd + PyTorch double backward) vs math: time and peak memory.
+3. one suffix block on one chunk (b = 1K over [k = 8K + b], 16 heads, dh 128, bf16): output,
+   inner gradient (create_graph=True), outer backward; fused (Triton forward, backward and double
+   backward) vs math: time and peak memory.
+4. meta-train step (loss forward + backward, bf16 autocast, remat 'chunk') with the suffix chunk
+   attention fused (Triton forward, backward, double backward) vs math: time and peak memory.
 """
 
 from __future__ import annotations
@@ -157,6 +160,37 @@ def timings(device: str, smoke: bool, repeats: int) -> list[dict]:
     return rows
 
 
+def suffix_second_order(device: str, smoke: bool, repeats: int) -> list[dict]:
+    """One suffix block on one chunk as the meta step runs it: output, inner gradient with
+    create_graph=True, outer backward through both; fused (Triton fwd/bwd/double bwd) vs math."""
+    from ttte2e.kernels.attention import chunk_attention
+
+    heads, dim, chunk, window = (2, 16, 8, 16) if smoke else (16, 128, 1024, 8192)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    q = torch.randn(1, heads, chunk, dim, device=device, dtype=dtype).requires_grad_()
+    k, v = (torch.randn(1, heads, window + chunk, dim, device=device, dtype=dtype).requires_grad_()
+            for _ in range(2))
+    row = dict(heads=heads, head_dim=dim, chunk=chunk, window=window, dtype=str(dtype))
+    for backend in ("fused", "math"):
+        if smoke and backend == "fused":
+            backend_used = "triton"
+        else:
+            backend_used = backend
+
+        def pattern():
+            out = chunk_attention(q, k, v, window, 0, backend=backend_used)
+            inner = torch.autograd.grad((out.float() ** 2).sum(), (q, k, v), create_graph=True)
+            torch.autograd.grad(out.float().sum() + sum((g.float() ** 2).sum() for g in inner), (q, k, v))
+
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row[f"{backend}_ms"] = 1e3 * timed(pattern, device, repeats)
+        if device == "cuda":
+            row[f"{backend}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["fused_over_math_time"] = row["fused_ms"] / row["math_ms"]
+    return [row]
+
+
 def sliding_triton(q, k, v, window):
     from ttte2e.kernels.attention import sliding_window_attention
     return sliding_window_attention(q, k, v, window, backend="triton")
@@ -203,7 +237,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run under TRITON_INTERPRET=1)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["correctness", "timings", "meta"], default=None)
+    parser.add_argument("--only", choices=["correctness", "timings", "suffix", "meta"], default=None)
     args = parser.parse_args()
     import_ttte2e()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -214,6 +248,7 @@ def main() -> None:
     repeats = 1 if args.smoke else args.repeats
     for name, fn in (("correctness", lambda: correctness(device, args.smoke)),
                      ("timings", lambda: timings(device, args.smoke, repeats)),
+                     ("suffix_second_order", lambda: suffix_second_order(device, args.smoke, repeats)),
                      ("meta_step", lambda: meta_step(device, args.smoke, repeats))):
         if args.only and not name.startswith(args.only):
             continue

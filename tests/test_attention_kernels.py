@@ -275,6 +275,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert report["correctness"]["ok"] and report["meta_step"]["loss_fused"] == pytest.approx(
         report["meta_step"]["loss_math"], rel=1e-5)
     assert {"triton_fwd_ms", "triton_fwdbwd_ms", "sdpa_full_causal_fwd_ms"} <= set(report["timings"][0])
+    assert report["suffix_second_order"][0]["fused_ms"] > 0
 
 
 def test_chunk_op_under_autocast_casts_like_the_math_path():
