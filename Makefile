@@ -28,6 +28,7 @@ test-fast: install
 
 bench: install
 	$(PY) pipelines/bench_meta_step.py
+	$(PY) pipelines/bench_attention.py
 
 clean:
 	rm -rf runs .pytest_cache
