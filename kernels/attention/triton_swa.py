@@ -8,9 +8,9 @@ j >= first_valid_key":
 
 Every query block only visits the key blocks inside its window (and every key block only the
 query blocks that see it), so work and memory are O(T * window). The forward also returns the
-row log-sum-exp (natural log, float32) that the backward uses to recompute probabilities.
-The backward is first order; the double backward of the suffix op is written in PyTorch
-(chunk.py) on top of these kernels.
+row log-sum-exp (natural log, float32) that the backward passes use to recompute probabilities.
+`attention_double_backward` differentiates the backward once more (formulas in chunk.py) in three
+passes; chunk.py registers all three as ops.
 
 Under TRITON_INTERPRET=1 (CPU tests) tiles are upcast to float32 right after loading: the
 interpreter mishandles bfloat16 arithmetic. On GPU, bf16/fp16 tiles go to tensor cores as they are
