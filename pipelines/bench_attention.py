@@ -1,13 +1,14 @@
 """Benchmark the attention ops on the CPU: the suffix op in the meta-train step, the prefix op's memory.
 
-    python pipelines/bench_attention.py                  # everything (~10 min on 2 cores)
+    python pipelines/bench_attention.py                  # everything (~3 min on 2 cores)
     python pipelines/bench_attention.py --only step      # or: memory, prefix
 
 step:   meta-train step (loss forward + backward, float32, remat 'chunk') with the suffix chunk
         attention 'fused' (registered ops, hand-written double backward) vs 'math' (matmul +
         softmax through autograd, what the official code runs); interleaved rounds, medians,
         ratio fused / math measured in the same run.
-memory: peak resident memory of one such step, fused vs math, each in a fresh process.
+memory: peak resident memory of one such step, fused vs math, each in a fresh process, also at a
+        long-context shape (T 8K, k 4K, b 512; memory only, one step ~20 s).
 prefix: peak memory and time of sliding-window attention forward + backward at T = 16K,
         blocked (O(T * k)) vs the dense T x T path, each in a fresh process.
 Memory = VmHWM during the measured work minus VmRSS just before it (peak reset via clear_refs).
@@ -36,6 +37,12 @@ STEP_CONFIGS = [
                    mlp_hidden=512, seq_len=1024, window=256, chunk_size=128), 2),
     ("long-window", dict(vocab_size=2048, d_model=128, n_layers=4, n_ttt_blocks=2, n_heads=2,
                          mlp_hidden=256, seq_len=2048, window=1024, chunk_size=128), 1),
+]
+# Memory only (one step is ~20 s here): T 8K, k 4K, b 512, where the suffix attention's
+# b x (k+b) matrices are a large part of one chunk's graph.
+MEMORY_CONFIGS = STEP_CONFIGS + [
+    ("long-context", dict(vocab_size=1024, d_model=256, n_layers=4, n_ttt_blocks=2, n_heads=4,
+                          mlp_hidden=512, seq_len=8192, window=4096, chunk_size=512), 1),
 ]
 PREFIX = dict(seq=16384, window=1024, heads=1, head_dim=64)
 # One suffix block's attention on one chunk at a long-context shape: b = 512 queries over
@@ -99,7 +106,7 @@ def _probe(kind: str, arg) -> dict:
         tiny = dict(vocab_size=64, d_model=16, n_layers=2, n_ttt_blocks=1, n_heads=2,
                     mlp_hidden=32, seq_len=32, window=16, chunk_size=8)
         _step(*_make(tiny, 1), backend)
-        fields, batch = next((f, b) for n, f, b in STEP_CONFIGS if n == name)
+        fields, batch = next((f, b) for n, f, b in MEMORY_CONFIGS if n == name)
         model, tokens = _make(fields, batch)
         return _measure(lambda: _step(model, tokens, backend))
     if kind == "suffix":
@@ -185,11 +192,12 @@ def main() -> None:
         print("| config | fused MB | math MB | fused / math |")
         print("|---|---|---|---|")
         results["memory"] = []
-        for name, _, _ in STEP_CONFIGS:
-            fused = run_probe("step", [name, "fused"])["peak_mb"]
-            math_ = run_probe("step", [name, "math"])["peak_mb"]
-            results["memory"].append(dict(config=name, fused_mb=fused, math_mb=math_))
-            print(f"| {name} | {fused:.0f} | {math_:.0f} | {fused / math_:.2f} |")
+        for name, _, _ in MEMORY_CONFIGS:
+            fused = run_probe("step", [name, "fused"])
+            math_ = run_probe("step", [name, "math"])
+            results["memory"].append(dict(config=name, fused_mb=fused["peak_mb"], math_mb=math_["peak_mb"]))
+            print(f"| {name} | {fused['peak_mb']:.0f} | {math_['peak_mb']:.0f} | "
+                  f"{fused['peak_mb'] / math_['peak_mb']:.2f} |")
     if args.only in (None, "suffix"):
         print(f"\nsuffix attention, one block and chunk: {SUFFIX}, batch 1, float32; output, inner "
               "gradient (create_graph=True), outer backward; fresh process per path")
