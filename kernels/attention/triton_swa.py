@@ -66,8 +66,8 @@ if AVAILABLE:
                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)  # element offsets exceed int32 at long T x batch
+        h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -116,8 +116,8 @@ if AVAILABLE:
                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)  # element offsets exceed int32 at long T x batch
+        h = (pid_bh % H).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -170,8 +170,8 @@ if AVAILABLE:
                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)  # element offsets exceed int32 at long T x batch
+        h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -245,8 +245,8 @@ if AVAILABLE:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        q_base = pid_bh * TQ * HEAD_DIM
-        k_base = pid_bh * TK * HEAD_DIM
+        q_base = pid_bh.to(tl.int64) * TQ * HEAD_DIM
+        k_base = pid_bh.to(tl.int64) * TK * HEAD_DIM
         q = _load_rows(Q + q_base, offs_m, TQ, offs_d, HEAD_DIM, UPCAST)
         do = _load_rows(DO + q_base, offs_m, TQ, offs_d, HEAD_DIM, UPCAST)
         gq = _load_rows(GQ + q_base, offs_m, TQ, offs_d, HEAD_DIM, UPCAST)
@@ -303,8 +303,8 @@ if AVAILABLE:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q_base = pid_bh * TQ * HEAD_DIM
-        k_base = pid_bh * TK * HEAD_DIM
+        q_base = pid_bh.to(tl.int64) * TQ * HEAD_DIM
+        k_base = pid_bh.to(tl.int64) * TK * HEAD_DIM
         k = _load_rows(K + k_base, offs_n, TK, offs_d, HEAD_DIM, UPCAST)
         v = _load_rows(V + k_base, offs_n, TK, offs_d, HEAD_DIM, UPCAST)
         gk = _load_rows(GK + k_base, offs_n, TK, offs_d, HEAD_DIM, UPCAST)
