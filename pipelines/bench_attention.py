@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
 from ttte2e.kernels.attention import chunk_attention, chunk_backend, reference
 from ttte2e.model import TTTConfig, TTTModel
 
@@ -49,14 +50,6 @@ PREFIX = dict(seq=16384, window=1024, heads=1, head_dim=64)
 # [k = 4096 cache + chunk], the pattern of the inner loop (output, inner gradient with
 # create_graph=True, then the outer backward through both).
 SUFFIX = dict(heads=4, chunk=512, window=4096, head_dim=64)
-
-
-def _read_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _measure(work) -> dict:

@@ -130,7 +130,7 @@ def correctness(device: str, smoke: bool) -> dict:
 def timings(device: str, smoke: bool, repeats: int) -> list[dict]:
     import torch.nn.functional as F
 
-    from ttte2e.kernels.attention import flash, reference
+    from ttte2e.kernels.attention import flash, reference, sliding_window_attention
 
     heads, dim, window = (2, 16, 16) if smoke else (16, 128, 8192)
     seqs = (64,) if smoke else (8192, 32768)
@@ -140,7 +140,7 @@ def timings(device: str, smoke: bool, repeats: int) -> list[dict]:
         q, k, v = (torch.randn(1, heads, seq, dim, device=device, dtype=dtype).requires_grad_()
                    for _ in range(3))
         upstream = torch.randn_like(q)
-        paths = {"triton": lambda: sliding_triton(q, k, v, window),
+        paths = {"triton": lambda: sliding_window_attention(q, k, v, window, backend="triton"),
                  "sdpa_full_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
         if seq <= 8192 or smoke:  # a T x T boolean mask at 32K is 1 GiB and slow: skipped there
             positions = torch.arange(seq, device=device)
@@ -172,10 +172,7 @@ def suffix_second_order(device: str, smoke: bool, repeats: int) -> list[dict]:
             for _ in range(2))
     row = dict(heads=heads, head_dim=dim, chunk=chunk, window=window, dtype=str(dtype))
     for backend in ("fused", "math"):
-        if smoke and backend == "fused":
-            backend_used = "triton"
-        else:
-            backend_used = backend
+        backend_used = "triton" if smoke and backend == "fused" else backend  # CPU: force Triton
 
         def pattern():
             out = chunk_attention(q, k, v, window, 0, backend=backend_used)
@@ -189,11 +186,6 @@ def suffix_second_order(device: str, smoke: bool, repeats: int) -> list[dict]:
             row[f"{backend}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     row["fused_over_math_time"] = row["fused_ms"] / row["math_ms"]
     return [row]
-
-
-def sliding_triton(q, k, v, window):
-    from ttte2e.kernels.attention import sliding_window_attention
-    return sliding_window_attention(q, k, v, window, backend="triton")
 
 
 def meta_step(device: str, smoke: bool, repeats: int) -> dict:

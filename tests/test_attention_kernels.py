@@ -58,7 +58,7 @@ def test_triton_forward_and_backward_match_reference(shape, nan_empty):
     out, lse = triton_swa.attention_forward(q.detach(), k.detach(), v.detach(), window, first_valid)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dim)
-    visible = chunk._visible(n_q, n_k, window, first_valid, q.device)
+    visible = reference.chunk_visibility(n_q, n_k, window, first_valid, q.device)
     torch.testing.assert_close(lse, scores.masked_fill(~visible, -math.inf).logsumexp(-1),
                                rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(expected)
@@ -192,10 +192,9 @@ def test_bad_input_is_named():
         attention.chunk_attention(q, k, v, 0)
     with pytest.raises(TypeError, match="float16/bfloat16/float32"):
         triton_swa.attention_forward(q.double(), k.double(), v.double(), 4)
-    with pytest.raises(RuntimeError, match="flash-attn"):
-        if flash.flash_attn_func is None:
+    if flash.flash_attn_func is None:  # installed (GPU machines): nothing to refuse
+        with pytest.raises(RuntimeError, match="flash-attn"):
             flash.sliding_window_attention(q, q, q, 4)
-        raise RuntimeError("flash-attn installed: nothing to check")
 
 
 def test_prefix_dispatch_order(monkeypatch):

@@ -32,13 +32,7 @@ import torch
 from torch import Tensor
 
 from . import triton_swa
-
-
-def _visible(n_q: int, n_k: int, window: int, first_valid_key: int, device) -> Tensor:
-    q_pos = torch.arange(n_k - n_q, n_k, device=device)
-    k_pos = torch.arange(n_k, device=device)
-    diff = q_pos[:, None] - k_pos[None, :]
-    return (diff >= 0) & (diff < window) & (k_pos >= first_valid_key)[None, :]
+from .reference import chunk_visibility
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -53,13 +47,13 @@ def _scores(q: Tensor, k: Tensor) -> Tensor:
 def _probs(q: Tensor, k: Tensor, lse: Tensor, window: int, first_valid_key: int) -> Tensor:
     """P = exp(c Q K^T - lse), zero where not visible."""
     scores = _scores(q, k)
-    visible = _visible(q.shape[-2], k.shape[-2], window, first_valid_key, q.device)
+    visible = chunk_visibility(q.shape[-2], k.shape[-2], window, first_valid_key, q.device)
     return scores.sub_(lse[..., None].to(scores.dtype)).exp_().masked_fill_(~visible, 0.0)
 
 
 def torch_forward(q, k, v, window: int, first_valid_key: int) -> tuple[Tensor, Tensor]:
     scores = _scores(q, k)
-    visible = _visible(q.shape[-2], k.shape[-2], window, first_valid_key, q.device)
+    visible = chunk_visibility(q.shape[-2], k.shape[-2], window, first_valid_key, q.device)
     scores.masked_fill_(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = scores.sub_(lse[..., None]).exp_()

@@ -68,14 +68,19 @@ def blocked_sliding_window_attention(q, k, v, window: int, block_size: int | Non
     return torch.cat(out, dim=-2)
 
 
+def chunk_visibility(n_q: int, n_k: int, window: int, first_valid_key: int, device) -> torch.Tensor:
+    """Boolean [n_q, n_k] mask of the last n_q of n_k positions: window, and no key below
+    first_valid_key."""
+    q_pos = torch.arange(n_k - n_q, n_k, device=device)
+    k_pos = torch.arange(n_k, device=device)
+    return window_mask(q_pos, k_pos, window) & (k_pos >= first_valid_key)[None, :]
+
+
 def chunk_attention(q, k, v, window: int, first_valid_key: int = 0) -> torch.Tensor:
     """Attention of a chunk of b queries over a [cache + chunk] buffer of W + b keys.
 
     Query i sits at buffer index W + i (W = buffer length - b); keys with buffer index below
     first_valid_key (cache rows before the sequence start) are masked. Differentiable twice.
     """
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    q_pos = torch.arange(n_k - n_q, n_k, device=q.device)
-    k_pos = torch.arange(n_k, device=q.device)
-    visible = window_mask(q_pos, k_pos, window) & (k_pos >= first_valid_key)[None, :]
+    visible = chunk_visibility(q.shape[-2], k.shape[-2], window, first_valid_key, q.device)
     return masked_attention(q, k, v, visible)
