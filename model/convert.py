@@ -1,6 +1,6 @@
 """Converters between the official TTT-E2E parameters/config and ours.
 
-Official layout (FORMAT.md 2.1): per-block tensors stacked on a leading [L] axis, the prime MLPs
+Official layout (tests/data/README.md): per-block tensors stacked on a leading [L] axis, the prime MLPs
 and their norms stacked on [S] (index s = block L-S+s), linear weights stored [in, out].
 Ours: one nn.Module per block, nn.Linear weights [out, in].
 """

@@ -1,6 +1,6 @@
 """The TTT inner loop over the suffix blocks, chunk by chunk, and its rematerialization.
 
-For each chunk c (FORMAT.md section 4): run the suffix blocks on the chunk with the current fast
+For each chunk c (as the official code does): run the suffix blocks on the chunk with the current fast
 weights theta_c (attention over a per-block cache of the W previous positions + the chunk), take
 the masked mean next-token loss l_c, its partial gradient w.r.t. theta_c (create_graph=True when
 the meta-gradient is wanted), clip it by its global norm over all suffix blocks (per sequence), and

@@ -1,6 +1,6 @@
 """Building blocks: RMSNorm, interleaved RoPE, SwiGLU, QK-normed attention, the (TTT) block.
 
-Conventions of the official code (../shared/reference/FORMAT.md section 3): sandwich norms
+Conventions of the official code (tests/data/README.md; what the official model computes): sandwich norms
 (pre and post), QK-norm before RoPE with one [head_dim] gain shared by all heads, RoPE on
 interleaved pairs (x[2i], x[2i+1]), no biases. Weights are nn.Linear ([out, in]); the converter
 transposes the official [in, out] layout.

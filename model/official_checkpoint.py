@@ -1,6 +1,6 @@
 """Read checkpoints written by the official TTT-E2E code (orbax: per-item OCDBT key-value stores
 holding zarr arrays) without JAX. tensorstore reads the stores (local, s3://, gs://); names are
-the official parameter keys (FORMAT.md 2.1). Layout: ../shared/reference/CHECKPOINT.md.
+the official parameter keys; tests/data/official_ckpt_tiny_a is an example the official saver wrote.
 """
 
 from __future__ import annotations

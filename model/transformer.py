@@ -2,8 +2,8 @@
 
 References:
 - Tandon et al., "End-to-End Test-Time Training for Long Context", arXiv 2512.23675 (the method).
-- The official JAX code, github.com/test-time-training/e2e; ../shared/reference/FORMAT.md describes
-  what it computes, and tests/test_parity.py holds this model to it.
+- The official JAX code, github.com/test-time-training/e2e; tests/data/ holds numbers it
+  computed, and tests/test_parity.py holds this model to it.
 - nanoGPT model.py (layout of this file), torchtitan llama3 (single-device model, parallelism
   applied from outside).
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_case, reference_cases
+from conftest import case_params, load_case, reference_cases
 from ttte2e.model import TTTModel, preset
 from ttte2e.model.decode import decode_step, generate, prefill, sample_next, stream_generate
 
@@ -92,7 +92,8 @@ def test_decode_state_size_is_bounded_for_ttt_and_grows_for_full_attention(model
     assert sizes["full"][-1] - sizes["full"][40] == (len(sizes["full"]) - 41) * per_token
 
 
-@pytest.mark.parametrize("case", reference_cases(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("case", case_params(reference_cases()),
+                         ids=lambda p: p.stem if p else "none")
 def test_prefill_reproduces_the_official_nll(case):
     data, model = load_case(case)
     _, nll = prefill(model, torch.from_numpy(data["tokens"]).long())

@@ -17,6 +17,8 @@ from ttte2e.model.official_checkpoint import (OfficialCheckpointError, checkpoin
 
 CKPT = REFERENCE_DIR / "official_ckpt_tiny_a"
 CASE_A = REFERENCE_DIR / "ttt_e2e_tiny_a.npz"
+pytestmark = pytest.mark.skipif(not (CKPT.is_dir() and CASE_A.is_file()),
+                                reason=f"no official checkpoint example under {REFERENCE_DIR}")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Parity with numbers produced by the official JAX code (../shared/reference/FORMAT.md).
+"""Parity with numbers produced by the official JAX code (tests/data/README.md).
 
 Every case file found is checked (case A ships; others with other sizes use the same keys), for
 the plain and the BOS batch, with and without TTT, under every remat mode.
@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_case, reference_cases
+from conftest import REFERENCE_DIR, case_params, load_case, reference_cases
 from ttte2e.model.convert import state_dict_to_official
 
 CASES = reference_cases()
 BATCHES = ["", "bos."]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda p: p.stem)
+def test_reference_data_ships():
+    """The repo carries its own reference data: a clone alone runs the parity tests."""
+    assert (REFERENCE_DIR / "ttt_e2e_tiny_a.npz").is_file(), REFERENCE_DIR
+    assert (REFERENCE_DIR / "official_ckpt_tiny_a" / "10" / "model_weights").is_dir()
+
+
+@pytest.fixture(scope="module", params=case_params(CASES), ids=lambda p: p.stem if p else "none")
 def case(request):
     return load_case(request.param)
 
@@ -59,7 +65,7 @@ def test_no_ttt_matches_official(case, batch):
     np.testing.assert_allclose(out.token_nll.numpy(), data[batch + "nll_no_ttt"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(out.chunk_loss.numpy(), data[batch + "chunk_loss_no_ttt"], rtol=0,
                                atol=1e-5)
-    # FORMAT.md: nll_no_ttt equals one ordinary forward pass over the whole sequence
+    # the reference data: nll_no_ttt equals one ordinary forward pass over the whole sequence
     np.testing.assert_allclose(plain.token_nll.numpy(), data[batch + "nll_no_ttt"], rtol=0,
                                atol=1e-5)
 
