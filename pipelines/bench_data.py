@@ -1,9 +1,11 @@
 """Benchmark: tokenization throughput of prepare_data and the training stream's throughput,
 against the tiny preset's consumption (meta-train tokens/s) on this machine.
 
-    python pipelines/bench_data.py [--docs 800] [--steps 6]
+    python pipelines/bench_data.py [--docs 800] [--steps 6] [--seq-len 512]
 
-Target: the stream delivers >= 10x what training consumes.
+Target: the stream delivers >= 10x what training consumes. Also the read amplification of the
+shuffled training stream (tokens decoded / tokens used) with 1..8 ranks, each reading its own
+windows of every global batch, at two row-group sizes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ttte2e.model import TTTModel, preset
-from ttte2e.platform.data import StreamSpec, for_rank, iter_batches, train_dataset
+from ttte2e.platform.data import StreamSpec, WindowReader, for_rank, iter_batches, train_dataset
 from ttte2e.platform.demo_corpus import stdlib_documents
 from ttte2e.platform.prepare import PrepareOptions, prepare
 
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=800, help="stdlib documents in the corpus")
     parser.add_argument("--files", type=int, default=8, help="input jsonl files")
     parser.add_argument("--steps", type=int, default=6, help="meta-train steps timed")
+    parser.add_argument("--seq-len", type=int, default=512, help="T of the amplification runs")
     args = parser.parse_args()
     cfg = preset("tiny")
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
@@ -73,10 +76,33 @@ def main() -> None:
         model.meta_loss(tokens_t).loss.backward()
     results["consumption_tiny"] = args.steps * tokens_t.numel() / (time.perf_counter() - start)
 
+    amplification = []
+    for group in (args.seq_len // 4, args.seq_len * 4):
+        ds = str(work / f"ds-rg{group}")
+        prepare(PrepareOptions(input=str(raw), output=ds, tokenizer=str(tok_ds / "tokenizer.json"),
+                               shard_tokens=1_000_000, row_group_tokens=group),
+                use_ray=False, log=lambda *_: None)
+        for ranks in (1, 2, 4, 8):
+            spec = StreamSpec(ds, seq_len=args.seq_len, global_batch=8, world_size=ranks)
+            readers = [WindowReader(ds, "train", args.seq_len) for _ in range(ranks)]
+            for step in range(spec.steps_per_epoch(readers[0])):  # one epoch
+                for rank, reader in enumerate(readers):
+                    spec.read(reader, 0, step, rank)
+            used = sum(r.stats.tokens_used for r in readers)
+            decoded = sum(r.stats.tokens_decoded for r in readers)
+            footer = sum(r.stats.footer_bytes for r in readers)
+            amplification.append((group, ranks, decoded / used, footer / (4 * used)))
+
     print("| what | tokens/s | x tiny consumption |")
     print("|---|---|---|")
     for name, rate in results.items():
         print(f"| {name} | {rate:,.0f} | {rate / results['consumption_tiny']:.1f} |")
+    print()
+    print(f"read amplification, T = {args.seq_len}, global batch 8 windows, one shuffled epoch:")
+    print("| row group tokens | ranks | tokens decoded / used | footer bytes / token bytes used |")
+    print("|---|---|---|---|")
+    for group, ranks, amp, footer in amplification:
+        print(f"| {group} | {ranks} | {amp:.2f} | {footer:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,39 +1,46 @@
-"""Token shards (a prepared dataset) -> training windows, deterministic, shardable, resumable.
+"""Token shards (a prepared dataset) -> training windows, shuffled, shardable, resumable, verified.
 
-Packing as in the official pipeline: the documents of the split are concatenated (BOS already
-before each one), and window k of an epoch is tokens [k*T, k*T + T + 1) of that stream, stepping
-by T: every token is a target exactly once per epoch; a window may span documents.
+Packing as in the official pipeline: the documents of a split are concatenated (BOS already
+before each one; shards in manifest order), and window w is tokens [w*T, w*T + T + 1) of that
+stream, stepping by T: every token is a target exactly once per epoch; a window may span
+documents and shards.
 
-Order: each epoch concatenates the shards in a permutation drawn from (seed, epoch); documents keep
-their order inside a shard. Step s of an epoch uses windows [s*G, (s+1)*G) (G = global batch in
-windows); rank r of R gets the contiguous slice [r*G/R, (r+1)*G/R) of them. So the stream position
-is just (epoch, step): a checkpoint stores it, and a resumed run reads from there on (windows are
-located by token offset through the per-shard counts; nothing before them is read).
+Order as the official loader's (grain `MapDataset.shuffle(seed)` over window indices): each epoch
+visits the windows in a pseudo-random permutation drawn from (seed, epoch), a Feistel network
+over the window indices (`WindowPermutation`: bijective, O(1) memory, any position looked up
+directly). Step s of an epoch uses positions [s*G, (s+1)*G) of that order (G = global batch in
+windows); rank r of R gets positions [s*G + r*G/R, s*G + (r+1)*G/R). So a global batch is G
+windows from unrelated places of the split, the stream position is just (epoch, step), and a
+resumed run reads nothing before its position. The W mod G windows at the end of an epoch's order
+(fewer than one global batch; a different set each epoch) are not read: the plan line says how
+many.
+
+Reading: a window decodes only the parquet row groups it spans (prepare.py cuts shards into row
+groups of `row_group_tokens`), each checked against its checksum in the shard's footer, which is
+itself checked against the manifest; decoded row groups and open shard footers are cached (LRU).
+Any read error names the shard. `WindowReader.stats` counts tokens decoded against tokens used.
 
 Ray Data: `train_dataset` is a dataset of (epoch, step, rank) rows; `for_rank` filters one rank
 and reads + packs its windows (local or s3://), order preserved. `rank_datasets` gives Ray Train
 one such dataset per rank (names from `rank_dataset_name`), passed unsplit
 (`stream_data_config()`); worker r reads `ordered_batches(
-ray.train.get_dataset_shard(rank_dataset_name(r)).iter_rows(), spec, start)`. `iter_batches` is the same stream without
-Ray (single process, tests, tools).
-
-Why not `read_parquet` straight into packing: its blocks carry no stable position, so neither an
-exact resume point nor "every token once across a restart" could be guaranteed.
+ray.train.get_dataset_shard(rank_dataset_name(r)).iter_rows(), spec, start)`. `worker_stream`
+(what the trainer uses) builds the same stream inside each worker. `iter_batches` is the stream
+without Ray (single process, tests, tools).
 """
 
 from __future__ import annotations
 
-import bisect
-import io
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ttte2e.platform.prepare import read_manifest
+from ttte2e.platform.prepare import DataError, read_manifest, row_group_digest, row_group_digests
 from ttte2e.platform.storage import STORAGE_ENV_VARS, resolve
 
 
@@ -52,75 +59,223 @@ class StreamPosition:
         return cls(int(d["epoch"]), int(d["step"]))
 
 
-class WindowReader:
-    """Random access to the windows of one split of a prepared dataset."""
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
-    def __init__(self, uri: str, split: str, seq_len: int, seed: int, cache_shards: int = 2):
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class WindowPermutation:
+    """A bijection of [0, n) drawn from (seed, epoch): a balanced Feistel network on the smallest
+    even number of bits covering n, with cycle walking (values >= n are encrypted again until
+    they land in range; the domain is < 4n, so a few rounds at most on average)."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        if n < 1:
+            raise ValueError(f"a permutation of {n} windows")
+        self.n = n
+        bits = max(2, int(n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.keys = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(
+            self.ROUNDS, dtype=np.uint64)
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        with np.errstate(over="ignore"):
+            for key in self.keys:
+                left, right = right, left ^ (_mix(right ^ key) & self.mask)
+        return (left << half) | right
+
+    def __call__(self, positions) -> np.ndarray:
+        """The window indices at these positions of the epoch's order (int64)."""
+        x = np.asarray(positions, dtype=np.int64)
+        if x.size and (x.min() < 0 or x.max() >= self.n):
+            raise IndexError(f"positions outside 0..{self.n - 1}")
+        y = self._encrypt(x.astype(np.uint64))
+        out = y >= np.uint64(self.n)
+        while out.any():
+            y[out] = self._encrypt(y[out])
+            out = y >= np.uint64(self.n)
+        return y.astype(np.int64)
+
+
+@dataclass
+class ReadStats:
+    """What a reader decoded against what it handed out (read amplification = decoded / used)."""
+
+    tokens_used: int = 0
+    tokens_decoded: int = 0
+    row_groups_decoded: int = 0
+    cache_hits: int = 0
+    footer_bytes: int = 0
+    shards_opened: int = 0
+
+    @property
+    def amplification(self) -> float:
+        return self.tokens_decoded / max(1, self.tokens_used)
+
+
+class WindowReader:
+    """Random access to the windows of one split of a prepared dataset.
+
+    `read(indices)` returns windows by index; `order(epoch)` is the epoch's shuffled order. Decoded
+    row groups are kept in an LRU of `cache_tokens` tokens, open shards (their footers) in an LRU
+    of `cache_shards`."""
+
+    def __init__(self, uri: str, split: str, seq_len: int, seed: int = 0,
+                 cache_tokens: int = 4 << 20, cache_shards: int = 64):
         self.uri, self.split, self.seq_len, self.seed = uri, split, seq_len, seed
         self.manifest = read_manifest(uri)
+        self.root = resolve(uri)
         self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
         if not self.shards:
             raise ValueError(f"{uri}: no shards in split '{split}'")
-        self.n_tokens = sum(s["tokens"] for s in self.shards)
+        self.starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in self.shards])])
+        self.n_tokens = int(self.starts[-1])
         self.windows_per_epoch = (self.n_tokens - 1) // seq_len
         if self.windows_per_epoch < 1:
             raise ValueError(f"{uri} split '{split}' has {self.n_tokens} tokens: not one window of "
                              f"T+1 = {seq_len + 1}")
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_shards
-        self._orders: dict[int, tuple[list[int], list[int]]] = {}
+        self.stats = ReadStats()
+        self._groups: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._group_tokens_cached = 0
+        self._cache_tokens = cache_tokens
+        self._files: OrderedDict[int, tuple[pq.ParquetFile, list[str]]] = OrderedDict()
+        self._cache_shards = cache_shards
+        self._orders: dict[int, WindowPermutation] = {}
 
     @property
     def bos_id(self) -> int:
         return self.manifest["tokenizer"]["bos_id"]
 
-    def epoch_order(self, epoch: int) -> tuple[list[int], list[int]]:
-        """(shard indices in this epoch's order, their starting token offsets)."""
+    def order(self, epoch: int) -> WindowPermutation:
         if epoch not in self._orders:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
-            starts = np.concatenate([[0], np.cumsum([self.shards[i]["tokens"] for i in perm])[:-1]])
-            self._orders[epoch] = (perm, starts.astype(np.int64).tolist())
+            self._orders = {epoch: WindowPermutation(self.windows_per_epoch, self.seed, epoch)}
         return self._orders[epoch]
 
-    def _shard_tokens(self, index: int) -> np.ndarray:
-        path = self.shards[index]["path"]
-        if path not in self._cache:
-            data = resolve(self.uri).join(path).read_bytes()
-            table = pq.read_table(io.BytesIO(data), columns=["tokens"])
-            flat = table.column("tokens").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            if flat.size != self.shards[index]["tokens"]:
-                raise ValueError(f"{self.uri}/{path}: {flat.size} tokens, manifest says "
-                                 f"{self.shards[index]['tokens']} (corrupt or replaced shard)")
-            self._cache[path] = flat.astype(np.int32, copy=False)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(path)
-        return self._cache[path]
+    # ---- decoding, verified ------------------------------------------------------------------
+    def _shard_uri(self, index: int) -> str:
+        return self.root.join(self.shards[index]["path"]).uri
 
-    def tokens(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of this epoch's stream."""
-        perm, starts = self.epoch_order(epoch)
+    def _open(self, index: int) -> tuple[pq.ParquetFile, list[str]]:
+        if index not in self._files:
+            where = self._shard_uri(index)
+            try:
+                handle = self.root.join(self.shards[index]["path"]).open_random_access()
+                parquet = pq.ParquetFile(handle)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"{where}: cannot be read as a shard ({e})") from e
+            digests = row_group_digests(parquet, self.shards[index], where)
+            self.stats.shards_opened += 1
+            self.stats.footer_bytes += parquet.metadata.serialized_size
+            self._files[index] = (parquet, digests)
+            while len(self._files) > self._cache_shards:
+                self._files.popitem(last=False)
+        self._files.move_to_end(index)
+        return self._files[index]
+
+    def _decode(self, index: int, groups: list[int]) -> None:
+        """Decode (one read) and verify these row groups of one shard into the cache."""
+        parquet, digests = self._open(index)
+        where = self._shard_uri(index)
+        try:
+            table = parquet.read_row_groups(groups, columns=["tokens"])
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{where}: row groups {groups[0]}..{groups[-1]} cannot be read "
+                            f"({e})") from e
+        flat = table.column("tokens").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        flat = flat.astype(np.int32, copy=False)
+        per_group = self.shards[index]["row_group_tokens"]
+        total = self.shards[index]["tokens"]
+        pos = 0
+        for g in groups:
+            size = min(per_group, total - g * per_group)
+            tokens = flat[pos:pos + size]
+            pos += size
+            if tokens.size != size or row_group_digest(tokens) != digests[g]:
+                raise DataError(f"{where}: row group {g} does not match its checksum (damaged "
+                                "or replaced shard)")
+            self._groups[(index, g)] = tokens
+            self._group_tokens_cached += size
+            self.stats.tokens_decoded += size
+            self.stats.row_groups_decoded += 1
+        if pos != flat.size:
+            raise DataError(f"{where}: row groups {groups} hold {flat.size} tokens, expected {pos}")
+        while self._group_tokens_cached > self._cache_tokens and len(self._groups) > len(groups):
+            _, dropped = self._groups.popitem(last=False)
+            self._group_tokens_cached -= dropped.size
+
+    def _shard_range(self, index: int, lo: int, hi: int) -> np.ndarray:
+        """Tokens [lo, hi) of shard `index` (shard-local offsets)."""
+        per_group = self.shards[index]["row_group_tokens"]
+        wanted = list(range(lo // per_group, (hi - 1) // per_group + 1))
+        missing = [g for g in wanted if (index, g) not in self._groups]
+        self.stats.cache_hits += len(wanted) - len(missing)
+        # contiguous runs of missing groups are decoded in one read each
+        run: list[int] = []
+        for g in missing + [None]:
+            if run and (g is None or g != run[-1] + 1):
+                self._decode(index, run)
+                run = []
+            if g is not None:
+                run.append(g)
+        parts = []
+        for g in wanted:
+            self._groups.move_to_end((index, g))
+            tokens = self._groups[(index, g)]
+            a = max(lo - g * per_group, 0)
+            b = min(hi - g * per_group, tokens.size)
+            parts.append(tokens[a:b])
+        return np.concatenate(parts)
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the split's stream (shards in manifest order)."""
+        if start < 0 or stop > self.n_tokens or start > stop:
+            raise IndexError(f"tokens {start}..{stop} outside 0..{self.n_tokens}")
         out, pos = [], start
-        k = bisect.bisect_right(starts, pos) - 1
+        k = int(np.searchsorted(self.starts, pos, side="right")) - 1
         while pos < stop:
-            shard = self._shard_tokens(perm[k])
-            lo = pos - starts[k]
-            take = min(stop - pos, shard.size - lo)
-            out.append(shard[lo:lo + take])
+            lo = pos - int(self.starts[k])
+            take = min(stop - pos, int(self.starts[k + 1]) - pos)
+            out.append(self._shard_range(k, lo, lo + take))
             pos += take
             k += 1
-        return np.concatenate(out)
+        return np.concatenate(out) if out else np.zeros(0, np.int32)
 
-    def windows(self, epoch: int, first: int, count: int) -> np.ndarray:
-        """[count, T+1] int64: windows first .. first+count-1 of the epoch."""
+    def read(self, indices) -> np.ndarray:
+        """[len(indices), T+1] int64: the windows with these indices."""
+        t = self.seq_len
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.windows_per_epoch):
+            raise IndexError(f"windows {indices.tolist()} outside 0..{self.windows_per_epoch - 1}")
+        out = np.stack([self.tokens(int(w) * t, int(w) * t + t + 1) for w in indices]) \
+            if indices.size else np.zeros((0, t + 1), np.int32)
+        self.stats.tokens_used += out.size
+        return out.astype(np.int64)
+
+    def windows(self, first: int, count: int) -> np.ndarray:
+        """[count, T+1] int64: windows first .. first+count-1 in stream order (not shuffled:
+        held-out scoring reads a fixed set)."""
         if first < 0 or first + count > self.windows_per_epoch:
             raise IndexError(f"windows {first}..{first + count} outside 0..{self.windows_per_epoch}")
-        t = self.seq_len
-        flat = self.tokens(epoch, first * t, (first + count) * t + 1)
-        idx = np.arange(t + 1)[None, :] + t * np.arange(count)[:, None]
-        return flat[idx].astype(np.int64)
+        return self.read(np.arange(first, first + count))
 
-
+    def shuffled(self, epoch: int, first: int, count: int) -> np.ndarray:
+        """[count, T+1] int64: positions first .. first+count-1 of the epoch's shuffled order."""
+        if first < 0 or first + count > self.windows_per_epoch:
+            raise IndexError(f"positions {first}..{first + count} outside "
+                             f"0..{self.windows_per_epoch}")
+        return self.read(self.order(epoch)(np.arange(first, first + count)))
 @dataclass(frozen=True)
 class StreamSpec:
     """What a training stream is: dataset, split, packing and sharding."""
@@ -160,7 +315,7 @@ class StreamSpec:
 
     def read(self, reader: WindowReader, epoch: int, step: int, rank: int) -> np.ndarray:
         first = step * self.global_batch + rank * self.local_batch
-        return reader.windows(epoch, first, self.local_batch)
+        return reader.shuffled(epoch, first, self.local_batch)
 
 
 def iter_batches(spec: StreamSpec, rank: int = 0, start: StreamPosition = StreamPosition(),

@@ -41,7 +41,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
             f"{out / 'data'}")
         rc = cluster.submit([python, "pipelines/prepare_data.py", "--input", str(raw),
                              "--output", str(out / "data"), "--tokenizer", "train:4096",
-                             "--val-fraction", "0.05", "--shard-tokens", "1000000"], str(REPO))
+                             "--val-fraction", "0.05", "--shard-tokens", "1000000",
+                             "--row-group-tokens", "128"], str(REPO))
         if rc:
             raise SystemExit(f"[demo] the prepare_data job failed (exit status {rc})")
         say(f"3/5 ray job submit -- python pipelines/pretrain_3b.py --preset tiny  ({workers} "

@@ -50,7 +50,7 @@ def loss_vs_context(model: TTTModel, data: str, contexts: list[int], windows: in
             raise ValueError(f"context {context} is too short")
         reader = WindowReader(data, "val", context, seed)
         n = min(windows, reader.windows_per_epoch)
-        sample = torch.from_numpy(reader.windows(0, 0, n))
+        sample = torch.from_numpy(reader.windows(0, n))
         out[context] = {}
         for mode in modes:
             nll, mask = _masked_nll(model, sample, mode)
@@ -123,7 +123,7 @@ def niah(model: TTTModel, tokenizer_path: str, data: str, contexts: list[int],
                 room = context - len(needle) - len(query)
                 if room < 1:
                     raise ValueError(f"context {context} is too short for the needle and query")
-                hay = reader.windows(0, trial % reader.windows_per_epoch, 1)[0][:room].tolist()
+                hay = reader.windows(trial % reader.windows_per_epoch, 1)[0][:room].tolist()
                 at = int(depth * room)
                 prompt = hay[:at] + needle + hay[at:] + query
                 answer = generate(model, [prompt], max_new_tokens=len(tok.encode(" " + value).ids)

@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tracking-uri", default="", help="log the report to this MLflow URI")
     args = parser.parse_args(argv)
     try:
+        if args.tracking_uri:
+            from ttte2e.platform.registry import check_store_exists, registry_uri
+
+            args.tracking_uri = registry_uri(args.tracking_uri)  # credentials out of the URI
+            if args.model.startswith("models:/"):
+                check_store_exists(args.tracking_uri)
         model = load_model(args.model, args.tracking_uri or None)
         contexts = _ints(args.contexts)
         modes = tuple(m.strip() for m in args.modes.split(","))

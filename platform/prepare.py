@@ -1,13 +1,20 @@
 """Raw text -> tokenized parquet shards + manifest (the data issue's `prepare_data`).
 
 Inputs: a file or a folder (recursive) of .jsonl / .jsonl.gz / .jsonl.zst (one JSON object per
-line, text in a configurable field), .parquet (text column) and .txt (one document per file,
-e.g. books); local paths or s3:// URIs.
+line, text in a configurable field), .parquet (text column) and .txt / .txt.gz / .txt.zst (one
+document per file, e.g. books); local paths or s3:// URIs.
 
 Each input file is one Ray Data task: it streams its documents (bounded memory), tokenizes them
 with HF `tokenizers`, puts BOS before each document, splits train/held-out by a hash of the
-document's identity, and writes shards of at most `shard_tokens` tokens. Rows of a shard are
-documents: `tokens` (list<int32>, BOS first), `num_tokens`, `source` (file#index).
+document's identity, and writes shards of about `shard_tokens` tokens (whole documents).
+
+Shard layout (format 2), made for random access to training windows: the shard's token stream
+(its documents in order, BOS before each) is cut into parquet row groups of exactly
+`row_group_tokens` tokens (the last one shorter), so a reader decodes only the row groups a
+window spans. A row is the piece of one document inside one row group: `tokens` (list<int32>),
+`num_tokens`, `source` (file#line or file#row), `piece` (0 = the document's start, with its BOS).
+Integrity: the footer's key-value metadata `ttte2e.row_groups` lists a sha256 (128 bits) of each
+row group's tokens; the manifest records the sha256 of that list, the file's bytes and sha256.
 
 Atomic commit: shards are written first, `manifest.json` last. A folder without a manifest is not
 a dataset (readers refuse it); a later run cleans such leftovers. The manifest lists every shard
@@ -36,12 +43,16 @@ import pyarrow.parquet as pq
 from ttte2e.platform.storage import STORAGE_ENV_VARS, Location, resolve
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
+FORMAT_VERSION = 2
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt", ".txt.gz", ".txt.zst")
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]")
 _EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "[EOS]")
 SHARD_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("num_tokens", pa.int32()),
-                          ("source", pa.string())])
+                          ("source", pa.string()), ("piece", pa.int32())])
+ROW_GROUPS_KEY = b"ttte2e.row_groups"
+SHARD_FIELDS = ("path", "split", "documents", "rows", "tokens", "row_groups", "row_group_tokens",
+                "bytes", "sha256", "row_groups_sha256", "input")
 
 
 class DataError(ValueError):
@@ -65,7 +76,10 @@ class PrepareOptions:
     val_fraction: float = 0.0
     """Fraction of documents held out (by a hash of their identity) into the 'val' split."""
     shard_tokens: int = 16_000_000
-    """Upper bound of tokens per output shard."""
+    """Tokens per output shard (a shard closes at the first document end past this)."""
+    row_group_tokens: int = 2048
+    """Tokens per parquet row group: the unit a training reader decodes. A window of T+1 tokens
+    reads about (T + row_group_tokens) tokens; smaller groups mean larger footers."""
     bos_token: str = ""
     """BOS token string; empty = detect (<|begin_of_text|>, <s>, <bos>)."""
     append_eos: bool = False
@@ -133,8 +147,14 @@ def _iter_lines(loc: Location) -> Iterator[tuple[int, bytes]]:
 def iter_documents(loc: Location, text_field: str) -> Iterator[tuple[str, str, bool]]:
     """(source id, text, had invalid UTF-8) for every document of one input file."""
     name = loc.path
-    if name.endswith(".txt"):
-        text, bad = _decode(loc.read_bytes())
+    if name.endswith(TEXT_SUFFIXES):
+        try:
+            with _compressed_stream(loc) as stream:
+                raw = stream.read()
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{loc.uri}: corrupt or truncated "
+                            f"{'gzip' if name.endswith('.gz') else 'zstd'} stream: {e}") from e
+        text, bad = _decode(raw)
         yield f"{loc.uri}", text, bad
     elif name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
         for number, raw in _iter_lines(loc):
@@ -303,13 +323,56 @@ def _is_val(source: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def _shard_bytes(rows: list[tuple[list[int], str]]) -> bytes:
-    table = pa.table({"tokens": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
-                      "num_tokens": pa.array([len(r[0]) for r in rows], pa.int32()),
-                      "source": pa.array([r[1] for r in rows], pa.string())}, schema=SHARD_SCHEMA)
+def row_group_digest(tokens) -> str:
+    """sha256 (128 bits) of a row group's tokens as little-endian int32."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()[:32]
+
+
+def list_digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _shard_bytes(docs: list[tuple[list[int], str]], group_tokens: int) -> tuple[bytes, dict]:
+    """A shard of whole documents cut into row groups of group_tokens tokens; returns the file and
+    its manifest facts (rows, row groups, the sha256 of its row-group digest list)."""
+    import numpy as np
+
+    flat = np.fromiter((t for ids, _ in docs for t in ids), dtype=np.int32,
+                       count=sum(len(ids) for ids, _ in docs))
+    doc_starts = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in docs])])
+    groups, digests, doc, piece = [], [], 0, 0
+    for lo in range(0, flat.size, group_tokens):
+        hi = min(lo + group_tokens, flat.size)
+        rows = []
+        while doc < len(docs) and doc_starts[doc] < hi:
+            a, b = max(lo, doc_starts[doc]), min(hi, doc_starts[doc + 1])
+            rows.append((flat[a:b], docs[doc][1], piece))
+            if doc_starts[doc + 1] > hi:  # the document goes on in the next row group
+                piece += 1
+                break
+            doc, piece = doc + 1, 0
+        groups.append(rows)
+        digests.append(row_group_digest(flat[lo:hi]))
+    meta = json.dumps({"tokens_per_group": group_tokens, "sha256": digests}).encode()
+    schema = SHARD_SCHEMA.with_metadata({ROW_GROUPS_KEY: meta})
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
+    # statistics are of no use to a reader that addresses row groups by position; they only
+    # grow the footer every reader loads
+    with pq.ParquetWriter(sink, schema, compression="zstd", write_statistics=False) as writer:
+        for rows in groups:
+            pieces = [r[0] for r in rows]
+            offsets = np.concatenate([[0], np.cumsum([p.size for p in pieces])]).astype(np.int32)
+            tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                              pa.array(np.concatenate(pieces), pa.int32()))
+            table = pa.table({"tokens": tokens,
+                              "num_tokens": pa.array([p.size for p in pieces], pa.int32()),
+                              "source": pa.array([r[1] for r in rows], pa.string()),
+                              "piece": pa.array([r[2] for r in rows], pa.int32())}, schema=schema)
+            writer.write_table(table, row_group_size=len(rows))
+    return sink.getvalue(), dict(rows=sum(len(g) for g in groups), row_groups=len(groups),
+                                 row_group_tokens=group_tokens, row_groups_sha256=list_digest(meta))
 
 
 def process_file(file_index: int, input_uri: str, output_uri: str, opts: PrepareOptions,
@@ -330,12 +393,12 @@ def process_file(file_index: int, input_uri: str, output_uri: str, opts: Prepare
         rows = pending[split]
         if not rows:
             return
-        data = _shard_bytes(rows)
+        data, facts = _shard_bytes(rows, opts.row_group_tokens)
         rel = f"{split}/part-{file_index:05d}-{seq[split]:04d}.parquet"
         out.join(rel).write_bytes(data)
-        records.append(dict(kind="shard", path=rel, split=split, rows=len(rows),
+        records.append(dict(kind="shard", path=rel, split=split, documents=len(rows),
                             tokens=sum(len(r[0]) for r in rows), bytes=len(data),
-                            sha256=hashlib.sha256(data).hexdigest(), input=input_uri))
+                            sha256=hashlib.sha256(data).hexdigest(), input=input_uri, **facts))
         seq[split] += 1
         pending[split], pending_tokens[split] = [], 0
 
@@ -389,7 +452,89 @@ def read_manifest(uri: str) -> dict:
     if not loc.exists():
         raise DataError(f"{uri} is not a finished dataset: no {MANIFEST} (a run that did not "
                         "complete, or not a dataset folder)")
-    return json.loads(loc.read_bytes())
+    try:
+        manifest = json.loads(loc.read_bytes())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{loc.uri} is damaged: not valid JSON ({e.msg})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{uri} is a format-{version} dataset; this version reads format "
+                        f"{FORMAT_VERSION} (row-group shards with checksums): re-run "
+                        "pipelines/prepare_data.py on the same input with --overwrite")
+    return manifest
+
+
+# ---- integrity ---------------------------------------------------------------------------------
+def shard_size_problems(uri: str, manifest: dict, splits=("train", "val")) -> list[str]:
+    """Shards of `splits` that are missing or whose size differs from the manifest, from one
+    listing of the dataset folder (cheap on S3): one line per damaged shard."""
+    root = resolve(uri)
+    sizes = {f.uri[len(root.uri) + 1:]: f.size() for f in root.list_files()}
+    problems = []
+    for shard in manifest["shards"]:
+        if shard["split"] not in splits:
+            continue
+        where = root.join(shard["path"]).uri
+        if shard["path"] not in sizes:
+            problems.append(f"{where}: missing")
+        elif sizes[shard["path"]] != shard["bytes"]:
+            problems.append(f"{where}: {sizes[shard['path']]} bytes, the manifest says "
+                            f"{shard['bytes']} (truncated or replaced)")
+    return problems
+
+
+def check_shard_sizes(uri: str, manifest: dict, splits=("train", "val")) -> None:
+    problems = shard_size_problems(uri, manifest, splits)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError(f"{uri}: {len(problems)} damaged shard(s): " + "; ".join(problems[:5])
+                        + more)
+
+
+def row_group_digests(parquet_file, shard: dict, where: str) -> list[str]:
+    """The footer's per-row-group digests, checked against the manifest's hash of the list."""
+    meta = (parquet_file.schema_arrow.metadata or {}).get(ROW_GROUPS_KEY)
+    if meta is None or list_digest(meta) != shard["row_groups_sha256"]:
+        raise DataError(f"{where}: its row-group checksums do not match the manifest "
+                        "(damaged or replaced shard)")
+    digests = json.loads(meta)["sha256"]
+    if len(digests) != shard["row_groups"] or parquet_file.num_row_groups != shard["row_groups"]:
+        raise DataError(f"{where}: {parquet_file.num_row_groups} row groups, the manifest says "
+                        f"{shard['row_groups']} (damaged or replaced shard)")
+    return digests
+
+
+def verify_dataset(uri: str, log=print) -> list[str]:
+    """Every shard's size and sha256 and its footer's checksum list, and the tokenizer file,
+    against the manifest. Returns the problems (empty: the dataset is intact)."""
+    manifest = read_manifest(uri)
+    root = resolve(uri)
+    problems = shard_size_problems(uri, manifest)
+    damaged = {p.split(": ", 1)[0] for p in problems}
+    for shard in manifest["shards"]:
+        loc = root.join(shard["path"])
+        if loc.uri in damaged:
+            continue
+        try:
+            data = loc.read_bytes()
+            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                problems.append(f"{loc.uri}: sha256 differs from the manifest (content replaced "
+                                "or damaged)")
+                continue
+            row_group_digests(pq.ParquetFile(io.BytesIO(data)), shard, loc.uri)
+        except (OSError, pa.ArrowException, DataError) as e:
+            problems.append(f"{loc.uri}: {e}")
+    tok = root.join(manifest["tokenizer"]["file"])
+    if not tok.exists():
+        problems.append(f"{tok.uri}: missing")
+    elif hashlib.sha256(tok.read_bytes()).hexdigest() != manifest["tokenizer"]["sha256"]:
+        problems.append(f"{tok.uri}: sha256 differs from the manifest")
+    log(f"{uri}: {len(manifest['shards'])} shard(s), "
+        f"{sum(s['bytes'] for s in manifest['shards']):,} bytes checked: "
+        + ("intact" if not problems else f"{len(problems)} problem(s)"))
+    for line in problems:
+        log(f"  DAMAGED {line}")
+    return problems
 
 
 def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
@@ -401,6 +546,10 @@ def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
     if manifest.exists():
         existing = json.loads(manifest.read_bytes())
         if existing.get("dataset_key") == key and not overwrite:
+            problems = verify_dataset(out.uri, log=lambda *_: None)
+            if problems:
+                raise DataError(f"{out.uri} holds this dataset but it is damaged ("
+                                + "; ".join(problems[:5]) + "); pass --overwrite to rebuild it")
             return True
         if not overwrite:
             raise DataError(f"{out.uri} already holds a different dataset (dataset_key "
@@ -424,8 +573,8 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
     """Run the whole job; returns the manifest."""
     if not 0.0 <= opts.val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {opts.val_fraction}")
-    if opts.min_tokens < 0 or opts.shard_tokens <= 0:
-        raise ValueError("min_tokens must be >= 0 and shard_tokens > 0")
+    if opts.min_tokens < 0 or opts.shard_tokens <= 0 or opts.row_group_tokens <= 0:
+        raise ValueError("min_tokens must be >= 0, shard_tokens and row_group_tokens > 0")
     start = time.time()
     inputs, skipped_files = discover_inputs(opts.input)
     log(f"input: {len(inputs)} file(s) under {opts.input}"
@@ -458,7 +607,7 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
     if totals.documents_written == 0:
         raise DataError(f"input {opts.input} produced no documents ({asdict(totals)}): empty "
                         "input, or every document was empty or under --min-tokens")
-    splits = {s: dict(documents=sum(r["rows"] for r in shards if r["split"] == s),
+    splits = {s: dict(documents=sum(r["documents"] for r in shards if r["split"] == s),
                       tokens=sum(r["tokens"] for r in shards if r["split"] == s),
                       shards=sum(1 for r in shards if r["split"] == s)) for s in ("train", "val")}
     manifest = dict(
@@ -470,8 +619,7 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
                        bos_token=tok.bos_token, file="tokenizer.json"),
         inputs=dict(files=len(inputs), skipped_unsupported=skipped_files),
         counts=asdict(totals), splits=splits,
-        shards=[{k: r[k] for k in ("path", "split", "rows", "tokens", "bytes", "sha256", "input")}
-                for r in shards],
+        shards=[{k: r[k] for k in SHARD_FIELDS} for r in shards],
         seconds=round(time.time() - start, 2))
     out.join(MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())  # the commit point
     log(f"done: {splits['train']['documents']} train / {splits['val']['documents']} held-out "

@@ -7,12 +7,14 @@ import dataclasses
 import sys
 
 from ttte2e.platform.cli import field_docs
-from ttte2e.platform.prepare import DataError, PrepareOptions, prepare
+from ttte2e.platform.prepare import DataError, PrepareOptions, prepare, verify_dataset
 from ttte2e.platform.storage import StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PrepareOptions, bool]:
-    parser = argparse.ArgumentParser(description="Tokenize raw text into TTT-E2E token shards.")
+    parser = argparse.ArgumentParser(
+        description="Tokenize raw text into TTT-E2E token shards. "
+                    "`--verify OUTPUT` checks a finished dataset instead (exit 1 on damage).")
     docs = field_docs(PrepareOptions)
     for f in dataclasses.fields(PrepareOptions):
         flag = "--" + f.name.replace("_", "-")
@@ -32,8 +34,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[PrepareOptions, bool]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts, no_ray = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["--verify"]:
+            if len(argv) != 2:
+                raise ValueError("usage: prepare_data.py --verify OUTPUT")
+            # sizes, checksums of every shard and of its row-group list, the tokenizer file
+            sys.exit(1 if verify_dataset(argv[1]) else 0)
+        opts, no_ray = parse_args(argv)
         prepare(opts, use_ray=not no_ray)
     except (DataError, StorageError, FileNotFoundError, ValueError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)

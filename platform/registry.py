@@ -46,11 +46,23 @@ class LoadedModel(NamedTuple):
 def registry_uri(setting: str = "") -> str:
     """The flag, else MLFLOW_TRACKING_URI; there is no silent default (a wrong registry would look
     like an empty one)."""
+    from ttte2e.platform.tracking import strip_credentials
+
     uri = setting or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         raise RegistryError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///"
                             "runs/mlflow.db or http://host:5000) or set MLFLOW_TRACKING_URI")
-    return uri
+    return strip_credentials(uri)
+
+
+def check_store_exists(uri: str) -> None:
+    """Reading commands (pull, list, evaluate) refuse a sqlite store that does not exist: MLflow
+    would create an empty one, and a mistyped path would look like an empty registry."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise RegistryError(f"{uri}: no such MLflow database (a mistyped path? reading "
+                                "commands never create one)")
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
@@ -69,8 +81,20 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
 
 
 def model_folder(uri: str) -> Location:
-    """A model folder (config.json + safetensors) or a training checkpoint's model/ folder."""
+    """A model folder (config.json + safetensors) or a training checkpoint's model/ folder; a
+    training checkpoint (or its model/) must be complete, its model/ files intact."""
+    from ttte2e.platform import checkpoint
+
     loc = resolve(uri)
+    owner = loc if loc.join(checkpoint.STATE_FILE).exists() else None
+    if owner is None and loc.path.rstrip("/").endswith("/" + checkpoint.MODEL_DIR):
+        parent = resolve(loc.uri.rstrip("/").rsplit("/", 1)[0])
+        owner = parent if parent.join(checkpoint.STATE_FILE).exists() else None
+    if owner is not None:
+        try:
+            checkpoint.verify(owner.uri, parts=(checkpoint.MODEL_DIR,))
+        except checkpoint.CheckpointError as e:
+            raise RegistryError(redact(str(e))) from None
     if loc.join("model", "config.json").exists():
         return loc.join("model")
     if loc.join("config.json").exists():
@@ -302,6 +326,7 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
     if not uri.startswith("models:/"):
         return load_weights(uri)
     tracking_uri = registry_uri(tracking_uri or "")
+    check_store_exists(tracking_uri)
     return load_weights(version_weights(resolve_version(uri, tracking_uri), tracking_uri))
 
 

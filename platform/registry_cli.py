@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ttte2e.platform.registry import (DEFAULT_MAX_LOGGED_BYTES, RegistryError, describe, load_model,
+from ttte2e.platform.registry import (DEFAULT_MAX_LOGGED_BYTES, RegistryError, check_store_exists,
+                                      describe, load_model,
                                       register, registry_uri, set_alias)
 
 
@@ -44,6 +45,8 @@ def registry_main(argv: list[str] | None = None) -> dict | list:
     args = parser.parse_args(argv)
     try:
         uri = registry_uri(args.tracking_uri)
+        if args.command != "register":
+            check_store_exists(uri)
         if args.command == "register":
             out = register(args.source, args.name, uri, alias=args.alias, weights=args.weights,
                            max_logged_bytes=int(args.max_logged_mb * 1024**2),

@@ -18,9 +18,53 @@ _SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_KEYS = re.compile(r"(secret|password|token|access_key|credential)", re.I)
 
 
+# values that are secrets wherever they show up (a message, a param, an exception text)
+SECRET_ENV_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+CREDENTIAL_ENV_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                       "MLFLOW_TRACKING_TOKEN")
+
+
 def redact(text: str) -> str:
-    """Drop user:password@ from every URI in text."""
-    return _SECRET_IN_URI.sub(r"\g<scheme>***@", text)
+    """Drop user:password@ from every URI in text, and the values of the secret variables of
+    the environment (SECRET_ENV_VARS)."""
+    text = _SECRET_IN_URI.sub(r"\g<scheme>***@", str(text))
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def redact_config(values: dict) -> dict:
+    """A config dict fit to be stored (checkpoints, result files): string values redacted."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
+def strip_credentials(uri: str) -> str:
+    """A tracking URI without user:password@; the credentials move to MLflow's own variables
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD, basic auth) of this process, so that nothing MLflow
+    prints or stores (its "View run ... at" lines) carries them. MLFLOW_TRACKING_URI is rewritten
+    the same way when it held them."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not parts.scheme.startswith("http") or "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    clean = urlunsplit(parts._replace(netloc=host))
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        os.environ["MLFLOW_TRACKING_URI"] = clean
+    return clean
+
+
+def credential_env() -> dict:
+    """The tracking credentials of this process, for workers started elsewhere (never logged)."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENV_VARS if k in os.environ}
 
 
 def loggable_params(params: dict) -> dict:
@@ -39,9 +83,9 @@ def tracking_uri(setting: str, storage: str) -> str | None:
     if setting == "off":
         return None
     if setting:
-        return setting
+        return strip_credentials(setting)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return strip_credentials(os.environ["MLFLOW_TRACKING_URI"])
     folder = Path.cwd() if storage.startswith("s3://") else Path(storage).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"

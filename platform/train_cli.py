@@ -9,7 +9,7 @@ import typing
 
 from ttte2e.model import TTTConfig
 from ttte2e.platform.cli import field_docs
-from ttte2e.platform.train_config import TrainConfig
+from ttte2e.platform.train_config import ConfigError, TrainConfig
 
 _MODEL_SKIP = {"ttt_fraction"}  # an InitVar; n_ttt_blocks is the field
 
@@ -54,7 +54,22 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
     _add_fields(train, TrainConfig, defaults, {"model_overrides"}, model=False)
     model = parser.add_argument_group("model fields (override the preset)")
     _add_fields(model, TTTConfig, {}, _MODEL_SKIP, model=True)
+    model.add_argument("--ttt-fraction", dest="model.ttt_fraction", type=float, default=None,
+                       help="[model] fraction of the blocks that are TTT blocks (rounded, >= 1); "
+                            "sets n_ttt_blocks (give one of the two)")
     return parser
+
+
+def check_plan_options(args) -> None:
+    from ttte2e.platform.plan import GPU_SPECS
+
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ConfigError(f"--nodes {args.nodes} / --gpus-per-node {args.gpus_per_node}: each "
+                          "must be >= 1")
+    if args.gpu.lower() not in GPU_SPECS:
+        raise ConfigError(f"--gpu {args.gpu!r}: unknown GPU; known: {sorted(GPU_SPECS)}")
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1]")
 
 
 def parse(argv: list[str] | None, description: str, defaults: dict | None = None,
@@ -81,11 +96,10 @@ def run_main(description: str, defaults: dict, model_defaults: dict | None = Non
     one line on stderr and exit status 2, before any worker starts."""
     import sys
 
-    from ttte2e.platform.train_config import ConfigError
-
     cfg, args = parse(argv, description, defaults, model_defaults)
     try:
         if args.plan:
+            check_plan_options(args)
             from ttte2e.platform.plan import capacity_plan, format_plan
 
             print(format_plan(capacity_plan(cfg, args.nodes, args.gpus_per_node, args.gpu,

@@ -9,6 +9,7 @@ worker group.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -86,7 +87,11 @@ class TrainConfig:
     """End this invocation after N more steps, with a checkpoint (0 = run to the end); running
     the same command again (same name) resumes. For time-limited allocations."""
     max_failures: int = 3
-    """Worker-group restarts from the last checkpoint before the run fails."""
+    """Worker-group restarts from the last checkpoint before the run fails (-1 = no limit; errors
+    no restart can fix, e.g. a bad setting or the same non-finite step twice, are never retried)."""
+    extend_steps: bool = False
+    """Allow resuming a run with a larger --steps (the cosine schedule is re-stretched over the
+    new total from the checkpoint's step on); any other change of the run refuses to resume."""
     stream: str = "ray_data"
     """Input stream: 'ray_data' (reading in Ray Data actors) or 'in_worker' (no Ray Data)."""
     tracking_uri: str = ""
@@ -106,10 +111,16 @@ class TrainConfig:
     def model_config(self) -> TTTConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        overrides = dict(self.model_overrides)
+        for name, value in overrides.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"model field {name} = {value}: not a finite number")
         try:
-            return preset(self.preset, **self.model_overrides)
-        except TypeError as e:
-            raise ConfigError(f"model_overrides {self.model_overrides}: {e}") from None
+            if "ttt_fraction" in overrides:  # a convenience: the fraction picks n_ttt_blocks
+                return preset(self.preset).replace(**overrides)
+            return preset(self.preset, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from None
 
     def run_name(self) -> str:
         return self.name or f"{self.preset.lower()}-{uuid.uuid4().hex[:6]}"
@@ -178,9 +189,30 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
     if cfg.resume_from and cfg.init_from:
         raise ConfigError("resume_from and init_from are exclusive (resume continues a run; "
                           "init_from starts a new one from parameters)")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} = {value}: not a finite number")
     for name in ("lr", "grad_clip", "cpus_per_worker", "data_cpus"):
         if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name} must be > 0")
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("min_lr", "weight_decay", "peak_tflops", "steps", "eval_every", "stop_after"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}"
+                              + (" (0 = tokens / batch_tokens)" if name == "steps" else "")
+                              + (" (0 = only at the end)" if name == "eval_every" else "")
+                              + (" (0 = run to the end)" if name == "stop_after" else ""))
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr {cfg.min_lr} is above the peak lr {cfg.lr}")
+    if cfg.tokens < 1:
+        raise ConfigError(f"tokens must be >= 1, got {cfg.tokens}")
+    if cfg.max_failures < -1:
+        raise ConfigError(f"max_failures must be >= 0, or -1 for no limit; got {cfg.max_failures}")
+    for name in ("name", "experiment"):
+        value = getattr(cfg, name)
+        if value and (not re.fullmatch(r"[A-Za-z0-9][\w.-]*", value) or ".." in value):
+            raise ConfigError(f"{name} {value!r}: a plain name (letters, digits, '_', '-', '.'; "
+                              "no '/' or '..'): runs live in folders under --storage")
     if not 0 <= cfg.warmup_fraction < 1:
         raise ConfigError("warmup_fraction must be in [0, 1)")
     if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1 or cfg.eval_windows < 1:
@@ -199,12 +231,15 @@ def check_data(cfg: TrainConfig, model: TTTConfig, geometry: BatchGeometry) -> d
     """The dataset exists, its tokenizer fits the model, and it holds a global batch and an
     evaluation's worth of windows. Returns facts for the log."""
     from ttte2e.platform.data import WindowReader
-    from ttte2e.platform.prepare import DataError, read_manifest
+    from ttte2e.platform.prepare import DataError, check_shard_sizes, read_manifest
 
     if not cfg.data:
         raise ConfigError("no dataset given (--data: a folder written by pipelines/prepare_data.py)")
     try:
         manifest = read_manifest(cfg.data)
+        # every shard the run reads exists with its recorded size (one listing of the folder);
+        # checksums are verified as each row group is first read
+        check_shard_sizes(cfg.data, manifest)
     except (DataError, OSError) as e:
         raise ConfigError(str(e)) from None
     tok = manifest["tokenizer"]
@@ -229,7 +264,9 @@ def check_data(cfg: TrainConfig, model: TTTConfig, geometry: BatchGeometry) -> d
         raise ConfigError(f"{cfg.data}: the held-out split has no window of T+1 = "
                           f"{model.seq_len + 1} tokens (prepare with a larger --val-fraction)")
     steps_per_epoch = train.windows_per_epoch // geometry.sequences
-    return dict(train_windows=train.windows_per_epoch, val_windows=val_windows,
+    return dict(dataset_key=manifest["dataset_key"], train_windows=train.windows_per_epoch,
+                val_windows=val_windows,
+                skipped_per_epoch=train.windows_per_epoch - steps_per_epoch * geometry.sequences,
                 steps_per_epoch=steps_per_epoch,
                 epochs=geometry.steps / steps_per_epoch, vocab=tok["vocab_size"])
 

@@ -6,10 +6,9 @@ URI. Worker (`train_loop`): model -> DeepSpeed engine (ZeRO 0/1/2, AdamW 0.9/0.9
 cosine), its own input stream from the checkpointed data position, gradient accumulation, the
 held-out evaluation, metrics, checkpoints via ray.train.report.
 
-A checkpoint folder holds: ds/ (DeepSpeed: parameters, optimizer partitions, lr schedule),
-model/ (config.json + model.safetensors, for inference), trainer_state.json (step, data position,
-metric history, configs) and rng/rank<r>.pt. Restoring all of them makes a resumed run continue
-exactly where the interrupted one stood.
+The checkpoint format (what a folder holds, COMPLETE.json written last, which checkpoint a run
+resumes from, what a resumed run must share with it) is platform/checkpoint.py's. Restoring a
+complete checkpoint makes a resumed run continue exactly where the interrupted one stood.
 """
 
 from __future__ import annotations
@@ -29,7 +28,10 @@ import torch
 
 from ttte2e.model import TTTConfig, TTTModel, count_parameters, estimate_flops, inner_lr_at
 from ttte2e.model.config import ARCHITECTURE_FIELDS
+from ttte2e.platform import checkpoint as ckpt
+from ttte2e.platform.checkpoint import DS_TAG, STATE_FILE, CheckpointError, read_state
 from ttte2e.platform.data import StreamPosition, StreamSpec, WindowReader, worker_stream
+from ttte2e.platform.prepare import DataError
 from ttte2e.platform.serving import TOKENIZER_FILE
 from ttte2e.platform.storage import STORAGE_ENV_VARS, resolve
 from ttte2e.platform.tracking import RunLogger, redact
@@ -37,8 +39,6 @@ from ttte2e.platform.train_config import (BatchGeometry, ConfigError, TrainConfi
                                           check_data, check_options, check_resources,
                                           check_storage)
 
-STATE_FILE = "trainer_state.json"
-DS_TAG = "ds"
 # Dense bf16 peak per device (TFLOP/s), for MFU.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
                    "L4": 121.0}
@@ -144,27 +144,57 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def read_state(checkpoint_dir: str | Path) -> dict:
-    path = Path(checkpoint_dir) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir} is not a training checkpoint: no {STATE_FILE}")
-    return json.loads(path.read_text())
-
-
 def open_checkpoint(uri: str):
-    """A ray.train.Checkpoint for a local or s3:// checkpoint folder (checked to be one)."""
+    """A ray.train.Checkpoint for a complete local or s3:// checkpoint folder."""
     from ray.train import Checkpoint
 
-    loc = resolve(uri)
-    if not loc.join(STATE_FILE).exists():
-        raise ConfigError(f"{uri} is not a training checkpoint (no {STATE_FILE})")
+    try:
+        loc = ckpt.verify(uri)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     return Checkpoint(loc.path, filesystem=loc.fs)
+
+
+def resume_source(cfg: TrainConfig, name: str, log=print, checksums: bool = True) -> str | None:
+    """The checkpoint this invocation continues: the newest complete one of the run (same name),
+    else --resume-from (which must be complete), else None (a fresh run). The driver checks
+    sizes and model/ checksums; workers (checksums=False) sizes only."""
+    latest = ckpt.latest_complete(resolve(cfg.storage).join(name), log, checksums)
+    if latest is not None:
+        return latest.uri
+    if cfg.resume_from:
+        if checksums:
+            open_checkpoint(cfg.resume_from)
+        return cfg.resume_from
+    return None
+
+
+def check_resume(uri: str, identity: dict, cfg: TrainConfig) -> dict:
+    """Refuses to continue a checkpoint of another run geometry (data, batch, sequence length,
+    seed, steps, workers, schedule): its data position and schedule would mean something else."""
+    state = read_state(uri)
+    saved = state.get("identity")
+    if saved is None:
+        raise ConfigError(f"{uri} records no run identity (written by an older version); start a "
+                          "new run with --init-from it")
+    diff = ckpt.resume_differences(saved, identity, cfg.extend_steps)
+    if diff:
+        fields = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
+        allowed = " (--extend-steps allows a larger --steps)" if "steps" in diff else ""
+        raise ConfigError(f"cannot resume {uri} with a different run: {fields}; use the "
+                          f"checkpoint's settings, a new --name, or --init-from it{allowed}")
+    return state
 
 
 def check_init_from(uri: str, model_cfg: TTTConfig) -> None:
     """--init-from is a training checkpoint (model/ inside) or a model folder (config.json +
     safetensors, e.g. pipelines/import_official.py output) of the same architecture."""
     loc = resolve(uri)
+    if loc.join(STATE_FILE).exists():
+        try:
+            ckpt.verify(uri, parts=(ckpt.MODEL_DIR,))
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
     folder = loc.join("model") if loc.join("model", "config.json").exists() else loc
     if not folder.join("config.json").exists():
         raise ConfigError(f"{uri}: neither a training checkpoint (model/config.json) nor a model "
@@ -219,11 +249,54 @@ def _peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
     return None
 
 
+# Errors no restart can fix are recorded in the run folder and end the worker group for good:
+# Ray Train retries every worker error (FailureConfig), so the workers of a restarted group find
+# the record and return at once, and the driver reports it.
+FATAL_FILE = "FATAL.json"
+NON_FINITE_FILE = "non_finite.json"
+
+
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _run_dir(loop: dict):
+    return resolve(loop["train"]["storage"]).join(loop["run_name"])
+
+
 def train_loop(loop: dict) -> None:
     """Ray Train worker entry point (TorchTrainer(train_loop_per_worker=...))."""
+    os.environ.update(loop["storage_env"])
+    run_dir = _run_dir(loop)
+    if run_dir.join(FATAL_FILE).exists():
+        return  # a restart after an error no restart can fix: nothing to do, the driver reports
+    try:
+        _train_loop(loop)
+    except (ConfigError, CheckpointError, DataError) as e:
+        _record_fatal(run_dir, e)
+        raise
+    except NonFiniteLoss as e:
+        marker = run_dir.join(NON_FINITE_FILE)
+        seen = json.loads(marker.read_bytes()).get("step") if marker.exists() else None
+        if seen == e.step:
+            _record_fatal(run_dir, FloatingPointError(f"{e} (the same step was non-finite after "
+                                                      "a restart from the last checkpoint)"))
+        else:
+            marker.write_bytes(json.dumps(dict(step=e.step, error=str(e))).encode())
+        raise
+
+
+def _record_fatal(run_dir, error: Exception) -> None:
+    run_dir.join(FATAL_FILE).write_bytes(json.dumps(
+        dict(error=redact(str(error)), kind=type(error).__name__)).encode())
+
+
+def _train_loop(loop: dict) -> None:
     import ray.train
 
-    os.environ.update(loop["storage_env"])  # S3 endpoint/credentials of the driver, never logged
+    os.environ.update(loop["storage_env"])  # S3/tracking credentials of the driver, never logged
     import deepspeed
     from ray.train import Checkpoint
 
@@ -260,13 +333,21 @@ def train_loop(loop: dict) -> None:
 
     state = dict(step=0, position=StreamPosition().to_dict(), history=[], evals=[])
     nodes = _gather_node_ids(world)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.resume_from:
-        checkpoint = open_checkpoint(cfg.resume_from)
+    run_dir = resolve(cfg.storage).join(loop["run_name"])
+    # the newest complete checkpoint of this run (after a worker-group restart: one this fit
+    # wrote; the driver checked the first one), else --resume-from
+    source = resume_source(cfg, loop["run_name"], log=print if rank == 0 else lambda *_: None,
+                           checksums=False)
+    checkpoint = None
+    if source:
+        from ray.train import Checkpoint as RayCheckpoint
+
+        loc = resolve(source)
+        checkpoint = RayCheckpoint(loc.path, filesystem=loc.fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = read_state(d)
-            if state["world_size"] != world:
+            if state["world_size"] != world:  # checked by the driver; a guard for restarts
                 raise ConfigError(f"checkpoint written by {state['world_size']} workers; resume "
                                   f"with the same number (got {world})")
             engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True,
@@ -285,7 +366,7 @@ def train_loop(loop: dict) -> None:
                            use_ray_data=cfg.stream == "ray_data", cpus=cfg.data_cpus)
     val = WindowReader(cfg.data, "val", model_cfg.seq_len, cfg.seed)
     n_val = min(cfg.eval_windows, val.windows_per_epoch)
-    val_windows = torch.from_numpy(val.windows(0, 0, n_val)[rank::world]).to(device)
+    val_windows = torch.from_numpy(val.windows(0, n_val)[rank::world]).to(device)
 
     # the dataset's tokenizer goes into every checkpoint's model/ folder: a checkpoint (and a
     # registered model) is then all that text generation needs
@@ -302,6 +383,8 @@ def train_loop(loop: dict) -> None:
         bar.update(state["step"])
 
     def save_and_report(metrics: dict) -> None:
+        import torch.distributed as dist
+
         with tempfile.TemporaryDirectory(prefix="ttte2e-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG)
             (Path(tmp) / "rng").mkdir(exist_ok=True)
@@ -311,10 +394,23 @@ def train_loop(loop: dict) -> None:
                 if tokenizer is not None:
                     (Path(tmp) / "model" / TOKENIZER_FILE).write_bytes(tokenizer)
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
-                    dict(state, world_size=world, nodes=nodes, mlflow_run_id=loop["run_id"], torch_threads=torch.get_num_threads(), train=cfg.to_dict(), model=model_cfg.to_dict(),
-                         geometry=dataclasses.asdict(geometry)), indent=1))
+                    dict(state, world_size=world, nodes=nodes, mlflow_run_id=loop["run_id"],
+                         torch_threads=torch.get_num_threads(), train=loop["train"],
+                         model=model_cfg.to_dict(), geometry=dataclasses.asdict(geometry),
+                         identity=loop["identity"]), indent=1))
+            files = ckpt.file_list(tmp)
+            if world > 1 and dist.is_initialized():
+                every: list = [None] * world
+                dist.all_gather_object(every, files)
+                files = {k: v for part in every for k, v in part.items()}
+            name = ckpt.dir_name(state["step"])
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+                             checkpoint_dir_name=name)
+        # every rank's files are stored (report uploads before it returns): commit
+        if world > 1 and dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            ckpt.write_complete(run_dir.join(name), files, state["step"])
 
     for step in range(state["step"], stop):
         started = time.perf_counter()
@@ -330,10 +426,10 @@ def train_loop(loop: dict) -> None:
                        and torch.isfinite(inner_norm).all().item())
             # every rank stops together: a rank raising alone would leave the others in a collective
             if _all_reduce([float(bad)], device)[0]:
-                raise FloatingPointError(
+                raise NonFiniteLoss(
                     f"non-finite meta-loss, chunk (inner) loss or inner-gradient norm at step "
                     f"{step} (micro-batch {mb}, eta {eta:g}, lr {lr:g}); nothing was applied or "
-                    "checkpointed")
+                    "checkpointed", step)
             engine.backward(loss)
             engine.step()
             n = inner_norm.float()
@@ -443,6 +539,14 @@ def _register_final(checkpoint: str, cfg: TrainConfig, uri: str, log) -> dict:
     return out
 
 
+def _raise_fatal(run_dir) -> None:
+    """The error no restart could fix, as the driver's error (one line, exit 2)."""
+    marker = run_dir.join(FATAL_FILE)
+    if marker.exists():
+        record = json.loads(marker.read_bytes())
+        raise ConfigError(f"training stopped ({record['kind']}): {record['error']}") from None
+
+
 def _tune_callbacks() -> list:
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -468,25 +572,36 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
                                       if getattr(cfg, k)})
     facts = check_data(cfg, model_cfg, geometry)
     check_storage(cfg.storage)
-    if cfg.resume_from:
-        open_checkpoint(cfg.resume_from)
+    name = cfg.run_name()
+    storage = resolve(cfg.storage)
+    identity = ckpt.run_identity(cfg.to_dict(), dataclasses.asdict(geometry), facts["dataset_key"])
+    source = resume_source(cfg, name, log)
+    if source:
+        resumed = check_resume(source, identity, cfg)
+        log(f"[resume] {redact(source)} (step {resumed['step']} of {geometry.steps})")
     if cfg.init_from:
         check_init_from(cfg.init_from, model_cfg)
+    uri = tracking.tracking_uri(cfg.tracking_uri, cfg.storage)
+    if uri:
+        try:  # before Ray starts: a dead server costs seconds, not a cluster start
+            check_tracking(uri)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"MLflow tracking at {redact(uri)} is unusable ({type(e).__name__}: "
+                              f"{redact(str(e))[:300]}); fix it or pass --tracking-uri off") from None
     ensure_ray()
     import ray
 
     use_gpu = check_resources(cfg, ray.cluster_resources())
-    name = cfg.run_name()
-    storage = resolve(cfg.storage)
     log(f"[plan] {cfg.preset}: {count_parameters(model_cfg) / 1e6:.1f}M parameters, "
         f"T={model_cfg.seq_len} k={model_cfg.window} b={model_cfg.chunk_size}, "
         f"{model_cfg.n_ttt_blocks}/{model_cfg.n_layers} TTT blocks; {geometry.steps} steps x "
         f"{geometry.tokens_per_step:,} tokens = {geometry.steps * geometry.tokens_per_step:,} "
-        f"tokens ({facts['epochs']:.2f} epochs of {redact(cfg.data)}); {cfg.workers} "
+        f"tokens ({facts['epochs']:.2f} epochs of {redact(cfg.data)}: {facts['train_windows']} "
+        f"windows per epoch in a shuffled order, the last {facts['skipped_per_epoch']} of each "
+        f"epoch's order not read, fewer than one batch); {cfg.workers} "
         f"{'GPU' if use_gpu else 'CPU'} workers x micro-batch {geometry.micro_batch} x "
         f"accumulation {geometry.accumulation}; ZeRO-{cfg.zero_stage}")
 
-    uri = tracking.tracking_uri(cfg.tracking_uri, cfg.storage)
     run_id = None
     if uri:
         artifacts = tracking.artifact_location(uri)  # a server keeps its own artifact store
@@ -496,7 +611,6 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
                   "train.run_name": name, **{f"geometry.{k}": v for k, v in
                                              dataclasses.asdict(geometry).items()}}
         try:
-            check_tracking(uri)
             run_id = tracking.start_run(uri, cfg.experiment, name, params, artifacts,
                                         parent_run_id)
         except Exception as e:  # noqa: BLE001
@@ -507,9 +621,10 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
     resources = {"CPU": cfg.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=dict(train=cfg.to_dict(), model=model_cfg.to_dict(), run_name=name,
+        train_loop_config=dict(train=tracking.redact_config(cfg.to_dict()),
+                               model=model_cfg.to_dict(), run_name=name, identity=identity,
                                use_gpu=use_gpu, tracking_uri=uri, run_id=run_id,
-                               storage_env=_storage_env()),
+                               storage_env={**_storage_env(), **tracking.credential_env()}),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.placement),
@@ -520,16 +635,23 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
             callbacks=_tune_callbacks() if report_to_tune else None),
     )
     logger = RunLogger(uri, run_id)
+    run_dir = storage.join(name)
+    for stale in (FATAL_FILE, NON_FINITE_FILE):  # from an earlier invocation of this run
+        if run_dir.join(stale).exists():
+            run_dir.join(stale).delete()
     try:
         result = trainer.fit()
     except BaseException:
         logger.end("FAILED")
+        _raise_fatal(run_dir)
         raise
+    if run_dir.join(FATAL_FILE).exists():
+        logger.end("FAILED")
+        _raise_fatal(run_dir)
     ckpt_path = result.checkpoint.path
     ckpt_uri = f"s3://{ckpt_path}" if storage.is_s3 else ckpt_path
     with result.checkpoint.as_directory() as d:
         state = read_state(d)
-    run_dir = storage.join(name)
     local_out = Path(run_dir.path) if not storage.is_s3 else Path(tempfile.mkdtemp())
     plot = plot_run(state, local_out / "curves.png")
     (local_out / "metrics.json").write_text(json.dumps(

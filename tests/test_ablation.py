@@ -5,7 +5,6 @@ MLflow (parent run per sweep, child run per trial) on a tracking server whose ar
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL
+from conftest import REPO, SMALL, mlflow_server
 from ttte2e.platform.ablation import paper_values, plan_sweep
 from ttte2e.platform.train_config import ConfigError, TrainConfig
 
@@ -145,12 +144,6 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     assert sorted(m.step for m in history) == list(range(1, 7))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def s3_filesystem(s3_env: dict):
     import pyarrow.fs as pafs
 
@@ -172,39 +165,10 @@ def s3_filesystem(s3_env: dict):
 def mlflow_server_on_s3(s3_server, tmp_path):
     """An MLflow tracking server on 127.0.0.1 whose artifact store is a bucket of the SeaweedFS
     S3 server (artifacts proxied: clients need no S3 credentials). Stopped at the end."""
-    import requests
-
     s3_filesystem(s3_server).create_dir("mlflow")
-    port = free_port()
     env = env_with(**s3_server, MLFLOW_S3_ENDPOINT_URL=s3_server["TTTE2E_S3_ENDPOINT"])
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", "s3://mlflow/artifacts"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if requests.get(f"{uri}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start: "
-                                   + (tmp_path / "mlflow-server.log").read_text()[-3000:])
-            time.sleep(0.5)
+    with mlflow_server(tmp_path, env, "s3://mlflow/artifacts") as uri:
         yield uri, s3_server
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Training stream: packing, determinism, sharding across ranks, exact resume (every token once)."""
+"""Training stream: packing, shuffled window order, determinism, sharding across ranks, exact
+resume, row-group reads."""
 
 import collections
 import io
@@ -24,15 +25,16 @@ def dataset(tmp_path_factory):
             json.dumps({"text": d}) + "\n" for d in DOCS[part * 20:(part + 1) * 20]))
     out = folder / "ds"
     prepare(PrepareOptions(input=str(folder), output=str(out), tokenizer="train:400",
-                           shard_tokens=400), use_ray=False, log=lambda *_: None)
+                           shard_tokens=400, row_group_tokens=8), use_ray=False, log=lambda *_: None)
     return str(out)
 
 
 def all_shard_tokens(uri):
+    """The train split's token stream read with plain pyarrow (independent of our reader)."""
     manifest = json.loads(open(f"{uri}/manifest.json").read())
     flat = [pq.read_table(io.BytesIO(open(f"{uri}/{s['path']}", "rb").read()))
             .column("tokens").to_pylist() for s in manifest["shards"] if s["split"] == "train"]
-    return [t for shard in flat for doc in shard for t in doc]
+    return np.array([t for shard in flat for piece in shard for t in piece])
 
 
 def run(spec, start=StreamPosition(), stop_after=None, epochs=1):
@@ -48,7 +50,27 @@ def run(spec, start=StreamPosition(), stop_after=None, epochs=1):
     return got, position
 
 
-def test_every_token_is_a_target_once_per_epoch_across_a_restart(dataset):
+def epoch_windows(got, steps):
+    """The global batches of an epoch in order: [steps * G, T+1]."""
+    return np.concatenate([np.concatenate([got[r][s] for r in sorted(got)]) for s in range(steps)])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])
+def test_window_permutation_is_a_bijection(n):
+    from ttte2e.platform.data import WindowPermutation
+
+    perm = WindowPermutation(n, seed=7, epoch=1)
+    out = perm(np.arange(n))
+    assert sorted(out.tolist()) == list(range(n))
+    assert perm(np.array([n - 1]))[0] == out[-1]  # any position looked up on its own
+    if n >= 16:
+        assert not np.array_equal(out, np.arange(n))
+        assert not np.array_equal(out, WindowPermutation(n, seed=7, epoch=2)(np.arange(n)))
+    with pytest.raises(IndexError):
+        perm(np.array([n]))
+
+
+def test_every_window_once_per_epoch_shuffled_and_resumed_exactly(dataset):
     spec = StreamSpec(dataset, seq_len=16, global_batch=4, world_size=2, seed=3)
     reader = WindowReader(dataset, "train", 16, 3)
     steps = spec.steps_per_epoch(reader)
@@ -63,18 +85,36 @@ def test_every_token_is_a_target_once_per_epoch_across_a_restart(dataset):
         assert len(resumed) == len(full[rank]) == steps
         for a, b in zip(resumed, full[rank]):
             np.testing.assert_array_equal(a, b)
-    # global order: step s = windows [s*G, (s+1)*G), rank r its contiguous half
-    windows = np.concatenate([np.concatenate([full[0][s], full[1][s]]) for s in range(steps)])
-    t = spec.seq_len
-    assert all((windows[i + 1, 0] == windows[i, -1]) for i in range(len(windows) - 1))
-    targets = windows[:, 1:].reshape(-1)
-    stream = reader.tokens(0, 0, steps * spec.global_batch * t + 1)
-    np.testing.assert_array_equal(targets, stream[1:])  # contiguous: no gap, no repeat
-    # independent of our reader: the consumed tokens are a multiset of the shards' tokens
-    shard_counts = collections.Counter(all_shard_tokens(dataset))
-    consumed = collections.Counter(np.concatenate([windows[:1, 0], targets]).tolist())
-    assert not consumed - shard_counts
-    assert sum(shard_counts.values()) - sum(consumed.values()) < (spec.global_batch + 1) * t + 1
+    windows = epoch_windows(full, steps)
+    # the windows read are the epoch's windows (plain pyarrow, not our reader), each once, except
+    # the W mod G positions at the end of the order, which are not read
+    t, stream = spec.seq_len, all_shard_tokens(dataset)
+    unshuffled = [tuple(stream[w * t:w * t + t + 1]) for w in range(reader.windows_per_epoch)]
+    read = collections.Counter(tuple(w) for w in windows.tolist())
+    assert not read - collections.Counter(unshuffled)  # nothing read that is not a window
+    assert sum(read.values()) == steps * spec.global_batch
+    skipped = reader.windows_per_epoch - steps * spec.global_batch
+    assert 0 <= skipped < spec.global_batch
+    # the order is shuffled: consecutive windows rarely continue each other (each one found in
+    # the plain stream; before shuffling every window continued the one before it)
+    where = {}
+    for w, key in enumerate(unshuffled):
+        where.setdefault(key, w)
+    at = [where[tuple(w)] for w in windows.tolist()]
+    continued = sum(int(b == a + 1) for a, b in zip(at, at[1:]))
+    assert continued < 0.2 * (len(at) - 1), continued
+    assert sorted(at) != at
+
+
+def test_read_stays_near_the_window_and_resume_reads_nothing_before(dataset):
+    spec = StreamSpec(dataset, seq_len=16, global_batch=4, world_size=2, seed=3)
+    reader = WindowReader(dataset, "train", 16, 3, cache_tokens=0)
+    group = reader.shards[0]["row_group_tokens"]
+    for step in range(3):
+        spec.read(reader, 0, step, 1)
+    # each window decodes only the row groups it spans: at most T+1 + 2 groups of tokens
+    assert reader.stats.tokens_decoded <= reader.stats.tokens_used / 17 * (17 + 2 * group)
+    assert reader.stats.amplification < 1 + 2 * group / 17
 
 
 def test_order_is_deterministic_for_a_seed_and_changes_with_it(dataset):
@@ -85,11 +125,12 @@ def test_order_is_deterministic_for_a_seed_and_changes_with_it(dataset):
     assert not all(np.array_equal(x, y) for x, y in zip(a[0], c[0]))
 
 
-def test_epochs_reshuffle_shards(dataset):
+def test_epochs_reshuffle_windows(dataset):
     spec = StreamSpec(dataset, 16, 2, seed=1)
     got, end = run(spec, epochs=2)
     steps = spec.steps_per_epoch(WindowReader(dataset, "train", 16, 1))
     assert len(got[0]) == 2 * steps and end == StreamPosition(2, 0)
+    assert not all(np.array_equal(x, y) for x, y in zip(got[0][:steps], got[0][steps:]))
 
 
 def test_bad_streams_are_refused(dataset, tmp_path):

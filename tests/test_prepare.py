@@ -8,6 +8,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
@@ -289,3 +290,119 @@ def test_cli_reports_bad_input_as_a_one_line_error(tmp_path, capsys):
               "--tokenizer", "train:100", "--no-ray"])
     assert exit_info.value.code == 2
     assert "prepare_data: error: input" in capsys.readouterr().err
+
+
+# ---- shard layout and integrity -----------------------------------------------------------------
+def test_row_groups_hold_fixed_token_counts_and_pieces_rebuild_documents(tmp_path, tokenizer_file):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", DOCS[:12])
+    (tmp_path / "in" / "book.txt.gz").write_bytes(compressed(DOCS[12].encode(), "gzip"))
+    (tmp_path / "in" / "book2.txt.zst").write_bytes(compressed(DOCS[13].encode(), "zstd"))
+    manifest = run(tmp_path, tokenizer_file, shard_tokens=200, row_group_tokens=7)
+    assert manifest["counts"]["documents_written"] == 14
+    tok, bos = Tokenizer.from_file(tokenizer_file), manifest["tokenizer"]["bos_id"]
+    texts = []
+    for shard in manifest["shards"]:
+        parquet = pq.ParquetFile(tmp_path / "out" / shard["path"])
+        sizes = [sum(parquet.read_row_group(g).column("num_tokens").to_pylist())
+                 for g in range(parquet.num_row_groups)]
+        assert parquet.num_row_groups == shard["row_groups"] == -(-shard["tokens"] // 7)
+        assert set(sizes[:-1]) <= {7} and 0 < sizes[-1] <= 7 and sum(sizes) == shard["tokens"]
+        for row in parquet.read().to_pylist():
+            if row["piece"] == 0:
+                assert row["tokens"][0] == bos
+                texts.append(row["tokens"][1:])
+            else:
+                assert bos not in row["tokens"]
+                texts[-1] += row["tokens"]
+    assert sorted(tok.decode(t) for t in texts) == sorted(DOCS[:14])  # .txt.gz/.txt.zst too
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    if how == "empty":  # (a flipped byte outside the tokens columns is not read by training;
+        # --verify's whole-file sha256 finds it)
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flipped":  # same size, one byte of the tokens of row group 0 changed
+        column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+        first = column.dictionary_page_offset or column.data_page_offset
+        middle = first + column.total_compressed_size // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    elif how == "missing":
+        path.unlink()
+
+
+@pytest.fixture
+def small_dataset(tmp_path, tokenizer_file):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", DOCS)
+    manifest = run(tmp_path, tokenizer_file, shard_tokens=300, row_group_tokens=16)
+    return tmp_path / "out", manifest
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "flipped", "missing"])
+def test_damaged_shards_are_named_by_every_reader(small_dataset, tmp_path, tokenizer_file, how,
+                                                  capsys):
+    from ttte2e.platform.data import WindowReader
+    from ttte2e.platform.prepare import check_shard_sizes, verify_dataset
+    from ttte2e.platform.prepare_cli import main
+
+    out, manifest = small_dataset
+    shard = manifest["shards"][-1 if manifest["shards"][-1]["split"] == "train" else 0]
+    assert shard["split"] == "train"
+    damage(out / shard["path"], how)
+    name = shard["path"]
+    # pre-flight (one listing): sizes
+    if how != "flipped":
+        with pytest.raises(DataError, match=rf"{name}: (missing|\d+ bytes, the manifest says)"):
+            check_shard_sizes(str(out), manifest)
+    else:
+        check_shard_sizes(str(out), manifest)  # same size: caught by the checksums below
+    # the training reader, on first read of the damaged shard
+    reader = WindowReader(str(out), "train", 16)
+    with pytest.raises((DataError, FileNotFoundError), match=name):
+        reader.read(np.arange(reader.windows_per_epoch))
+    # --verify: a report and exit 1; prepare over it refuses to say "nothing to do"
+    assert verify_dataset(str(out), log=lambda *_: None)
+    with pytest.raises(SystemExit) as code:
+        main(["--verify", str(out)])
+    assert code.value.code == 1 and f"DAMAGED {out / name}" in capsys.readouterr().out
+    with pytest.raises(DataError, match=rf"damaged .*{name}.*--overwrite"):
+        run(tmp_path, tokenizer_file, shard_tokens=300, row_group_tokens=16)
+    rebuilt = run(tmp_path, tokenizer_file, shard_tokens=300, row_group_tokens=16, overwrite=True)
+    assert rebuilt["shards"] == manifest["shards"]
+
+
+def test_verify_passes_an_intact_dataset(small_dataset, capsys):
+    from ttte2e.platform.prepare_cli import main
+
+    out, _ = small_dataset
+    with pytest.raises(SystemExit) as code:
+        main(["--verify", str(out)])
+    assert code.value.code == 0 and "intact" in capsys.readouterr().out
+
+
+def test_a_row_group_whose_tokens_changed_is_refused(small_dataset):
+    """A shard rewritten with other tokens but a footer list copied from the original (what a
+    partial overwrite could leave) fails its row-group checksum."""
+    from ttte2e.platform.data import WindowReader
+    from ttte2e.platform.prepare import ROW_GROUPS_KEY
+
+    out, manifest = small_dataset
+    shard = next(s for s in manifest["shards"] if s["split"] == "train")
+    path = out / shard["path"]
+    parquet = pq.ParquetFile(path)
+    table = parquet.read()
+    tokens = [[t + 1 if t > 3 else t for t in row] for row in table.column("tokens").to_pylist()]
+    changed = table.set_column(0, "tokens", pa.array(tokens, pa.list_(pa.int32())))
+    with pq.ParquetWriter(path, changed.schema) as writer:
+        for g in range(parquet.num_row_groups):
+            n = parquet.metadata.row_group(g).num_rows
+            start = sum(parquet.metadata.row_group(i).num_rows for i in range(g))
+            writer.write_table(changed.slice(start, n), row_group_size=n)
+    assert pq.ParquetFile(path).schema_arrow.metadata[ROW_GROUPS_KEY]  # the list came along
+    reader = WindowReader(str(out), "train", 16)
+    with pytest.raises(DataError, match=rf"{shard['path']}: row group 0 does not match"):
+        reader.tokens(0, 8)

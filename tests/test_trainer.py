@@ -2,6 +2,7 @@
 (stop and rerun, explicit checkpoint, a killed worker), tracking, and the pre-flight errors."""
 
 import itertools
+import json
 import signal
 import threading
 import time
@@ -177,6 +178,15 @@ def test_two_zero2_workers_match_one_process_on_the_same_global_batch(uninterrup
     assert expected[-1] < expected[0] - 0.1  # it learns
     state = read_state(result["checkpoint"])
     assert state["step"] == 10 and state["world_size"] == 2
+    # complete: the marker lists both ranks' files with the sizes stored
+    from ttte2e.platform import checkpoint as ckpt
+    from ttte2e.platform.storage import resolve
+
+    listed = json.loads((Path(result["checkpoint"]) / ckpt.COMPLETE_FILE).read_text())["files"]
+    assert {"ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng/rank1.pt",
+            "model/model.safetensors", ckpt.STATE_FILE} <= set(listed)
+    assert "sha256" in listed["model/model.safetensors"]
+    assert ckpt.problems(resolve(result["checkpoint"])) == []
     from ttte2e.platform.data import WindowReader
 
     per_epoch = WindowReader(cfg.data, "train", 128, cfg.seed).windows_per_epoch // 4
@@ -325,10 +335,12 @@ def test_a_non_finite_loss_stops_the_run_and_is_never_checkpointed(train_data, r
                                                                    tmp_path):
     from ttte2e.platform.trainer import fit
 
-    # lr 1e9: the first update blows the weights up, the second step's loss is not finite
-    cfg = small_config(train_data, tmp_path, name="nan", lr=1e9, warmup_fraction=0.0, steps=4,
-                       checkpoint_every=1)
-    with pytest.raises(Exception, match="non-finite meta-loss"):
+    # lr 1e9: the first update blows the weights up, the second step's loss is not finite.
+    # No restart can fix that: with unlimited restarts (-1) the run is retried once from the
+    # last checkpoint, fails at the same step, and ends (not an endless loop)
+    cfg = small_config(train_data, tmp_path, name="nan", lr=1e9, min_lr=1.0,
+                       warmup_fraction=0.0, steps=4, checkpoint_every=1, max_failures=-1)
+    with pytest.raises(ConfigError, match="non-finite meta-loss.*same step was non-finite"):
         fit(cfg, log=lambda *_: None)
     written = sorted(p.name for p in (tmp_path / "nan").glob("checkpoint_0*"))
     assert written == ["checkpoint_00000001"]

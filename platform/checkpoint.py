@@ -1,0 +1,152 @@
+"""The training checkpoint format: what a checkpoint folder holds, when it is complete, which one
+a run resumes from, and whether a new invocation may resume it.
+
+A checkpoint folder (`<storage>/<run name>/checkpoint_<step>`) holds ds/ (DeepSpeed: parameters,
+optimizer partitions, lr schedule), model/ (config.json + safetensors + tokenizer.json),
+trainer_state.json (step, data position, metric history, configs, geometry) and rng/rank<r>.pt.
+Every rank uploads its own files; after all of them are stored, rank 0 writes COMPLETE.json last:
+every file with its size, and a sha256 for the files of model/. A folder without it (a crash
+mid-save) or whose files differ from it (cut short, damaged) is incomplete: every reader refuses
+it, naming what is wrong, and the choice of the checkpoint to resume skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ttte2e.platform.storage import Location, resolve
+
+STATE_FILE = "trainer_state.json"
+COMPLETE_FILE = "COMPLETE.json"
+DS_TAG = "ds"
+MODEL_DIR = "model"
+PREFIX = "checkpoint_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, damaged, or does not belong to this run."""
+
+
+def dir_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def file_list(folder: str | Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256 for model/ files}} of a local folder about to be uploaded."""
+    root = Path(folder)
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        entry = {"bytes": path.stat().st_size}
+        if rel.startswith(MODEL_DIR + "/"):
+            entry["sha256"] = _sha256_file(path)
+        out[rel] = entry
+    return out
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_complete(checkpoint: Location, files: dict[str, dict], step: int) -> None:
+    """The marker, written after every rank's files are stored (the commit point)."""
+    checkpoint.join(COMPLETE_FILE).write_bytes(
+        json.dumps(dict(step=step, files=files), indent=1, sort_keys=True).encode())
+
+
+def problems(checkpoint: Location, parts: tuple[str, ...] = (), checksums: bool = True
+             ) -> list[str]:
+    """What makes this checkpoint incomplete (empty: complete). parts limits the check to files
+    under those folders (e.g. ("model",) for readers of the weights only); sizes come from one
+    listing, checksums are recomputed for model/ files."""
+    marker = checkpoint.join(COMPLETE_FILE)
+    if not marker.exists():
+        return [f"no {COMPLETE_FILE} (the save did not finish: a crash mid-checkpoint)"]
+    try:
+        files = json.loads(marker.read_bytes())["files"]
+    except (ValueError, KeyError):
+        return [f"{COMPLETE_FILE} is damaged"]
+    present = {f.uri[len(checkpoint.uri) + 1:]: f for f in checkpoint.list_files()}
+    out = []
+    for rel, entry in files.items():
+        if parts and not rel.startswith(tuple(p.rstrip("/") + "/" for p in parts)):
+            continue
+        loc = present.get(rel)
+        if loc is None:
+            out.append(f"{rel} missing")
+            continue
+        size = loc.size()
+        if size != entry["bytes"]:
+            out.append(f"{rel} has {size} bytes, {entry['bytes']} were written")
+        elif checksums and "sha256" in entry and \
+                hashlib.sha256(loc.read_bytes()).hexdigest() != entry["sha256"]:
+            out.append(f"{rel} does not match its sha256")
+    return out
+
+
+def verify(uri: str, parts: tuple[str, ...] = ()) -> Location:
+    """The checkpoint at uri, refused with CheckpointError when it is not complete."""
+    loc = resolve(uri)
+    if not loc.join(STATE_FILE).exists():
+        raise CheckpointError(f"{uri} is not a training checkpoint (no {STATE_FILE})")
+    found = problems(loc, parts)
+    if found:
+        raise CheckpointError(f"{uri} is an incomplete checkpoint: " + "; ".join(found[:5])
+                              + (f" (and {len(found) - 5} more)" if len(found) > 5 else ""))
+    return loc
+
+
+def read_state(uri: str | Path) -> dict:
+    loc = resolve(str(uri))
+    state = loc.join(STATE_FILE)
+    if not state.exists():
+        raise CheckpointError(f"{uri} is not a training checkpoint: no {STATE_FILE}")
+    return json.loads(state.read_bytes())
+
+
+def latest_complete(run_dir: Location, log=print, checksums: bool = True) -> Location | None:
+    """The newest complete checkpoint of a run folder; incomplete newer ones are skipped, each
+    named in the log. checksums=False: sizes only (workers after the driver checked)."""
+    if not run_dir.exists():
+        return None
+    names = sorted({f.uri[len(run_dir.uri) + 1:].split("/", 1)[0] for f in run_dir.list_files()
+                    if f.uri[len(run_dir.uri) + 1:].startswith(PREFIX)}, reverse=True)
+    for name in names:
+        loc = run_dir.join(name)
+        found = problems(loc, checksums=checksums)
+        if not found:
+            return loc
+        log(f"[checkpoint] skipping {loc.uri}: {'; '.join(found[:3])}")
+    return None
+
+
+# ---- which runs may continue from a checkpoint ----------------------------------------------------
+# Fields whose change makes the recorded data position, schedule or optimizer state mean something
+# else: resuming with any of them different would skip or repeat tokens or re-bend the schedule.
+RESUME_FIELDS = ("data_key", "seq_len", "batch_tokens", "sequences", "workers", "seed", "steps",
+                 "lr", "min_lr", "warmup_fraction", "eta_ramp", "zero_stage")
+
+
+def run_identity(train: dict, geometry: dict, data_key: str) -> dict:
+    """What a resumed run must share with its checkpoint (recorded in trainer_state.json)."""
+    return dict(data_key=data_key, seq_len=geometry["seq_len"],
+                batch_tokens=train["batch_tokens"], sequences=geometry["sequences"],
+                workers=train["workers"], seed=train["seed"], steps=geometry["steps"],
+                lr=train["lr"], min_lr=train["min_lr"], warmup_fraction=train["warmup_fraction"],
+                eta_ramp=train["eta_ramp"], zero_stage=train["zero_stage"])
+
+
+def resume_differences(saved: dict, now: dict, extend_steps: bool = False) -> dict:
+    """{field: (checkpoint, this run)} of the identity fields that differ; with extend_steps a
+    larger step count is allowed (the cosine schedule is re-stretched over the new total from the
+    checkpoint's step on: a documented, explicit choice)."""
+    diff = {k: (saved.get(k), now.get(k)) for k in RESUME_FIELDS if saved.get(k) != now.get(k)}
+    if extend_steps and "steps" in diff and (now["steps"] or 0) > (saved.get("steps") or 0):
+        diff.pop("steps")
+    return diff
