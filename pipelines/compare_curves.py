@@ -1,5 +1,7 @@
-"""Compare the training curves of runs (their metrics.json): one plot, and how much the loss jumps
-from step to step (mean |loss[s+1] - loss[s]| over the second half of each run).
+"""Compare the training curves of runs (their metrics.json): one plot; how much the loss jumps
+from step to step (mean |loss[s+1] - loss[s]|) and how much consecutive steps' losses move
+together (lag-1 autocorrelation of the loss around its 21-step moving mean), both over the second
+half of each run.
 
     python pipelines/compare_curves.py A/metrics.json B/metrics.json --labels before after \
         --out docs/demo_curve.png
@@ -17,6 +19,17 @@ import numpy as np
 def step_jumps(losses: list[float]) -> float:
     half = np.asarray(losses[len(losses) // 2:])
     return float(np.abs(np.diff(half)).mean())
+
+
+def lag1_autocorrelation(losses: list[float], width: int = 21) -> float:
+    """Consecutive batches from the same text give correlated losses (near 1); independent
+    batches give near 0."""
+    x = np.asarray(losses, dtype=float)
+    trend = np.convolve(x, np.ones(width) / width, mode="same")
+    r = (x - trend)[width:-width]
+    r = r[len(r) // 2:]
+    r = r - r.mean()
+    return float((r[1:] * r[:-1]).sum() / (r * r).sum())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         losses = [h["loss"] for h in run["history"]]
         final = run["evals"][-1] if run.get("evals") else {}
         print(f"{label}: {len(steps)} steps; mean |step-to-step change| of the train loss over "
-              f"the second half {step_jumps(losses):.3f}; last held-out loss "
+              f"the second half {step_jumps(losses):.3f}; lag-1 autocorrelation "
+              f"{lag1_autocorrelation(losses):.2f}; last held-out loss "
               f"{final.get('val_loss', float('nan')):.3f} (no TTT "
               f"{final.get('val_loss_no_ttt', float('nan')):.3f})")
         ax.plot(steps, losses, label=f"{label} (train meta-loss)", linewidth=1)

@@ -274,9 +274,6 @@ def train_loop(loop: dict) -> None:
         return  # a restart after an error no restart can fix: nothing to do, the driver reports
     try:
         _train_loop(loop)
-    except (ConfigError, CheckpointError, DataError) as e:
-        _record_fatal(run_dir, e)
-        raise
     except NonFiniteLoss as e:
         marker = run_dir.join(NON_FINITE_FILE)
         seen = json.loads(marker.read_bytes()).get("step") if marker.exists() else None
@@ -286,6 +283,23 @@ def train_loop(loop: dict) -> None:
         else:
             marker.write_bytes(json.dumps(dict(step=e.step, error=str(e))).encode())
         raise
+    except Exception as e:  # noqa: BLE001 - always re-raised
+        unfixable = _unfixable(e)
+        if unfixable is not None:
+            _record_fatal(run_dir, unfixable)
+        raise
+
+
+def _unfixable(error: BaseException) -> BaseException | None:
+    """The error (or its cause: Ray wraps errors raised in Ray Data actors) that no restart can
+    fix: a bad setting, an incomplete checkpoint, damaged data."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, (ConfigError, CheckpointError, DataError)):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+        seen += 1
+    return None
 
 
 def _record_fatal(run_dir, error: Exception) -> None:

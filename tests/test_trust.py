@@ -269,3 +269,32 @@ def test_no_secret_reaches_output_checkpoints_runs_or_the_tracking_server(train_
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), (secret, path)
     assert (tmp_path / "runs" / "secret" / ckpt.dir_name(2) / ckpt.COMPLETE_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_damage_found_mid_run_ends_the_run_without_retries(train_data, tmp_path):
+    """Same-size damage passes the pre-flight listing; the first read of a damaged row group in
+    a worker's Ray Data reader fails naming the shard, and with unlimited restarts (-1) the run
+    still ends at once with that error (a damaged shard does not heal)."""
+    import pyarrow.parquet as pq
+
+    from ttte2e.platform.prepare import read_manifest
+    from ttte2e.platform.trainer import fit
+
+    data = tmp_path / "data"
+    shutil.copytree(train_data[0], data)
+    for shard in read_manifest(str(data))["shards"]:
+        if shard["split"] != "train":
+            continue
+        path = data / shard["path"]
+        raw = bytearray(path.read_bytes())
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):  # one byte in the tokens of every row group
+            column = meta.row_group(g).column(0)
+            start = column.dictionary_page_offset or column.data_page_offset
+            raw[start + column.total_compressed_size // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    cfg = small_config((str(data), train_data[1]), tmp_path / "runs", name="damaged",
+                       max_failures=-1)
+    with pytest.raises(ConfigError, match=r"training stopped \(DataError\): .*train/part-"):
+        fit(cfg, log=lambda *_: None)
