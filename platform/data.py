@@ -352,9 +352,12 @@ class _RankReader:
         self.reader = WindowReader(spec.uri, spec.split, spec.seq_len, spec.seed)
 
     def __call__(self, batch: dict) -> dict:
-        tokens = [self.spec.read(self.reader, int(e), int(s), self.rank)
-                  for e, s in zip(batch["epoch"], batch["step"])]
-        return {"epoch": batch["epoch"], "step": batch["step"], "tokens": np.stack(tokens)}
+        tokens, errors = [], []
+        for e, s in zip(batch["epoch"], batch["step"]):
+            tokens.append(*_read_or_error(self.spec, self.reader, int(e), int(s), self.rank,
+                                          errors))
+        return {"epoch": batch["epoch"], "step": batch["step"], "tokens": np.stack(tokens),
+                "error": np.array(errors)}
 
 
 def for_rank(dataset, spec: StreamSpec, rank: int, cpus: float = 0.25):
@@ -401,6 +404,8 @@ def ordered_batches(rows, spec: StreamSpec, start: StreamPosition = StreamPositi
     expected, pending = (start.epoch, start.step), {}
     for row in rows:
         key = (int(row["epoch"]), int(row["step"]))
+        if row.get("error"):
+            raise DataError(str(row["error"]))
         if key < expected or key in pending:
             raise RuntimeError(f"stream row {key} repeated (expected {expected})")
         pending[key] = np.asarray(row["tokens"])
@@ -427,12 +432,27 @@ class _StepReader:
         self.first, self.steps = start.epoch * steps + start.step, steps
 
     def __call__(self, batch: dict) -> dict:
-        epochs, steps, tokens = [], [], []
+        epochs, steps, tokens, errors = [], [], [], []
         for i in batch["i"]:
             epoch, step = divmod(self.first + int(i), self.steps)
             epochs.append(epoch), steps.append(step)
-            tokens.append(self.spec.read(self.reader, epoch, step, self.rank))
-        return {"epoch": np.array(epochs), "step": np.array(steps), "tokens": np.stack(tokens)}
+            tokens.append(*_read_or_error(self.spec, self.reader, epoch, step, self.rank, errors))
+        return {"epoch": np.array(epochs), "step": np.array(steps), "tokens": np.stack(tokens),
+                "error": np.array(errors)}
+
+
+def _read_or_error(spec: StreamSpec, reader: WindowReader, epoch: int, step: int, rank: int,
+                   errors: list) -> tuple[np.ndarray]:
+    """Damaged data travels to the training worker as a row that carries the error, and is raised
+    there as the DataError it is (raised inside a Ray Data actor it would arrive as a generic
+    task error, which a worker group restart would retry forever)."""
+    try:
+        windows = spec.read(reader, epoch, step, rank)
+        errors.append("")
+    except DataError as e:
+        windows = np.zeros((spec.local_batch, spec.seq_len + 1), np.int64)
+        errors.append(str(e))
+    return (windows,)
 
 
 def worker_stream(spec: StreamSpec, rank: int, start: StreamPosition, n_steps: int,
