@@ -211,7 +211,11 @@ class WindowReader:
             self.stats.row_groups_decoded += 1
         if pos != flat.size:
             raise DataError(f"{where}: row groups {groups} hold {flat.size} tokens, expected {pos}")
-        while self._group_tokens_cached > self._cache_tokens and len(self._groups) > len(groups):
+
+    def _evict(self) -> None:
+        """Drop the least recently used row groups past the cache budget (after a read: the
+        groups of the window being assembled are never dropped under it)."""
+        while self._group_tokens_cached > self._cache_tokens and self._groups:
             _, dropped = self._groups.popitem(last=False)
             self._group_tokens_cached -= dropped.size
 
@@ -250,6 +254,7 @@ class WindowReader:
             out.append(self._shard_range(k, lo, lo + take))
             pos += take
             k += 1
+        self._evict()
         return np.concatenate(out) if out else np.zeros(0, np.int32)
 
     def read(self, indices) -> np.ndarray:

@@ -209,3 +209,13 @@ def test_ordered_batches_resequences_and_refuses_gaps_and_repeats(dataset):
         list(ordered_batches([rows[0], rows[2]], spec))  # step 0 never comes
     with pytest.raises(RuntimeError, match="repeated"):
         list(ordered_batches([rows[1], rows[1]], spec))
+
+
+def test_a_window_longer_than_the_cache_is_still_read_whole(dataset):
+    big = WindowReader(dataset, "train", 16, 0)
+    tiny_cache = WindowReader(dataset, "train", 16, 0, cache_tokens=4)  # < one window
+    last = big.windows_per_epoch - 1
+    for w in np.random.default_rng(0).permutation(last)[:30]:
+        pair = [w, w + 1]  # neighbours share a row group: one is partly cached
+        np.testing.assert_array_equal(tiny_cache.read(pair), big.read(pair))
+    assert tiny_cache._group_tokens_cached <= 4
