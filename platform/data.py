@@ -359,8 +359,8 @@ class _RankReader:
     def __call__(self, batch: dict) -> dict:
         tokens, errors = [], []
         for e, s in zip(batch["epoch"], batch["step"]):
-            tokens.append(*_read_or_error(self.spec, self.reader, int(e), int(s), self.rank,
-                                          errors))
+            tokens.append(_read_or_error(self.spec, self.reader, int(e), int(s), self.rank,
+                                         errors))
         return {"epoch": batch["epoch"], "step": batch["step"], "tokens": np.stack(tokens),
                 "error": np.array(errors)}
 
@@ -441,13 +441,13 @@ class _StepReader:
         for i in batch["i"]:
             epoch, step = divmod(self.first + int(i), self.steps)
             epochs.append(epoch), steps.append(step)
-            tokens.append(*_read_or_error(self.spec, self.reader, epoch, step, self.rank, errors))
+            tokens.append(_read_or_error(self.spec, self.reader, epoch, step, self.rank, errors))
         return {"epoch": np.array(epochs), "step": np.array(steps), "tokens": np.stack(tokens),
                 "error": np.array(errors)}
 
 
 def _read_or_error(spec: StreamSpec, reader: WindowReader, epoch: int, step: int, rank: int,
-                   errors: list) -> tuple[np.ndarray]:
+                   errors: list) -> np.ndarray:
     """Damaged data travels to the training worker as a row that carries the error, and is raised
     there as the DataError it is (raised inside a Ray Data actor it would arrive as a generic
     task error, which a worker group restart would retry forever)."""
@@ -457,7 +457,7 @@ def _read_or_error(spec: StreamSpec, reader: WindowReader, epoch: int, step: int
     except DataError as e:
         windows = np.zeros((spec.local_batch, spec.seq_len + 1), np.int64)
         errors.append(str(e))
-    return (windows,)
+    return windows
 
 
 def worker_stream(spec: StreamSpec, rank: int, start: StreamPosition, n_steps: int,
