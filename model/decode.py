@@ -1,8 +1,8 @@
 """Inference with continued test-time training (paper section 2.3.2): prefill, decode, generate.
 
 Prefill is the training forward: the prefix blocks over the prompt, then the chunked inner loop
-over every chunk whose targets are all known (the official chunk step itself, `_chunk_run`), so
-its NLLs equal `meta_loss(...).token_nll`. What is left (1..b tokens) is the pending chunk: run
+over every chunk whose targets are all known (the inner loop's own `run_chunks`), so its NLLs
+equal `meta_loss(...).token_nll`. What is left (1..b tokens) is the pending chunk: run
 with the current fast weights, its suffix inputs kept for its TTT step.
 
 Decode: one token at a time through every block with the current fast weights (a sliding-window
@@ -14,18 +14,21 @@ the context: the state holds per block the last k positions, plus for the suffix
 positions before the pending chunk, its <= b suffix inputs and the fast weights.
 
 Modes: 'ttt' (TTT-E2E), 'swa' (same weights, no TTT: eta = 0) and 'full' (full attention with a
-growing KV cache, no TTT): the baselines from the same code.
+growing KV cache, no TTT): the baselines from the same code. A model trained with
+attention='full' decodes 'ttt' / 'swa' as it trained: TTT over chunks, keys of the whole
+training length (config.attn_window) kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from .inner_loop import _chunk_run, _LoopContext
+from .inner_loop import Carry, ChunkContext, chunk_step, run_chunks
 from .layers import at_least_fp32
+from .transformer import check_token_ids, nll_of_logits
 
 MODES = ("ttt", "swa", "full")
 
@@ -37,40 +40,32 @@ class DecodeState:
     mode: str
     position: int                          # tokens consumed (absolute position of the next one)
     caches: list[list[torch.Tensor]]       # per block [K, V] pre-RoPE, [B, H, <=W, dh]
-    fast: list[torch.Tensor]               # 3 per TTT block, [B, out, in] fp32: the current theta
-    chunk_caches: list[torch.Tensor]       # 2 per TTT block: their caches before the pending chunk
+    chunk: Carry                           # theta (fp32) and the suffix caches before the pending chunk
     pending_inputs: torch.Tensor           # [B, r, d] suffix inputs of the pending chunk (r <= b)
     pending_tokens: torch.Tensor           # [B, r] its input tokens
     chunks_done: int = 0                   # TTT steps taken
     last_logits: torch.Tensor | None = None  # [B, V] logits for the next token
-    inner_grad_norms: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def fast(self) -> list[torch.Tensor]:
+        """The current fast weights theta, 3 per TTT block."""
+        return self.chunk.fast
 
     def nbytes(self) -> int:
         """Bytes held (KV caches, chunk snapshot, pending inputs, fast weights)."""
-        tensors = [t for pair in self.caches for t in pair] + self.fast + self.chunk_caches
+        tensors = [t for pair in self.caches for t in pair] + list(self.chunk.tensors())
         tensors += [self.pending_inputs, self.pending_tokens]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _window(model, mode: str) -> int | None:
-    return None if mode == "full" or model.config.attention == "full" else model.config.window
+    """Keys a query sees: the trained attention window (the training length for a model trained
+    with full attention), or None for the 'full' baseline (every key kept)."""
+    return None if mode == "full" else model.config.attn_window
 
 
-def _check_tokens(model, tokens: torch.Tensor, name: str) -> None:
-    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must be an integer tensor [batch, length], got "
-                         f"{tuple(tokens.shape)} {tokens.dtype}")
-    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"{name} is empty ({tuple(tokens.shape)}): give at least one token")
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= model.config.vocab_size:
-        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the "
-                         f"vocabulary 0..{model.config.vocab_size - 1}")
-
-
-def _kv(block, h: torch.Tensor):
-    _, k, v = block.attn.project(block.attn_norm(h))
-    return k, v
+def _eta(model, mode: str, eta: float | None) -> float:
+    return 0.0 if mode != "ttt" else (model.config.inner_lr if eta is None else eta)
 
 
 def _keep(t: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -91,61 +86,45 @@ def prefill(model, tokens: torch.Tensor, mode: str = "ttt", eta: float | None = 
     """Consume a prompt: (state, NLL [B, P-1] of each prompt token after the first)."""
     if mode not in MODES:
         raise ValueError(f"unknown decode mode {mode!r}; choose one of {MODES}")
-    _check_tokens(model, tokens, "prompt")
+    check_token_ids(tokens, model.config.vocab_size, "prompt")
     cfg = model.config
     batch, length = tokens.shape
     window = _window(model, mode)
-    eta = 0.0 if mode != "ttt" else (cfg.inner_lr if eta is None else eta)
-    positions = torch.arange(length, device=tokens.device)
-    rope_abs = model.rope(positions)
+    eta = _eta(model, mode, eta)
+    rope_abs = model.rope(torch.arange(length, device=tokens.device))
     attn_window = length if window is None else window
 
     # prefix blocks over the whole prompt (absolute positions), keeping their last k keys/values
     h = model.embed(tokens)
     caches = []
     for block in model.prefix_blocks:
-        k, v = _kv(block, h)
+        h, k, v = block.forward_kv(h, rope_abs, attn_window)
         caches.append([_keep(k, window), _keep(v, window)])
-        h = block(h, rope_abs, attn_window)
     suffix_in = h
 
     b = cfg.chunk_size
-    fast = [at_least_fp32(w.weight).unsqueeze(0).expand(batch, -1, -1).contiguous()
-            for blk in model.ttt_blocks for w in (blk.prime_mlp.w1, blk.prime_mlp.w3,
-                                                    blk.prime_mlp.w2)]
-    nll_parts = []
+    carry = Carry.initial(model, batch, suffix_in, window or 0)
+    carry.fast = [at_least_fp32(t).contiguous() for t in carry.fast]
     if window is None:
         # full attention, no TTT: the plain pass with theta_0, every key kept
         for s, block in enumerate(model.ttt_blocks):
-            k, v = _kv(block, h)
+            h, k, v = block.forward_kv(h, rope_abs, length, carry.block_fast(s))
             caches.append([k, v])
-            h = block(h, rope_abs, length, tuple(fast[3 * s:3 * s + 3]))
         logits = model.logits(h)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none"
-        ).view(batch, length - 1)
+        nll = nll_of_logits(logits[:, :-1], tokens[:, 1:])
         empty = suffix_in.new_zeros(batch, 0, cfg.d_model)
-        state = DecodeState(mode, length, caches, fast, [], empty, tokens[:, :0],
+        state = DecodeState(mode, length, caches, carry, empty, tokens[:, :0],
                             last_logits=logits[:, -1])
         return state, nll
 
-    n_heads, head_dim = cfg.n_heads, cfg.head_dim
-    chunk_caches = [suffix_in.new_zeros(batch, n_heads, window, head_dim)
-                    for _ in range(2 * len(model.ttt_blocks))]
+    nll_parts = []
     n_done = (length - 1) // b  # chunks whose targets are all inside the prompt
     if n_done:
-        targets = tokens[:, 1:n_done * b + 1]
-        ctx = _LoopContext(targets=targets, mask=(targets != cfg.bos_token_id).float(),
-                           rope=model.rope(torch.arange(window + b, device=tokens.device)),
-                           eta=eta, clip=cfg.inner_clip, window=window, chunk=b)
-        n_fast = len(fast)
-        for c in range(n_done):
-            with torch.enable_grad():  # the inner gradient (no graph is kept)
-                out = _chunk_run(model, ctx, c, False, *fast, *chunk_caches,
-                                 suffix_in[:, c * b:(c + 1) * b])
-            fast = list(out[:n_fast])
-            chunk_caches = list(out[n_fast:n_fast + len(chunk_caches)])
-            nll_parts.append(out[-3])
+        ctx = ChunkContext.build(model, tokens[:, 1:n_done * b + 1], eta, window)
+        with torch.enable_grad():  # the inner gradients (no graph is kept)
+            out = run_chunks(model, ctx, 0, carry, suffix_in[:, :n_done * b])
+        carry = out.carry
+        nll_parts.append(out.nll)
     # the pending chunk: its tokens through the suffix with the current theta
     start = n_done * b
     pending = suffix_in[:, start:]
@@ -153,20 +132,17 @@ def prefill(model, tokens: torch.Tensor, mode: str = "ttt", eta: float | None = 
     first_valid = max(0, window - start)
     h = pending
     for s, block in enumerate(model.ttt_blocks):
-        ck, cv = chunk_caches[2 * s], chunk_caches[2 * s + 1]
-        h, k, v = block.forward_chunk(h, ck, cv, rope, window, first_valid,
-                                      tuple(fast[3 * s:3 * s + 3]))
+        ck, cv = carry.block_cache(s)
+        h, k, v = block.forward_chunk(h, ck, cv, rope, window, first_valid, carry.block_fast(s))
         caches.append([torch.cat((ck, k), 2)[:, :, -window:], torch.cat((cv, v), 2)[:, :, -window:]])
     logits = model.logits(h)
     if pending.shape[1] > 1:
-        nll_parts.append(torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), tokens[:, start + 1:].flatten(), reduction="none"
-        ).view(batch, -1))
+        nll_parts.append(nll_of_logits(logits[:, :-1], tokens[:, start + 1:]))
     # prefix caches padded to k rows (rows before the sequence start are masked by first_valid)
     for layer in range(len(model.prefix_blocks)):
         caches[layer] = [_pad_front(t, window) for t in caches[layer]]
-    state = DecodeState(mode, length, caches, fast, chunk_caches, pending,
-                        tokens[:, start:], chunks_done=n_done, last_logits=logits[:, -1])
+    state = DecodeState(mode, length, caches, carry, pending, tokens[:, start:],
+                        chunks_done=n_done, last_logits=logits[:, -1])
     nll = torch.cat(nll_parts, 1) if nll_parts else suffix_in.new_zeros(batch, 0)
     return state, nll
 
@@ -174,23 +150,16 @@ def prefill(model, tokens: torch.Tensor, mode: str = "ttt", eta: float | None = 
 @torch.no_grad()
 def _ttt_step(model, state: DecodeState, next_tokens: torch.Tensor, eta: float) -> None:
     """The TTT step on the full pending chunk, now that the token after it is known."""
-    cfg = model.config
-    b, window, c = cfg.chunk_size, cfg.window, state.chunks_done
+    c = state.chunks_done
     targets = torch.cat((state.pending_tokens[:, 1:], next_tokens[:, None]), 1)
-    ctx = _LoopContext(targets=targets, mask=(targets != cfg.bos_token_id).float(),
-                       rope=model.rope(torch.arange(window + b, device=targets.device)),
-                       eta=eta, clip=cfg.inner_clip, window=window, chunk=b, offset=c * b)
+    ctx = ChunkContext.build(model, targets, eta, _window(model, state.mode),
+                             offset=c * model.config.chunk_size)
     with torch.enable_grad():  # the inner gradient (no graph is kept)
-        out = _chunk_run(model, ctx, c, False, *state.fast, *state.chunk_caches,
-                         state.pending_inputs)
-    n_fast, n_cache = len(state.fast), len(state.chunk_caches)
-    state.fast = list(out[:n_fast])
-    state.chunk_caches = list(out[n_fast:n_fast + n_cache])
+        state.chunk = chunk_step(model, ctx, c, state.chunk, state.pending_inputs, False).carry
     n_prefix = len(model.prefix_blocks)
     for s in range(len(model.ttt_blocks)):
         # the suffix caches continue from the training step's own keys/values of this chunk
-        state.caches[n_prefix + s] = [state.chunk_caches[2 * s], state.chunk_caches[2 * s + 1]]
-    state.inner_grad_norms.append(out[-1])
+        state.caches[n_prefix + s] = list(state.chunk.block_cache(s))
     state.pending_inputs = state.pending_inputs[:, :0]
     state.pending_tokens = state.pending_tokens[:, :0]
     state.chunks_done += 1
@@ -204,11 +173,10 @@ def decode_step(model, state: DecodeState, tokens: torch.Tensor, eta: float | No
     if tokens.dim() != 1 or tokens.shape[0] != state.pending_tokens.shape[0]:
         raise ValueError(f"decode_step takes one token per sequence ([{state.pending_tokens.shape[0]}]),"
                          f" got {tuple(tokens.shape)}")
-    _check_tokens(model, tokens[:, None], "token")
+    check_token_ids(tokens[:, None], cfg.vocab_size, "token")
     window = _window(model, state.mode)
     if window is not None and state.pending_tokens.shape[1] == cfg.chunk_size:
-        step_eta = 0.0 if state.mode != "ttt" else (cfg.inner_lr if eta is None else eta)
-        _ttt_step(model, state, tokens, step_eta)
+        _ttt_step(model, state, tokens, _eta(model, state.mode, eta))
     t = state.position
     cache_len = t if window is None else window
     rope = model.rope(torch.arange(cache_len + 1, device=tokens.device))
@@ -219,8 +187,7 @@ def decode_step(model, state: DecodeState, tokens: torch.Tensor, eta: float | No
         ck, cv = state.caches[layer]
         fast = None
         if layer >= n_prefix:
-            s = layer - n_prefix
-            fast = tuple(state.fast[3 * s:3 * s + 3])
+            fast = state.chunk.block_fast(layer - n_prefix)
             if layer == n_prefix and window is not None:
                 state.pending_inputs = torch.cat((state.pending_inputs, h), 1)
         # full attention: the new query sees all t cached keys and itself

@@ -46,19 +46,71 @@ class InnerLoopOutput:
     token_nll: torch.Tensor        # [B, T] unmasked per-token NLL
     inner_grad_norm: torch.Tensor  # [B, n] global norm of each inner gradient before clipping
     fast_weights: list[torch.Tensor]  # final theta, (w1, w3, w2) per TTT block, each [B, out, in]
-    caches: list[torch.Tensor]        # final (k, v) per TTT block, each [B, H, W, dh]
 
 
 @dataclass
-class _LoopContext:
-    targets: torch.Tensor  # [B, T]
-    mask: torch.Tensor     # [B, T] float, 0 where the target is BOS
-    rope: torch.Tensor  # complex rotations for buffer-local positions 0..W+b-1
+class Carry:
+    """What one chunk step hands the next: per TTT block its fast weights theta (w1, w3, w2),
+    each [B, out, in], and its attention cache (k, v) of the W positions before the chunk, each
+    [B, H, W, dh] pre-RoPE (rows before the sequence start are zeros, masked)."""
+
+    fast: list[torch.Tensor]    # 3 per TTT block, block order
+    caches: list[torch.Tensor]  # 2 per TTT block, block order
+
+    @classmethod
+    def initial(cls, model: "TTTModel", batch: int, like: torch.Tensor, window: int) -> "Carry":
+        """theta_0 (each sequence its own view of it) and empty caches of `window` rows."""
+        cfg = model.config
+        fast = [w.unsqueeze(0).expand(batch, -1, -1) for w in model.fast_weight_parameters()]
+        caches = [like.new_zeros(batch, cfg.n_heads, window, cfg.head_dim)
+                  for _ in range(2 * len(model.ttt_blocks))]
+        return cls(fast, caches)
+
+    def block_fast(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.fast[3 * s:3 * s + 3])
+
+    def block_cache(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.caches[2 * s], self.caches[2 * s + 1]
+
+    # torch.autograd.Function (the remat below) takes and returns flat tensor tuples
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (*self.fast, *self.caches)
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], n_blocks: int) -> "Carry":
+        return cls(list(tensors[:3 * n_blocks]), list(tensors[3 * n_blocks:5 * n_blocks]))
+
+
+@dataclass
+class ChunkContext:
+    """What every chunk step of one sequence batch shares."""
+
+    targets: torch.Tensor  # [B, >= chunks * b] next tokens, from sequence position `offset`
+    mask: torch.Tensor     # like targets, float, 0 where the target is BOS
+    rope: torch.Tensor     # complex rotations for buffer-local positions 0..W+b-1
     eta: float | torch.Tensor
     clip: float
     window: int
     chunk: int
     offset: int = 0        # targets/mask start at this sequence position (decode: the chunk's)
+
+    @classmethod
+    def build(cls, model: "TTTModel", targets: torch.Tensor, eta: float | torch.Tensor,
+              window: int, mask: torch.Tensor | None = None, offset: int = 0) -> "ChunkContext":
+        cfg = model.config
+        mask = targets != cfg.bos_token_id if mask is None else mask
+        positions = torch.arange(window + cfg.chunk_size, device=targets.device)
+        return cls(targets=targets, mask=mask.to(torch.float32), rope=model.rope(positions),
+                   eta=eta, clip=cfg.inner_clip, window=window, chunk=cfg.chunk_size,
+                   offset=offset)
+
+
+@dataclass
+class ChunkOutput:
+    carry: Carry            # after the step(s)
+    nll: torch.Tensor       # [B, b * steps] per-token NLL with the weights before each step
+    loss: torch.Tensor      # [B, steps] each chunk's masked mean NLL (the inner loss)
+    grad_norm: torch.Tensor  # [B, steps] each inner gradient's global norm before clipping
 
 
 def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
@@ -66,18 +118,13 @@ def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
     return torch.where(norm < clip, torch.ones_like(norm), clip / norm.clamp_min(clip))
 
 
-def _chunk_run(model: "TTTModel", ctx: _LoopContext, c: int, create_graph: bool,
-               *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One inner step on chunk c. tensors = 3S fast weights, 2S caches, the chunk's suffix input.
-
-    Returns 3S new fast weights, 2S new caches, nll [B, b], loss [B], inner grad norm [B].
-    With create_graph=False nothing is kept for an outer backward (forward-only / remat forward).
-    """
-    blocks = model.ttt_blocks
-    n_fast, n_cache = 3 * len(blocks), 2 * len(blocks)
-    fast = list(tensors[:n_fast])
-    caches = list(tensors[n_fast:n_fast + n_cache])
-    x = tensors[n_fast + n_cache]
+def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: torch.Tensor,
+               create_graph: bool) -> ChunkOutput:
+    """One inner step on chunk c (x: its suffix input [B, b, d]): the suffix blocks with the
+    current theta, the chunk's loss, its clipped gradient step. nll/loss/grad_norm are [B, b],
+    [B], [B]. With create_graph=False nothing is kept for an outer backward (forward-only / remat
+    forward)."""
+    fast, caches = carry.fast, carry.caches
     if not create_graph:
         fast = [t.detach().requires_grad_() for t in fast]
         caches = [t.detach() for t in caches]
@@ -85,7 +132,7 @@ def _chunk_run(model: "TTTModel", ctx: _LoopContext, c: int, create_graph: bool,
     b, window = ctx.chunk, ctx.window
     first_valid = max(0, window - c * b)  # cache rows before the sequence start stay masked
     h, new_caches = x, []
-    for s, block in enumerate(blocks):
+    for s, block in enumerate(model.ttt_blocks):
         cache_k, cache_v = caches[2 * s], caches[2 * s + 1]
         h, k, v = block.forward_chunk(h, cache_k, cache_v, ctx.rope, window, first_valid,
                                       tuple(fast[3 * s:3 * s + 3]))
@@ -113,31 +160,45 @@ def _chunk_run(model: "TTTModel", ctx: _LoopContext, c: int, create_graph: bool,
         norm = torch.sqrt(sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads))
         scale = (ctx.eta * _clip_scale(norm, ctx.clip)).view(-1, 1, 1)
         new_fast = [t - scale * at_least_fp32(g) for t, g in zip(fast, grads)]
-    out = (*new_fast, *new_caches, nll, loss, norm.detach())
+    norm = norm.detach()
     if not create_graph:
-        out = tuple(t.detach() for t in out)
-    return out
+        new_fast = [t.detach() for t in new_fast]
+        new_caches = [t.detach() for t in new_caches]
+        nll, loss = nll.detach(), loss.detach()
+    return ChunkOutput(Carry(new_fast, new_caches), nll, loss, norm)
 
 
-def _run_chunks(model: "TTTModel", ctx: _LoopContext, first_chunk: int, create_graph: bool,
-                remat_chunks: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Consecutive chunks from first_chunk; tensors = carry (5S) + their suffix input [B, G*b, d].
-
-    Returns the carry after the last chunk, nll [B, G*b], loss [B, G], grad norm [B, G].
-    """
-    n_carry = 5 * len(model.ttt_blocks)
-    carry, x = tensors[:n_carry], tensors[n_carry]
+def run_chunks(model: "TTTModel", ctx: ChunkContext, first_chunk: int, carry: Carry,
+               x: torch.Tensor, create_graph: bool = False, remat_chunks: bool = False
+               ) -> ChunkOutput:
+    """The suffix-chunk loop: consecutive chunk steps from first_chunk over x [B, G*b, d].
+    remat_chunks: keep only each chunk's carry, recompute the chunk in backward."""
+    n_blocks = len(model.ttt_blocks)
     params = model.suffix_parameters()
     nlls, losses, norms = [], [], []
     for i, xs in enumerate(torch.split(x, ctx.chunk, dim=1)):
-        step = functools.partial(_chunk_run, model, ctx, first_chunk + i)
         if remat_chunks:
-            out = _Remat.apply(step, n_carry + 1, *carry, xs, *params)
+            run = functools.partial(_flat_chunk_step, model, ctx, first_chunk + i, n_blocks)
+            flat = _Remat.apply(run, 5 * n_blocks + 1, *carry.tensors(), xs, *params)
+            out = ChunkOutput(Carry.from_tensors(flat, n_blocks), *flat[-3:])
         else:
-            out = step(create_graph, *carry, xs)
-        carry = out[:n_carry]
-        nlls.append(out[-3]), losses.append(out[-2]), norms.append(out[-1])
-    return (*carry, torch.cat(nlls, 1), torch.stack(losses, 1), torch.stack(norms, 1))
+            out = chunk_step(model, ctx, first_chunk + i, carry, xs, create_graph)
+        carry = out.carry
+        nlls.append(out.nll), losses.append(out.loss), norms.append(out.grad_norm)
+    return ChunkOutput(carry, torch.cat(nlls, 1), torch.stack(losses, 1), torch.stack(norms, 1))
+
+
+def _flat_chunk_step(model, ctx, c, n_blocks, create_graph, *tensors):
+    out = chunk_step(model, ctx, c, Carry.from_tensors(tensors, n_blocks), tensors[-1],
+                     create_graph)
+    return (*out.carry.tensors(), out.nll, out.loss, out.grad_norm)
+
+
+def _flat_group(model, ctx, first_chunk, nested, n_blocks, create_graph, *tensors):
+    # Recomputing a group (create_graph=True) under 'nested' remats each of its chunks in turn.
+    out = run_chunks(model, ctx, first_chunk, Carry.from_tensors(tensors, n_blocks), tensors[-1],
+                     create_graph, nested and create_graph)
+    return (*out.carry.tensors(), out.nll, out.loss, out.grad_norm)
 
 
 class _Remat(torch.autograd.Function):
@@ -196,53 +257,37 @@ def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Te
     b, window = cfg.chunk_size, cfg.attn_window
     if seq % b:
         raise ValueError(f"sequence length {seq} is not a multiple of chunk_size {b}")
+    if remat not in ("none", "chunk", "nested"):
+        raise ValueError(f"unknown remat mode {remat!r}; choose 'none', 'chunk' or 'nested'")
     n_chunks = seq // b
-    positions = torch.arange(window + b, device=suffix_in.device)
-    ctx = _LoopContext(targets=targets, mask=mask.to(torch.float32),
-                       rope=model.rope(positions), eta=eta, clip=cfg.inner_clip,
-                       window=window, chunk=b)
-    carry: list[torch.Tensor] = []
-    for block in model.ttt_blocks:
-        mlp = block.prime_mlp
-        carry += [w.weight.unsqueeze(0).expand(batch, -1, -1) for w in (mlp.w1, mlp.w3, mlp.w2)]
-    heads, head_dim = cfg.n_heads, cfg.head_dim
-    for _ in model.ttt_blocks:
-        carry += [suffix_in.new_zeros(batch, heads, window, head_dim) for _ in range(2)]
+    ctx = ChunkContext.build(model, targets, eta, window, mask)
+    carry = Carry.initial(model, batch, suffix_in, window)
+    n_blocks = len(model.ttt_blocks)
 
     params = model.suffix_parameters()
     wants_outer = torch.is_grad_enabled() and (
         suffix_in.requires_grad or any(p.requires_grad for p in params))
     if not wants_outer:
         with torch.enable_grad():
-            out = _run_chunks(model, ctx, 0, False, False, *carry, suffix_in)
-        outs = [out]
+            outs = [run_chunks(model, ctx, 0, carry, suffix_in)]
     elif remat == "none":
-        outs = [_run_chunks(model, ctx, 0, True, False, *carry, suffix_in)]
-    elif remat in ("chunk", "nested"):
+        outs = [run_chunks(model, ctx, 0, carry, suffix_in, create_graph=True)]
+    else:
         group = 1 if remat == "chunk" else (remat_group or cfg.remat_group_size(n_chunks))
         outs = []
         for g, x_group in enumerate(torch.split(suffix_in, group * b, dim=1)):
-            run = functools.partial(_group_run, model, ctx, g * group, remat == "nested")
-            out = _Remat.apply(run, len(carry) + 1, *carry, x_group, *params)
-            carry = list(out[:len(carry)])
-            outs.append(out)
-    else:
-        raise ValueError(f"unknown remat mode {remat!r}; choose 'none', 'chunk' or 'nested'")
-    n_carry = 5 * len(model.ttt_blocks)
-    final = outs[-1][:n_carry]
+            run = functools.partial(_flat_group, model, ctx, g * group, remat == "nested",
+                                    n_blocks)
+            flat = _Remat.apply(run, 5 * n_blocks + 1, *carry.tensors(), x_group, *params)
+            carry = Carry.from_tensors(flat, n_blocks)
+            outs.append(ChunkOutput(carry, *flat[-3:]))
     return InnerLoopOutput(
-        chunk_loss=torch.cat([o[-2] for o in outs], 1),
-        token_nll=torch.cat([o[-3] for o in outs], 1),
-        inner_grad_norm=torch.cat([o[-1] for o in outs], 1),
-        fast_weights=list(final[:3 * len(model.ttt_blocks)]),
-        caches=list(final[3 * len(model.ttt_blocks):]),
+        chunk_loss=torch.cat([o.loss for o in outs], 1),
+        token_nll=torch.cat([o.nll for o in outs], 1),
+        inner_grad_norm=torch.cat([o.grad_norm for o in outs], 1),
+        fast_weights=outs[-1].carry.fast,
     )
 
 
-def _group_run(model: "TTTModel", ctx: _LoopContext, first_chunk: int, nested: bool,
-               create_graph: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # Recomputing a group (create_graph=True) under 'nested' remats each of its chunks in turn.
-    return _run_chunks(model, ctx, first_chunk, create_graph, nested and create_graph, *tensors)
-
-
-__all__: Sequence[str] = ["InnerLoopOutput", "inner_lr_at", "run_inner_loop"]
+__all__: Sequence[str] = ["Carry", "ChunkContext", "ChunkOutput", "InnerLoopOutput", "chunk_step",
+                          "inner_lr_at", "run_chunks", "run_inner_loop"]

@@ -110,9 +110,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, window: int):
         """Whole sequence, absolute positions; rope = rotations for positions 0..P-1."""
+        return self.forward_kv(x, rope, window)[0]
+
+    def forward_kv(self, x: torch.Tensor, rope: torch.Tensor, window: int):
+        """forward, also returning k (pre-RoPE) and v [B, H, P, dh] (a decode cache)."""
         q, k, v = self.project(x)
         o = sliding_window_attention(apply_rope(q, rope), apply_rope(k, rope), v, window)
-        return self._out(o)
+        return self._out(o), k, v
 
     def forward_chunk(self, x, cache_k, cache_v, rope, window: int, first_valid_key: int):
         """One chunk over [cache; chunk] with buffer-local positions 0..W+b-1 (as the official code).
@@ -149,8 +153,13 @@ class Block(nn.Module):
         return a + self.mlp_post_norm(self.mlp(self.mlp_norm(a)))
 
     def forward(self, h, rope, window: int, fast: FastWeights | None = None):
-        a = h + self.attn_post_norm(self.attn(self.attn_norm(h), rope, window))
-        return self._mlps(a, fast)
+        return self.forward_kv(h, rope, window, fast)[0]
+
+    def forward_kv(self, h, rope, window: int, fast: FastWeights | None = None):
+        """forward, also returning the attention's k (pre-RoPE) and v (a decode cache)."""
+        attn_out, k, v = self.attn.forward_kv(self.attn_norm(h), rope, window)
+        a = h + self.attn_post_norm(attn_out)
+        return self._mlps(a, fast), k, v
 
     def forward_chunk(self, h, cache_k, cache_v, rope, window: int, first_valid_key: int,
                       fast: FastWeights):

@@ -175,7 +175,7 @@ def import_official_checkpoint(path: str, out_dir: str, preset_name: str = "auto
                                **overrides) -> tuple["TTTConfig", list[str]]:
     """Official checkpoint -> our model folder (config.json + safetensors), array by array."""
     from .convert import convert_official_array
-    from .weights_io import DEFAULT_SHARD_BYTES, write_model_folder
+    from .model_folder import DEFAULT_SHARD_BYTES, write_model_folder
 
     config, step = official_config(path, preset_name, step, **overrides)
     tensors = ((ours, tensor) for name, array in iter_official_checkpoint(path, step)

@@ -15,7 +15,6 @@ full second-order meta-gradient.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,28 @@ from .config import TTTConfig
 from .flops import FlopsEstimate, estimate_flops
 from .inner_loop import run_inner_loop
 from .layers import Block, RMSNorm, at_least_fp32, rope_angles
-from .weights_io import DEFAULT_SHARD_BYTES, read_model_state, write_model_folder
+from .model_folder import DEFAULT_SHARD_BYTES, read_config, read_model_state, write_model_folder
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, name: str) -> None:
+    """tokens is a non-empty integer [batch, length] tensor of ids in the vocabulary."""
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an integer tensor [batch, length], got "
+                         f"{tuple(tokens.shape)} {tokens.dtype}")
+    if tokens.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (0 sequences)")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"{name} is empty ({tuple(tokens.shape)}): give at least one token")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the "
+                         f"vocabulary 0..{vocab_size - 1}")
+
+
+def nll_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL [B, P] of logits [B, P, V] for targets [B, P]."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                           reduction="none").view_as(targets)
 
 
 @dataclass
@@ -97,24 +117,14 @@ class TTTModel(nn.Module):
         return at_least_fp32(F.linear(self.final_norm(h), self.embed.weight))
 
     def token_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(h)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                               reduction="none").view_as(targets)
+        return nll_of_logits(self.logits(h), targets)
 
     def _check_tokens(self, tokens: torch.Tensor, multiple_of: int) -> None:
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an integer tensor [batch, T+1], got "
-                             f"{tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[0] == 0:
-            raise ValueError("tokens is an empty batch (0 sequences)")
+        check_token_ids(tokens, self.config.vocab_size, "tokens")
         seq = tokens.shape[1] - 1
         if seq <= 0 or seq % multiple_of:
             raise ValueError(f"tokens has T+1={tokens.shape[1]} columns: T must be a positive "
                              f"multiple of chunk_size={multiple_of}")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), "
-                             f"got min {lo} max {hi}")
 
     def _run_blocks(self, h: torch.Tensor, blocks: list[Block]) -> torch.Tensor:
         positions = torch.arange(h.shape[1], device=h.device)
@@ -192,10 +202,7 @@ class TTTModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, **overrides) -> "TTTModel":
         """Load a directory written by save_pretrained (config fields may be overridden)."""
         directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory} is not a TTT-E2E model directory: no config.json")
-        config = TTTConfig.from_dict({**json.loads((directory / "config.json").read_text()),
-                                      **overrides})
+        config = TTTConfig.from_dict({**read_config(directory), **overrides})
         state = read_model_state(directory)
         model = cls(config)
         expected = model.state_dict()

@@ -9,7 +9,7 @@ Rerun with the same --name to resume an interrupted sweep. Output: ablation.csv 
 ablation_<knob>.png in <storage>/<name>/, logged to the sweep's MLflow run.
 """
 
-from ttte2e.platform.ablate_cli import main
+from ttte2e.platform.cli.sweep import main
 
 # The paper ablates at 760M; 1x Chinchilla (20 tokens per parameter) per trial, as its 3B run.
 DEFAULTS = dict(preset="760M", lr=8e-4, min_lr=1e-5, batch_tokens=1 << 20,

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ttte2e.model import TTTModel, preset
-from ttte2e.platform.data import StreamSpec, WindowReader, for_rank, iter_batches, train_dataset
-from ttte2e.platform.demo_corpus import stdlib_documents
-from ttte2e.platform.prepare import PrepareOptions, prepare
+from ttte2e.platform.data.stream import StreamSpec, WindowReader, for_rank, iter_batches, train_dataset
+from ttte2e.platform.data.demo_corpus import stdlib_documents
+from ttte2e.platform.data.prepare import PrepareOptions, prepare
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ttte2e.platform.demo_corpus import write_demo_books
-from ttte2e.platform.prepare import PrepareOptions, prepare
-from ttte2e.platform.train_config import TrainConfig
-from ttte2e.platform.trainer import fit
+from ttte2e.platform.data.demo_corpus import write_demo_books
+from ttte2e.platform.data.prepare import PrepareOptions, prepare
+from ttte2e.platform.train.config import TrainConfig
+from ttte2e.platform.train.driver import fit
 
 
 def main() -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from ttte2e.model import TTTModel
-from ttte2e.platform.data import StreamSpec, iter_batches
-from ttte2e.platform.demo_corpus import write_demo_corpus
-from ttte2e.platform.prepare import PrepareOptions, prepare
-from ttte2e.platform.train_config import TrainConfig, check_options
-from ttte2e.platform.trainer import fit, read_state
+from ttte2e.platform.data.stream import StreamSpec, iter_batches
+from ttte2e.platform.data.demo_corpus import write_demo_corpus
+from ttte2e.platform.data.prepare import PrepareOptions, prepare
+from ttte2e.platform.train.config import TrainConfig, check_options
+from ttte2e.platform.train.checkpoint import read_state
+from ttte2e.platform.train.driver import fit
 
 
 def plain_step_seconds(cfg: TrainConfig, steps: int, threads: int) -> float:

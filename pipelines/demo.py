@@ -4,7 +4,7 @@ pretrain_3b.py --preset tiny, on this machine (a few minutes on a 2-core CPU).
     python pipelines/demo.py [--steps 240] [--out-dir runs/demo]
 """
 
-from ttte2e.platform.demo_job import main
+from ttte2e.platform.cluster.demo_job import main
 
 if __name__ == "__main__":
     main()

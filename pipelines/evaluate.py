@@ -6,7 +6,7 @@ attention from the same weights) and single-needle-in-a-haystack accuracy.
     python pipelines/evaluate.py --model models:/ttt-e2e-3b@champion --data s3://bucket/books ...
 """
 
-from ttte2e.platform.evaluate_cli import main
+from ttte2e.platform.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

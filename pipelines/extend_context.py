@@ -7,7 +7,7 @@ Parameters only from the checkpoint (fresh optimizer, schedule and data position
 start (no ramp), k = 8K and b = 1K unchanged, peak lr 4e-4; --seq-len 32768 by default.
 """
 
-from ttte2e.platform.train_cli import run_main
+from ttte2e.platform.cli.train import run_main
 
 DEFAULTS = dict(preset="3B", lr=4e-4, eta_ramp=False, tokens=5_000_000_000)
 MODEL_DEFAULTS = dict(seq_len=32768)

@@ -9,7 +9,7 @@ Local paths, s3:// (TTTE2E_S3_ENDPOINT / AWS_* as elsewhere) and gs:// (tensorst
 driver; TTTE2E_GCS_USER_PROJECT for Requester Pays buckets) are read directly.
 """
 
-from ttte2e.platform.import_cli import main
+from ttte2e.platform.cli.import_official import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ parquet shards + manifest.json, tokenized in Ray Data.
     python pipelines/prepare_data.py --verify <output>     # sizes + checksums, exit 1 on damage
 """
 
-from ttte2e.platform.prepare_cli import main
+from ttte2e.platform.cli.prepare import main
 
 if __name__ == "__main__":
     main()

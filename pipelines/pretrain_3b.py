@@ -10,7 +10,7 @@ peak lr 8e-4, 10% warm-up then cosine to 1e-5, clip 1.0, eta ramp 0.1 -> 1 over 
 54B tokens (1x Chinchilla; --tokens 164000000000 for the paper's headline budget).
 """
 
-from ttte2e.platform.train_cli import run_main
+from ttte2e.platform.cli.train import run_main
 
 DEFAULTS = dict(preset="3B", lr=8e-4, min_lr=1e-5, batch_tokens=1 << 20, tokens=54_000_000_000,
                 eta_ramp=True)

@@ -3,7 +3,7 @@
     python pipelines/pull_model.py models:/tiny@champion --prompt "def parse(" --max-new-tokens 64
 """
 
-from ttte2e.platform.registry_cli import pull_main
+from ttte2e.platform.cli.registry import pull_main
 
 if __name__ == "__main__":
     pull_main()

@@ -6,7 +6,7 @@
 (--tracking-uri or MLFLOW_TRACKING_URI names the registry.)
 """
 
-from ttte2e.platform.registry_cli import registry_main
+from ttte2e.platform.cli.registry import registry_main
 
 if __name__ == "__main__":
     registry_main()

@@ -37,8 +37,8 @@ SMALL = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=2, mlp_hidden=128, 
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory):
     """A small prepared dataset (stdlib documents, BPE 512) for training tests: (uri, bos id)."""
-    from ttte2e.platform.demo_corpus import write_demo_corpus
-    from ttte2e.platform.prepare import PrepareOptions, prepare
+    from ttte2e.platform.data.demo_corpus import write_demo_corpus
+    from ttte2e.platform.data.prepare import PrepareOptions, prepare
 
     root = tmp_path_factory.mktemp("train-data")
     raw = write_demo_corpus(root / "raw", max_docs=40, files=2)
@@ -52,8 +52,8 @@ def train_data(tmp_path_factory):
 def model_folder(train_data, tmp_path_factory):
     """An untrained SMALL model folder with train_data's tokenizer beside its config."""
     from ttte2e.model import TTTModel, preset
-    from ttte2e.platform.prepare import read_manifest
-    from ttte2e.platform.storage import resolve
+    from ttte2e.platform.data.manifest import read_manifest
+    from ttte2e.platform.data.storage import resolve
 
     uri, bos = train_data
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def model_folder(train_data, tmp_path_factory):
 
 def small_config(dataset, storage, **changes):
     """A 10-step, 2-worker run of a small model on train_data (tracking off, no retries)."""
-    from ttte2e.platform.train_config import TrainConfig
+    from ttte2e.platform.train.config import TrainConfig
 
     uri, bos = dataset
     base = dict(preset="tiny", model_overrides=dict(SMALL, bos_token_id=bos), data=uri,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SMALL, mlflow_server
-from ttte2e.platform.ablation import paper_values, plan_sweep
-from ttte2e.platform.train_config import ConfigError, TrainConfig
+from ttte2e.platform.tune.sweep import paper_values, plan_sweep
+from ttte2e.platform.train.config import ConfigError, TrainConfig
 
 TINY = TrainConfig(preset="tiny", data="unused", steps=10)
 
@@ -62,7 +62,7 @@ def test_invalid_combinations_are_rejected_before_launch_with_the_reason():
 
 
 def test_cli_bad_input_exits_2_before_anything_starts(capsys):
-    from ttte2e.platform.ablate_cli import main
+    from ttte2e.platform.cli.sweep import main
 
     for argv, message in (
             (["--grid", "window,chunk", "--values", "64"], "--values goes with a single --grid"),
@@ -92,6 +92,36 @@ def read_table(path: Path) -> dict:
         return {(r["knob"], r["method"], r["value"]): r for r in csv.DictReader(f)}
 
 
+def sweep_lines(out: str) -> str:
+    """The sweep's own log lines and the table (the trials' progress bars drown them)."""
+    return "\n".join(line for line in out.splitlines()
+                     if line.startswith(("[sweep]", "|", "Traceback", "error")) or "Error" in line)
+
+
+@pytest.mark.slow
+def test_a_trial_whose_run_already_ended_still_reports_its_final_step(train_data, tmp_path):
+    """A sweep stopped after a trial's final checkpoint but before Tune saw its last report: the
+    rerun's trial finds its training run finished, trains nothing, and reports the final step
+    again, so the table says complete (not unfinished at an older step) and the command exits 0."""
+    import shutil
+
+    data, _ = train_data
+    cmd = sweep_command(data, tmp_path, "ended", "--grid", "chunk", "--values", "8",
+                        "--no-baseline", "--steps", "4", "--eval-every", "2",
+                        "--checkpoint-every", "2", "--max-concurrent", "1")
+    first = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
+                           timeout=600)
+    assert first.returncode == 0, sweep_lines(first.stdout + first.stderr)
+    shutil.rmtree(tmp_path / "ended" / "tune")  # Tune forgets the trial; its training run stays
+    second = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, sweep_lines(out)
+    assert "resumed at step 4" in out
+    row = read_table(tmp_path / "ended" / "ablation.csv")[("chunk", "ttt", "8")]
+    assert row["status"] == "complete" and row["step"] == "4", row
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_data, tmp_path):
     """Ctrl-C while the first trial trains, then the same command: finished work is kept, the
@@ -113,14 +143,14 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
         time.sleep(0.5)
     assert checkpoint is not None, (tmp_path / "first.log").read_text()[-3000:]
     first.send_signal(signal.SIGINT)
-    assert first.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    assert first.wait(timeout=180) == 130, sweep_lines((tmp_path / "first.log").read_text())
     log.close()
     assert "INTERRUPTED" in (tmp_path / "first.log").read_text()
 
     second = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
                             timeout=600)
     out = second.stdout + second.stderr
-    assert second.returncode == 0, out[-4000:]
+    assert second.returncode == 0, sweep_lines(out)
     assert "resuming" in out and "resumed at step" in out
     table = read_table(tmp_path / "sweep" / "ablation.csv")
     assert set(table) == {("chunk", "ttt", "8"), ("chunk", "ttt", "16"), ("chunk", "swa", "16")}
@@ -147,7 +177,7 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
 def s3_filesystem(s3_env: dict):
     import pyarrow.fs as pafs
 
-    from ttte2e.platform.storage import s3_options
+    from ttte2e.platform.data.storage import s3_options
 
     saved = {k: os.environ.get(k) for k in s3_env}
     os.environ.update(s3_env)
@@ -182,7 +212,7 @@ def test_asha_sweep_tracked_on_a_server_with_s3_artifacts_then_register_and_pull
     from mlflow.tracking import MlflowClient
 
     from ttte2e.model import TTTModel
-    from ttte2e.platform.registry import load_model, register
+    from ttte2e.platform.registry.model_registry import load_model, register
     uri, s3_env = mlflow_server_on_s3
     data, _ = train_data
     cmd = sweep_command(data, tmp_path, "asha", "--grid", "chunk", "--values", "4,8,16,32",

@@ -9,9 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ttte2e.platform.data import (StreamPosition, StreamSpec, WindowReader, for_rank,
+from ttte2e.platform.data.stream import (StreamPosition, StreamSpec, WindowReader, for_rank,
                                   iter_batches, train_dataset)
-from ttte2e.platform.prepare import DataError, PrepareOptions, prepare
+from ttte2e.platform.data.manifest import DataError
+from ttte2e.platform.data.prepare import PrepareOptions, prepare
 
 DOCS = [f"doc {i}: " + " ".join(f"w{(i * 7 + j) % 97}" for j in range(20 + 13 * (i % 7)))
         for i in range(60)]
@@ -57,7 +58,7 @@ def epoch_windows(got, steps):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])
 def test_window_permutation_is_a_bijection(n):
-    from ttte2e.platform.data import WindowPermutation
+    from ttte2e.platform.data.stream import WindowPermutation
 
     perm = WindowPermutation(n, seed=7, epoch=1)
     out = perm(np.arange(n))
@@ -146,7 +147,7 @@ def test_bad_streams_are_refused(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_ray_data_stream_matches_the_plain_reader(dataset):
-    from ttte2e.platform.ray_runtime import ensure_ray
+    from ttte2e.platform.cluster.ray_runtime import ensure_ray
 
     ensure_ray()
     spec = StreamSpec(dataset, seq_len=16, global_batch=4, world_size=2, seed=3)
@@ -167,9 +168,9 @@ def test_ray_train_workers_get_their_windows_via_get_dataset_shard(dataset, tmp_
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ttte2e.platform.data import (ordered_batches, rank_dataset_name, rank_datasets,
+    from ttte2e.platform.data.stream import (ordered_batches, rank_dataset_name, rank_datasets,
                                       stream_data_config)
-    from ttte2e.platform.ray_runtime import ensure_ray
+    from ttte2e.platform.cluster.ray_runtime import ensure_ray
 
     ensure_ray()
     spec = StreamSpec(dataset, seq_len=16, global_batch=4, world_size=2, seed=3)
@@ -198,7 +199,7 @@ def test_ray_train_workers_get_their_windows_via_get_dataset_shard(dataset, tmp_
 
 
 def test_ordered_batches_resequences_and_refuses_gaps_and_repeats(dataset):
-    from ttte2e.platform.data import ordered_batches
+    from ttte2e.platform.data.stream import ordered_batches
 
     spec = StreamSpec(dataset, seq_len=16, global_batch=2, seed=0)
     rows = [{"epoch": 0, "step": s, "tokens": np.full((2, 17), s)} for s in (1, 0, 3, 2, 4)]

@@ -74,6 +74,23 @@ def test_baselines_swa_and_full_attention(model, tokens):
     assert state.caches[0][0].shape[2] == 128  # the full-attention cache grows with the context
 
 
+def test_a_model_trained_with_full_attention_decodes_as_it_trained(model, tokens):
+    """attention='full' runs TTT in meta_loss (keys of the whole training length): prefill and
+    teacher-forced decoding give its training NLLs, not the no-TTT pass."""
+    full_model = TTTModel(model.config.replace(attention="full"))
+    full_model.load_state_dict(model.state_dict())
+    full_model.eval()
+    with torch.no_grad():
+        expected = full_model.meta_loss(tokens).token_nll
+        no_ttt = full_model.meta_loss(tokens, eta=0.0).token_nll
+    assert (expected - no_ttt).abs().max() > 1e-2  # TTT matters in this model
+    state, nll = prefill(full_model, tokens)
+    assert torch.equal(nll, expected)
+    got, state = teacher_forced(full_model, tokens, 17)
+    assert (got - expected).abs().max() < 1e-5
+    assert state.chunks_done == 7
+
+
 def test_decode_state_size_is_bounded_for_ttt_and_grows_for_full_attention(model):
     sizes = {}
     for mode in ("ttt", "full"):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from ttte2e.platform.demo_corpus import stdlib_documents, write_demo_corpus
-from ttte2e.platform.trainer import lr_factor
+from ttte2e.platform.data.demo_corpus import stdlib_documents, write_demo_corpus
+from ttte2e.platform.train.worker import lr_factor
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -29,7 +29,7 @@ def test_demo_corpus_is_jsonl_documents(tmp_path):
 
 
 def test_books_stand_in_is_long_documents(tmp_path):
-    from ttte2e.platform.demo_corpus import write_demo_books
+    from ttte2e.platform.data.demo_corpus import write_demo_books
 
     folder = write_demo_books(tmp_path / "books", max_books=3)
     books = sorted(folder.glob("*.txt"))
@@ -42,7 +42,7 @@ def test_demo_job_submits_prepare_and_training_to_a_private_head(tmp_path, capfd
     import psutil
 
     from ttte2e.model import TTTModel
-    from ttte2e.platform.demo_job import run_demo
+    from ttte2e.platform.cluster.demo_job import run_demo
 
     before = {p.pid for p in psutil.process_iter()}
     result = run_demo(str(tmp_path / "demo"), steps=4, max_docs=200, name="t")

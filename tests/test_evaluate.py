@@ -8,7 +8,7 @@ import torch
 
 
 def test_loss_vs_context_and_niah_report(train_data, model_folder, tmp_path):
-    from ttte2e.platform.evaluate_cli import main
+    from ttte2e.platform.cli.evaluate import main
 
     uri, _ = train_data
     out = main(["--model", str(model_folder), "--data", uri, "--contexts", "128,256",
@@ -28,9 +28,9 @@ def test_loss_vs_context_and_niah_report(train_data, model_folder, tmp_path):
 
 
 def test_models_uri_from_the_registry_and_bad_input(train_data, model_folder, tmp_path, capsys):
-    from ttte2e.platform.evaluate import load_model
-    from ttte2e.platform.evaluate_cli import main
-    from ttte2e.platform.registry import register
+    from ttte2e.platform.eval.long_context import load_model
+    from ttte2e.platform.cli.evaluate import main
+    from ttte2e.platform.registry.model_registry import register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     version = register(str(model_folder), "tiny-eval", uri, alias="champion",
@@ -60,8 +60,8 @@ def test_niah_scoring_passes_an_oracle_and_fails_a_guesser(train_data, model_fol
 
     from tokenizers import Tokenizer
 
-    from ttte2e.platform import evaluate
-    from ttte2e.platform.prepare import read_manifest
+    from ttte2e.platform.eval import long_context as evaluate
+    from ttte2e.platform.data.manifest import read_manifest
 
     uri, _ = train_data
     tok_path = f"{uri}/{read_manifest(uri)['tokenizer']['file']}"

@@ -11,7 +11,8 @@ def test_training_spreads_over_two_nodes(train_data, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from ttte2e.platform.trainer import fit, read_state
+    from ttte2e.platform.train.checkpoint import read_state
+    from ttte2e.platform.train.driver import fit
 
     if ray.is_initialized():  # a session left by an earlier test module of this process
         ray.shutdown()

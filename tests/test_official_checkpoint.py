@@ -59,7 +59,7 @@ def test_imported_model_reproduces_the_official_nll(case_a, tmp_path):
 def test_import_cli_streams_into_shards_and_registers(case_a, tmp_path, capsys):
     import mlflow
 
-    from ttte2e.platform.import_cli import main
+    from ttte2e.platform.cli.import_official import main
 
     data, reference_cfg = case_a
     sets = [x for k, v in other_fields(reference_cfg).items() for x in ("--set", f"{k}={v}")]
@@ -75,7 +75,7 @@ def test_import_cli_streams_into_shards_and_registers(case_a, tmp_path, capsys):
     version = mlflow.MlflowClient(uri).get_model_version("tiny-official", result["version"])
     assert version.tags["ttte2e.weights"] == "reference"
     assert version.tags["ttte2e.weights_uri"] == str((tmp_path / "m").resolve())
-    from ttte2e.platform.registry import load_model
+    from ttte2e.platform.registry.model_registry import load_model
 
     pulled, tokenizer = load_model("models:/tiny-official@candidate", uri)
     assert tokenizer is None  # none given to the importer
@@ -138,7 +138,7 @@ def test_bad_checkpoints_raise_errors_naming_the_problem(case_a, tmp_path):
 def test_reads_from_s3(s3_server, monkeypatch, case_a):
     import pyarrow.fs as pafs
 
-    from ttte2e.platform.storage import s3_options
+    from ttte2e.platform.data.storage import s3_options
 
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)

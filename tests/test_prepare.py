@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from ttte2e.platform.prepare import DataError, PrepareOptions, prepare, read_manifest
-from ttte2e.platform.storage import StorageError, resolve
+from ttte2e.platform.data.manifest import DataError, read_manifest
+from ttte2e.platform.data.prepare import PrepareOptions, prepare
+from ttte2e.platform.data.storage import StorageError, resolve
 
 DOCS = [f"Document number {i}. " + "Some words about long context and test-time training. " * (i % 5 + 1)
         for i in range(40)]
@@ -260,11 +261,11 @@ def test_prepare_from_s3_to_s3(s3_env, tokenizer_file):
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(manifest)
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)
     # the training stream reads the shards straight from S3
-    from ttte2e.platform.data import StreamSpec, iter_batches
+    from ttte2e.platform.data.stream import StreamSpec, iter_batches
 
     position, windows = next(iter_batches(StreamSpec("s3://tokens/dclm", seq_len=16, global_batch=2)))
     assert windows.shape == (2, 17)
-    from ttte2e.platform.data import WindowReader
+    from ttte2e.platform.data.stream import WindowReader
 
     first = WindowReader("s3://tokens/dclm", "train", 16).windows(0, 1)  # stream order
     assert first[0, 0] == manifest["tokenizer"]["bos_id"]
@@ -287,7 +288,7 @@ def test_s3_wrong_credentials_and_missing_bucket(s3_env, monkeypatch, tokenizer_
 
 
 def test_cli_reports_bad_input_as_a_one_line_error(tmp_path, capsys):
-    from ttte2e.platform.prepare_cli import main
+    from ttte2e.platform.cli.prepare import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
@@ -349,9 +350,9 @@ def small_dataset(tmp_path, tokenizer_file):
 @pytest.mark.parametrize("how", ["empty", "truncated", "flipped", "missing"])
 def test_damaged_shards_are_named_by_every_reader(small_dataset, tmp_path, tokenizer_file, how,
                                                   capsys):
-    from ttte2e.platform.data import WindowReader
-    from ttte2e.platform.prepare import check_shard_sizes, verify_dataset
-    from ttte2e.platform.prepare_cli import main
+    from ttte2e.platform.data.stream import WindowReader
+    from ttte2e.platform.data.manifest import check_shard_sizes, verify_dataset
+    from ttte2e.platform.cli.prepare import main
 
     out, manifest = small_dataset
     shard = manifest["shards"][-1 if manifest["shards"][-1]["split"] == "train" else 0]
@@ -380,7 +381,7 @@ def test_damaged_shards_are_named_by_every_reader(small_dataset, tmp_path, token
 
 
 def test_verify_passes_an_intact_dataset(small_dataset, capsys):
-    from ttte2e.platform.prepare_cli import main
+    from ttte2e.platform.cli.prepare import main
 
     out, _ = small_dataset
     with pytest.raises(SystemExit) as code:
@@ -391,8 +392,8 @@ def test_verify_passes_an_intact_dataset(small_dataset, capsys):
 def test_a_row_group_whose_tokens_changed_is_refused(small_dataset):
     """A shard rewritten with other tokens but a footer list copied from the original (what a
     partial overwrite could leave) fails its row-group checksum."""
-    from ttte2e.platform.data import WindowReader
-    from ttte2e.platform.prepare import ROW_GROUPS_KEY
+    from ttte2e.platform.data.stream import WindowReader
+    from ttte2e.platform.data.manifest import ROW_GROUPS_KEY
 
     out, manifest = small_dataset
     shard = next(s for s in manifest["shards"] if s["split"] == "train")

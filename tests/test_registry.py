@@ -18,7 +18,7 @@ def same_weights(a, b) -> bool:
 
 def test_logged_and_referenced_versions_pull_back_the_model_and_tokenizer(model_folder,
                                                                          tmp_path):
-    from ttte2e.platform.registry import RegistryError, load_model, register
+    from ttte2e.platform.registry.model_registry import RegistryError, load_model, register
 
     source = tmp_path / "copy"
     shutil.copytree(model_folder, source)
@@ -43,8 +43,8 @@ def test_logged_and_referenced_versions_pull_back_the_model_and_tokenizer(model_
 
 
 def test_generation_from_a_pulled_model_matches_the_model_s_own_generate(model_folder):
-    from ttte2e.platform.registry import load_model
-    from ttte2e.platform.serving import TextGenerator
+    from ttte2e.platform.registry.model_registry import load_model
+    from ttte2e.platform.registry.serving import TextGenerator
 
     model, tokenizer = load_model(str(model_folder))
     generate = TextGenerator(model, tokenizer)
@@ -62,8 +62,8 @@ def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_folder, tmp_path,
     import mlflow.pyfunc
     import pandas as pd
 
-    from ttte2e.platform.registry import load_model, register
-    from ttte2e.platform.serving import TextGenerator
+    from ttte2e.platform.registry.model_registry import load_model, register
+    from ttte2e.platform.registry.serving import TextGenerator
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register(str(model_folder), "tiny-pyfunc", uri, alias="champion", weights="reference")
@@ -83,7 +83,7 @@ def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_folder, tmp_path,
 
 
 def test_cli_register_promote_list_and_pull(model_folder, tmp_path, capsys):
-    from ttte2e.platform.registry_cli import pull_main, registry_main
+    from ttte2e.platform.cli.registry import pull_main, registry_main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = registry_main(["register", str(model_folder), "--name", "tiny-cli",
@@ -111,8 +111,8 @@ def free_port() -> int:
 
 
 def test_bad_input_is_one_clear_error(model_folder, tmp_path, capsys, monkeypatch):
-    from ttte2e.platform.registry import RegistryError, load_model, register, set_alias
-    from ttte2e.platform.registry_cli import pull_main, registry_main
+    from ttte2e.platform.registry.model_registry import RegistryError, load_model, register, set_alias
+    from ttte2e.platform.cli.registry import pull_main, registry_main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register(str(model_folder), "tiny", uri, weights="reference")

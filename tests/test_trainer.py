@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from ttte2e.model import TTTModel
-from ttte2e.platform.data import StreamSpec, iter_batches
-from ttte2e.platform.train_config import (ConfigError, TrainConfig, batch_geometry, check_data,
+from ttte2e.platform.data.stream import StreamSpec, iter_batches
+from ttte2e.platform.train.config import (ConfigError, TrainConfig, batch_geometry, check_data,
                                           check_options, check_resources, check_storage)
-from ttte2e.platform.trainer import eta_at, lr_factor, read_state, warmup_steps
+from ttte2e.platform.train.checkpoint import read_state
+from ttte2e.platform.train.worker import eta_at, lr_factor, warmup_steps
 
 from conftest import SMALL, small_config
 
@@ -76,7 +77,7 @@ def test_unwritable_storage_and_missing_resources_are_refused(tmp_path):
 
 
 def test_model_flags_override_the_preset():
-    from ttte2e.platform.train_cli import parse
+    from ttte2e.platform.cli.train import parse
 
     cfg, args = parse(["--preset", "tiny", "--window", "64", "--checkpoint-prefix", "true",
                        "--workers", "2", "--no-eta-ramp"], "t", dict(preset="3B"))
@@ -86,7 +87,7 @@ def test_model_flags_override_the_preset():
 
 
 def test_pretrain_entry_reports_bad_input_as_one_line(tmp_path, capsys):
-    from ttte2e.platform.train_cli import run_main
+    from ttte2e.platform.cli.train import run_main
 
     with pytest.raises(SystemExit) as exit_info:
         run_main("t", dict(preset="tiny"), argv=["--data", str(tmp_path), "--steps", "1",
@@ -97,7 +98,7 @@ def test_pretrain_entry_reports_bad_input_as_one_line(tmp_path, capsys):
 
 def test_bf16_keeps_fast_weights_inner_grads_and_clip_norm_fp32():
     from ttte2e.model import preset
-    from ttte2e.platform.trainer import MetaObjective
+    from ttte2e.platform.train.worker import MetaObjective
 
     model = TTTModel(preset("tiny", **SMALL, bos_token_id=1))
     tokens = torch.randint(2, 512, (2, 129))
@@ -118,7 +119,7 @@ def test_bf16_keeps_fast_weights_inner_grads_and_clip_norm_fp32():
 def ray_session():
     import ray
 
-    from ttte2e.platform.ray_runtime import ensure_ray
+    from ttte2e.platform.cluster.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield
@@ -153,7 +154,7 @@ def reference_run(cfg: TrainConfig) -> tuple[list[float], list[float]]:
 @pytest.fixture(scope="module")
 def uninterrupted(train_data, tmp_path_factory, ray_session):
     """Two ZeRO-2 workers, micro-batch 1 x accumulation 2, 10 steps, checkpoints every 2 steps."""
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.train.driver import fit
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = small_config(train_data, storage, name="whole", tracking_uri="",
@@ -179,15 +180,15 @@ def test_two_zero2_workers_match_one_process_on_the_same_global_batch(uninterrup
     state = read_state(result["checkpoint"])
     assert state["step"] == 10 and state["world_size"] == 2
     # complete: the marker lists both ranks' files with the sizes stored
-    from ttte2e.platform import checkpoint as ckpt
-    from ttte2e.platform.storage import resolve
+    from ttte2e.platform.train import checkpoint as ckpt
+    from ttte2e.platform.data.storage import resolve
 
     listed = json.loads((Path(result["checkpoint"]) / ckpt.COMPLETE_FILE).read_text())["files"]
     assert {"ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng/rank1.pt",
             "model/model.safetensors", ckpt.STATE_FILE} <= set(listed)
     assert "sha256" in listed["model/model.safetensors"]
     assert ckpt.problems(resolve(result["checkpoint"])) == []
-    from ttte2e.platform.data import WindowReader
+    from ttte2e.platform.data.stream import WindowReader
 
     per_epoch = WindowReader(cfg.data, "train", 128, cfg.seed).windows_per_epoch // 4
     assert state["position"] == dict(zip(("epoch", "step"), divmod(10, per_epoch)))
@@ -220,8 +221,8 @@ def test_the_final_checkpoint_is_registered_with_config_tokenizer_and_metrics(un
     final held-out metrics; the pulled model is the checkpoint's and has the dataset's tokenizer."""
     from mlflow.tracking import MlflowClient
 
-    from ttte2e.platform.registry import load_model
-    from ttte2e.platform.serving import TextGenerator
+    from ttte2e.platform.registry.model_registry import load_model
+    from ttte2e.platform.registry.serving import TextGenerator
 
     cfg, result = uninterrupted
     reg = result["registered"]
@@ -245,7 +246,7 @@ def test_the_final_checkpoint_is_registered_with_config_tokenizer_and_metrics(un
 @pytest.mark.slow
 def test_stopped_then_rerun_with_the_same_name_ends_with_the_same_curve(train_data, uninterrupted,
                                                                         tmp_path):
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.train.driver import fit
 
     _, whole = uninterrupted
     cfg = small_config(train_data, tmp_path, name="paused", stop_after=3)
@@ -258,7 +259,7 @@ def test_stopped_then_rerun_with_the_same_name_ends_with_the_same_curve(train_da
 
 @pytest.mark.slow
 def test_resume_from_an_explicit_checkpoint(train_data, uninterrupted, tmp_path):
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.train.driver import fit
 
     _, whole = uninterrupted
     middle = Path(whole["checkpoint"]).parent / "checkpoint_00000006"  # 3 newest are kept
@@ -277,7 +278,7 @@ def _train_workers() -> list:
 
 @pytest.mark.slow
 def test_a_killed_worker_recovers_from_the_last_checkpoint(train_data, uninterrupted, tmp_path):
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.train.driver import fit
 
     _, whole = uninterrupted
     cfg = small_config(train_data, tmp_path, name="killed", max_failures=2)
@@ -309,8 +310,8 @@ def test_checkpoints_to_s3_and_resume_from_there(train_data, uninterrupted, s3_s
     a run resumed from an s3:// checkpoint continues exactly; no credential in what is written."""
     import pyarrow.fs as pafs
 
-    from ttte2e.platform.storage import resolve, s3_options
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.data.storage import resolve, s3_options
+    from ttte2e.platform.train.driver import fit
 
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
@@ -333,7 +334,7 @@ def test_checkpoints_to_s3_and_resume_from_there(train_data, uninterrupted, s3_s
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_is_never_checkpointed(train_data, ray_session,
                                                                    tmp_path):
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.train.driver import fit
 
     # lr 1e9: the first update blows the weights up, the second step's loss is not finite.
     # No restart can fix that: with unlimited restarts (-1) the run is retried once from the
@@ -353,7 +354,7 @@ def test_extend_context_starts_from_the_parameters_with_eta_one(train_data, unin
     optimizer, schedule and data position), longer T, eta = inner_lr from the first step."""
     import runpy
 
-    from ttte2e.platform.train_cli import run_main
+    from ttte2e.platform.cli.train import run_main
 
     script = runpy.run_path(str(Path(__file__).parents[1] / "pipelines" / "extend_context.py"),
                             run_name="not_main")
@@ -380,8 +381,8 @@ def test_extend_context_starts_from_the_parameters_with_eta_one(train_data, unin
 
 def test_capacity_plan_for_3b(capsys):
     from ttte2e.model import count_parameters
-    from ttte2e.platform.plan import GIB, capacity_plan, memory_per_gpu
-    from ttte2e.platform.train_cli import run_main
+    from ttte2e.platform.train.plan import GIB, capacity_plan, memory_per_gpu
+    from ttte2e.platform.cli.train import run_main
 
     cfg = TrainConfig(preset="3B")
     plan = capacity_plan(cfg, nodes=8, gpus_per_node=8, gpu="h100", mfu=0.3)
@@ -404,12 +405,12 @@ def test_capacity_plan_for_3b(capsys):
 
 def test_init_from_must_be_a_model_of_the_same_architecture(tmp_path):
     from ttte2e.model import preset
-    from ttte2e.platform.trainer import check_init_from
+    from ttte2e.platform.train.driver import check_init_from
 
     tiny = preset("tiny")
     TTTModel(tiny).save_pretrained(tmp_path / "folder")  # e.g. an imported official checkpoint
     check_init_from(str(tmp_path / "folder"), tiny.replace(seq_len=1024))
     with pytest.raises(ConfigError, match="architecture differs.*d_model"):
         check_init_from(str(tmp_path / "folder"), tiny.replace(d_model=256, n_heads=4))
-    with pytest.raises(ConfigError, match="neither a training checkpoint"):
+    with pytest.raises(ConfigError, match="neither a model folder .* nor a training checkpoint"):
         check_init_from(str(tmp_path), tiny)

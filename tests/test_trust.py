@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SMALL, mlflow_server, small_config
-from ttte2e.platform import checkpoint as ckpt
-from ttte2e.platform.train_config import ConfigError, TrainConfig, batch_geometry, check_options
+from ttte2e.platform.train import checkpoint as ckpt
+from ttte2e.platform.train.config import ConfigError, TrainConfig, batch_geometry, check_options
 
 
 # ---- 7. every bad setting: one error line, exit 2, before any worker ---------------------------
@@ -41,7 +41,7 @@ from ttte2e.platform.train_config import ConfigError, TrainConfig, batch_geometr
 def test_bad_settings_are_one_error_line_before_anything_starts(flags, message, capsys, tmp_path):
     import ray
 
-    from ttte2e.platform.train_cli import run_main
+    from ttte2e.platform.cli.train import run_main
 
     with pytest.raises(SystemExit) as code:
         run_main("t", dict(preset="tiny"), argv=["--data", str(tmp_path), "--steps", "1",
@@ -53,7 +53,7 @@ def test_bad_settings_are_one_error_line_before_anything_starts(flags, message, 
 
 
 def test_ttt_fraction_is_a_flag():
-    from ttte2e.platform.train_cli import parse
+    from ttte2e.platform.cli.train import parse
 
     cfg, _ = parse(["--preset", "tiny", "--n-layers", "8", "--ttt-fraction", "0.5"], "t")
     assert cfg.model_config().n_ttt_blocks == 4
@@ -62,7 +62,7 @@ def test_ttt_fraction_is_a_flag():
 def test_tracking_server_is_checked_before_ray_starts(train_data, tmp_path):
     import ray
 
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.train.driver import fit
 
     cfg = small_config(train_data, tmp_path, tracking_uri="http://127.0.0.1:9")
     with pytest.raises(ConfigError, match="127.0.0.1:9 is unreachable"):
@@ -75,7 +75,7 @@ def fake_checkpoint(root: Path, cfg: TrainConfig, model_folder: Path, step: int 
                     data_key: str | None = None) -> Path:
     """A checkpoint folder as the trainer writes it (model/, ds/, trainer_state.json with the
     run identity, COMPLETE.json last), without training."""
-    from ttte2e.platform.prepare import read_manifest
+    from ttte2e.platform.data.manifest import read_manifest
 
     model_cfg, geometry = check_options(cfg)
     folder = root / cfg.name / ckpt.dir_name(step)
@@ -108,7 +108,7 @@ def test_resume_of_another_run_is_refused_before_workers_start(run_cfg, model_fo
                                                                 fields):
     import ray
 
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.train.driver import fit
 
     bos = run_cfg.model_overrides["bos_token_id"]
     if "model_overrides" in changes:
@@ -127,14 +127,14 @@ def test_resume_of_another_run_is_refused_before_workers_start(run_cfg, model_fo
 
 
 def test_another_dataset_is_refused_and_extend_steps_is_explicit(run_cfg, model_folder):
-    from ttte2e.platform.trainer import check_resume, resume_source
+    from ttte2e.platform.train.driver import check_resume
 
     model_cfg, geometry = check_options(run_cfg)
     folder = fake_checkpoint(Path(run_cfg.storage), run_cfg, model_folder, data_key="other")
     longer = dataclasses.replace(run_cfg, steps=20)
     identity = ckpt.run_identity(longer.to_dict(), dataclasses.asdict(
         batch_geometry(longer, model_cfg)), "other")
-    assert resume_source(longer, "run") == ckpt.resolve(str(folder)).uri
+    assert ckpt.resume_source(longer.storage, "run") == ckpt.resolve(str(folder)).uri
     with pytest.raises(ConfigError, match=r"steps \(checkpoint 10, now 20\).*--extend-steps"):
         check_resume(str(folder), identity, longer)
     assert check_resume(str(folder), identity, dataclasses.replace(longer, extend_steps=True))
@@ -146,9 +146,9 @@ def test_another_dataset_is_refused_and_extend_steps_is_explicit(run_cfg, model_
 @pytest.mark.parametrize("damage", ["marker", "truncated", "flipped", "missing"])
 def test_incomplete_checkpoints_are_refused_by_every_reader(run_cfg, model_folder, damage,
                                                             tmp_path, capsys):
-    from ttte2e.platform.registry import RegistryError, load_model, register
-    from ttte2e.platform.registry_cli import pull_main
-    from ttte2e.platform.trainer import check_init_from, fit, resume_source
+    from ttte2e.platform.registry.model_registry import RegistryError, load_model, register
+    from ttte2e.platform.cli.registry import pull_main
+    from ttte2e.platform.train.driver import check_init_from, fit
 
     older = fake_checkpoint(Path(run_cfg.storage), run_cfg, model_folder, step=2)
     folder = fake_checkpoint(Path(run_cfg.storage), run_cfg, model_folder, step=4)
@@ -169,7 +169,7 @@ def test_incomplete_checkpoints_are_refused_by_every_reader(run_cfg, model_folde
         reason = "ds/mp_rank_00_model_states.pt missing"
     # resume by name skips it (naming it) and takes the older complete one
     lines = []
-    assert resume_source(run_cfg, "run", log=lines.append) == str(older)
+    assert ckpt.resume_source(run_cfg.storage, "run", log=lines.append) == str(older)
     assert str(folder) in lines[0]
     # --resume-from names what is wrong; fit refuses before workers start
     with pytest.raises(ConfigError, match=rf"incomplete checkpoint: .*{reason}"):
@@ -197,7 +197,7 @@ def test_incomplete_checkpoints_are_refused_by_every_reader(run_cfg, model_folde
 
 # ---- 8. reading commands never create an MLflow store -------------------------------------------
 def test_reading_commands_refuse_a_sqlite_store_that_does_not_exist(tmp_path, capsys):
-    from ttte2e.platform.registry_cli import pull_main, registry_main as main
+    from ttte2e.platform.cli.registry import pull_main, registry_main as main
 
     missing = f"sqlite:///{tmp_path / 'typo.db'}"
     for run in (lambda: main(["list", "m", "--tracking-uri", missing]),
@@ -211,7 +211,7 @@ def test_reading_commands_refuse_a_sqlite_store_that_does_not_exist(tmp_path, ca
 
 # ---- 6. no secret anywhere ----------------------------------------------------------------------
 def test_credentials_leave_the_uri_and_every_message():
-    from ttte2e.platform import tracking
+    from ttte2e.platform.registry.model_registry import tracking
 
     saved = dict(os.environ)
     try:
@@ -278,8 +278,8 @@ def test_damage_found_mid_run_ends_the_run_without_retries(train_data, tmp_path)
     still ends at once with that error (a damaged shard does not heal)."""
     import pyarrow.parquet as pq
 
-    from ttte2e.platform.prepare import read_manifest
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.data.manifest import read_manifest
+    from ttte2e.platform.train.driver import fit
 
     data = tmp_path / "data"
     shutil.copytree(train_data[0], data)

@@ -19,7 +19,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ttte2e.platform.evaluate import load_model, loss_vs_context, niah, write_report
+    from ttte2e.platform.eval.long_context import load_model, loss_vs_context, niah, write_report
 
     parser = argparse.ArgumentParser(description="Evaluate a TTT-E2E model.")
     parser.add_argument("--model", required=True, help="model folder, training checkpoint, "
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         if args.tracking_uri:
-            from ttte2e.platform.registry import check_store_exists, registry_uri
+            from ttte2e.platform.registry.model_registry import check_store_exists, registry_uri
 
             args.tracking_uri = registry_uri(args.tracking_uri)  # credentials out of the URI
             if args.model.startswith("models:/"):
@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
         results = loss_vs_context(model, args.data, contexts, args.windows, modes)
         needles = None
         if args.niah:
-            from ttte2e.platform.prepare import read_manifest
-            from ttte2e.platform.storage import resolve
+            from ttte2e.platform.data.manifest import TOKENIZER_FILE, read_manifest
+            from ttte2e.platform.data.storage import resolve
 
             tok = resolve(args.data).join(read_manifest(args.data)["tokenizer"]["file"])
-            local = Path(args.out) / "tokenizer.json"
+            local = Path(args.out) / TOKENIZER_FILE
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(tok.read_bytes())
             needles = niah(model, str(local), args.data, contexts,
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(report["table"])
     print(f"report: {report['report']}\nplot  : {report['plot']}")
     if args.tracking_uri:
-        from ttte2e.platform.tracking import RunLogger, start_run
+        from ttte2e.platform.registry.tracking import RunLogger, start_run
 
         run_id = start_run(args.tracking_uri, "ttte2e-eval", f"eval-{Path(args.model).name}",
                            {"model": args.model, "data": args.data, "contexts": args.contexts})

@@ -8,8 +8,8 @@ import dataclasses
 import typing
 
 from ttte2e.model import TTTConfig
-from ttte2e.platform.cli import field_docs
-from ttte2e.platform.train_config import ConfigError, TrainConfig
+from ttte2e.platform.cli.options import field_docs
+from ttte2e.platform.train.config import ConfigError, TrainConfig
 
 _MODEL_SKIP = {"ttt_fraction"}  # an InitVar; n_ttt_blocks is the field
 
@@ -61,7 +61,7 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
 
 
 def check_plan_options(args) -> None:
-    from ttte2e.platform.plan import GPU_SPECS
+    from ttte2e.platform.train.plan import GPU_SPECS
 
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ConfigError(f"--nodes {args.nodes} / --gpus-per-node {args.gpus_per_node}: each "
@@ -100,14 +100,14 @@ def run_main(description: str, defaults: dict, model_defaults: dict | None = Non
     try:
         if args.plan:
             check_plan_options(args)
-            from ttte2e.platform.plan import capacity_plan, format_plan
+            from ttte2e.platform.train.plan import capacity_plan, format_plan
 
             print(format_plan(capacity_plan(cfg, args.nodes, args.gpus_per_node, args.gpu,
                                             args.mfu)))
             return None
         if require_init and not cfg.init_from and not cfg.resume_from:
             raise ConfigError("--init-from <pretraining checkpoint> is required")
-        from ttte2e.platform.trainer import fit
+        from ttte2e.platform.train.driver import fit
 
         return fit(cfg)
     except ConfigError as e:

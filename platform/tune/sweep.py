@@ -34,8 +34,8 @@ from pathlib import Path
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ttte2e.model import TTTConfig
-from ttte2e.platform.storage import STORAGE_ENV_VARS, resolve
-from ttte2e.platform.train_config import ConfigError, TrainConfig, cpus_needed
+from ttte2e.platform.data.storage import STORAGE_ENV_VARS, resolve
+from ttte2e.platform.train.config import ConfigError, TrainConfig, cpus_needed
 
 KNOBS = ("window", "chunk", "layers")
 KNOB_LABELS = {"window": "sliding-window size k (tokens)", "chunk": "TTT mini-batch size b (tokens)",
@@ -154,7 +154,7 @@ def trial_config(base: TrainConfig, trial: Trial, sweep: dict) -> TrainConfig:
 
 def run_trial(config: dict, base: dict, sweep: dict) -> None:
     """The Tune function trainable: one training run (a TorchTrainer) of the sweep."""
-    from ttte2e.platform.trainer import fit
+    from ttte2e.platform.train.driver import fit
 
     os.environ.update(sweep["env"])  # storage / MLflow endpoints of the driver, never logged
     trial = Trial(**config["trial"])
@@ -173,7 +173,7 @@ def _forwarded_env() -> dict:
 def sweep_base(base: TrainConfig) -> TrainConfig:
     """Every report of a trial must carry held-out metrics (Tune compares them): evaluation at
     least 8 times per run, and checkpoints only at evaluation steps."""
-    from ttte2e.platform.train_config import batch_geometry
+    from ttte2e.platform.train.config import batch_geometry
 
     steps = batch_geometry(base, base.model_config()).steps
     every = base.eval_every if 0 < base.eval_every <= steps else max(1, steps // 8)
@@ -204,7 +204,7 @@ def run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]] 
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return _run_sweep(base, knobs, values, baseline, scheduler, grace_steps, concurrent, log)
-    from ttte2e.platform.local_cluster import LocalRayCluster
+    from ttte2e.platform.cluster.local_head import LocalRayCluster
 
     with LocalRayCluster(log=lambda m: log(f"[sweep] {m}")) as cluster:
         os.environ["RAY_ADDRESS"] = cluster.gcs_address
@@ -221,24 +221,20 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
                log) -> dict:
     from ray import tune
 
-    from ttte2e.platform import tracking
-    from ttte2e.platform.ray_runtime import ensure_ray
-    from ttte2e.platform.registry import check_tracking
-    from ttte2e.platform.train_config import (check_data, check_options, check_resources,
-                                              check_storage)
+    from ttte2e.platform.cluster.ray_runtime import ensure_ray
+    from ttte2e.platform.registry import tracking
+    from ttte2e.platform.train.config import check_resources, preflight
 
     if scheduler not in ("none", "asha"):
         raise ConfigError(f"scheduler {scheduler!r}: choose none or asha")
-    base = dataclasses.replace(base, **{k: resolve(getattr(base, k)).uri for k in
-                                        ("data", "storage", "init_from") if getattr(base, k)})
     base = sweep_base(base)
     plan = plan_sweep(base, knobs, values, baseline)
     for what, why in plan.rejected:
         log(f"[sweep] rejected {what}: {why}")
-    # pre-flight once, for the base config: every trial shares data, storage and resources
-    model, geometry = check_options(base)  # each trial's model was checked by plan_sweep
-    check_data(base, model, geometry)
-    check_storage(base.storage)
+    # pre-flight once, for the base config: every trial shares data, storage, MLflow and
+    # resources (each trial's model was checked by plan_sweep)
+    checked = preflight(base)
+    base, model, geometry, uri = checked.cfg, checked.model, checked.geometry, checked.tracking_uri
     ensure_ray()
     import ray
 
@@ -250,10 +246,8 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     log(f"[sweep] {name}: {len(plan.trials)} trials ({', '.join(t.name for t in plan.trials)}), "
         f"{geometry.steps} steps each, {n_concurrent} at a time; scheduler {scheduler}")
 
-    uri = tracking.tracking_uri(base.tracking_uri, base.storage)
     parent = None
     if uri:
-        check_tracking(uri)
         artifacts = tracking.artifact_location(uri)  # a server keeps its own artifact store
         params = {**{f"train.{k}": v for k, v in base.to_dict().items()},
                   "sweep.knobs": ",".join(knobs), "sweep.trials": len(plan.trials),

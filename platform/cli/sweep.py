@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from ttte2e.platform.ablation import KNOBS
-from ttte2e.platform.train_cli import parse
+from ttte2e.platform.tune.sweep import KNOBS
+from ttte2e.platform.cli.train import parse
 
 
 def _values(text: str) -> list[int]:
@@ -19,7 +19,7 @@ def _values(text: str) -> list[int]:
 
 
 def main(description: str, defaults: dict, argv: list[str] | None = None) -> dict | None:
-    from ttte2e.platform.train_config import ConfigError
+    from ttte2e.platform.train.config import ConfigError
 
     def add_sweep_flags(parser):
         group = parser.add_argument_group("sweep")
@@ -47,7 +47,7 @@ def main(description: str, defaults: dict, argv: list[str] | None = None) -> dic
     try:
         if args.plan:
             raise ConfigError("--plan is pretrain_3b.py's; a sweep's trials are ordinary runs")
-        from ttte2e.platform.ablation import run_sweep
+        from ttte2e.platform.tune.sweep import run_sweep
 
         out = run_sweep(cfg, knobs, values, args.baseline, args.scheduler, args.grace_steps,
                         args.max_concurrent)

@@ -40,8 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ttte2e.platform.prepare import DataError, read_manifest, row_group_digest, row_group_digests
-from ttte2e.platform.storage import STORAGE_ENV_VARS, resolve
+from ttte2e.platform.data.manifest import DataError, read_manifest, row_group_digest, row_group_digests
+from ttte2e.platform.data.storage import STORAGE_ENV_VARS, resolve
 
 
 @dataclass(frozen=True)

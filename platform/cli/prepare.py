@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import sys
 
-from ttte2e.platform.cli import field_docs
-from ttte2e.platform.prepare import DataError, PrepareOptions, prepare, verify_dataset
-from ttte2e.platform.storage import StorageError
+from ttte2e.platform.cli.options import field_docs
+from ttte2e.platform.data.manifest import DataError, verify_dataset
+from ttte2e.platform.data.prepare import PrepareOptions, prepare
+from ttte2e.platform.data.storage import StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PrepareOptions, bool]:

@@ -40,23 +40,16 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ttte2e.platform.storage import STORAGE_ENV_VARS, Location, resolve
+from ttte2e.platform.data.manifest import (FORMAT_VERSION, MANIFEST, ROW_GROUPS_KEY, SHARD_FIELDS,
+                                           SHARD_SCHEMA, TOKENIZER_FILE, DataError, list_digest,
+                                           read_manifest, row_group_digest, verify_dataset,
+                                           write_manifest)
+from ttte2e.platform.data.storage import STORAGE_ENV_VARS, Location, resolve
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt", ".txt.gz", ".txt.zst")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]")
 _EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "[EOS]")
-SHARD_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("num_tokens", pa.int32()),
-                          ("source", pa.string()), ("piece", pa.int32())])
-ROW_GROUPS_KEY = b"ttte2e.row_groups"
-SHARD_FIELDS = ("path", "split", "documents", "rows", "tokens", "row_groups", "row_group_tokens",
-                "bytes", "sha256", "row_groups_sha256", "input")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and, where it applies, the line or row."""
 
 
 @dataclass
@@ -323,17 +316,6 @@ def _is_val(source: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def row_group_digest(tokens) -> str:
-    """sha256 (128 bits) of a row group's tokens as little-endian int32."""
-    import numpy as np
-
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()[:32]
-
-
-def list_digest(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
 def _shard_bytes(docs: list[tuple[list[int], str]], group_tokens: int) -> tuple[bytes, dict]:
     """A shard of whole documents cut into row groups of group_tokens tokens; returns the file and
     its manifest facts (rows, row groups, the sha256 of its row-group digest list)."""
@@ -445,98 +427,6 @@ def _dataset_key(opts: PrepareOptions, tok: TokenizerInfo, inputs: list[Location
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_manifest(uri: str) -> dict:
-    """The manifest of a finished dataset; a folder without one is refused."""
-    out = resolve(uri)
-    loc = out.join(MANIFEST)
-    if not loc.exists():
-        raise DataError(f"{uri} is not a finished dataset: no {MANIFEST} (a run that did not "
-                        "complete, or not a dataset folder)")
-    try:
-        manifest = json.loads(loc.read_bytes())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{loc.uri} is damaged: not valid JSON ({e.msg})") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DataError(f"{uri} is a format-{version} dataset; this version reads format "
-                        f"{FORMAT_VERSION} (row-group shards with checksums): re-run "
-                        "pipelines/prepare_data.py on the same input with --overwrite")
-    return manifest
-
-
-# ---- integrity ---------------------------------------------------------------------------------
-def shard_size_problems(uri: str, manifest: dict, splits=("train", "val")) -> list[str]:
-    """Shards of `splits` that are missing or whose size differs from the manifest, from one
-    listing of the dataset folder (cheap on S3): one line per damaged shard."""
-    root = resolve(uri)
-    sizes = {f.uri[len(root.uri) + 1:]: f.size() for f in root.list_files()}
-    problems = []
-    for shard in manifest["shards"]:
-        if shard["split"] not in splits:
-            continue
-        where = root.join(shard["path"]).uri
-        if shard["path"] not in sizes:
-            problems.append(f"{where}: missing")
-        elif sizes[shard["path"]] != shard["bytes"]:
-            problems.append(f"{where}: {sizes[shard['path']]} bytes, the manifest says "
-                            f"{shard['bytes']} (truncated or replaced)")
-    return problems
-
-
-def check_shard_sizes(uri: str, manifest: dict, splits=("train", "val")) -> None:
-    problems = shard_size_problems(uri, manifest, splits)
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise DataError(f"{uri}: {len(problems)} damaged shard(s): " + "; ".join(problems[:5])
-                        + more)
-
-
-def row_group_digests(parquet_file, shard: dict, where: str) -> list[str]:
-    """The footer's per-row-group digests, checked against the manifest's hash of the list."""
-    meta = (parquet_file.schema_arrow.metadata or {}).get(ROW_GROUPS_KEY)
-    if meta is None or list_digest(meta) != shard["row_groups_sha256"]:
-        raise DataError(f"{where}: its row-group checksums do not match the manifest "
-                        "(damaged or replaced shard)")
-    digests = json.loads(meta)["sha256"]
-    if len(digests) != shard["row_groups"] or parquet_file.num_row_groups != shard["row_groups"]:
-        raise DataError(f"{where}: {parquet_file.num_row_groups} row groups, the manifest says "
-                        f"{shard['row_groups']} (damaged or replaced shard)")
-    return digests
-
-
-def verify_dataset(uri: str, log=print) -> list[str]:
-    """Every shard's size and sha256 and its footer's checksum list, and the tokenizer file,
-    against the manifest. Returns the problems (empty: the dataset is intact)."""
-    manifest = read_manifest(uri)
-    root = resolve(uri)
-    problems = shard_size_problems(uri, manifest)
-    damaged = {p.split(": ", 1)[0] for p in problems}
-    for shard in manifest["shards"]:
-        loc = root.join(shard["path"])
-        if loc.uri in damaged:
-            continue
-        try:
-            data = loc.read_bytes()
-            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                problems.append(f"{loc.uri}: sha256 differs from the manifest (content replaced "
-                                "or damaged)")
-                continue
-            row_group_digests(pq.ParquetFile(io.BytesIO(data)), shard, loc.uri)
-        except (OSError, pa.ArrowException, DataError) as e:
-            problems.append(f"{loc.uri}: {e}")
-    tok = root.join(manifest["tokenizer"]["file"])
-    if not tok.exists():
-        problems.append(f"{tok.uri}: missing")
-    elif hashlib.sha256(tok.read_bytes()).hexdigest() != manifest["tokenizer"]["sha256"]:
-        problems.append(f"{tok.uri}: sha256 differs from the manifest")
-    log(f"{uri}: {len(manifest['shards'])} shard(s), "
-        f"{sum(s['bytes'] for s in manifest['shards']):,} bytes checked: "
-        + ("intact" if not problems else f"{len(problems)} problem(s)"))
-    for line in problems:
-        log(f"  DAMAGED {line}")
-    return problems
-
-
 def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
     """True when this exact dataset already exists (nothing to do)."""
     out.ensure_bucket()
@@ -557,7 +447,7 @@ def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
         log(f"--overwrite: deleting the dataset in {out.uri}")
         out.delete()
         return False
-    ours = ("train/", "val/", "tokenizer.json")
+    ours = ("train/", "val/", TOKENIZER_FILE)
     files = out.list_files() if out.is_dir() else [out]
     foreign = [f.uri for f in files if not f.uri[len(out.uri) + 1:].startswith(ours)]
     if foreign and not overwrite:
@@ -589,7 +479,7 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
     if _prepare_output(out, key, opts.overwrite, log):
         log(f"{opts.output} already holds this dataset ({key}); nothing to do")
         return read_manifest(opts.output)
-    out.join("tokenizer.json").write_bytes(tok.json.encode())
+    out.join(TOKENIZER_FILE).write_bytes(tok.json.encode())
 
     root = resolve(opts.input).uri
     jobs = [(i, f.uri, f.uri[len(root) + 1:] if f.uri != root else f.uri.rsplit("/", 1)[-1])
@@ -616,12 +506,12 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
         options=asdict(opts),
         tokenizer=dict(source=tok.source, trained=tok.trained, sha256=tok.sha256,
                        vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                       bos_token=tok.bos_token, file="tokenizer.json"),
+                       bos_token=tok.bos_token, file=TOKENIZER_FILE),
         inputs=dict(files=len(inputs), skipped_unsupported=skipped_files),
         counts=asdict(totals), splits=splits,
         shards=[{k: r[k] for k in SHARD_FIELDS} for r in shards],
         seconds=round(time.time() - start, 2))
-    out.join(MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())  # the commit point
+    write_manifest(out, manifest)  # the commit point
     log(f"done: {splits['train']['documents']} train / {splits['val']['documents']} held-out "
         f"documents, {totals.tokens_written} tokens in {len(shards)} shard(s); skipped: "
         f"{totals.empty_documents} empty, {totals.short_documents} under {opts.min_tokens} "
@@ -634,7 +524,7 @@ def _run_with_ray(jobs: list[tuple[int, str, str]], opts: PrepareOptions,
                   tok: TokenizerInfo) -> list[dict]:
     import ray
 
-    from ttte2e.platform.ray_runtime import ensure_ray
+    from ttte2e.platform.cluster.ray_runtime import ensure_ray
 
     ensure_ray()
     output, options = opts.output, opts

@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from ttte2e.platform.demo_corpus import write_demo_corpus
-from ttte2e.platform.local_cluster import LocalRayCluster
+from ttte2e.platform.data.demo_corpus import write_demo_corpus
+from ttte2e.platform.cluster.local_head import LocalRayCluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "ttte2e-demo-tiny"
 PROMPT = "import os\n\n\ndef "
 
@@ -79,7 +79,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
         say(f"             (browse: mlflow ui --backend-store-uri {result['tracking_uri']})")
     registered = result.get("registered") or {}
     say(f"registry   : models:/{MODEL_NAME}@champion = version {registered.get('version')} "
-        f"(ttte2e.platform.registry.load_model('models:/{MODEL_NAME}@champion', '{uri}'))")
+        f"(ttte2e.platform.registry.model_registry.load_model('models:/{MODEL_NAME}@champion', '{uri}'))")
     return result
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ttte2e.platform.registry import (DEFAULT_MAX_LOGGED_BYTES, RegistryError, check_store_exists,
+from ttte2e.platform.registry.model_registry import (DEFAULT_MAX_LOGGED_BYTES, RegistryError, check_store_exists,
                                       describe, load_model,
                                       register, registry_uri, set_alias)
 
@@ -70,7 +70,7 @@ def registry_main(argv: list[str] | None = None) -> dict | list:
 
 
 def pull_main(argv: list[str] | None = None) -> dict:
-    from ttte2e.platform.serving import GENERATION_PARAMS, TextGenerator
+    from ttte2e.platform.registry.serving import GENERATION_PARAMS, TextGenerator
 
     parser = argparse.ArgumentParser(description="Pull a registered model (or load a checkpoint) "
                                      "and generate text with continued test-time training.")

@@ -1,14 +1,10 @@
-"""Meta-training on Ray Train: each worker runs the TTT-E2E objective in a DeepSpeed ZeRO engine.
+"""The per-worker training loop on Ray Train: the TTT-E2E meta-objective in a DeepSpeed ZeRO engine.
 
-Driver (`fit`): pre-flight checks (train_config), the MLflow run, a TorchTrainer with
-RunConfig(storage, FailureConfig, CheckpointConfig); at the end a plot and the final checkpoint's
-URI. Worker (`train_loop`): model -> DeepSpeed engine (ZeRO 0/1/2, AdamW 0.9/0.95, clip, warm-up +
-cosine), its own input stream from the checkpointed data position, gradient accumulation, the
-held-out evaluation, metrics, checkpoints via ray.train.report.
-
-The checkpoint format (what a folder holds, COMPLETE.json written last, which checkpoint a run
-resumes from, what a resumed run must share with it) is platform/checkpoint.py's. Restoring a
-complete checkpoint makes a resumed run continue exactly where the interrupted one stood.
+`train_loop` (what TorchTrainer runs on every worker): model -> DeepSpeed engine (ZeRO 0/1/2,
+AdamW 0.9/0.95, clip, warm-up + cosine), its own input stream from the checkpointed data
+position, gradient accumulation, the held-out evaluation, metrics, checkpoints via
+ray.train.report. Restoring a complete checkpoint continues exactly where the interrupted run
+stood. Errors no restart can fix are recorded in the run folder (FATAL.json) for the driver.
 """
 
 from __future__ import annotations
@@ -26,22 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ttte2e.model import TTTConfig, TTTModel, count_parameters, estimate_flops, inner_lr_at
-from ttte2e.model.config import ARCHITECTURE_FIELDS
-from ttte2e.platform import checkpoint as ckpt
-from ttte2e.platform.checkpoint import DS_TAG, STATE_FILE, CheckpointError, read_state
-from ttte2e.platform.data import StreamPosition, StreamSpec, WindowReader, worker_stream
-from ttte2e.platform.prepare import DataError
-from ttte2e.platform.serving import TOKENIZER_FILE
-from ttte2e.platform.storage import STORAGE_ENV_VARS, resolve
-from ttte2e.platform.tracking import RunLogger, redact
-from ttte2e.platform.train_config import (BatchGeometry, ConfigError, TrainConfig, batch_geometry,
-                                          check_data, check_options, check_resources,
-                                          check_storage)
+from ttte2e.model import TTTConfig, TTTModel, estimate_flops, inner_lr_at
+from ttte2e.model.model_folder import TOKENIZER_FILE
+from ttte2e.platform.train import checkpoint as ckpt
+from ttte2e.platform.train.checkpoint import DS_TAG, STATE_FILE, CheckpointError, read_state
+from ttte2e.platform.data.stream import StreamPosition, StreamSpec, WindowReader, worker_stream
+from ttte2e.platform.data.manifest import DataError
+from ttte2e.platform.data.storage import resolve
+from ttte2e.platform.registry.tracking import RunLogger, redact
+from ttte2e.platform.train.config import (BatchGeometry, ConfigError, TrainConfig, batch_geometry)
 
-# Dense bf16 peak per device (TFLOP/s), for MFU.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
-                   "L4": 121.0}
 
 
 def lr_factor(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -144,69 +134,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def open_checkpoint(uri: str):
-    """A ray.train.Checkpoint for a complete local or s3:// checkpoint folder."""
-    from ray.train import Checkpoint
-
-    try:
-        loc = ckpt.verify(uri)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    return Checkpoint(loc.path, filesystem=loc.fs)
-
-
-def resume_source(cfg: TrainConfig, name: str, log=print, checksums: bool = True) -> str | None:
-    """The checkpoint this invocation continues: the newest complete one of the run (same name),
-    else --resume-from (which must be complete), else None (a fresh run). The driver checks
-    sizes and model/ checksums; workers (checksums=False) sizes only."""
-    latest = ckpt.latest_complete(resolve(cfg.storage).join(name), log, checksums)
-    if latest is not None:
-        return latest.uri
-    if cfg.resume_from:
-        if checksums:
-            open_checkpoint(cfg.resume_from)
-        return cfg.resume_from
-    return None
-
-
-def check_resume(uri: str, identity: dict, cfg: TrainConfig) -> dict:
-    """Refuses to continue a checkpoint of another run geometry (data, batch, sequence length,
-    seed, steps, workers, schedule): its data position and schedule would mean something else."""
-    state = read_state(uri)
-    saved = state.get("identity")
-    if saved is None:
-        raise ConfigError(f"{uri} records no run identity (written by an older version); start a "
-                          "new run with --init-from it")
-    diff = ckpt.resume_differences(saved, identity, cfg.extend_steps)
-    if diff:
-        fields = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
-        allowed = " (--extend-steps allows a larger --steps)" if "steps" in diff else ""
-        raise ConfigError(f"cannot resume {uri} with a different run: {fields}; use the "
-                          f"checkpoint's settings, a new --name, or --init-from it{allowed}")
-    return state
-
-
-def check_init_from(uri: str, model_cfg: TTTConfig) -> None:
-    """--init-from is a training checkpoint (model/ inside) or a model folder (config.json +
-    safetensors, e.g. pipelines/import_official.py output) of the same architecture."""
-    loc = resolve(uri)
-    if loc.join(STATE_FILE).exists():
-        try:
-            ckpt.verify(uri, parts=(ckpt.MODEL_DIR,))
-        except CheckpointError as e:
-            raise ConfigError(str(e)) from None
-    folder = loc.join("model") if loc.join("model", "config.json").exists() else loc
-    if not folder.join("config.json").exists():
-        raise ConfigError(f"{uri}: neither a training checkpoint (model/config.json) nor a model "
-                          "folder (config.json + safetensors)")
-    saved = json.loads(folder.join("config.json").read_bytes())
-    diff = {k: (saved.get(k), getattr(model_cfg, k)) for k in ARCHITECTURE_FIELDS
-            if saved.get(k) != getattr(model_cfg, k)}
-    if diff:
-        raise ConfigError(f"{uri}: its architecture differs from this run's model "
-                          f"(field: (saved, run)) {diff}")
-
-
 # ---- the worker ---------------------------------------------------------------------------------
 def _device(use_gpu: bool) -> torch.device:
     if use_gpu:
@@ -242,10 +169,10 @@ def _peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
+        from ttte2e.platform.train.plan import peak_tflops
+
+        tflops = peak_tflops(torch.cuda.get_device_name(device))
+        return None if tflops is None else tflops * 1e12
     return None
 
 
@@ -331,7 +258,7 @@ def _train_loop(loop: dict) -> None:
 
         source = resolve(cfg.init_from)
         with RayCheckpoint(source.path, filesystem=source.fs).as_directory() as d:
-            folder = Path(d) / "model" if (Path(d) / "model" / "config.json").is_file() else Path(d)
+            folder = ckpt.local_model_folder(d)
             model.load_state_dict(TTTModel.from_pretrained(folder).state_dict())
     objective = MetaObjective(model, autocast_dtype).to(device)
     total, warmup = geometry.steps, warmup_steps(cfg, geometry.steps)
@@ -350,8 +277,8 @@ def _train_loop(loop: dict) -> None:
     run_dir = resolve(cfg.storage).join(loop["run_name"])
     # the newest complete checkpoint of this run (after a worker-group restart: one this fit
     # wrote; the driver checked the first one), else --resume-from
-    source = resume_source(cfg, loop["run_name"], log=print if rank == 0 else lambda *_: None,
-                           checksums=False)
+    source = ckpt.resume_source(cfg.storage, loop["run_name"], cfg.resume_from,
+                                log=print if rank == 0 else lambda *_: None, checksums=False)
     checkpoint = None
     if source:
         from ray.train import Checkpoint as RayCheckpoint
@@ -404,9 +331,9 @@ def _train_loop(loop: dict) -> None:
             (Path(tmp) / "rng").mkdir(exist_ok=True)
             torch.save(_rng_state(), Path(tmp) / "rng" / f"rank{rank}.pt")
             if rank == 0:
-                model.save_pretrained(Path(tmp) / "model")
+                model.save_pretrained(Path(tmp) / ckpt.MODEL_DIR)
                 if tokenizer is not None:
-                    (Path(tmp) / "model" / TOKENIZER_FILE).write_bytes(tokenizer)
+                    (Path(tmp) / ckpt.MODEL_DIR / TOKENIZER_FILE).write_bytes(tokenizer)
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
                     dict(state, world_size=world, nodes=nodes, mlflow_run_id=loop["run_id"],
                          torch_threads=torch.get_num_threads(), train=loop["train"],
@@ -426,6 +353,7 @@ def _train_loop(loop: dict) -> None:
         if rank == 0:
             ckpt.write_complete(run_dir.join(name), files, state["step"])
 
+    resumed_at_end = state["step"] >= stop
     for step in range(state["step"], stop):
         started = time.perf_counter()
         position, windows = next(stream)
@@ -496,210 +424,20 @@ def _train_loop(loop: dict) -> None:
             save_and_report(report)
         elif evaluated:
             ray.train.report(report)
+    if resumed_at_end and state["history"]:
+        # resumed at the run's last step (the previous invocation ended after its final
+        # checkpoint, before its caller saw the report): report that step's metrics again, so a
+        # Tune trial or fit's result ends on the final step instead of an older report
+        ray.train.report({k: v for k, v in {**state["history"][-1],
+                                            **(state["evals"][-1] if state["evals"] else {})}
+                          .items() if v is not None})
     if bar is not None:
         bar.close()
 
 
-# ---- the driver ---------------------------------------------------------------------------------
-def plot_run(state: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    hist, evals = state["history"], state["evals"]
-    left.plot([h["step"] for h in hist], [h["loss"] for h in hist], label="train meta-loss")
-    for key, style, label in (("val_loss", "o-", "held-out, TTT"),
-                              ("val_loss_no_ttt", "s--", "held-out, same weights, no TTT")):
-        left.plot([e["step"] for e in evals], [e[key] for e in evals], style, label=label)
-    left.set_xlabel("step"), left.set_ylabel("loss (nats/token)"), left.legend()
-    right.plot([h["step"] for h in hist], [h["inner_grad_norm"] for h in hist], label="inner grad norm")
-    right.plot([h["step"] for h in hist], [h["eta"] for h in hist], label="eta")
-    right.set_xlabel("step"), right.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _dataset_tokenizer(data: str) -> bytes | None:
-    from ttte2e.platform.prepare import read_manifest
+    from ttte2e.platform.data.manifest import read_manifest
 
     info = read_manifest(data).get("tokenizer") or {}
     loc = resolve(data).join(info["file"]) if info.get("file") else None
     return loc.read_bytes() if loc is not None and loc.exists() else None
-
-
-def _storage_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
-
-
-def _register_final(checkpoint: str, cfg: TrainConfig, uri: str, log) -> dict:
-    """Register the final checkpoint. A failure here ends the job with an error (exit status 2)
-    that says the checkpoint is safe and gives the command that registers it later."""
-    from ttte2e.platform.registry import register
-
-    try:
-        out = register(checkpoint, cfg.register_as, uri, alias=cfg.register_alias)
-    except Exception as e:  # noqa: BLE001 - whatever failed, the trained model must not be lost
-        raise ConfigError(
-            f"training finished (checkpoint {checkpoint}) but registering it as "
-            f"{cfg.register_as!r} failed ({type(e).__name__}: {redact(str(e))[:300]}); register "
-            f"it with: python pipelines/registry.py register {checkpoint} --name "
-            f"{cfg.register_as} --alias {cfg.register_alias} --tracking-uri {redact(uri)}") from None
-    log(f"[registry] {out['uri']} -> version {out['version']} ({out['weights']} weights)")
-    return out
-
-
-def _raise_fatal(run_dir) -> None:
-    """The error no restart could fix, as the driver's error (one line, exit 2)."""
-    marker = run_dir.join(FATAL_FILE)
-    if marker.exists():
-        record = json.loads(marker.read_bytes())
-        raise ConfigError(f"training stopped ({record['kind']}): {record['error']}") from None
-
-
-def _tune_callbacks() -> list:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    return [TuneReportCallback()]
-
-
-def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
-        report_to_tune: bool = False) -> dict:
-    """Run (or resume) a training run; returns where its results are and its metric history.
-    parent_run_id: the MLflow run this run's run is a child of (a sweep). report_to_tune: forward
-    the workers' reports to the Ray Tune trial this runs in (platform/ablation.py)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ttte2e.platform.ray_runtime import ensure_ray
-    from ttte2e.platform import tracking
-    from ttte2e.platform.registry import check_tracking
-
-    model_cfg, geometry = check_options(cfg)
-    # workers run in other folders (and on other nodes): local paths become absolute
-    cfg = dataclasses.replace(cfg, **{k: resolve(getattr(cfg, k)).uri for k in
-                                      ("data", "storage", "resume_from", "init_from")
-                                      if getattr(cfg, k)})
-    facts = check_data(cfg, model_cfg, geometry)
-    check_storage(cfg.storage)
-    name = cfg.run_name()
-    storage = resolve(cfg.storage)
-    identity = ckpt.run_identity(cfg.to_dict(), dataclasses.asdict(geometry), facts["dataset_key"])
-    source = resume_source(cfg, name, log)
-    if source:
-        resumed = check_resume(source, identity, cfg)
-        log(f"[resume] {redact(source)} (step {resumed['step']} of {geometry.steps})")
-    if cfg.init_from:
-        check_init_from(cfg.init_from, model_cfg)
-    uri = tracking.tracking_uri(cfg.tracking_uri, cfg.storage)
-    if uri:
-        try:  # before Ray starts: a dead server costs seconds, not a cluster start
-            check_tracking(uri)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"MLflow tracking at {redact(uri)} is unusable ({type(e).__name__}: "
-                              f"{redact(str(e))[:300]}); fix it or pass --tracking-uri off") from None
-    ensure_ray()
-    import ray
-
-    use_gpu = check_resources(cfg, ray.cluster_resources())
-    log(f"[plan] {cfg.preset}: {count_parameters(model_cfg) / 1e6:.1f}M parameters, "
-        f"T={model_cfg.seq_len} k={model_cfg.window} b={model_cfg.chunk_size}, "
-        f"{model_cfg.n_ttt_blocks}/{model_cfg.n_layers} TTT blocks; {geometry.steps} steps x "
-        f"{geometry.tokens_per_step:,} tokens = {geometry.steps * geometry.tokens_per_step:,} "
-        f"tokens ({facts['epochs']:.2f} epochs of {redact(cfg.data)}: {facts['train_windows']} "
-        f"windows per epoch in a shuffled order, the last {facts['skipped_per_epoch']} of each "
-        f"epoch's order not read, fewer than one batch); {cfg.workers} "
-        f"{'GPU' if use_gpu else 'CPU'} workers x micro-batch {geometry.micro_batch} x "
-        f"accumulation {geometry.accumulation}; ZeRO-{cfg.zero_stage}")
-
-    run_id = None
-    if uri:
-        artifacts = tracking.artifact_location(uri)  # a server keeps its own artifact store
-        params = {**{f"model.{k}": v for k, v in model_cfg.to_dict().items()},
-                  **{f"train.{k}": v for k, v in cfg.to_dict().items()},
-                  "model.parameters": count_parameters(model_cfg),
-                  "train.run_name": name, **{f"geometry.{k}": v for k, v in
-                                             dataclasses.asdict(geometry).items()}}
-        try:
-            run_id = tracking.start_run(uri, cfg.experiment, name, params, artifacts,
-                                        parent_run_id)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"MLflow tracking at {redact(uri)} is unusable ({type(e).__name__}: "
-                              f"{redact(str(e))[:300]}); fix it or pass --tracking-uri off") from None
-        log(f"[tracking] MLflow run {run_id} ({redact(uri)})")
-
-    resources = {"CPU": cfg.cpus_per_worker}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=dict(train=tracking.redact_config(cfg.to_dict()),
-                               model=model_cfg.to_dict(), run_name=name, identity=identity,
-                               use_gpu=use_gpu, tracking_uri=uri, run_id=run_id,
-                               storage_env={**_storage_env(), **tracking.credential_env()}),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources,
-                                     placement_strategy=cfg.placement),
-        run_config=RunConfig(
-            name=name, storage_path=storage.path, storage_filesystem=storage.fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=_tune_callbacks() if report_to_tune else None),
-    )
-    logger = RunLogger(uri, run_id)
-    run_dir = storage.join(name)
-    for stale in (FATAL_FILE, NON_FINITE_FILE):  # from an earlier invocation of this run
-        if run_dir.join(stale).exists():
-            run_dir.join(stale).delete()
-    try:
-        result = trainer.fit()
-    except BaseException:
-        logger.end("FAILED")
-        _raise_fatal(run_dir)
-        raise
-    if run_dir.join(FATAL_FILE).exists():
-        logger.end("FAILED")
-        _raise_fatal(run_dir)
-    ckpt_path = result.checkpoint.path
-    ckpt_uri = f"s3://{ckpt_path}" if storage.is_s3 else ckpt_path
-    with result.checkpoint.as_directory() as d:
-        state = read_state(d)
-    local_out = Path(run_dir.path) if not storage.is_s3 else Path(tempfile.mkdtemp())
-    plot = plot_run(state, local_out / "curves.png")
-    (local_out / "metrics.json").write_text(json.dumps(
-        dict(history=state["history"], evals=state["evals"]), indent=1))
-    if storage.is_s3:
-        for f in ("curves.png", "metrics.json"):
-            run_dir.join(f).write_bytes((local_out / f).read_bytes())
-    logger.tag("checkpoint_uri", ckpt_uri)
-    logger.artifact(plot)
-    logger.artifact(local_out / "metrics.json")
-    finished = state["step"] >= geometry.steps
-    if finished:
-        logger.end()
-    else:
-        log(f"[paused] at step {state['step']} of {geometry.steps} (--stop-after); run the same "
-            f"command again (--name {name}) to continue")
-    summary = dict(checkpoint=ckpt_uri, run_name=name, finished=finished, step=state["step"],
-                   run_id=run_id, tracking_uri=redact(uri) if uri else None,
-                   plot=f"{run_dir.uri}/curves.png", final_eval=state["evals"][-1:] or None)
-    run_dir.join("result.json").write_bytes(json.dumps(summary, indent=1).encode())
-    registered = None
-    if finished and cfg.register_as and uri:
-        registered = _register_final(ckpt_uri, cfg, uri, log)
-        summary["registered"] = registered
-        run_dir.join("result.json").write_bytes(json.dumps(summary, indent=1).encode())
-    final = state["evals"][-1] if state["evals"] else {}
-    log(f"[done] {state['step']} steps; final train loss {state['history'][-1]['loss']:.4f}; "
-        f"held-out {final.get('val_loss', float('nan')):.4f} (no TTT "
-        f"{final.get('val_loss_no_ttt', float('nan')):.4f})")
-    log(f"  checkpoint : {ckpt_uri}  (model: TTTModel.from_pretrained('<checkpoint>/model'))")
-    log(f"  plots      : {run_dir.uri}/curves.png")
-    if run_id:
-        log(f"  MLflow run : {run_id} in {redact(uri)}")
-    if registered:
-        log(f"  registered : {registered['uri']} (version {registered['version']}, weights "
-            f"{registered['weights']})")
-    return dict(summary, tracking_uri=uri, history=state["history"], evals=state["evals"])

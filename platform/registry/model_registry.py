@@ -1,7 +1,7 @@
 """The MLflow model registry: register a trained model as a version of a named model, point aliases
 (`candidate`, `champion`) at versions, and pull a version back as model + tokenizer.
 
-Every version is an MLflow pyfunc model (platform/serving.py: text in, text out) logged in a
+Every version is an MLflow pyfunc model (platform/registry/serving.py: text in, text out) logged in a
 registration run. Its weights are either logged whole into the MLflow artifact store (small models)
 or registered by reference: the version records the model folder's URI (local or s3://, a training
 checkpoint's model/ or an imported folder) and loading reads the weights from there, so a
@@ -9,7 +9,7 @@ multi-GB checkpoint is never uploaded into MLflow. The config, the tokenizer (to
 beside config.json) and the final held-out metrics travel with the version.
 
 Choice when the tracking server is down: registry commands (and training, which creates its run
-before any worker starts) fail fast with the server named; see platform/tracking.py.
+before any worker starts) fail fast with the server named; see platform/registry/tracking.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from ttte2e.platform.storage import Location, resolve
-from ttte2e.platform.tracking import (RUN_NAME_TAG, _client, _log_params, artifact_location,
+from ttte2e.model.model_folder import CONFIG_FILE, TOKENIZER_FILE
+from ttte2e.platform.data.storage import Location, resolve
+from ttte2e.platform.registry.tracking import (RUN_NAME_TAG, _client, _log_params, artifact_location,
                                       redact)
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -46,7 +47,7 @@ class LoadedModel(NamedTuple):
 def registry_uri(setting: str = "") -> str:
     """The flag, else MLFLOW_TRACKING_URI; there is no silent default (a wrong registry would look
     like an empty one)."""
-    from ttte2e.platform.tracking import strip_credentials
+    from ttte2e.platform.registry.tracking import strip_credentials
 
     uri = setting or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
@@ -81,28 +82,13 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
 
 
 def model_folder(uri: str) -> Location:
-    """A model folder (config.json + safetensors) or a training checkpoint's model/ folder; a
-    training checkpoint (or its model/) must be complete, its model/ files intact."""
-    from ttte2e.platform import checkpoint
+    """platform/train/checkpoint.py's model_folder, its refusal as a RegistryError."""
+    from ttte2e.platform.train import checkpoint
 
-    loc = resolve(uri)
-    owner = loc if loc.join(checkpoint.STATE_FILE).exists() else None
-    if owner is None and loc.path.rstrip("/").endswith("/" + checkpoint.MODEL_DIR):
-        parent = resolve(loc.uri.rstrip("/").rsplit("/", 1)[0])
-        owner = parent if parent.join(checkpoint.STATE_FILE).exists() else None
-    if owner is not None:
-        try:
-            checkpoint.verify(owner.uri, parts=(checkpoint.MODEL_DIR,))
-        except checkpoint.CheckpointError as e:
-            raise RegistryError(redact(str(e))) from None
-    if loc.join("model", "config.json").exists():
-        return loc.join("model")
-    if loc.join("config.json").exists():
-        return loc
-    if not loc.exists():
-        raise RegistryError(f"{redact(uri)} does not exist")
-    raise RegistryError(f"{redact(uri)}: neither a model folder (config.json + safetensors) nor a "
-                        "training checkpoint (model/config.json)")
+    try:
+        return checkpoint.model_folder(uri)
+    except checkpoint.CheckpointError as e:
+        raise RegistryError(redact(str(e))) from None
 
 
 def local_copy(loc: Location) -> Path:
@@ -120,7 +106,7 @@ def local_copy(loc: Location) -> Path:
 def load_weights(uri: str) -> LoadedModel:
     """Model + tokenizer from a model folder or training checkpoint (local or s3://)."""
     from ttte2e.model import TTTModel
-    from ttte2e.platform.serving import load_tokenizer
+    from ttte2e.platform.registry.serving import load_tokenizer
 
     folder = local_copy(model_folder(uri))
     return LoadedModel(TTTModel.from_pretrained(folder).eval(), load_tokenizer(folder))
@@ -130,7 +116,9 @@ def load_weights(uri: str) -> LoadedModel:
 def _checkpoint_facts(uri: str) -> tuple[dict, dict, str | None]:
     """(params, final metrics, training MLflow run id) of a training checkpoint; empty for a bare
     model folder."""
-    state_file = resolve(uri).join("trainer_state.json")
+    from ttte2e.platform.train.checkpoint import STATE_FILE
+
+    state_file = resolve(uri).join(STATE_FILE)
     if not state_file.exists():
         return {}, {}, None
     state = json.loads(state_file.read_bytes())
@@ -169,8 +157,8 @@ def _register(source: str, name: str, tracking_uri: str, alias: str, weights: st
         raise RegistryError(f"model name {name!r}: use letters, digits, '_', '-' and '.'")
     check_tracking(tracking_uri)
     folder = model_folder(source)
-    config = json.loads(folder.join("config.json").read_bytes())
-    has_tokenizer = folder.join("tokenizer.json").exists()
+    config = json.loads(folder.join(CONFIG_FILE).read_bytes())
+    has_tokenizer = folder.join(TOKENIZER_FILE).exists()
     size = sum(f.size() for f in folder.list_files())
     logged = weights == "logged" or (weights == "auto" and size <= max_logged_bytes)
     params, metrics, training_run = _checkpoint_facts(source)
@@ -233,7 +221,7 @@ def _register(source: str, name: str, tracking_uri: str, alias: str, weights: st
 
 
 def _signature():
-    from ttte2e.platform.serving import pyfunc_signature
+    from ttte2e.platform.registry.serving import pyfunc_signature
 
     return pyfunc_signature()
 
@@ -322,7 +310,7 @@ def version_weights(version, tracking_uri: str) -> str:
 def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
     """(model, tokenizer) for models:/NAME@ALIAS, models:/NAME/VERSION, a model folder or a
     training checkpoint (local or s3://). The model is in eval mode, ready for
-    ttte2e.platform.evaluate or generation (ttte2e.platform.serving.TextGenerator)."""
+    ttte2e.platform.eval.long_context or generation (ttte2e.platform.registry.serving.TextGenerator)."""
     if not uri.startswith("models:/"):
         return load_weights(uri)
     tracking_uri = registry_uri(tracking_uri or "")

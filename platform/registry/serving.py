@@ -1,5 +1,5 @@
 """Text in, text out: prompts through a model's tokenizer and generation with continued
-test-time training (model/decode.py). The MLflow pyfunc flavor (platform/pyfunc_model.py) is built
+test-time training (model/decode.py). The MLflow pyfunc flavor (platform/registry/pyfunc_model.py) is built
 on it, so a registered model works with `mlflow.pyfunc.load_model(...).predict(...)`.
 """
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TOKENIZER_FILE = "tokenizer.json"
+from ttte2e.model.model_folder import TOKENIZER_FILE
+
 # The pyfunc's parameters (name, MLflow type, default); predict(..., params=...) overrides them.
 GENERATION_PARAMS = (("max_new_tokens", "long", 64), ("temperature", "double", 0.8),
                      ("top_p", "double", 0.95), ("repetition_penalty", "double", 1.1),
@@ -33,7 +34,7 @@ class TextGenerator:
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer attached (no tokenizer.json beside its "
+            raise ValueError(f"this model has no tokenizer attached (no {TOKENIZER_FILE} beside its "
                              "config.json); register it with --tokenizer, or pass token ids to "
                              "TTTModel.generate")
 

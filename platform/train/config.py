@@ -230,8 +230,8 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
 def check_data(cfg: TrainConfig, model: TTTConfig, geometry: BatchGeometry) -> dict:
     """The dataset exists, its tokenizer fits the model, and it holds a global batch and an
     evaluation's worth of windows. Returns facts for the log."""
-    from ttte2e.platform.data import WindowReader
-    from ttte2e.platform.prepare import DataError, check_shard_sizes, read_manifest
+    from ttte2e.platform.data.stream import WindowReader
+    from ttte2e.platform.data.manifest import DataError, check_shard_sizes, read_manifest
 
     if not cfg.data:
         raise ConfigError("no dataset given (--data: a folder written by pipelines/prepare_data.py)")
@@ -273,7 +273,7 @@ def check_data(cfg: TrainConfig, model: TTTConfig, geometry: BatchGeometry) -> d
 
 def check_storage(uri: str) -> None:
     """The storage folder can be written (a probe file is written and removed)."""
-    from ttte2e.platform.storage import resolve
+    from ttte2e.platform.data.storage import resolve
 
     try:
         loc = resolve(uri)
@@ -283,6 +283,42 @@ def check_storage(uri: str) -> None:
         probe.delete()
     except (OSError, ValueError) as e:
         raise ConfigError(f"storage {uri!r} cannot be written: {e}") from None
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the pre-flight found: the config with absolute URIs, and the facts of its run."""
+
+    cfg: TrainConfig
+    model: TTTConfig
+    geometry: BatchGeometry
+    data: dict                # check_data's facts
+    tracking_uri: str | None  # None: MLflow off
+
+
+def preflight(cfg: TrainConfig) -> Preflight:
+    """The checks a run (and a sweep, for its base config) passes before Ray starts: options,
+    data, storage, the MLflow store. Local paths become absolute (workers run in other folders
+    and on other nodes)."""
+    from ttte2e.platform.data.storage import resolve
+    from ttte2e.platform.registry import tracking
+    from ttte2e.platform.registry.model_registry import check_tracking
+
+    model, geometry = check_options(cfg)
+    cfg = dataclasses.replace(cfg, **{k: resolve(getattr(cfg, k)).uri for k in
+                                      ("data", "storage", "resume_from", "init_from")
+                                      if getattr(cfg, k)})
+    facts = check_data(cfg, model, geometry)
+    check_storage(cfg.storage)
+    uri = tracking.tracking_uri(cfg.tracking_uri, cfg.storage)
+    if uri:
+        try:  # before Ray starts: a dead server costs seconds, not a cluster start
+            check_tracking(uri)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"MLflow tracking at {tracking.redact(uri)} is unusable "
+                              f"({type(e).__name__}: {tracking.redact(str(e))[:300]}); fix it or "
+                              "pass --tracking-uri off") from None
+    return Preflight(cfg, model, geometry, facts, uri)
 
 
 def cpus_needed(cfg: TrainConfig) -> float:

@@ -1,5 +1,12 @@
-"""Model folders in the Hugging Face layout: config.json + model.safetensors, or above a size
-model-0000i-of-0000N.safetensors shards + model.safetensors.index.json (weight_map).
+"""The model folder's on-disk format, owned here (Hugging Face layout):
+
+    config.json                     TTTConfig.to_dict(); written last (a folder with it is finished)
+    model.safetensors               the weights, or above a size
+    model-0000i-of-0000N.safetensors + model.safetensors.index.json (weight_map)
+    tokenizer.json                  optional: the tokenizer text generation uses
+
+Training checkpoints hold one as model/ (platform/train/checkpoint.py), the registry logs or
+references one (platform/registry/), pipelines/import_official.py writes one.
 
 The writer takes tensors one at a time and writes a shard as soon as it is full, so a converter
 streaming a large checkpoint holds at most one shard (plus the array being converted) in memory.
@@ -14,6 +21,8 @@ from typing import Iterable
 
 import torch
 
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -77,8 +86,16 @@ def write_model_folder(directory: str | Path, config_dict: dict,
         writer.add(name, tensor)
     files = writer.close()
     # config last: a folder with a config.json is a finished export
-    (Path(directory) / "config.json").write_text(json.dumps(config_dict, indent=2))
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2))
     return files
+
+
+def read_config(directory: str | Path) -> dict:
+    """The config.json of a model folder (a FileNotFoundError naming the folder when absent)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a TTT-E2E model directory: no {CONFIG_FILE}")
+    return json.loads(path.read_text())
 
 
 def read_model_state(directory: str | Path) -> dict[str, torch.Tensor]:

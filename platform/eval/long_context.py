@@ -23,8 +23,8 @@ MODE_LABELS = {"ttt": "TTT-E2E", "swa": "SWA (no TTT)", "full": "full attention"
 
 
 def load_model(uri: str, tracking_uri: str | None = None) -> TTTModel:
-    """The model of a folder, checkpoint, s3:// copy or models:/ URI (platform/registry.py)."""
-    from ttte2e.platform.registry import load_model as load
+    """The model of a folder, checkpoint, s3:// copy or models:/ URI (platform/registry/model_registry.py)."""
+    from ttte2e.platform.registry.model_registry import load_model as load
 
     return load(uri, tracking_uri).model
 
@@ -42,7 +42,7 @@ def _masked_nll(model: TTTModel, windows: torch.Tensor, mode: str) -> tuple[np.n
 def loss_vs_context(model: TTTModel, data: str, contexts: list[int], windows: int = 8,
                     modes: tuple[str, ...] = MODES, bins: int = 16, seed: int = 0) -> dict:
     """{context: {mode: {"loss", "bins": [(start, end, loss)], "beyond_window"}}}."""
-    from ttte2e.platform.data import WindowReader
+    from ttte2e.platform.data.stream import WindowReader
 
     out: dict = {}
     for context in contexts:
@@ -107,7 +107,7 @@ def niah(model: TTTModel, tokenizer_path: str, data: str, contexts: list[int],
     Returns {(context, depth): accuracy}."""
     from tokenizers import Tokenizer
 
-    from ttte2e.platform.data import WindowReader
+    from ttte2e.platform.data.stream import WindowReader
 
     tok = Tokenizer.from_file(tokenizer_path)
     rng = random.Random(seed)

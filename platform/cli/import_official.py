@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 from ttte2e.model import TTTConfig
+from ttte2e.model.model_folder import TOKENIZER_FILE
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -63,13 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  load with TTTModel.from_pretrained({str(out)!r})")
     result = dict(out=str(out), files=files, config=config.to_dict())
     if args.tokenizer:
-        from ttte2e.platform.storage import resolve
+        from ttte2e.platform.data.storage import resolve
 
-        (out / "tokenizer.json").write_bytes(resolve(args.tokenizer).read_bytes())
-        print(f"  tokenizer: {args.tokenizer} -> {out / 'tokenizer.json'}")
+        (out / TOKENIZER_FILE).write_bytes(resolve(args.tokenizer).read_bytes())
+        print(f"  tokenizer: {args.tokenizer} -> {out / TOKENIZER_FILE}")
     if args.register:
-        from ttte2e.platform.registry import RegistryError, register
-        from ttte2e.platform.tracking import tracking_uri
+        from ttte2e.platform.registry.model_registry import RegistryError, register
+        from ttte2e.platform.registry.tracking import tracking_uri
 
         uri = tracking_uri(args.tracking_uri, str(out.parent))
         try:

@@ -19,10 +19,21 @@ import math
 from dataclasses import dataclass
 
 from ttte2e.model import TTTConfig, count_parameters, estimate_flops
-from ttte2e.platform.train_config import TrainConfig, batch_geometry
+from ttte2e.platform.train.config import TrainConfig, batch_geometry
 
-GPU_SPECS = {  # dense bf16 TFLOP/s, memory GiB
-    "h100": (989.0, 80), "h200": (989.0, 141), "a100": (312.0, 80), "l40s": (362.0, 48)}
+GPU_SPECS = {  # dense bf16 TFLOP/s, memory GiB (the one table: plans and the trainer's MFU)
+    "h100": (989.0, 80), "h200": (989.0, 141), "a100": (312.0, 80), "l40s": (362.0, 48),
+    "a10g": (125.0, 24), "l4": (121.0, 24)}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by its device name (e.g. 'NVIDIA H100 80GB HBM3'); None if
+    unknown."""
+    name = device_name.lower()
+    for key, (tflops, _) in GPU_SPECS.items():
+        if key in name:
+            return tflops
+    return None
 GIB = 1 << 30
 
 
@@ -133,6 +144,6 @@ def format_plan(plan: dict) -> str:
             f"  [{plan['geometry_note']}]" if plan["geometry_note"] else ""),
         f"  wall-clock        {plan['seconds'] / 3600:,.0f} h ({days:.1f} days) at {plan['mfu']:.0%} "
         f"MFU of {plan['peak_tflops']:.0f} TFLOP/s bf16 per GPU (meta step FLOPs at T = {m.seq_len})",
-        "  (estimates: see ttte2e/platform/plan.py for the memory model and its assumptions)",
+        "  (estimates: see ttte2e/platform/train/plan.py for the memory model and its assumptions)",
     ]
     return "\n".join(lines)

@@ -16,7 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from ttte2e.platform.storage import Location, resolve
+from ttte2e.model.model_folder import CONFIG_FILE
+from ttte2e.platform.data.storage import Location, resolve
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE.json"
@@ -102,6 +103,34 @@ def verify(uri: str, parts: tuple[str, ...] = ()) -> Location:
     return loc
 
 
+def model_folder(uri: str) -> Location:
+    """The model folder of `uri`: a training checkpoint's model/ (the checkpoint, or its model/
+    itself, must be complete with model/ intact) or a plain model folder (config.json +
+    safetensors). CheckpointError when it is neither or the checkpoint is damaged."""
+    loc = resolve(uri)
+    owner = loc if loc.join(STATE_FILE).exists() else None
+    if owner is None and loc.path.rstrip("/").endswith("/" + MODEL_DIR):
+        parent = resolve(loc.uri.rstrip("/").rsplit("/", 1)[0])
+        owner = parent if parent.join(STATE_FILE).exists() else None
+    if owner is not None:
+        verify(owner.uri, parts=(MODEL_DIR,))
+    if loc.join(MODEL_DIR, CONFIG_FILE).exists():
+        return loc.join(MODEL_DIR)
+    if loc.join(CONFIG_FILE).exists():
+        return loc
+    if not loc.exists():
+        raise CheckpointError(f"{uri} does not exist")
+    raise CheckpointError(f"{uri}: neither a model folder ({CONFIG_FILE} + safetensors) nor a "
+                          f"training checkpoint ({MODEL_DIR}/{CONFIG_FILE})")
+
+
+def local_model_folder(directory: str | Path) -> Path:
+    """model_folder for a local copy of a checkpoint or model folder (no checks)."""
+    directory = Path(directory)
+    inner = directory / MODEL_DIR
+    return inner if (inner / CONFIG_FILE).is_file() else directory
+
+
 def read_state(uri: str | Path) -> dict:
     loc = resolve(str(uri))
     state = loc.join(STATE_FILE)
@@ -123,6 +152,21 @@ def latest_complete(run_dir: Location, log=print, checksums: bool = True) -> Loc
         if not found:
             return loc
         log(f"[checkpoint] skipping {loc.uri}: {'; '.join(found[:3])}")
+    return None
+
+
+def resume_source(storage: str, name: str, resume_from: str = "", log=print,
+                  checksums: bool = True) -> str | None:
+    """The checkpoint an invocation continues: the newest complete one of the run (same name
+    under storage), else resume_from (which must be complete), else None (a fresh run). The
+    driver checks sizes and model/ checksums; workers (checksums=False) sizes only."""
+    latest = latest_complete(resolve(storage).join(name), log, checksums)
+    if latest is not None:
+        return latest.uri
+    if resume_from:
+        if checksums:
+            verify(resume_from)
+        return resume_from
     return None
 
 

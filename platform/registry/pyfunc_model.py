@@ -11,12 +11,12 @@ import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from ttte2e.platform.serving import GENERATION_PARAMS, TextGenerator, prompts_of
+from ttte2e.platform.registry.serving import GENERATION_PARAMS, TextGenerator, prompts_of
 
 
 class TTTTextModel(PythonModel):
     def load_context(self, context) -> None:
-        from ttte2e.platform.registry import load_weights
+        from ttte2e.platform.registry.model_registry import load_weights
 
         folder = (context.artifacts or {}).get("weights") or (context.model_config or {}).get(
             "weights_uri")

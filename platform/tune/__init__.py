@@ -1,0 +1,1 @@
+"""Ray Tune ablation sweeps (sweep): every trial is a training run of train/driver.py."""
