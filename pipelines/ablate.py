@@ -11,9 +11,6 @@ ablation_<knob>.png in <storage>/<name>/, logged to the sweep's MLflow run.
 
 from ttte2e.platform.cli.sweep import main
 
-# The paper ablates at 760M; 1x Chinchilla (20 tokens per parameter) per trial, as its 3B run.
-DEFAULTS = dict(preset="760M", lr=8e-4, min_lr=1e-5, batch_tokens=1 << 20,
-                tokens=15_000_000_000, eta_ramp=True)
-
+# The base config of every trial: the paper's ablation setting (760M, 1x Chinchilla per trial).
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], DEFAULTS)
+    main(__doc__.splitlines()[0], recipe="760m_ablation")

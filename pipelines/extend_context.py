@@ -4,13 +4,11 @@
         --seq-len 131072 --storage s3://bucket/runs
 
 Parameters only from the checkpoint (fresh optimizer, schedule and data position), eta = 1 from the
-start (no ramp), k = 8K and b = 1K unchanged, peak lr 4e-4; --seq-len 32768 by default.
+start (no ramp), k = 8K and b = 1K unchanged, peak lr 4e-4: recipes/3b_extend_32k.yaml (T = 32K);
+`--config 3b_extend_128k` for the paper's 128K run; every flag overrides the recipe.
 """
 
 from ttte2e.platform.cli.train import run_main
 
-DEFAULTS = dict(preset="3B", lr=4e-4, eta_ramp=False, tokens=5_000_000_000)
-MODEL_DEFAULTS = dict(seq_len=32768)
-
 if __name__ == "__main__":
-    run_main(__doc__.splitlines()[0], DEFAULTS, MODEL_DEFAULTS, require_init=True)
+    run_main(__doc__.splitlines()[0], recipe="3b_extend_32k", require_init=True)

@@ -1,4 +1,5 @@
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -195,3 +196,53 @@ def mlflow_server(folder: Path, env: dict, artifacts: str = ""):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+# ---- the plain single-process reference of a training run ------------------------------------
+def paper_schedule(cfg, steps: int) -> tuple[list[float], list[float]]:
+    """The outer lr and inner eta of every step as the paper states them, written here
+    independently of the trainer: linear warm-up over 10% of the steps to the peak, cosine to
+    min_lr at the end; eta from 0.1x to 1x of inner_lr over the same warm-up."""
+    warmup = max(1, round(cfg.warmup_fraction * steps))
+    inner = cfg.model_config().inner_lr
+    lrs, etas = [], []
+    for step in range(steps):
+        if step < warmup:
+            lrs.append(cfg.lr * (step + 1) / warmup)
+        else:
+            done = (step - warmup) / max(1, steps - warmup)
+            lrs.append(cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * done)) / 2)
+        etas.append(inner * (0.1 + 0.9 * step / warmup) if cfg.eta_ramp and step < warmup
+                    else inner)
+    return lrs, etas
+
+
+def reference_run(cfg) -> tuple[list[float], list[float]]:
+    """The same run in one plain process: torch AdamW on the whole global batch, no DeepSpeed,
+    the paper's schedule (paper_schedule). Returns the losses and the outer gradient norms
+    (before clipping)."""
+    import itertools
+
+    from ttte2e.model import TTTModel
+    from ttte2e.platform.data.stream import StreamSpec, iter_batches
+    from ttte2e.platform.train.config import check_options
+
+    model_cfg, geometry = check_options(cfg)
+    torch.manual_seed(cfg.seed)
+    model = TTTModel(model_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=cfg.weight_decay)
+    lrs, etas = paper_schedule(cfg, geometry.steps)
+    spec = StreamSpec(cfg.data, model_cfg.seq_len, geometry.sequences, 1, cfg.seed)
+    losses, norms = [], []
+    batches = itertools.islice(iter_batches(spec, epochs=100), geometry.steps)
+    for step, (_, windows) in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lrs[step]
+        loss = model.meta_loss(torch.from_numpy(windows), eta=etas[step]).loss
+        opt.zero_grad()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
+        opt.step()
+        losses.append(loss.item())
+    return losses, norms

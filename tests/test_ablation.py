@@ -69,7 +69,7 @@ def test_cli_bad_input_exits_2_before_anything_starts(capsys):
             (["--grid", "chunk", "--values", "256,512"], "no valid trial in this sweep"),
             (["--grid", "chunk", "--values", "a,b"], "comma-separated integers")):
         with pytest.raises(SystemExit) as exit_info:
-            main("ablate", dict(preset="tiny"), ["--data", "nowhere", *argv])
+            main("ablate", argv=["--preset", "tiny", "--data", "nowhere", *argv])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
 

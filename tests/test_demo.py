@@ -6,15 +6,6 @@ import json
 import pytest
 
 from ttte2e.platform.data.demo_corpus import stdlib_documents, write_demo_corpus
-from ttte2e.platform.train.worker import lr_factor
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    peak, floor = 1e-3, 1e-5
-    values = [lr_factor(s, 100, 10, peak, floor) * peak for s in range(101)]
-    assert values[0] == pytest.approx(peak / 10) and values[9] == pytest.approx(peak)
-    assert all(a >= b for a, b in zip(values[9:], values[10:]))
-    assert values[100] == pytest.approx(floor)
 
 
 def test_stdlib_corpus_has_documents():

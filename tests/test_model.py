@@ -133,13 +133,20 @@ def test_inner_lr_ramps_from_a_tenth_over_warmup():
     assert inner_lr_at(7, 0, 0.5) == 0.5
 
 
-def test_gradient_is_linear_in_eta_schedule_input():
-    """eta may be a tensor (e.g. a schedule value) and gives the same result as the float."""
+def test_eta_as_a_tensor_gives_the_same_loss_and_meta_gradient():
+    """eta may be a tensor (e.g. a schedule value): same NLLs and meta-gradient as the float."""
     model, tokens = make()
-    with torch.no_grad():
-        a = model.meta_loss(tokens, eta=0.3)
-        b = model.meta_loss(tokens, eta=torch.tensor(0.3))
-    torch.testing.assert_close(a.token_nll, b.token_nll)
+    grads = []
+    for eta in (0.3, torch.tensor(0.3)):
+        model.zero_grad()
+        out = model.meta_loss(tokens, eta=eta)
+        out.loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if isinstance(eta, float):
+            nll = out.token_nll.detach()
+    torch.testing.assert_close(out.token_nll.detach(), nll)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_save_and_load_pretrained_round_trip(tmp_path):

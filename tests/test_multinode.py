@@ -1,9 +1,10 @@
 """Training across a simulated 2-node cluster (ray.cluster_utils.Cluster: two raylets, 1 CPU each,
-on this machine): the workers land on different nodes and the run matches the 1-node result."""
+on this machine): the workers land on different nodes and the run's losses and gradient norms
+equal those of the same run in one plain process (tests/conftest.py reference_run)."""
 
 import pytest
 
-from conftest import small_config
+from conftest import reference_run, small_config
 
 
 @pytest.mark.slow
@@ -28,6 +29,9 @@ def test_training_spreads_over_two_nodes(train_data, tmp_path):
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert set(nodes) <= alive
         assert result["finished"] and len(result["history"]) == 2
+        losses, norms = reference_run(cfg)
+        assert [h["loss"] for h in result["history"]] == pytest.approx(losses, rel=1e-4)
+        assert [h["grad_norm"] for h in result["history"]] == pytest.approx(norms, rel=1e-3)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -44,7 +44,7 @@ def test_bad_settings_are_one_error_line_before_anything_starts(flags, message, 
     from ttte2e.platform.cli.train import run_main
 
     with pytest.raises(SystemExit) as code:
-        run_main("t", dict(preset="tiny"), argv=["--data", str(tmp_path), "--steps", "1",
+        run_main("t", argv=["--preset", "tiny", "--data", str(tmp_path), "--steps", "1",
                                                   "--batch-tokens", "512", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
@@ -211,7 +211,7 @@ def test_reading_commands_refuse_a_sqlite_store_that_does_not_exist(tmp_path, ca
 
 # ---- 6. no secret anywhere ----------------------------------------------------------------------
 def test_credentials_leave_the_uri_and_every_message():
-    from ttte2e.platform.registry.model_registry import tracking
+    from ttte2e.platform.registry import tracking
 
     saved = dict(os.environ)
     try:

@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ttte2e.model.decode import MODES
+from ttte2e.platform.cli.parsing import cli, fail
+
+
+@dataclass
+class EvaluateOptions:
+    model: str
+    """Model folder, training checkpoint, s3:// copy, or models:/NAME/VERSION | models:/NAME@ALIAS."""
+    data: str
+    """Prepared dataset (its val split is used)."""
+    contexts: str = "1K,2K,4K"
+    """Context lengths, e.g. 1K,2K,8K."""
+    windows: int = 8
+    """Held-out windows per context."""
+    modes: str = ",".join(MODES)
+    """Comma-separated: ttt (TTT-E2E), swa (no TTT), full (full attention)."""
+    niah: bool = False
+    """Also run single-needle-in-a-haystack."""
+    niah_depths: str = "0,0.25,0.5,0.75,1"
+    """Needle depths (fractions of the context)."""
+    niah_trials: int = 4
+    """Needles per context and depth."""
+    out: str = "runs/eval"
+    """Report, JSON and PNG go here."""
+    tracking_uri: str = ""
+    """Log the report to this MLflow URI."""
 
 
 def _ints(text: str) -> list[int]:
@@ -21,19 +45,7 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     from ttte2e.platform.eval.long_context import load_model, loss_vs_context, niah, write_report
 
-    parser = argparse.ArgumentParser(description="Evaluate a TTT-E2E model.")
-    parser.add_argument("--model", required=True, help="model folder, training checkpoint, "
-                        "s3:// copy, or models:/NAME/VERSION | models:/NAME@ALIAS")
-    parser.add_argument("--data", required=True, help="prepared dataset (its val split is used)")
-    parser.add_argument("--contexts", default="1K,2K,4K", help="context lengths, e.g. 1K,2K,8K")
-    parser.add_argument("--windows", type=int, default=8, help="held-out windows per context")
-    parser.add_argument("--modes", default=",".join(MODES), help="ttt,swa,full")
-    parser.add_argument("--niah", action="store_true", help="also run single-needle-in-a-haystack")
-    parser.add_argument("--niah-depths", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--niah-trials", type=int, default=4)
-    parser.add_argument("--out", default="runs/eval", help="report, JSON and PNG go here")
-    parser.add_argument("--tracking-uri", default="", help="log the report to this MLflow URI")
-    args = parser.parse_args(argv)
+    args = cli(EvaluateOptions, argv, "Evaluate a TTT-E2E model.", "evaluate")
     try:
         if args.tracking_uri:
             from ttte2e.platform.registry.model_registry import check_store_exists, registry_uri
@@ -60,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             needles = niah(model, str(local), args.data, contexts,
                            [float(d) for d in args.niah_depths.split(",")], args.niah_trials)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("evaluate", e)
     report = write_report(results, needles, Path(args.out), model.config.window)
     print(report["table"])
     print(f"report: {report['report']}\nplot  : {report['plot']}")

@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
+
+import tyro
 
 from ttte2e.model import TTTConfig
 from ttte2e.model.model_folder import TOKENIZER_FILE
+from ttte2e.platform.cli.parsing import cli, fail
+
+
+@dataclass
+class ImportOptions:
+    checkpoint: str
+    """Checkpoint manager root (holds step folders): path, s3:// or gs://."""
+    out: str
+    """Output model folder."""
+    preset: str = "auto"
+    """125m | 350m | 760m | 1b | 3b (checked against every stored shape), or auto (architecture
+    from the shapes)."""
+    step: Optional[int] = None
+    """Step to read (default: the latest)."""
+    overrides: Annotated[list[str], tyro.conf.arg(name="set", metavar="FIELD=VALUE"),
+                         tyro.conf.UseAppendAction] = field(default_factory=list)
+    """Config field the shapes do not fix, e.g. seq_len=131072 (repeatable)."""
+    max_shard_gb: float = 5.0
+    """Safetensors shard size limit (GB)."""
+    tokenizer: str = ""
+    """tokenizer.json to save beside the weights (the official checkpoints use Llama 3's
+    tokenizer; give its tokenizer.json to generate text)."""
+    register: str = ""
+    """Register the folder in MLflow under NAME (by reference: the version points at --out)."""
+    alias: str = "candidate"
+    """Alias of the registered version."""
+    tracking_uri: str = ""
+    """MLflow tracking URI for --register (default: MLFLOW_TRACKING_URI, else sqlite beside
+    --out)."""
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -17,47 +48,28 @@ def _override(text: str) -> tuple[str, object]:
     hints = typing.get_type_hints(TTTConfig)
     fields = {f.name for f in dataclasses.fields(TTTConfig)}
     if not sep or key not in fields:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of "
-                                         f"{sorted(fields)}")
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of "
+                         f"{sorted(fields)}")
     kind = hints[key]
     if kind is bool:
         return key, value.lower() in ("1", "true", "yes")
-    return key, kind(value)
+    try:
+        return key, kind(value)
+    except ValueError:
+        raise ValueError(f"--set {text!r}: {value!r} is not a {kind.__name__}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
     from ttte2e.model.official_checkpoint import OfficialCheckpointError, import_official_checkpoint
 
-    parser = argparse.ArgumentParser(description="Import an official TTT-E2E checkpoint.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint manager root (holds step folders): path, s3:// or gs://")
-    parser.add_argument("--preset", default="auto",
-                        help="125m | 350m | 760m | 1b | 3b (checked against every stored shape), "
-                             "or auto (architecture from the shapes)")
-    parser.add_argument("--out", required=True, help="output model folder")
-    parser.add_argument("--step", type=int, default=None, help="step to read (default: latest)")
-    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
-                        metavar="FIELD=VALUE", help="config field the shapes do not fix, e.g. "
-                        "seq_len=131072 (repeatable)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0,
-                        help="safetensors shard size limit (GB)")
-    parser.add_argument("--tokenizer", default="",
-                        help="tokenizer.json to save beside the weights (the official checkpoints "
-                             "use Llama 3's tokenizer; give its tokenizer.json to generate text)")
-    parser.add_argument("--register", default="", help="register the folder in MLflow under NAME "
-                        "(by reference: the version points at --out)")
-    parser.add_argument("--alias", default="candidate", help="alias of the registered version")
-    parser.add_argument("--tracking-uri", default="",
-                        help="MLflow tracking URI for --register (default: MLFLOW_TRACKING_URI, "
-                             "else sqlite beside --out)")
-    args = parser.parse_args(argv)
+    args = cli(ImportOptions, argv, "Import an official TTT-E2E checkpoint.", "import_official")
     try:
+        overrides = dict(_override(o) for o in args.overrides)
         config, files = import_official_checkpoint(
             args.checkpoint, args.out, args.preset, args.step,
-            max_shard_bytes=int(args.max_shard_gb * 1024**3), **dict(args.overrides))
+            max_shard_bytes=int(args.max_shard_gb * 1024**3), **overrides)
     except (OfficialCheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"import_official: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("import_official", e)
     out = Path(args.out).resolve()
     print(f"imported {args.checkpoint} -> {out} ({', '.join(files)}; "
           f"{config.n_layers} layers, d {config.d_model}, {config.n_ttt_blocks} TTT blocks)")
@@ -76,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             reg = register(str(out), args.register, uri, alias=args.alias, weights="reference")
         except RegistryError as e:
-            print(f"import_official: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            fail("import_official", e)
         print(f"  registered as {reg['uri']} (version {reg['version']}) in {reg['tracking_uri']}")
         result.update(registered=args.register, version=reg["version"], tracking_uri=uri)
     return result

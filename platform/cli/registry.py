@@ -3,51 +3,75 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, Union
 
-from ttte2e.platform.registry.model_registry import (DEFAULT_MAX_LOGGED_BYTES, RegistryError, check_store_exists,
-                                      describe, load_model,
-                                      register, registry_uri, set_alias)
+import tyro
+
+from ttte2e.platform.cli.parsing import cli, fail
+from ttte2e.platform.registry.model_registry import (DEFAULT_MAX_LOGGED_BYTES, RegistryError,
+                                                     check_store_exists, describe, load_model,
+                                                     register, registry_uri, set_alias)
+from ttte2e.platform.registry.serving import GENERATION_DEFAULTS
+
+TRACKING_HELP = ("MLflow tracking URI (default: MLFLOW_TRACKING_URI): sqlite:///path/mlflow.db or "
+                 "http://host:port")
 
 
-def _fail(prog: str, e: Exception) -> None:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    sys.exit(2)
+@dataclass
+class Register:
+    """Register a checkpoint or model folder as a new version."""
+
+    source: tyro.conf.Positional[str]
+    """Training checkpoint or model folder (local or s3://)."""
+    name: str
+    """Registered model name."""
+    alias: str = "candidate"
+    """Alias of the new version ('' = none)."""
+    weights: Literal["auto", "logged", "reference"] = "auto"
+    """logged = copied into the MLflow artifact store; reference = the version points at SOURCE
+    (nothing uploaded); auto = logged up to --max-logged-mb."""
+    max_logged_mb: float = DEFAULT_MAX_LOGGED_BYTES / 1024**2
+    """auto: the largest model folder (MB) copied into MLflow."""
+    description: str = ""
+    """Description of the version."""
+    tracking_uri: Annotated[str, tyro.conf.arg(help=TRACKING_HELP)] = ""
 
 
-def _tracking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: "
-                        "MLFLOW_TRACKING_URI): sqlite:///path/mlflow.db or http://host:port")
+@dataclass
+class Promote:
+    """Point an alias (default champion) at a version."""
+
+    name: tyro.conf.Positional[str]
+    """Registered model name."""
+    version: tyro.conf.Positional[str]
+    """Version number, or @ALIAS (e.g. @candidate)."""
+    to: str = "champion"
+    """The alias to move."""
+    tracking_uri: Annotated[str, tyro.conf.arg(help=TRACKING_HELP)] = ""
+
+
+@dataclass
+class ListVersions:
+    """The versions of a registered model, with their aliases."""
+
+    name: tyro.conf.Positional[str]
+    """Registered model name."""
+    tracking_uri: Annotated[str, tyro.conf.arg(help=TRACKING_HELP)] = ""
+
+
+Command = Union[Annotated[Register, tyro.conf.subcommand("register")],
+                Annotated[Promote, tyro.conf.subcommand("promote")],
+                Annotated[ListVersions, tyro.conf.subcommand("list")]]
 
 
 def registry_main(argv: list[str] | None = None) -> dict | list:
-    parser = argparse.ArgumentParser(description="The MLflow model registry of TTT-E2E models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    reg = sub.add_parser("register", help="register a checkpoint or model folder as a new version")
-    reg.add_argument("source", help="training checkpoint or model folder (local or s3://)")
-    reg.add_argument("--name", required=True, help="registered model name")
-    reg.add_argument("--alias", default="candidate", help="alias of the new version ('' = none)")
-    reg.add_argument("--weights", choices=("auto", "logged", "reference"), default="auto",
-                     help="logged = copied into the MLflow artifact store; reference = the version "
-                          "points at SOURCE (nothing uploaded); auto = logged up to --max-logged-mb")
-    reg.add_argument("--max-logged-mb", type=float, default=DEFAULT_MAX_LOGGED_BYTES / 1024**2)
-    reg.add_argument("--description", default="")
-    _tracking(reg)
-    promote = sub.add_parser("promote", help="point an alias (default champion) at a version")
-    promote.add_argument("name", help="registered model name")
-    promote.add_argument("version", help="version number, or @ALIAS (e.g. @candidate)")
-    promote.add_argument("--to", default="champion", help="the alias to move (default: champion)")
-    _tracking(promote)
-    show = sub.add_parser("list", help="the versions of a registered model, with their aliases")
-    show.add_argument("name")
-    _tracking(show)
-    args = parser.parse_args(argv)
+    args = cli(Command, argv, "The MLflow model registry of TTT-E2E models.", "registry")
     try:
         uri = registry_uri(args.tracking_uri)
-        if args.command != "register":
+        if not isinstance(args, Register):
             check_store_exists(uri)
-        if args.command == "register":
+        if isinstance(args, Register):
             out = register(args.source, args.name, uri, alias=args.alias, weights=args.weights,
                            max_logged_bytes=int(args.max_logged_mb * 1024**2),
                            description=args.description)
@@ -55,7 +79,7 @@ def registry_main(argv: list[str] | None = None) -> dict | list:
                   f"{' at ' + out['weights_uri'] if out['weights'] == 'reference' else ''}; "
                   f"tokenizer {'attached' if out['tokenizer'] else 'MISSING'})")
             return out
-        if args.command == "promote":
+        if isinstance(args, Promote):
             version, before = set_alias(args.name, args.version, args.to, uri)
             print(f"models:/{args.name}@{args.to} -> version {version}"
                   f"{f' (was version {before})' if before else ' (new alias)'}")
@@ -66,29 +90,36 @@ def registry_main(argv: list[str] | None = None) -> dict | list:
                   f"val_loss {r['val_loss'] or 'n/a':<9} {r['weights_uri']}")
         return rows
     except (RegistryError, FileNotFoundError, OSError) as e:
-        _fail("registry", e)
+        fail("registry", e)
+
+
+@dataclass
+class PullOptions:
+    model: tyro.conf.Positional[str]
+    """models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint or a model folder (local or
+    s3://)."""
+    prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """Prompt text (repeatable); none = only pull and describe the model."""
+    max_new_tokens: int = GENERATION_DEFAULTS["max_new_tokens"]
+    """Tokens to generate per prompt."""
+    temperature: float = GENERATION_DEFAULTS["temperature"]
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = GENERATION_DEFAULTS["top_p"]
+    """Nucleus sampling: the smallest set of tokens reaching this probability."""
+    repetition_penalty: float = GENERATION_DEFAULTS["repetition_penalty"]
+    """CTRL repetition penalty (1 = none)."""
+    mode: Literal["ttt", "swa", "full"] = GENERATION_DEFAULTS["mode"]
+    """ttt = TTT-E2E; swa / full = the baselines from the same weights."""
+    seed: int = GENERATION_DEFAULTS["seed"]
+    """Sampling seed."""
+    tracking_uri: Annotated[str, tyro.conf.arg(help=TRACKING_HELP)] = ""
 
 
 def pull_main(argv: list[str] | None = None) -> dict:
-    from ttte2e.platform.registry.serving import GENERATION_PARAMS, TextGenerator
+    from ttte2e.platform.registry.serving import TextGenerator
 
-    parser = argparse.ArgumentParser(description="Pull a registered model (or load a checkpoint) "
-                                     "and generate text with continued test-time training.")
-    parser.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint or a "
-                        "model folder (local or s3://)")
-    parser.add_argument("--prompt", action="append", default=[],
-                        help="prompt text (repeatable); none = only pull and describe the model")
-    defaults = {n: d for n, _, d in GENERATION_PARAMS}
-    parser.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
-    parser.add_argument("--temperature", type=float, default=defaults["temperature"],
-                        help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=defaults["top_p"])
-    parser.add_argument("--repetition-penalty", type=float, default=defaults["repetition_penalty"])
-    parser.add_argument("--mode", choices=("ttt", "swa", "full"), default=defaults["mode"],
-                        help="ttt = TTT-E2E; swa / full = the baselines from the same weights")
-    parser.add_argument("--seed", type=int, default=defaults["seed"])
-    _tracking(parser)
-    args = parser.parse_args(argv)
+    args = cli(PullOptions, argv, "Pull a registered model (or load a checkpoint) and generate "
+               "text with continued test-time training.", "pull_model")
     try:
         model, tokenizer = load_model(args.model, args.tracking_uri or None)
         cfg = model.config
@@ -106,5 +137,5 @@ def pull_main(argv: list[str] | None = None) -> dict:
             for prompt, text in zip(args.prompt, texts):
                 print(f"--- prompt: {prompt!r}\n{prompt}{text}\n---", flush=True)
     except (RegistryError, ValueError, FileNotFoundError, OSError) as e:
-        _fail("pull_model", e)
+        fail("pull_model", e)
     return dict(model=args.model, texts=texts)

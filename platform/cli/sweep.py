@@ -1,62 +1,88 @@
 """Command line of pipelines/ablate.py: the training flags of pretrain_3b.py (the base config of
-every trial) plus the sweep's own."""
+every trial, from the sweep's recipe) plus the sweep's own."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional
 
+import tyro
+
+from ttte2e.platform.cli.parsing import RecipeError, cli, fail, given, recipe_argument
+from ttte2e.platform.cli.train import ModelFlags, recipe_config
+from ttte2e.platform.train.config import ConfigError, TrainConfig
 from ttte2e.platform.tune.sweep import KNOBS
-from ttte2e.platform.cli.train import parse
+
+
+@dataclass
+class SweepOptions:
+    grid: str = "all"
+    """Knob(s) to sweep: window, chunk, layers, or all (comma-separated)."""
+    values: str = ""
+    """The values of a single --grid knob, comma-separated (default: the paper's grid scaled to
+    the preset)."""
+    baseline: bool = True
+    """Train the SWA baseline trials (--no-baseline skips them)."""
+    scheduler: Literal["none", "asha"] = "none"
+    """asha: stop trials whose held-out loss trails early."""
+    grace_steps: int = 0
+    """ASHA: steps before a trial may be stopped (0 = two evaluations)."""
+    max_concurrent: int = 0
+    """Trials at once (0 = as many as the cluster's CPUs/GPUs fit)."""
+
+
+@dataclass
+class SweepCommand:
+    train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
+    model: Annotated[ModelFlags, tyro.conf.OmitArgPrefixes]
+    sweep: Annotated[SweepOptions, tyro.conf.OmitArgPrefixes]
+    ttt_fraction: Optional[float] = None
+    """[model] Fraction of the blocks that are TTT blocks; sets n_ttt_blocks."""
+    config: str = ""
+    """Recipe: a YAML file (or a name in recipes/) whose settings the other flags override."""
 
 
 def _values(text: str) -> list[int]:
     try:
-        out = [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        print(f"ablate: error: --values {text!r}: comma-separated integers", file=sys.stderr)
-        sys.exit(2)
-    return out
+        fail("ablate", f"--values {text!r}: comma-separated integers")
 
 
-def main(description: str, defaults: dict, argv: list[str] | None = None) -> dict | None:
-    from ttte2e.platform.train.config import ConfigError
-
-    def add_sweep_flags(parser):
-        group = parser.add_argument_group("sweep")
-        group.add_argument("--grid", default="all", help=f"knob(s) to sweep: {', '.join(KNOBS)} "
-                           "or all (comma-separated)")
-        group.add_argument("--values", default="", help="the values of a single --grid knob "
-                           "(default: the paper's grid scaled to the preset)")
-        group.add_argument("--no-baseline", dest="baseline", action="store_false",
-                           help="skip the SWA baseline trials")
-        group.add_argument("--scheduler", choices=("none", "asha"), default="none",
-                           help="asha: stop trials whose held-out loss trails early")
-        group.add_argument("--grace-steps", type=int, default=0,
-                           help="ASHA: steps before a trial may be stopped (default 2 evaluations)")
-        group.add_argument("--max-concurrent", type=int, default=0,
-                           help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
-
-    cfg, args = parse(argv, description, defaults, extend=add_sweep_flags)
-    knobs = list(KNOBS) if args.grid == "all" else [k.strip() for k in args.grid.split(",")]
-    values = {}
-    if args.values:
-        if len(knobs) != 1:
-            print("ablate: error: --values goes with a single --grid knob", file=sys.stderr)
-            sys.exit(2)
-        values[knobs[0]] = _values(args.values)
+def main(description: str, recipe: str = "", argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plan" in argv:
+        fail("ablate", "--plan is pretrain_3b.py's; a sweep's trials are ordinary runs")
+    given_recipe, argv = recipe_argument(argv)
     try:
-        if args.plan:
-            raise ConfigError("--plan is pretrain_3b.py's; a sweep's trials are ordinary runs")
+        base = recipe_config(given_recipe or recipe) if (given_recipe or recipe) else TrainConfig()
+    except (RecipeError, TypeError) as e:
+        fail("ablate", e)
+    cmd = cli(SweepCommand, argv, description, "ablate",
+              SweepCommand(train=base, model=ModelFlags(), sweep=SweepOptions(),
+                           config=given_recipe or recipe))
+    overrides = {**base.model_overrides, **given(cmd.model)}
+    if cmd.ttt_fraction is not None:
+        overrides["ttt_fraction"] = cmd.ttt_fraction
+    cfg = dataclasses.replace(cmd.train, model_overrides=overrides)
+    opts = cmd.sweep
+    knobs = list(KNOBS) if opts.grid == "all" else [k.strip() for k in opts.grid.split(",")]
+    values = {}
+    if opts.values:
+        if len(knobs) != 1:
+            fail("ablate", "--values goes with a single --grid knob")
+        values[knobs[0]] = _values(opts.values)
+    try:
         from ttte2e.platform.tune.sweep import run_sweep
 
-        out = run_sweep(cfg, knobs, values, args.baseline, args.scheduler, args.grace_steps,
-                        args.max_concurrent)
+        out = run_sweep(cfg, knobs, values, opts.baseline, opts.scheduler, opts.grace_steps,
+                        opts.max_concurrent)
     except ConfigError as e:
-        print(f"ablate: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("ablate", e)
     if out["interrupted"]:
         sys.exit(130)
     if out["errors"]:
         sys.exit(1)
     return out
-

@@ -10,15 +10,15 @@ promoted to `champion` and pulled back to generate text, as users do after train
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ttte2e.platform.data.demo_corpus import write_demo_corpus
 from ttte2e.platform.cluster.local_head import LocalRayCluster
+from ttte2e.platform.data.demo_corpus import write_demo_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "ttte2e-demo-tiny"
@@ -89,12 +89,22 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"[demo] {' '.join(cmd[1:3])} failed (exit status {rc})")
 
 
+@dataclass
+class DemoOptions:
+    out_dir: str = "runs/demo"
+    """Where everything is written."""
+    steps: int = 240
+    """Optimizer steps of the tiny run."""
+    workers: int = 2
+    """Ray Train workers."""
+    max_docs: int = 0
+    """Corpus documents (0 = all)."""
+    name: str = ""
+    """Run name (default: tiny-<time>)."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default="runs/demo", help="where everything is written")
-    parser.add_argument("--steps", type=int, default=240, help="optimizer steps of the tiny run")
-    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
-    parser.add_argument("--max-docs", type=int, default=0, help="corpus documents (0 = all)")
-    parser.add_argument("--name", default="", help="run name (default: tiny-<time>)")
-    args = parser.parse_args(argv)
+    from ttte2e.platform.cli.parsing import cli
+
+    args = cli(DemoOptions, argv, __doc__.splitlines()[0], "demo")
     run_demo(args.out_dir, args.steps, args.workers, args.max_docs, args.name)

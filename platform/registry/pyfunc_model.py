@@ -11,7 +11,7 @@ import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from ttte2e.platform.registry.serving import GENERATION_PARAMS, TextGenerator, prompts_of
+from ttte2e.platform.registry.serving import GENERATION_DEFAULTS, TextGenerator, prompts_of
 
 
 class TTTTextModel(PythonModel):
@@ -26,7 +26,7 @@ class TTTTextModel(PythonModel):
         self.generator = TextGenerator(*load_weights(folder))
 
     def predict(self, context, model_input, params=None):
-        options = {n: d for n, _, d in GENERATION_PARAMS}
+        options = dict(GENERATION_DEFAULTS)
         options.update(params or {})
         return pd.DataFrame({"text": self.generator(prompts_of(model_input), **options)})
 

@@ -15,6 +15,7 @@ from ttte2e.model.model_folder import TOKENIZER_FILE
 GENERATION_PARAMS = (("max_new_tokens", "long", 64), ("temperature", "double", 0.8),
                      ("top_p", "double", 0.95), ("repetition_penalty", "double", 1.1),
                      ("mode", "string", "ttt"), ("seed", "long", 0))
+GENERATION_DEFAULTS = {name: default for name, _, default in GENERATION_PARAMS}
 
 
 def load_tokenizer(folder: str | Path):

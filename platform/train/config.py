@@ -13,7 +13,9 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import tyro
 
 from ttte2e.model import PRESETS, TTTConfig, preset
 
@@ -28,7 +30,8 @@ class TrainConfig:
 
     preset: str = "3B"
     """Model preset (ttte2e.model.PRESETS); any model field can be overridden (model_overrides)."""
-    model_overrides: dict = field(default_factory=dict)
+    # not a flag: the command lines give one flag per model field (platform/cli/train.py)
+    model_overrides: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict)
     """TTTConfig fields changed from the preset, e.g. {'seq_len': 32768}."""
     data: str = ""
     """Prepared dataset (pipelines/prepare_data.py output): local path or s3:// URI."""
