@@ -45,6 +45,16 @@ class DecodeState:
     pending_tokens: torch.Tensor           # [B, r] its input tokens
     chunks_done: int = 0                   # TTT steps taken
     last_logits: torch.Tensor | None = None  # [B, V] logits for the next token
+    rope_table: torch.Tensor | None = None   # rotations of buffer-local positions 0..n-1
+
+    def rotations(self, model, n: int) -> torch.Tensor:
+        """Rotations of positions 0..n-1, from a table grown by doubling (the same values as
+        model.rope(arange(n)): each row depends on its position only)."""
+        if self.rope_table is None or self.rope_table.shape[0] < n:
+            size = max(n, 2 * (0 if self.rope_table is None else self.rope_table.shape[0]))
+            device = self.pending_tokens.device
+            self.rope_table = model.rope(torch.arange(size, device=device))
+        return self.rope_table[:n]
 
     @property
     def fast(self) -> list[torch.Tensor]:
@@ -179,7 +189,7 @@ def decode_step(model, state: DecodeState, tokens: torch.Tensor, eta: float | No
         _ttt_step(model, state, tokens, _eta(model, state.mode, eta))
     t = state.position
     cache_len = t if window is None else window
-    rope = model.rope(torch.arange(cache_len + 1, device=tokens.device))
+    rope = state.rotations(model, cache_len + 1)
     first_valid = 0 if window is None else max(0, window - t)
     h = model.embed(tokens[:, None])
     n_prefix = len(model.prefix_blocks)

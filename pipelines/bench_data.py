@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ttte2e.model import TTTModel, preset
-from ttte2e.platform.data.stream import StreamSpec, WindowReader, for_rank, iter_batches, train_dataset
+from ttte2e.platform.data.stream import (StreamPosition, StreamSpec, WindowReader, iter_batches,
+                                         worker_stream)
 from ttte2e.platform.data.demo_corpus import stdlib_documents
 from ttte2e.platform.data.prepare import PrepareOptions, prepare
 
@@ -60,10 +61,10 @@ def main() -> None:
     for _, windows in iter_batches(spec):
         tokens += windows.size
     results["stream_plain"] = tokens / (time.perf_counter() - start)
-    ds = for_rank(train_dataset(spec), spec, 0)
+    steps = spec.steps_per_epoch(WindowReader(dataset, "train", cfg.seq_len))
     start, tokens = time.perf_counter(), 0
-    for row in ds.iter_rows():
-        tokens += row["tokens"].size
+    for _, windows in worker_stream(spec, 0, StreamPosition(), steps, use_ray_data=True):
+        tokens += windows.size
     results["stream_ray"] = tokens / (time.perf_counter() - start)
 
     model = TTTModel(cfg)

@@ -9,8 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ttte2e.platform.data.stream import (StreamPosition, StreamSpec, WindowReader, for_rank,
-                                  iter_batches, train_dataset)
+from ttte2e.platform.data.stream import StreamPosition, StreamSpec, WindowReader, iter_batches
 from ttte2e.platform.data.manifest import DataError
 from ttte2e.platform.data.prepare import PrepareOptions, prepare
 
@@ -147,55 +146,23 @@ def test_bad_streams_are_refused(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_ray_data_stream_matches_the_plain_reader(dataset):
+    """worker_stream with Ray Data (what training workers run) == the stream without Ray, for
+    each rank, from a resume position."""
     from ttte2e.platform.cluster.ray_runtime import ensure_ray
+    from ttte2e.platform.data.stream import worker_stream
 
     ensure_ray()
     spec = StreamSpec(dataset, seq_len=16, global_batch=4, world_size=2, seed=3)
     start = StreamPosition(0, 2)
     expected, _ = run(spec, start=start)
-    ds = train_dataset(spec, start)
     for rank in range(2):
-        rows = list(for_rank(ds, spec, rank).iter_rows())
-        assert [(r["epoch"], r["step"]) for r in rows] == [(0, s) for s in range(2, 2 + len(rows))]
-        assert len(rows) == len(expected[rank])
-        for row, windows in zip(rows, expected[rank]):
-            np.testing.assert_array_equal(row["tokens"], windows)
-
-
-@pytest.mark.slow
-def test_ray_train_workers_get_their_windows_via_get_dataset_shard(dataset, tmp_path):
-    """2 TorchTrainer workers each iterate their own rank's stream (from a resume position)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ttte2e.platform.data.stream import (ordered_batches, rank_dataset_name, rank_datasets,
-                                      stream_data_config)
-    from ttte2e.platform.cluster.ray_runtime import ensure_ray
-
-    ensure_ray()
-    spec = StreamSpec(dataset, seq_len=16, global_batch=4, world_size=2, seed=3)
-    start = StreamPosition(0, 1)
-    expected, _ = run(spec, start=start)
-
-    def loop(config):
-        import numpy as np
-        import ray.train
-
-        rank = ray.train.get_context().get_world_rank()
-        rows = ray.train.get_dataset_shard(config["name"](rank)).iter_rows()
-        seen = [tokens for _, tokens in ordered_batches(rows, config["spec"], config["start"])]
-        np.save(f"{config['out']}/rank{rank}.npy", np.array(seen))
-
-    trainer = TorchTrainer(
-        loop, train_loop_config={"name": rank_dataset_name, "out": str(tmp_path), "spec": spec,
-                                 "start": start},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets=rank_datasets(spec, start), dataset_config=stream_data_config(),
-        run_config=RunConfig(name="stream", storage_path=str(tmp_path / "ray_results")))
-    trainer.fit()
-    for rank in range(2):
-        got = np.load(tmp_path / f"rank{rank}.npy")
-        np.testing.assert_array_equal(got, np.stack(expected[rank]))
+        n = len(expected[rank])
+        got = list(worker_stream(spec, rank, start, n, use_ray_data=True))
+        plain = list(worker_stream(spec, rank, start, n, use_ray_data=False))
+        assert [p for p, _ in got] == [p for p, _ in plain]
+        for (_, windows), (_, reference), windows_run in zip(got, plain, expected[rank]):
+            np.testing.assert_array_equal(windows, reference)
+            np.testing.assert_array_equal(windows, windows_run)
 
 
 def test_ordered_batches_resequences_and_refuses_gaps_and_repeats(dataset):

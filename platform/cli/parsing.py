@@ -100,13 +100,12 @@ def typed_values(cls, values: dict, where: str) -> dict:
     return out
 
 
-def recipe_argument(argv: list[str]) -> tuple[str, list[str]]:
-    """(--config value or "", argv) without running the full parser: the recipe gives the
-    defaults the flags override."""
+def recipe_argument(argv: list[str]) -> str:
+    """The --config value ("" when not given), read before the full parser runs: the recipe
+    gives the defaults the flags override."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")
-    known, _ = pre.parse_known_args(argv)
-    return known.config, argv
+    return pre.parse_known_args(argv)[0].config
 
 
 # ---- optional overrides of a dataclass's fields -------------------------------------------------

@@ -3,16 +3,15 @@ every trial, from the sweep's recipe) plus the sweep's own."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import tyro
 
-from ttte2e.platform.cli.parsing import RecipeError, cli, fail, given, recipe_argument
-from ttte2e.platform.cli.train import ModelFlags, recipe_config
-from ttte2e.platform.train.config import ConfigError, TrainConfig
+from ttte2e.platform.cli.parsing import fail
+from ttte2e.platform.cli.train import RunFlags, parse_run
+from ttte2e.platform.train.config import ConfigError
 from ttte2e.platform.tune.sweep import KNOBS
 
 
@@ -21,8 +20,8 @@ class SweepOptions:
     grid: str = "all"
     """Knob(s) to sweep: window, chunk, layers, or all (comma-separated)."""
     values: str = ""
-    """The values of a single --grid knob, comma-separated (default: the paper's grid scaled to
-    the preset)."""
+    """The values of a single --grid knob, comma-separated; empty: the paper's grid scaled to the
+    preset."""
     baseline: bool = True
     """Train the SWA baseline trials (--no-baseline skips them)."""
     scheduler: Literal["none", "asha"] = "none"
@@ -34,14 +33,8 @@ class SweepOptions:
 
 
 @dataclass
-class SweepCommand:
-    train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
-    model: Annotated[ModelFlags, tyro.conf.OmitArgPrefixes]
-    sweep: Annotated[SweepOptions, tyro.conf.OmitArgPrefixes]
-    ttt_fraction: Optional[float] = None
-    """[model] Fraction of the blocks that are TTT blocks; sets n_ttt_blocks."""
-    config: str = ""
-    """Recipe: a YAML file (or a name in recipes/) whose settings the other flags override."""
+class SweepCommand(RunFlags):
+    sweep: Annotated[SweepOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=SweepOptions)
 
 
 def _values(text: str) -> list[int]:
@@ -55,18 +48,7 @@ def main(description: str, recipe: str = "", argv: list[str] | None = None) -> d
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--plan" in argv:
         fail("ablate", "--plan is pretrain_3b.py's; a sweep's trials are ordinary runs")
-    given_recipe, argv = recipe_argument(argv)
-    try:
-        base = recipe_config(given_recipe or recipe) if (given_recipe or recipe) else TrainConfig()
-    except (RecipeError, TypeError) as e:
-        fail("ablate", e)
-    cmd = cli(SweepCommand, argv, description, "ablate",
-              SweepCommand(train=base, model=ModelFlags(), sweep=SweepOptions(),
-                           config=given_recipe or recipe))
-    overrides = {**base.model_overrides, **given(cmd.model)}
-    if cmd.ttt_fraction is not None:
-        overrides["ttt_fraction"] = cmd.ttt_fraction
-    cfg = dataclasses.replace(cmd.train, model_overrides=overrides)
+    cfg, cmd = parse_run(SweepCommand, argv, description, recipe, "ablate")
     opts = cmd.sweep
     knobs = list(KNOBS) if opts.grid == "all" else [k.strip() for k in opts.grid.split(",")]
     values = {}

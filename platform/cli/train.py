@@ -6,7 +6,7 @@ that overrides it, and so is every model field (TTTConfig), which overrides the 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Optional
 
 import tyro
@@ -36,15 +36,28 @@ class PlanOptions:
 
 
 @dataclass
-class TrainCommand:
+class RunFlags:
+    """The flags of a training run: TrainConfig's fields, the model fields over the preset, the
+    recipe they override."""
+
     train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
     model: Annotated[ModelFlags, tyro.conf.OmitArgPrefixes]
-    plan: Annotated[PlanOptions, tyro.conf.OmitArgPrefixes]
     ttt_fraction: Optional[float] = None
     """[model] Fraction of the blocks that are TTT blocks (rounded, >= 1); sets n_ttt_blocks
     (give one of the two)."""
     config: str = ""
     """Recipe: a YAML file (or a name in recipes/) whose settings the other flags override."""
+
+    def run_config(self) -> TrainConfig:
+        overrides = {**self.train.model_overrides, **given(self.model)}
+        if self.ttt_fraction is not None:
+            overrides["ttt_fraction"] = self.ttt_fraction
+        return dataclasses.replace(self.train, model_overrides=overrides)
+
+
+@dataclass
+class TrainCommand(RunFlags):
+    plan: Annotated[PlanOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PlanOptions)
 
 
 def recipe_config(recipe: str) -> TrainConfig:
@@ -58,24 +71,27 @@ def recipe_config(recipe: str) -> TrainConfig:
                        model_overrides=model)
 
 
-def parse(argv: list[str] | None, description: str, recipe: str = "", prog: str = "train"
-          ) -> tuple[TrainConfig, PlanOptions]:
-    """(TrainConfig, plan options): the recipe (--config, else `recipe`), then the flags."""
+def parse_run(command: type, argv: list[str] | None, description: str, recipe: str, prog: str):
+    """A RunFlags command parsed over the recipe (--config, else `recipe`): (TrainConfig,
+    the command)."""
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    given_recipe, argv = recipe_argument(argv)
+    chosen = recipe_argument(argv) or recipe
     try:
-        base = recipe_config(given_recipe or recipe) if (given_recipe or recipe) else TrainConfig()
+        base = recipe_config(chosen) if chosen else TrainConfig()
     except (RecipeError, TypeError) as e:
         fail(prog, e)
-    default = TrainCommand(train=base, model=ModelFlags(), plan=PlanOptions(),
-                           config=given_recipe or recipe)
-    cmd = cli(TrainCommand, argv, description, prog, default)
-    overrides = {**base.model_overrides, **given(cmd.model)}
-    if cmd.ttt_fraction is not None:
-        overrides["ttt_fraction"] = cmd.ttt_fraction
-    return dataclasses.replace(cmd.train, model_overrides=overrides), cmd.plan
+    cmd = cli(command, argv, description, prog,
+              command(train=base, model=ModelFlags(), config=chosen))
+    return cmd.run_config(), cmd
+
+
+def parse(argv: list[str] | None, description: str, recipe: str = "", prog: str = "train"
+          ) -> tuple[TrainConfig, PlanOptions]:
+    """(TrainConfig, plan options): the recipe (--config, else `recipe`), then the flags."""
+    cfg, cmd = parse_run(TrainCommand, argv, description, recipe, prog)
+    return cfg, cmd.plan
 
 
 def check_plan_options(plan: PlanOptions) -> None:

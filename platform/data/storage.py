@@ -9,8 +9,11 @@ AWS_ENDPOINT_URL, so we read it here) and credentials from the environment, neve
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -124,6 +127,18 @@ class Location:
                 self._call("deleting", self.fs.delete_dir, self.path)
         elif info.type == pafs.FileType.File:
             self._call("deleting", self.fs.delete_file, self.path)
+
+    def write_files(self, write: Callable[[Path], list[Path]]) -> list[Path]:
+        """Files made by local tools (plots, tables) into this folder: write(folder) writes them
+        into a local folder (this one when local, a temporary one for S3, uploaded after) and
+        returns their paths, which stay readable locally (e.g. to log them to MLflow)."""
+        local = Path(self.path) if not self.is_s3 else Path(tempfile.mkdtemp(prefix="ttte2e-"))
+        local.mkdir(parents=True, exist_ok=True)
+        files = write(local)
+        if self.is_s3:
+            for f in files:
+                self.join(f.name).write_bytes(f.read_bytes())
+        return files
 
     def ensure_bucket(self) -> None:
         """S3 only: fail early with a clear message when the bucket cannot be reached."""

@@ -20,13 +20,10 @@ groups of `row_group_tokens`), each checked against its checksum in the shard's 
 itself checked against the manifest; decoded row groups and open shard footers are cached (LRU).
 Any read error names the shard. `WindowReader.stats` counts tokens decoded against tokens used.
 
-Ray Data: `train_dataset` is a dataset of (epoch, step, rank) rows; `for_rank` filters one rank
-and reads + packs its windows (local or s3://), order preserved. `rank_datasets` gives Ray Train
-one such dataset per rank (names from `rank_dataset_name`), passed unsplit
-(`stream_data_config()`); worker r reads `ordered_batches(
-ray.train.get_dataset_shard(rank_dataset_name(r)).iter_rows(), spec, start)`. `worker_stream`
-(what the trainer uses) builds the same stream inside each worker. `iter_batches` is the stream
-without Ray (single process, tests, tools).
+Ray Data: `worker_stream` (what every training worker runs) reads its rank's windows from its
+checkpointed position in a Ray Data actor ahead of the training step, and `ordered_batches`
+re-sequences the rows by (epoch, step), so the order never depends on Ray's scheduling.
+`iter_batches` is the same stream without Ray (single process, tests, tools).
 """
 
 from __future__ import annotations
@@ -331,70 +328,6 @@ def iter_batches(spec: StreamSpec, rank: int = 0, start: StreamPosition = Stream
     for epoch, step in spec.positions(start, epochs, reader):
         after = StreamPosition(epoch, step + 1) if step + 1 < steps else StreamPosition(epoch + 1, 0)
         yield after, spec.read(reader, epoch, step, rank)
-
-
-def train_dataset(spec: StreamSpec, start: StreamPosition = StreamPosition(), epochs: int = 1):
-    """Ray Data dataset of (epoch, step, rank, tokens) rows, in stream order.
-
-    Give it to Ray Train unsplit (DataConfig(datasets_to_split=[])) and let each worker call
-    `for_rank(dataset, rank)`: every worker then reads only its own windows."""
-    import ray
-
-    reader = WindowReader(spec.uri, spec.split, spec.seq_len, spec.seed)
-    rows = [{"epoch": e, "step": s, "rank": r} for e, s in spec.positions(start, epochs, reader)
-            for r in range(spec.world_size)]
-    dataset = ray.data.from_items(rows)
-    dataset.context.execution_options.preserve_order = True
-    return dataset
-
-
-class _RankReader:
-    """Ray Data actor: keeps one WindowReader (and its shard cache) for the life of the stream."""
-
-    def __init__(self, spec: StreamSpec, rank: int, storage_env: dict):
-        os.environ.update(storage_env)  # S3 endpoint/credentials of the driver, never logged
-        self.spec, self.rank = spec, rank
-        self.reader = WindowReader(spec.uri, spec.split, spec.seq_len, spec.seed)
-
-    def __call__(self, batch: dict) -> dict:
-        tokens, errors = [], []
-        for e, s in zip(batch["epoch"], batch["step"]):
-            tokens.append(_read_or_error(self.spec, self.reader, int(e), int(s), self.rank,
-                                         errors))
-        return {"epoch": batch["epoch"], "step": batch["step"], "tokens": np.stack(tokens),
-                "error": np.array(errors)}
-
-
-def for_rank(dataset, spec: StreamSpec, rank: int, cpus: float = 0.25):
-    """This rank's rows of `train_dataset` with its windows read and packed, in order.
-
-    Each output row: epoch, step, tokens [local_batch, T+1]."""
-    storage_env = {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
-    # small CPU shares: the training workers hold most CPUs, and Ray Data stalls without any
-    mine = dataset.filter(lambda row: row["rank"] == rank, num_cpus=cpus)
-    mine.context.execution_options.preserve_order = True
-    return mine.map_batches(_RankReader, fn_constructor_args=(spec, rank, storage_env),
-                            batch_size=1, concurrency=1, num_cpus=cpus)
-
-
-def rank_dataset_name(rank: int) -> str:
-    return f"train_rank{rank}"
-
-
-def rank_datasets(spec: StreamSpec, start: StreamPosition = StreamPosition(),
-                  epochs: int = 1) -> dict:
-    """{rank_dataset_name(r): this rank's Ray Data pipeline} for TorchTrainer(datasets=...)."""
-    base = train_dataset(spec, start, epochs)
-    return {rank_dataset_name(r): for_rank(base, spec, r) for r in range(spec.world_size)}
-
-
-def stream_data_config():
-    """Ray Train DataConfig for `rank_datasets`: unsplit, order preserved (Ray Train applies its
-    own execution options to datasets, overriding the ones set on them)."""
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
-
-    return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
 
 
 def ordered_batches(rows, spec: StreamSpec, start: StreamPosition = StreamPosition(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -207,16 +206,14 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
     ckpt_uri = f"s3://{ckpt_path}" if storage.is_s3 else ckpt_path
     with result.checkpoint.as_directory() as d:
         state = read_state(d)
-    local_out = Path(run_dir.path) if not storage.is_s3 else Path(tempfile.mkdtemp())
-    plot = plot_run(state, local_out / "curves.png")
-    (local_out / "metrics.json").write_text(json.dumps(
-        dict(history=state["history"], evals=state["evals"]), indent=1))
-    if storage.is_s3:
-        for f in ("curves.png", "metrics.json"):
-            run_dir.join(f).write_bytes((local_out / f).read_bytes())
+    def write_outputs(folder: Path) -> list[Path]:
+        (folder / "metrics.json").write_text(json.dumps(
+            dict(history=state["history"], evals=state["evals"]), indent=1))
+        return [plot_run(state, folder / "curves.png"), folder / "metrics.json"]
+
     logger.tag("checkpoint_uri", ckpt_uri)
-    logger.artifact(plot)
-    logger.artifact(local_out / "metrics.json")
+    for f in run_dir.write_files(write_outputs):
+        logger.artifact(f)
     finished = state["step"] >= geometry.steps
     if finished:
         logger.end()

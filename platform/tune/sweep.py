@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,12 +306,7 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     # Ctrl-C / SIGINT: Tune saves the sweep and returns; what is neither done, failed nor stopped
     # by the scheduler is unfinished
     interrupted = any(r["status"].startswith(("unfinished", "not run")) for r in rows)
-    local = Path(storage.join(name).path) if not storage.is_s3 else Path(tempfile.mkdtemp())
-    local.mkdir(parents=True, exist_ok=True)
-    files = write_results(rows, plan, local, model)
-    if storage.is_s3:
-        for f in files:
-            sweep_dir.join(f.name).write_bytes(f.read_bytes())
+    files = sweep_dir.write_files(lambda folder: write_results(rows, plan, folder, model))
     for f in files:
         logger.artifact(f)
     best = min((r for r in rows if r["method"] == "ttt" and r["val_loss"] is not None),
@@ -327,7 +321,7 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
                     uri, base.experiment, r["run"], "KILLED", r["status"]))
     errors = [r for r in rows if r["status"].startswith("error")]
     logger.end("KILLED" if interrupted else "FAILED" if errors else "FINISHED")
-    log((local / "ablation.md").read_text())
+    log(next(f for f in files if f.name == "ablation.md").read_text())
     out = dict(name=name, table=f"{sweep_dir.uri}/ablation.csv",
                markdown=f"{sweep_dir.uri}/ablation.md",
                plots=[f"{sweep_dir.uri}/{f.name}" for f in files if f.suffix == ".png"],
