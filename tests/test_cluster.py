@@ -141,5 +141,6 @@ def test_job_upload_carries_code_and_configs_never_data_checkpoints_or_secrets(t
     package = tmp_path / "upload.zip"
     _zip_files(str(work), [], str(package), include_gitignore=True)
     uploaded = set(zipfile.ZipFile(package).namelist())
-    assert {"pipelines/pretrain_3b.py", "cluster/aws-gpu.yaml", "pyproject.toml"} <= uploaded
+    assert {"pipelines/pretrain_3b.py", "cluster/aws-gpu.yaml", "pyproject.toml",
+            "recipes/3b_pretrain_8k.yaml"} <= uploaded
     assert not [name for name in planted if name in uploaded]

@@ -38,7 +38,8 @@ def cli(cls: type[T], argv: list[str] | None, description: str, prog: str,
     script's own name."""
     if argv is None:
         argv, prog = sys.argv[1:], Path(sys.argv[0]).name
-    return tyro.cli(cls, args=argv, default=default, description=description, prog=prog)
+    options = {} if default is None else dict(default=default)
+    return tyro.cli(cls, args=argv, description=description, prog=prog, **options)
 
 
 # ---- recipes ------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ DESCRIPTION = ("Tokenize raw text into TTT-E2E token shards. `--verify OUTPUT` c
 @dataclass
 class PrepareCommand:
     options: Annotated[PrepareOptions, tyro.conf.OmitArgPrefixes]
-    no_ray: bool = False
-    """Tokenize in this process instead of Ray Data (debugging)."""
+    ray: bool = True
+    """Tokenize in Ray Data tasks (--no-ray: in this process, for debugging)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +34,6 @@ def main(argv: list[str] | None = None) -> None:
             # sizes, checksums of every shard and of its row-group list, the tokenizer file
             sys.exit(1 if verify_dataset(argv[1]) else 0)
         cmd = cli(PrepareCommand, argv, DESCRIPTION, "prepare_data")
-        prepare(cmd.options, use_ray=not cmd.no_ray)
+        prepare(cmd.options, use_ray=cmd.ray)
     except (DataError, StorageError, FileNotFoundError, ValueError) as e:
         fail("prepare_data", e)
