@@ -28,7 +28,7 @@ class ImportOptions:
     """Step to read (default: the latest)."""
     overrides: Annotated[list[str], tyro.conf.arg(name="set", metavar="FIELD=VALUE"),
                          tyro.conf.UseAppendAction] = field(default_factory=list)
-    """Config field the shapes do not fix, e.g. seq_len=131072 (repeatable)."""
+    """Config field the shapes do not fix, e.g. seq_len=131072."""
     max_shard_gb: float = 5.0
     """Safetensors shard size limit (GB)."""
     tokenizer: str = ""

@@ -14,15 +14,15 @@ from ttte2e.platform.registry.model_registry import (DEFAULT_MAX_LOGGED_BYTES, R
                                                      register, registry_uri, set_alias)
 from ttte2e.platform.registry.serving import GENERATION_DEFAULTS
 
-TRACKING_HELP = ("MLflow tracking URI (default: MLFLOW_TRACKING_URI): sqlite:///path/mlflow.db or "
-                 "http://host:port")
+TRACKING_HELP = ("MLflow tracking URI: sqlite:///path/mlflow.db or http://host:port; empty: "
+                 "MLFLOW_TRACKING_URI")
 
 
 @dataclass
 class Register:
     """Register a checkpoint or model folder as a new version."""
 
-    source: tyro.conf.Positional[str]
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SOURCE")]
     """Training checkpoint or model folder (local or s3://)."""
     name: str
     """Registered model name."""
@@ -42,9 +42,9 @@ class Register:
 class Promote:
     """Point an alias (default champion) at a version."""
 
-    name: tyro.conf.Positional[str]
+    name: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="NAME")]
     """Registered model name."""
-    version: tyro.conf.Positional[str]
+    version: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="VERSION")]
     """Version number, or @ALIAS (e.g. @candidate)."""
     to: str = "champion"
     """The alias to move."""
@@ -55,7 +55,7 @@ class Promote:
 class ListVersions:
     """The versions of a registered model, with their aliases."""
 
-    name: tyro.conf.Positional[str]
+    name: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="NAME")]
     """Registered model name."""
     tracking_uri: Annotated[str, tyro.conf.arg(help=TRACKING_HELP)] = ""
 
@@ -95,11 +95,11 @@ def registry_main(argv: list[str] | None = None) -> dict | list:
 
 @dataclass
 class PullOptions:
-    model: tyro.conf.Positional[str]
+    model: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="MODEL")]
     """models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint or a model folder (local or
     s3://)."""
     prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """Prompt text (repeatable); none = only pull and describe the model."""
+    """Prompt text; none = only pull and describe the model."""
     max_new_tokens: int = GENERATION_DEFAULTS["max_new_tokens"]
     """Tokens to generate per prompt."""
     temperature: float = GENERATION_DEFAULTS["temperature"]
