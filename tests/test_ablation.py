@@ -102,7 +102,8 @@ def sweep_lines(out: str) -> str:
 def test_a_trial_whose_run_already_ended_still_reports_its_final_step(train_data, tmp_path):
     """A sweep stopped after a trial's final checkpoint but before Tune saw its last report: the
     rerun's trial finds its training run finished, trains nothing, and reports the final step
-    again, so the table says complete (not unfinished at an older step) and the command exits 0."""
+    again, so the table says complete (not unfinished at an older step), the trial's MLflow run
+    is ended, and the command exits 0."""
     import shutil
 
     data, _ = train_data
@@ -113,6 +114,9 @@ def test_a_trial_whose_run_already_ended_still_reports_its_final_step(train_data
                            timeout=600)
     assert first.returncode == 0, sweep_lines(first.stdout + first.stderr)
     shutil.rmtree(tmp_path / "ended" / "tune")  # Tune forgets the trial; its training run stays
+    # and Ray Train's own record of the run's checkpoints is lost too (it can lag behind the last
+    # save when a process stops right after it): the run's complete checkpoints still decide
+    (tmp_path / "ended" / "runs" / "ended-ttt-k32-b8-l1" / "checkpoint_manager_snapshot.json").unlink()
     second = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
                             timeout=600)
     out = second.stdout + second.stderr
@@ -120,6 +124,12 @@ def test_a_trial_whose_run_already_ended_still_reports_its_final_step(train_data
     assert "resumed at step 4" in out
     row = read_table(tmp_path / "ended" / "ablation.csv")[("chunk", "ttt", "8")]
     assert row["status"] == "complete" and row["step"] == "4", row
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ttte2e").experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs} == {
+        "ended": "FINISHED", "ended-ttt-k32-b8-l1": "FINISHED"}
 
 
 @pytest.mark.slow
@@ -150,6 +160,7 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     second = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
                             timeout=600)
     out = second.stdout + second.stderr
+    (tmp_path / "second.log").write_text(out)
     assert second.returncode == 0, sweep_lines(out)
     assert "resuming" in out and "resumed at step" in out
     table = read_table(tmp_path / "sweep" / "ablation.csv")
@@ -166,7 +177,9 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == [
         "sweep-swa-k32", "sweep-ttt-k32-b16-l1", "sweep-ttt-k32-b8-l1"]
-    assert all(r.info.status == "FINISHED" for r in children + [parent])
+    statuses = {r.info.run_name: (r.info.status, r.data.tags.get("stopped"))
+                for r in children + [parent]}
+    assert all(status == "FINISHED" for status, _ in statuses.values()), (statuses, sweep_lines(out))
     assert children[0].data.params["train.steps"] == "6"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "ablation.csv", "ablation.md", "ablation_chunk.png"}

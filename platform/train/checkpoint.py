@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from ttte2e.model.model_folder import CONFIG_FILE
@@ -144,8 +145,9 @@ def latest_complete(run_dir: Location, log=print, checksums: bool = True) -> Loc
     named in the log. checksums=False: sizes only (workers after the driver checked)."""
     if not run_dir.exists():
         return None
-    names = sorted({f.uri[len(run_dir.uri) + 1:].split("/", 1)[0] for f in run_dir.list_files()
-                    if f.uri[len(run_dir.uri) + 1:].startswith(PREFIX)}, reverse=True)
+    # checkpoint folders only (Ray Train keeps its own checkpoint_manager_snapshot.json beside)
+    tops = {f.uri[len(run_dir.uri) + 1:].split("/", 1)[0] for f in run_dir.list_files()}
+    names = sorted((n for n in tops if re.fullmatch(rf"{PREFIX}\d+", n)), reverse=True)
     for name in names:
         loc = run_dir.join(name)
         found = problems(loc, checksums=checksums)

@@ -194,7 +194,7 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
         if run_dir.join(stale).exists():
             run_dir.join(stale).delete()
     try:
-        result = trainer.fit()
+        trainer.fit()
     except BaseException:
         logger.end("FAILED")
         _raise_fatal(run_dir)
@@ -202,10 +202,14 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
     if run_dir.join(FATAL_FILE).exists():
         logger.end("FAILED")
         _raise_fatal(run_dir)
-    ckpt_path = result.checkpoint.path
-    ckpt_uri = f"s3://{ckpt_path}" if storage.is_s3 else ckpt_path
-    with result.checkpoint.as_directory() as d:
-        state = read_state(d)
+    # the run's newest complete checkpoint, by this format's own marker: Ray Train's record of
+    # its checkpoints can lag behind (a process stopped right after the last save)
+    final = ckpt.latest_complete(run_dir, log, checksums=False)
+    if final is None:
+        raise ConfigError(f"training of {name} ended without a complete checkpoint in "
+                          f"{redact(run_dir.uri)}")
+    ckpt_uri = final.uri
+    state = read_state(ckpt_uri)
     def write_outputs(folder: Path) -> list[Path]:
         (folder / "metrics.json").write_text(json.dumps(
             dict(history=state["history"], evals=state["evals"]), indent=1))
