@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from ttte2e.kernels.lm_head import nll_and_hidden_grad
-
 from .layers import at_least_fp32
 
 if TYPE_CHECKING:
@@ -62,8 +60,9 @@ class Carry:
         """theta_0 (each sequence its own view of it) and empty caches of `window` rows."""
         cfg = model.config
         fast = [w.unsqueeze(0).expand(batch, -1, -1) for w in model.fast_weight_parameters()]
-        caches = [like.new_zeros(batch, cfg.n_heads, window, cfg.head_dim)
-                  for _ in range(2 * len(model.ttt_blocks))]
+        # heads held here: all of them, or a tensor-parallel rank's share
+        caches = [like.new_zeros(batch, block.attn.n_heads, window, cfg.head_dim)
+                  for block in model.ttt_blocks for _ in range(2)]
         return cls(fast, caches)
 
     def block_fast(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,8 +142,8 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
     weights = mask / mask.sum(-1, keepdim=True).clamp_min(1e-10)  # l = sum_t weights_t * nll_t
     # the fused head returns dl/dh_final as well: the inner gradient starts from it
     normed = model.final_norm(h)
-    nll, grad_normed = nll_and_hidden_grad(normed.flatten(0, 1), model.embed.weight,
-                                           ctx.targets[:, span].flatten(), weights.flatten())
+    nll, grad_normed = model.head_nll_and_grad(normed.flatten(0, 1), ctx.targets[:, span].flatten(),
+                                               weights.flatten())
     nll = nll.view_as(mask)
     loss = (nll * weights).sum(-1)
     if isinstance(ctx.eta, (int, float)) and ctx.eta == 0:
@@ -157,8 +156,11 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
         grads = torch.autograd.grad(normed, fast, grad_normed.view_as(normed),
                                     create_graph=create_graph or torch.is_autocast_enabled(x.device.type))
         # theta, the inner gradients and the clip norm stay float32 (also under bf16 autocast)
-        norm = torch.sqrt(sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads))
-        scale = (ctx.eta * _clip_scale(norm, ctx.clip)).view(-1, 1, 1)
+        # global over every TTT block (and over tensor-parallel shards: sum_over_shards)
+        norm = torch.sqrt(model.sum_over_shards(
+            sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)))
+        # the step size is one number per sequence applied to every shard of theta
+        scale = model.copy_to_shards((ctx.eta * _clip_scale(norm, ctx.clip)).view(-1, 1, 1))
         new_fast = [t - scale * at_least_fp32(g) for t, g in zip(fast, grads)]
     norm = norm.detach()
     if not create_graph:
@@ -201,6 +203,10 @@ def _flat_group(model, ctx, first_chunk, nested, n_blocks, create_graph, *tensor
     return (*out.carry.tensors(), out.nll, out.loss, out.grad_norm)
 
 
+def _kept(t):
+    return t
+
+
 class _Remat(torch.autograd.Function):
     """Run `run(create_graph, *tensors)` keeping no graph; recompute it with graph in backward.
 
@@ -219,7 +225,9 @@ class _Remat(torch.autograd.Function):
         ctx.requires = [t.requires_grad for t in tensors]
         ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)
-        with torch.enable_grad():
+        # only the carry is kept: what the run saves internally is dropped at once, so no saved-
+        # tensor hook (host offload) may move it
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
             out = tuple(t.detach() for t in run(False, *tensors))
         ctx.mark_non_differentiable(out[-1])
         return out
@@ -278,7 +286,8 @@ def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Te
         for g, x_group in enumerate(torch.split(suffix_in, group * b, dim=1)):
             run = functools.partial(_flat_group, model, ctx, g * group, remat == "nested",
                                     n_blocks)
-            flat = _Remat.apply(run, 5 * n_blocks + 1, *carry.tensors(), x_group, *params)
+            with model.offload_carries():
+                flat = _Remat.apply(run, 5 * n_blocks + 1, *carry.tensors(), x_group, *params)
             carry = Carry.from_tensors(flat, n_blocks)
             outs.append(ChunkOutput(carry, *flat[-3:]))
     return InnerLoopOutput(

@@ -15,6 +15,7 @@ full second-order meta-gradient.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ttte2e.kernels.lm_head import nll_and_hidden_grad
 
 from .config import TTTConfig
 from .flops import FlopsEstimate, estimate_flops
@@ -67,6 +70,11 @@ class LMOutput:
 
 
 class TTTModel(nn.Module):
+    # Host offload (ttte2e.platform.train.offload) sets these to saved-tensor-hook contexts around
+    # what the backward keeps longest; on one device by default nothing moves.
+    offload_carries = staticmethod(nullcontext)  # the inner loop's remat carries
+    offload_prefix = staticmethod(nullcontext)   # the checkpointed prefix blocks' inputs
+
     def __init__(self, config: TTTConfig):
         super().__init__()
         self.config = config
@@ -119,6 +127,22 @@ class TTTModel(nn.Module):
     def token_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nll_of_logits(self.logits(h), targets)
 
+    # The tensor-parallel interface: ttte2e.platform.train.tensor_parallel shards the weights in
+    # place and replaces these three (and `logits`, `token_nll`) on the instance with their
+    # vocabulary-sharded / group-summed forms. On one device they are the plain ops.
+    def head_nll_and_grad(self, normed: torch.Tensor, targets: torch.Tensor,
+                          weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tied head on final-normed states [N, d]: NLL [N] and d(sum_i w_i nll_i)/d normed."""
+        return nll_and_hidden_grad(normed, self.embed.weight, targets, weights)
+
+    def sum_over_shards(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-shard partial (the inner gradient's squared norm) over the shards."""
+        return partial
+
+    def copy_to_shards(self, whole: torch.Tensor) -> torch.Tensor:
+        """A whole value (the inner step size) used by every shard: its gradient sums them."""
+        return whole
+
     def _check_tokens(self, tokens: torch.Tensor, multiple_of: int) -> None:
         check_token_ids(tokens, self.config.vocab_size, "tokens")
         seq = tokens.shape[1] - 1
@@ -130,11 +154,12 @@ class TTTModel(nn.Module):
         positions = torch.arange(h.shape[1], device=h.device)
         rope, window = self.rope(positions), self.config.attn_window
         remat = self.config.checkpoint_prefix and torch.is_grad_enabled()
-        for block in blocks:
-            if remat:
-                h = checkpoint(block, h, rope, window, use_reentrant=False)
-            else:
-                h = block(h, rope, window)
+        with self.offload_prefix() if remat else nullcontext():
+            for block in blocks:
+                if remat:  # keeps the block's input (through saved-tensor hooks) only
+                    h = checkpoint(block, h, rope, window, use_reentrant=False)
+                else:
+                    h = block(h, rope, window)
         return h
 
     def prefix(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -7,36 +7,62 @@ g through the suffix (autograd.grad(h, theta, g, create_graph=True)); the outer 
 differentiates g once. Autograd's double backward of cross-entropy makes ~20 elementwise passes over
 the [N, V] logits per chunk; this op keeps softmax(z) and makes ~6, with the same 6 matmuls.
 Its backward is first order only (the meta-gradient never differentiates it again).
+
+Vocabulary-sharded (tensor parallelism): with `group`, `embed` is this rank's rows
+[vocab_offset, vocab_offset + V/N) of the tied embedding, h and the returned nll / dl/dh are whole
+(the same on every rank of the group). The softmax's max, sum and target logit, dl/dh and, in
+backward, <p, dG> and dL/dh are summed over the group; dL/dE stays this rank's rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import reference
 
 
+def _reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 class _NLLAndHiddenGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, embed, targets, weights):
+    def forward(ctx, h, embed, targets, weights, group=None, vocab_offset=0):
         logits = torch.matmul(h, embed.t())
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        lse = torch.logsumexp(logits, dim=-1)
-        nll = lse - logits.gather(1, targets[:, None]).squeeze(1)
-        probs = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits buffer
         rows = torch.arange(h.shape[0], device=h.device)
+        if group is None:
+            local, held = targets, None
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+        else:
+            local = targets - vocab_offset
+            held = (local >= 0) & (local < embed.shape[0])  # rows whose target this rank holds
+            local = torch.where(held, local, torch.zeros_like(local))
+            top = _reduce(logits.detach().amax(-1), group, dist.ReduceOp.MAX)
+            lse = top + torch.log(_reduce(torch.exp(logits - top[:, None]).sum(-1), group))
+            target_logit = _reduce(torch.where(held, logits.gather(1, local[:, None]).squeeze(1),
+                                               torch.zeros_like(lse)), group)
+        nll = lse - target_logit
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits buffer
         w = weights.to(probs.dtype)
+        held = torch.ones_like(w) if held is None else held.to(w.dtype)
         g_logits = probs * w[:, None]
-        g_logits[rows, targets] -= w
-        grad_h = torch.matmul(g_logits.to(h.dtype), embed)
-        ctx.save_for_backward(h, embed, targets, w, probs, g_logits)
+        g_logits[rows, local] -= w * held
+        grad_h = _reduce(torch.matmul(g_logits.to(h.dtype), embed), group)
+        ctx.group = group
+        ctx.save_for_backward(h, embed, local, held, w, probs, g_logits)
         return nll, grad_h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_nll, d_grad_h):
-        h, embed, targets, w, probs, g_logits = ctx.saved_tensors
+        h, embed, local, held, w, probs, g_logits = ctx.saved_tensors
+        group = ctx.group
         rows = torch.arange(h.shape[0], device=h.device)
         # d logits = p * (w * (dG - <p, dG>) + d_nll) - onehot * d_nll, with dG = dgh E^T
         coeff = None
@@ -44,7 +70,7 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
         if d_grad_h is not None:
             d_g = torch.matmul(d_grad_h.to(embed.dtype), embed.t())
             d_g = d_g.to(probs.dtype)
-            d_g -= (probs * d_g).sum(-1, keepdim=True)
+            d_g -= _reduce((probs * d_g).sum(-1, keepdim=True), group)
             coeff = d_g.mul_(w[:, None])
             d_embed = torch.matmul(g_logits.t().to(d_grad_h.dtype), d_grad_h)
         if d_nll is not None:
@@ -53,18 +79,21 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
                 d_nll[:, None])
         d_logits = coeff.mul_(probs)
         if d_nll is not None:
-            d_logits[rows, targets] -= d_nll
+            d_logits[rows, local] -= d_nll * held
         d_logits = d_logits.to(h.dtype)
-        d_h = torch.matmul(d_logits, embed)
+        d_h = _reduce(torch.matmul(d_logits, embed), group)
         d_embed_logits = torch.matmul(d_logits.t(), h)
         d_embed = d_embed_logits if d_embed is None else d_embed + d_embed_logits
-        return d_h, d_embed, None, None
+        return d_h, d_embed, None, None, None, None
 
 
 def nll_and_hidden_grad(h: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor,
-                        weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [N, d], embed [V, d], targets [N] (int64), weights [N] -> (nll [N], dl/dh [N, d])."""
-    return _NLLAndHiddenGrad.apply(h, embed, targets, weights)
+                        weights: torch.Tensor, group=None, vocab_offset: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [N, d], embed [V, d], targets [N] (int64), weights [N] -> (nll [N], dl/dh [N, d]).
+    group: a torch.distributed group over which the vocabulary is sharded (embed = rows
+    vocab_offset.. of the full table), or None."""
+    return _NLLAndHiddenGrad.apply(h, embed, targets, weights, group, vocab_offset)
 
 
 __all__ = ["nll_and_hidden_grad", "reference"]

@@ -176,7 +176,9 @@ def resume_source(storage: str, name: str, resume_from: str = "", log=print,
 # Fields whose change makes the recorded data position, schedule or optimizer state mean something
 # else: resuming with any of them different would skip or repeat tokens or re-bend the schedule.
 RESUME_FIELDS = ("data_key", "seq_len", "batch_tokens", "sequences", "workers", "seed", "steps",
-                 "lr", "min_lr", "warmup_fraction", "eta_ramp", "zero_stage")
+                 "lr", "min_lr", "warmup_fraction", "eta_ramp", "zero_stage", "tensor_parallel")
+# what an identity recorded before a field existed meant
+_IDENTITY_DEFAULTS = dict(tensor_parallel=1)
 
 
 def run_identity(train: dict, geometry: dict, data_key: str) -> dict:
@@ -185,13 +187,15 @@ def run_identity(train: dict, geometry: dict, data_key: str) -> dict:
                 batch_tokens=train["batch_tokens"], sequences=geometry["sequences"],
                 workers=train["workers"], seed=train["seed"], steps=geometry["steps"],
                 lr=train["lr"], min_lr=train["min_lr"], warmup_fraction=train["warmup_fraction"],
-                eta_ramp=train["eta_ramp"], zero_stage=train["zero_stage"])
+                eta_ramp=train["eta_ramp"], zero_stage=train["zero_stage"],
+                tensor_parallel=train.get("tensor_parallel", 1))
 
 
 def resume_differences(saved: dict, now: dict, extend_steps: bool = False) -> dict:
     """{field: (checkpoint, this run)} of the identity fields that differ; with extend_steps a
     larger step count is allowed (the cosine schedule is re-stretched over the new total from the
     checkpoint's step on: a documented, explicit choice)."""
+    saved = {**_IDENTITY_DEFAULTS, **saved}
     diff = {k: (saved.get(k), now.get(k)) for k in RESUME_FIELDS if saved.get(k) != now.get(k)}
     if extend_steps and "steps" in diff and (now["steps"] or 0) > (saved.get("steps") or 0):
         diff.pop("steps")

@@ -13,7 +13,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union
 
 import tyro
 
@@ -45,6 +45,14 @@ class TrainConfig:
     """Start from this checkpoint's parameters only (fresh optimizer, schedule and data)."""
     workers: int = 1
     """Training workers (one per GPU on GPU clusters)."""
+    tensor_parallel: Union[int, Literal["auto"]] = 1
+    """Workers per tensor-parallel group (consecutive ranks on one node): attention heads, MLP
+    widths and the vocabulary split over them; workers = data-parallel ranks x this. 'auto' (with
+    --plan): the smallest that fits."""
+    offload: str = "none"
+    """Host offload of what the backward keeps: 'none', 'carries' (the inner loop's remat
+    carries), 'prefix' (checkpointed prefix block inputs), 'all' (every saved tensor); 'auto'
+    (with --plan): the least offload that fits."""
     device: str = "auto"
     """'cpu', 'gpu', or 'auto' (GPUs when the cluster has one per worker)."""
     cpus_per_worker: float = 0.5
@@ -138,7 +146,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class BatchGeometry:
-    """How one optimizer step's global batch is spread: workers x micro_batch x accumulation."""
+    """How one optimizer step's global batch is spread: data-parallel ranks x micro_batch x
+    accumulation (the tensor-parallel ranks of a group share their sequences)."""
 
     seq_len: int
     sequences: int          # per optimizer step, all workers
@@ -146,10 +155,16 @@ class BatchGeometry:
     micro_batch: int
     accumulation: int
     steps: int
+    tensor_parallel: int = 1
+
+    @property
+    def data_parallel(self) -> int:
+        return self.workers // self.tensor_parallel
 
     @property
     def per_worker(self) -> int:
-        return self.sequences // self.workers
+        """Sequences per data-parallel rank per step."""
+        return self.sequences // self.data_parallel
 
     @property
     def tokens_per_step(self) -> int:
@@ -164,23 +179,62 @@ def batch_geometry(cfg: TrainConfig, model: TTTConfig) -> BatchGeometry:
     sequences = cfg.batch_tokens // t
     if cfg.workers < 1 or cfg.micro_batch < 1:
         raise ConfigError("workers and micro_batch must be >= 1")
-    if sequences % (cfg.workers * cfg.micro_batch):
+    tp = tensor_parallel_size(cfg)
+    if cfg.workers % tp:
+        raise ConfigError(f"--tensor-parallel {tp} does not divide --workers {cfg.workers} "
+                          "(workers = data-parallel ranks x tensor-parallel)")
+    dp = cfg.workers // tp
+    if sequences % (dp * cfg.micro_batch):
         raise ConfigError(f"{sequences} sequences per step (batch_tokens / seq_len) do not split "
-                          f"into {cfg.workers} workers x micro_batch {cfg.micro_batch}")
+                          f"into {dp} data-parallel ranks ({cfg.workers} workers / tensor-"
+                          f"parallel {tp}) x micro_batch {cfg.micro_batch}")
     steps = cfg.steps or cfg.tokens // cfg.batch_tokens
     if steps < 1:
         raise ConfigError(f"token budget {cfg.tokens} is less than one batch of "
                           f"{cfg.batch_tokens} tokens")
     return BatchGeometry(t, sequences, cfg.workers, cfg.micro_batch,
-                         sequences // (cfg.workers * cfg.micro_batch), steps)
+                         sequences // (dp * cfg.micro_batch), steps, tp)
+
+
+OFFLOAD_MODES = ("none", "carries", "prefix", "all")
+
+
+def tensor_parallel_size(cfg: TrainConfig) -> int:
+    """The run's tensor-parallel size ('auto' is resolved by --plan, not by a run)."""
+    tp = cfg.tensor_parallel
+    if tp == "auto":
+        raise ConfigError("--tensor-parallel auto is a --plan choice (the plan prints the size "
+                          "it picks); give a number to train")
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ConfigError(f"--tensor-parallel {tp!r}: a positive integer")
+    return tp
+
+
+def check_parallel_layout(cfg: TrainConfig, model: TTTConfig) -> None:
+    """Tensor parallelism and offload settings that cannot work, named before anything starts."""
+    from ttte2e.platform.train.tensor_parallel import layout_problems
+
+    tp = tensor_parallel_size(cfg)
+    problems = layout_problems(model, tp)
+    if problems:
+        raise ConfigError("; ".join(problems) + f" (preset {cfg.preset})")
+    if cfg.offload not in OFFLOAD_MODES:
+        raise ConfigError(f"--offload {cfg.offload!r}: choose one of {OFFLOAD_MODES}"
+                          + (" ('auto' is a --plan choice)" if cfg.offload == "auto" else ""))
+    if cfg.offload == "prefix" and not model.checkpoint_prefix:
+        raise ConfigError("--offload prefix moves the checkpointed prefix block inputs to host "
+                          "memory: it needs --checkpoint-prefix True")
 
 
 def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
     """Checks that need no data, storage or cluster."""
     model = cfg.model_config()
     if cfg.zero_stage == 3:
+        with_tp = (" (and tensor parallelism already splits the weights; ZeRO-1/2 shard the "
+                   "optimizer over the data-parallel ranks)" if cfg.tensor_parallel not in (1, "1")
+                   else "")
         raise ConfigError("ZeRO stage 3 partitions parameters and breaks the repeated/higher-order "
-                          "backward of the meta-objective; use zero_stage 1 or 2")
+                          f"backward of the meta-objective; use zero_stage 1 or 2{with_tp}")
     if cfg.zero_stage not in (0, 1, 2):
         raise ConfigError(f"zero_stage {cfg.zero_stage}: choose 0, 1 or 2")
     choices = dict(device=("auto", "cpu", "gpu"), precision=("auto", "fp32", "bf16"),
@@ -227,7 +281,9 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
             raise ConfigError(f"register_as {cfg.register_as!r}: use letters, digits, '_', '-', '.'")
         if not re.fullmatch(r"[A-Za-z_][\w-]*", cfg.register_alias or "_"):
             raise ConfigError(f"register_alias {cfg.register_alias!r}: a name like candidate")
-    return model, batch_geometry(cfg, model)
+    geometry = batch_geometry(cfg, model)
+    check_parallel_layout(cfg, model)
+    return model, geometry
 
 
 def check_data(cfg: TrainConfig, model: TTTConfig, geometry: BatchGeometry) -> dict:
@@ -328,6 +384,20 @@ def cpus_needed(cfg: TrainConfig) -> float:
     """CPUs a run reserves: its workers and their Ray Data readers."""
     data = 0 if cfg.stream == "in_worker" else cfg.data_cpus * cfg.workers
     return cfg.workers * cfg.cpus_per_worker + data
+
+
+def check_group_fits_a_node(cfg: TrainConfig, nodes: list[dict], use_gpu: bool) -> None:
+    """A tensor-parallel group's workers must fit on one node (nodes: each alive node's Ray
+    resources)."""
+    tp = tensor_parallel_size(cfg)
+    if tp == 1 or not nodes:
+        return
+    unit, need = ("GPU", 1.0) if use_gpu else ("CPU", cfg.cpus_per_worker)
+    most = max(int(n.get(unit, 0) // need + 1e-9) for n in nodes)
+    if most < tp:
+        raise ConfigError(f"--tensor-parallel {tp} is larger than a node holds: the largest node "
+                          f"fits {most} workers ({unit}s per worker {need:g}); a tensor-parallel "
+                          "group runs within one node")
 
 
 def check_resources(cfg: TrainConfig, resources: dict) -> bool:

@@ -21,7 +21,8 @@ from ttte2e.platform.data.storage import STORAGE_ENV_VARS, resolve
 from ttte2e.platform.registry.tracking import RunLogger, redact
 from ttte2e.platform.train import checkpoint as ckpt
 from ttte2e.platform.train.checkpoint import CheckpointError, read_state
-from ttte2e.platform.train.config import ConfigError, TrainConfig, check_resources, preflight
+from ttte2e.platform.train.config import (ConfigError, TrainConfig, check_group_fits_a_node,
+                                          check_resources, preflight)
 from ttte2e.platform.train.worker import FATAL_FILE, NON_FINITE_FILE, train_loop
 
 
@@ -146,6 +147,7 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
     import ray
 
     use_gpu = check_resources(cfg, ray.cluster_resources())
+    check_group_fits_a_node(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], use_gpu)
     log(f"[plan] {cfg.preset}: {count_parameters(model_cfg) / 1e6:.1f}M parameters, "
         f"T={model_cfg.seq_len} k={model_cfg.window} b={model_cfg.chunk_size}, "
         f"{model_cfg.n_ttt_blocks}/{model_cfg.n_layers} TTT blocks; {geometry.steps} steps x "
@@ -154,7 +156,10 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
         f"windows per epoch in a shuffled order, the last {facts['skipped_per_epoch']} of each "
         f"epoch's order not read, fewer than one batch); {cfg.workers} "
         f"{'GPU' if use_gpu else 'CPU'} workers x micro-batch {geometry.micro_batch} x "
-        f"accumulation {geometry.accumulation}; ZeRO-{cfg.zero_stage}")
+        f"accumulation {geometry.accumulation}; ZeRO-{cfg.zero_stage}"
+        + (f" over {geometry.data_parallel} data-parallel ranks x tensor-parallel "
+           f"{geometry.tensor_parallel}" if geometry.tensor_parallel > 1 else "")
+        + (f"; offload {cfg.offload}" if cfg.offload != "none" else ""))
 
     run_id = None
     if uri:

@@ -1,0 +1,312 @@
+"""Tensor ("state") parallelism of a TTTModel over a group of N ranks, applied from outside.
+
+The layout of the official code's "state" mesh axis (Megatron's): attention heads split (q/k/v
+rows, output columns; QK-norm gains shared), every SwiGLU (static and prime) split over its hidden
+width (w1/w3 rows, w2 columns), the tied embedding split over the vocabulary. So the per-sequence
+fast weights, their inner gradients, the KV caches and the remat carries are 1/N per rank. Norm
+gains stay whole. Everything between the split regions is computed identically on every rank.
+
+Two collectives carry it, each the other's backward, so any order of differentiation is exact
+(the inner gradient is taken with create_graph=True and the outer backward goes through it):
+- copy_to_group: identity forward; backward sums the ranks' partial gradients.
+- sum_over_group: all-reduce forward; backward identity.
+A region is entered through copy_to_group (hooked on the norm before it) and left through
+sum_over_group (hooked on its output projection). The inner clip norm sums squared norms over the
+group (and the step size it gives enters every shard through copy_to_group), and the head is the
+vocabulary-sharded fused op (kernels/lm_head).
+
+`parallelize(model, group)` shards a whole (identically initialised or loaded) model in place;
+`full_state_dict(model)` gathers the whole weights back (what model folders hold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ttte2e.kernels.lm_head import nll_and_hidden_grad
+from ttte2e.model import TTTConfig, TTTModel
+from ttte2e.model.layers import at_least_fp32, rms_norm
+
+
+# ---- collectives that are twice (any number of times) differentiable ---------------------------
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SumOverGroup.apply(grad, ctx.group), None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _CopyToGroup.apply(grad, ctx.group), None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format)
+                 for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _OwnSliceLastDim.apply(grad, ctx.group), None
+
+
+class _OwnSliceLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        width = x.shape[-1] // dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        return x[..., rank * width:(rank + 1) * width].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherLastDim.apply(grad, ctx.group), None
+
+
+def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
+    """A whole (replicated) tensor entering a sharded region."""
+    return _CopyToGroup.apply(x, group)
+
+
+def sum_over_group(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum of the ranks' partials: a whole tensor, the same on every rank."""
+    return _SumOverGroup.apply(x, group)
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """The ranks' shards of the last dimension, concatenated in rank order."""
+    return _GatherLastDim.apply(x, group)
+
+
+# ---- the layout -----------------------------------------------------------------------------------
+def layout_problems(config: TTTConfig, size: int) -> list[str]:
+    """What keeps `config` from splitting over `size` ranks (empty when it splits)."""
+    if size < 1:
+        return [f"tensor parallelism {size}: must be >= 1"]
+    problems = []
+    for what, value in (("n_heads", config.n_heads), ("mlp_hidden", config.mlp_hidden),
+                        ("vocab_size", config.vocab_size)):
+        if value % size:
+            problems.append(f"tensor parallelism {size} does not divide {what}={value}")
+    return problems
+
+
+@dataclass
+class TensorParallelLayout:
+    group: object
+    rank: int
+    size: int
+    # parameter name -> dimension it is split along (every other parameter is whole)
+    split_dims: dict[str, int] = field(default_factory=dict)
+
+
+class VocabShardedEmbedding(nn.Module):
+    """This rank's rows [offset, offset + V/N) of the tied embedding; a lookup sums the ranks'
+    (zero where another rank holds the id)."""
+
+    def __init__(self, weight: torch.Tensor, offset: int, group):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.offset, self.group = offset, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.offset
+        held = (local >= 0) & (local < self.weight.shape[0])
+        rows = F.embedding(torch.where(held, local, torch.zeros_like(local)), self.weight)
+        return sum_over_group(rows * held.unsqueeze(-1).to(rows.dtype), self.group)
+
+
+def _split(linear: nn.Linear, dim: int, rank: int, size: int) -> None:
+    width = linear.weight.shape[dim] // size
+    shard = linear.weight.detach().narrow(dim, rank * width, width).clone()
+    linear.weight = nn.Parameter(shard)
+    linear.out_features, linear.in_features = shard.shape
+
+
+def _enter(group):
+    def hook(_module, _inputs, output):
+        return copy_to_group(output, group)
+    return hook
+
+
+def _leave(group):
+    def hook(_module, _inputs, output):
+        return sum_over_group(output, group)
+    return hook
+
+
+def parallelize(model: TTTModel, group) -> TensorParallelLayout:
+    """Shard `model` in place over `group` (every rank holds the same whole model on entry)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    problems = layout_problems(model.config, size)
+    if problems:
+        raise ValueError("; ".join(problems))
+    layout = TensorParallelLayout(group, rank, size)
+    if size == 1:
+        return layout
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        for name in ("wq", "wk", "wv"):
+            _split(getattr(attn, name), 0, rank, size)
+            layout.split_dims[f"blocks.{i}.attn.{name}.weight"] = 0
+        _split(attn.wo, 1, rank, size)
+        layout.split_dims[f"blocks.{i}.attn.wo.weight"] = 1
+        attn.n_heads //= size
+        # one gain for all heads, applied to this rank's heads: its gradient sums over the ranks
+        for norm in (attn.q_norm, attn.k_norm):
+            norm.forward = (lambda x, n=norm: rms_norm(x, copy_to_group(n.weight, group), n.eps))
+        block.attn_norm.register_forward_hook(_enter(group))
+        attn.wo.register_forward_hook(_leave(group))
+        mlps = [("mlp", block.mlp_norm, block.mlp)]
+        if block.ttt:
+            mlps.append(("prime_mlp", block.prime_norm, block.prime_mlp))
+        for name, norm, mlp in mlps:
+            for w, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
+                _split(getattr(mlp, w), dim, rank, size)
+                layout.split_dims[f"blocks.{i}.{name}.{w}.weight"] = dim
+            norm.register_forward_hook(_enter(group))
+            mlp.register_forward_hook(_leave(group))
+    rows = model.config.vocab_size // size
+    table = model.embed.weight.detach()[rank * rows:(rank + 1) * rows].clone()
+    model.embed = VocabShardedEmbedding(table, rank * rows, group)
+    layout.split_dims["embed.weight"] = 0
+
+    def head_nll_and_grad(normed, targets, weights):
+        return nll_and_hidden_grad(normed, model.embed.weight, targets, weights, group,
+                                   model.embed.offset)
+
+    def token_nll(h, targets):
+        normed = model.final_norm(h).flatten(0, 1)
+        nll, _ = head_nll_and_grad(normed, targets.flatten(),
+                                   torch.zeros(normed.shape[0], dtype=torch.float32,
+                                               device=normed.device))
+        return nll.view_as(targets)
+
+    def logits(h):
+        return gather_last_dim(at_least_fp32(F.linear(model.final_norm(h), model.embed.weight)),
+                               group)
+
+    model.head_nll_and_grad = head_nll_and_grad
+    model.sum_over_shards = lambda partial: sum_over_group(partial, group)
+    model.copy_to_shards = lambda whole: copy_to_group(whole, group)
+    model.token_nll = token_nll
+    model.logits = logits
+    model.tensor_parallel = layout
+    for name, param in model.named_parameters():
+        if name in layout.split_dims:
+            # DeepSpeed's gradient-norm reduction counts a split parameter on every rank, a whole
+            # one once (runtime/utils.py is_model_parallel_parameter)
+            param.tensor_model_parallel = True
+            param.partition_dim = layout.split_dims[name]
+    return layout
+
+
+def full_state_dict(model: TTTModel) -> dict[str, torch.Tensor]:
+    """The whole weights of a (possibly) sharded model, on every rank of its group (CPU)."""
+    layout: TensorParallelLayout | None = getattr(model, "tensor_parallel", None)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if layout is None or layout.size == 1:
+        return {k: v.cpu() for k, v in state.items()}
+    out = {}
+    for name, tensor in state.items():
+        dim = layout.split_dims.get(name)
+        if dim is None:
+            out[name] = tensor.cpu()
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(layout.size)]
+        dist.all_gather(parts, tensor.contiguous(), group=layout.group)
+        out[name] = torch.cat(parts, dim).cpu()
+    return out
+
+
+@dataclass
+class ParallelGroups:
+    """A rank's place in the data-parallel x tensor-parallel grid: world rank r is tensor-parallel
+    rank r % N of group r // N (consecutive ranks, which Ray Train places on one node), and data-
+    parallel rank r // N among the ranks with its tensor-parallel rank."""
+
+    tensor: object
+    data: object
+    tensor_rank: int
+    tensor_size: int
+    data_rank: int
+    data_size: int
+
+
+def build_groups(tensor_parallel: int) -> ParallelGroups:
+    """Create every group (each rank creates all of them, in the same order, as torch requires)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise ValueError(f"tensor parallelism {tensor_parallel} does not divide the {world} "
+                         "workers")
+    tensor = data = None
+    for g in range(world // tensor_parallel):
+        ranks = list(range(g * tensor_parallel, (g + 1) * tensor_parallel))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            tensor = group
+    for j in range(tensor_parallel):
+        ranks = list(range(j, world, tensor_parallel))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            data = group
+    return ParallelGroups(tensor, data, rank % tensor_parallel, tensor_parallel,
+                          rank // tensor_parallel, world // tensor_parallel)
+
+
+class DeepSpeedMPU:
+    """DeepSpeed's `mpu` interface over ParallelGroups: ZeRO partitions and all-reduces over the
+    data-parallel group only; the gradient norm counts each split parameter once per shard."""
+
+    def __init__(self, groups: ParallelGroups):
+        self.groups = groups
+
+    def get_model_parallel_rank(self) -> int:
+        return self.groups.tensor_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.groups.tensor_size
+
+    def get_model_parallel_group(self):
+        return self.groups.tensor
+
+    def get_data_parallel_rank(self) -> int:
+        return self.groups.data_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.data_size
+
+    def get_data_parallel_group(self):
+        return self.groups.data
+
+    # the names newer DeepSpeed code asks for
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+
+__all__ = ["DeepSpeedMPU", "ParallelGroups", "TensorParallelLayout",
+           "VocabShardedEmbedding", "build_groups", "copy_to_group", "full_state_dict",
+           "gather_last_dim", "layout_problems", "parallelize", "sum_over_group"]

@@ -1,0 +1,61 @@
+"""Host offload (platform/train/offload.py): on CPU the move is a no-op, so the meta step with
+offload is bit-identical to the one without; the hooks see exactly what each mode should move."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from conftest import SMALL
+from ttte2e.model import TTTConfig, TTTModel
+from ttte2e.platform.train.offload import apply_offload
+
+
+def _config(**changes) -> TTTConfig:
+    return TTTConfig(**dict(SMALL, seq_len=128, window=32, chunk_size=16, remat="nested",
+                            remat_group=2, checkpoint_prefix=True, **changes))
+
+
+def _step(model: TTTModel, tokens: torch.Tensor, context):
+    model.zero_grad(set_to_none=True)
+    with context():
+        out = model.meta_loss(tokens)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["carries", "prefix", "all"])
+def test_offload_is_exact_and_moves_what_it_names(mode):
+    config = _config()
+    torch.manual_seed(0)
+    plain = TTTModel(config)
+    tokens = torch.randint(0, config.vocab_size, (2, config.seq_len + 1))
+    tokens[0, 40] = config.bos_token_id
+    loss, grads = _step(plain, tokens, nullcontext)
+
+    model = TTTModel(config)
+    model.load_state_dict(plain.state_dict())
+    offload, context = apply_offload(model, mode, min_bytes=0)
+    got_loss, got_grads = _step(model, tokens, context)
+    assert torch.equal(got_loss, loss)
+    for name, grad in grads.items():
+        assert torch.equal(got_grads[name], grad), name
+
+    batch, d, hidden = 2, config.d_model, config.mlp_hidden
+    heads, window, dh = config.n_heads, config.attn_window, config.head_dim
+    n_groups = config.n_chunks // config.remat_group
+    block_input = batch * config.seq_len * d * 4
+    carry = config.n_ttt_blocks * (3 * batch * d * hidden * 4 + 2 * batch * heads * window * dh * 4)
+    caches = config.n_ttt_blocks * 2 * batch * heads * window * dh * 4
+    group_input = batch * config.remat_group * config.chunk_size * d * 4
+    # group 0 starts from theta_0 itself (views of the parameters, never moved) and zero caches
+    carries = caches + (n_groups - 1) * carry + n_groups * group_input
+    prefix = config.n_prefix_blocks * block_input
+    if mode == "carries":
+        assert offload.bytes == carries
+    elif mode == "prefix":
+        assert offload.bytes >= prefix  # the block inputs (and the small RoPE table per block)
+        assert offload.bytes - prefix <= config.n_prefix_blocks * config.seq_len * dh * 8
+    else:
+        assert offload.bytes > carries + prefix  # and everything else the forward saves
+
