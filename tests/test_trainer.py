@@ -37,6 +37,20 @@ def test_batch_geometry_splits_the_global_batch():
     (dict(precision="fp8"), "precision"),
     (dict(resume_from="a", init_from="b"), "exclusive"),
     (dict(model_overrides={"windw": 3}), "windw"),
+    # tensor parallelism and offload (tiny: 4 heads, MLP 512, vocab 4096)
+    (dict(tensor_parallel=3, workers=3, batch_tokens=3 * 512), "does not divide n_heads=4"),
+    (dict(tensor_parallel=8, workers=8, batch_tokens=8 * 512,
+          model_overrides={"n_heads": 8, "d_model": 256, "mlp_hidden": 516}),
+     "does not divide mlp_hidden=516"),
+    (dict(tensor_parallel=2, workers=2, model_overrides={"vocab_size": 4097}),
+     "does not divide vocab_size=4097"),
+    (dict(tensor_parallel=2, workers=3, batch_tokens=3 * 512), "does not divide --workers 3"),
+    (dict(tensor_parallel=2, workers=2, zero_stage=3), "tensor parallelism already splits"),
+    (dict(tensor_parallel=2, workers=2, placement="SPREAD"), "within one node"),
+    (dict(tensor_parallel="auto", workers=2), "a --plan choice"),
+    (dict(offload="disk"), "--offload 'disk'"),
+    (dict(offload="prefix"), "needs --checkpoint-prefix True"),
+    (dict(offload="carries", model_overrides={"remat": "none"}), "keeps no carries"),
 ])
 def test_bad_options_are_refused_before_any_worker(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -73,6 +87,14 @@ def test_unwritable_storage_and_missing_resources_are_refused(tmp_path):
         check_resources(TrainConfig(preset="tiny", workers=2, device="gpu"), {"CPU": 8, "GPU": 1})
     assert check_resources(TrainConfig(preset="tiny", workers=1), {"CPU": 4, "GPU": 1}) is True
     assert check_resources(TrainConfig(preset="tiny", workers=1), {"CPU": 4}) is False
+    from ttte2e.platform.train.config import check_group_fits_a_node
+
+    tp4 = TrainConfig(preset="tiny", workers=8, tensor_parallel=4, cpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match="larger than a node holds: the largest node fits 2"):
+        check_group_fits_a_node(tp4, [{"GPU": 2.0, "CPU": 8}] * 4, use_gpu=True)
+    check_group_fits_a_node(tp4, [{"GPU": 4.0}] * 2, use_gpu=True)
+    with pytest.raises(ConfigError, match="fits 3 workers"):
+        check_group_fits_a_node(tp4, [{"CPU": 1.5}] * 6, use_gpu=False)
 
 
 def test_model_flags_override_the_preset():
@@ -404,3 +426,51 @@ def test_init_from_must_be_a_model_of_the_same_architecture(tmp_path):
         check_init_from(str(tmp_path / "folder"), tiny.replace(d_model=256, n_heads=4))
     with pytest.raises(ConfigError, match="neither a model folder .* nor a training checkpoint"):
         check_init_from(str(tmp_path), tiny)
+
+
+# ---- tensor parallelism through the command line (slow) -------------------------------------------
+def _cli_run(train_data, storage, name: str, *flags: str) -> list[str]:
+    uri, bos = train_data
+    model = dict(SMALL, bos_token_id=bos)
+    argv = ["--preset", "tiny", *[x for k, v in model.items()
+                                  for x in (f"--{k.replace('_', '-')}", str(v))],
+            "--data", uri, "--storage", str(storage), "--name", name, "--micro-batch", "1",
+            "--batch-tokens", str(4 * 128), "--steps", "3", "--lr", "3e-3", "--eval-every", "0",
+            "--eval-windows", "2", "--checkpoint-every", "3", "--tracking-uri", "off",
+            "--max-failures", "0", *flags]
+    return argv
+
+
+@pytest.mark.slow
+def test_tensor_parallel_training_matches_one_worker(train_data, ray_session, tmp_path, capsys):
+    """--workers 2 --tensor-parallel 2 (one data-parallel rank) vs --workers 1: same losses and
+    outer gradient norms; model/ holds the whole weights; resuming with another layout is refused
+    before launch."""
+    from ttte2e.platform.cli.train import run_main
+
+    one = run_main("t", argv=_cli_run(train_data, tmp_path, "one", "--workers", "1"))
+    tp = run_main("t", argv=_cli_run(train_data, tmp_path, "tp", "--workers", "2",
+                                     "--tensor-parallel", "2", "--zero-stage", "1"))
+    assert losses_of(tp) == pytest.approx(losses_of(one), rel=1e-4)
+    norms = [h["grad_norm"] for h in one["history"]]
+    assert [h["grad_norm"] for h in tp["history"]] == pytest.approx(norms, rel=1e-3)
+    print("TP=2 vs 1 worker, losses:", losses_of(tp), losses_of(one), "grad norms:",
+          [h["grad_norm"] for h in tp["history"]], norms)
+    state = read_state(tp["checkpoint"])
+    assert state["tensor_parallel"] == 2 and state["world_size"] == 2
+    whole = TTTModel.from_pretrained(Path(tp["checkpoint"]) / "model")
+    reference = TTTModel.from_pretrained(Path(one["checkpoint"]) / "model")
+    for name, value in reference.state_dict().items():
+        got = whole.state_dict()[name]
+        assert got.shape == value.shape, name
+        torch.testing.assert_close(got, value, rtol=0, atol=2e-4 * max(1.0, value.abs().max()))
+    listed = set(json.loads((Path(tp["checkpoint"]) / "COMPLETE.json").read_text())["files"])
+    assert {"ds/mp_rank_00_model_states.pt", "ds/mp_rank_01_model_states.pt"} <= listed
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # same run, another layout
+        run_main("t", argv=_cli_run(train_data, tmp_path, "tp", "--workers", "2",
+                                    "--tensor-parallel", "1", "--zero-stage", "1"))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot resume" in errors[0], errors
+    assert "tensor_parallel (checkpoint 2, now 1)" in errors[0]

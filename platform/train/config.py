@@ -221,6 +221,12 @@ def check_parallel_layout(cfg: TrainConfig, model: TTTConfig) -> None:
     if cfg.offload not in OFFLOAD_MODES:
         raise ConfigError(f"--offload {cfg.offload!r}: choose one of {OFFLOAD_MODES}"
                           + (" ('auto' is a --plan choice)" if cfg.offload == "auto" else ""))
+    if cfg.offload == "carries" and model.remat == "none":
+        raise ConfigError("--offload carries moves the inner loop's remat carries to host memory: "
+                          "remat 'none' keeps no carries (use --remat chunk or nested)")
+    if tp > 1 and cfg.placement in ("SPREAD", "STRICT_SPREAD"):
+        raise ConfigError(f"--placement {cfg.placement} spreads workers over nodes; a tensor-"
+                          "parallel group runs within one node: use PACK or STRICT_PACK")
     if cfg.offload == "prefix" and not model.checkpoint_prefix:
         raise ConfigError("--offload prefix moves the checkpointed prefix block inputs to host "
                           "memory: it needs --checkpoint-prefix True")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ttte2e.model import TTTConfig, TTTModel, estimate_flops, inner_lr_at
-from ttte2e.model.model_folder import TOKENIZER_FILE
+from ttte2e.model.model_folder import TOKENIZER_FILE, write_model_folder
 from ttte2e.platform.train import checkpoint as ckpt
 from ttte2e.platform.train.checkpoint import DS_TAG, STATE_FILE, CheckpointError, read_state
 from ttte2e.platform.data.stream import StreamPosition, StreamSpec, WindowReader, worker_stream
@@ -31,7 +31,9 @@ from ttte2e.platform.data.manifest import DataError
 from ttte2e.platform.data.storage import resolve
 from ttte2e.platform.registry.tracking import RunLogger, redact
 from ttte2e.platform.train.config import (BatchGeometry, ConfigError, TrainConfig, batch_geometry)
-
+from ttte2e.platform.train.offload import apply_offload
+from ttte2e.platform.train.tensor_parallel import (DeepSpeedMPU, build_groups, full_state_dict,
+                                                   parallelize)
 
 
 def lr_factor(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -56,13 +58,15 @@ class MetaObjective(torch.nn.Module):
     """The module DeepSpeed wraps: forward = the meta-loss of a batch (optionally under bf16
     autocast; the inner loop keeps fast weights, inner grads and the clip norm in fp32)."""
 
-    def __init__(self, model: TTTModel, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: TTTModel, autocast_dtype: torch.dtype | None = None,
+                 step_context=nullcontext):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
+        self.step_context = step_context  # host offload of every saved tensor ('all')
 
     def forward(self, tokens: torch.Tensor, eta: float):
-        with self.autocast(tokens.device):
+        with self.autocast(tokens.device), self.step_context():
             out = self.model.meta_loss(tokens, eta=eta)
         return out.loss, out.chunk_loss.detach(), out.inner_grad_norm
 
@@ -251,6 +255,18 @@ def _train_loop(loop: dict) -> None:
                                                                else "fp32")
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    tp = geometry.tensor_parallel
+    groups = build_groups(tp) if tp > 1 else None
+    dp_rank, dp_size = (groups.data_rank, groups.data_size) if groups else (rank, world)
+    nodes = _gather_node_ids(world)
+    if groups:
+        for g in range(world // tp):
+            if len(set(nodes[g * tp:(g + 1) * tp])) > 1:
+                raise ConfigError(f"tensor-parallel group {g} (ranks {g * tp}..{g * tp + tp - 1}) "
+                                  "was placed on more than one node; give each node a multiple "
+                                  f"of {tp} workers (--placement PACK)")
+
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     model = TTTModel(model_cfg)
     if cfg.init_from:
@@ -260,20 +276,23 @@ def _train_loop(loop: dict) -> None:
         with RayCheckpoint(source.path, filesystem=source.fs).as_directory() as d:
             folder = ckpt.local_model_folder(d)
             model.load_state_dict(TTTModel.from_pretrained(folder).state_dict())
-    objective = MetaObjective(model, autocast_dtype).to(device)
+    if groups:  # the whole model (initialised or loaded) is split in place
+        parallelize(model, groups.tensor)
+    _, step_context = apply_offload(model, cfg.offload)
+    objective = MetaObjective(model, autocast_dtype, step_context).to(device)
     total, warmup = geometry.steps, warmup_steps(cfg, geometry.steps)
 
     def schedule(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total, warmup, cfg.lr, cfg.min_lr))
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    # with tensor parallelism ZeRO partitions and all-reduces over the data-parallel group only
     engine, _, _, scheduler = deepspeed.initialize(
         model=objective, model_parameters=objective.parameters(),
-        config=deepspeed_config(cfg, geometry), lr_scheduler=schedule)
+        config=deepspeed_config(cfg, geometry), lr_scheduler=schedule,
+        mpu=DeepSpeedMPU(groups) if groups else None)
 
     state = dict(step=0, position=StreamPosition().to_dict(), history=[], evals=[])
-    nodes = _gather_node_ids(world)
     run_dir = resolve(cfg.storage).join(loop["run_name"])
     # the newest complete checkpoint of this run (after a worker-group restart: one this fit
     # wrote; the driver checked the first one), else --resume-from
@@ -288,9 +307,11 @@ def _train_loop(loop: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = read_state(d)
-            if state["world_size"] != world:  # checked by the driver; a guard for restarts
-                raise ConfigError(f"checkpoint written by {state['world_size']} workers; resume "
-                                  f"with the same number (got {world})")
+            saved_tp = state.get("tensor_parallel", 1)
+            if state["world_size"] != world or saved_tp != tp:  # the driver checked; a guard
+                raise ConfigError(f"checkpoint written by {state['world_size']} workers, tensor-"
+                                  f"parallel {saved_tp}; resume with the same layout (got "
+                                  f"{world} workers, tensor-parallel {tp})")
             engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True,
                                    load_lr_scheduler_states=True)
             rng = Path(d) / "rng" / f"rank{rank}.pt"
@@ -302,12 +323,13 @@ def _train_loop(loop: dict) -> None:
 
     stop = total if not cfg.stop_after else min(total, state["step"] + cfg.stop_after)
     start = StreamPosition.from_dict(state["position"])
-    spec = StreamSpec(cfg.data, model_cfg.seq_len, geometry.sequences, world, cfg.seed)
-    stream = worker_stream(spec, rank, start, stop - state["step"],
+    # one stream per data-parallel rank: the tensor-parallel ranks of a group read the same windows
+    spec = StreamSpec(cfg.data, model_cfg.seq_len, geometry.sequences, dp_size, cfg.seed)
+    stream = worker_stream(spec, dp_rank, start, stop - state["step"],
                            use_ray_data=cfg.stream == "ray_data", cpus=cfg.data_cpus)
     val = WindowReader(cfg.data, "val", model_cfg.seq_len, cfg.seed)
     n_val = min(cfg.eval_windows, val.windows_per_epoch)
-    val_windows = torch.from_numpy(val.windows(0, n_val)[rank::world]).to(device)
+    val_windows = torch.from_numpy(val.windows(0, n_val)[dp_rank::dp_size]).to(device)
 
     # the dataset's tokenizer goes into every checkpoint's model/ folder: a checkpoint (and a
     # registered model) is then all that text generation needs
@@ -330,12 +352,18 @@ def _train_loop(loop: dict) -> None:
             engine.save_checkpoint(tmp, tag=DS_TAG)
             (Path(tmp) / "rng").mkdir(exist_ok=True)
             torch.save(_rng_state(), Path(tmp) / "rng" / f"rank{rank}.pt")
+            weights = full_state_dict(model) if groups else None  # every TP rank takes part
             if rank == 0:
-                model.save_pretrained(Path(tmp) / ckpt.MODEL_DIR)
+                if weights is None:
+                    model.save_pretrained(Path(tmp) / ckpt.MODEL_DIR)
+                else:  # model/ always holds the whole weights
+                    write_model_folder(Path(tmp) / ckpt.MODEL_DIR, model_cfg.to_dict(),
+                                       weights.items())
                 if tokenizer is not None:
                     (Path(tmp) / ckpt.MODEL_DIR / TOKENIZER_FILE).write_bytes(tokenizer)
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
-                    dict(state, world_size=world, nodes=nodes, mlflow_run_id=loop["run_id"],
+                    dict(state, world_size=world, tensor_parallel=tp, nodes=nodes,
+                         mlflow_run_id=loop["run_id"],
                          torch_threads=torch.get_num_threads(), train=loop["train"],
                          model=model_cfg.to_dict(), geometry=dataclasses.asdict(geometry),
                          identity=loop["identity"]), indent=1))
