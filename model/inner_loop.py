@@ -204,6 +204,14 @@ def _flat_group(model, ctx, first_chunk, nested, n_blocks, create_graph, *tensor
 
 
 def _kept(t):
+    # detached: a hook that returns the tensor itself makes every saved output hold its own
+    # grad_fn, a reference cycle that keeps the graph parts autograd.grad does not traverse
+    # (those towards the slow weights) alive after the run; autograd re-attaches the grad_fn
+    # when it unpacks, so nothing else changes
+    return t.detach()
+
+
+def _unpacked(t):
     return t
 
 
@@ -227,7 +235,7 @@ class _Remat(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # only the carry is kept: what the run saves internally is dropped at once, so no saved-
         # tensor hook (host offload) may move it
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _unpacked):
             out = tuple(t.detach() for t in run(False, *tensors))
         ctx.mark_non_differentiable(out[-1])
         return out

@@ -150,8 +150,11 @@ class TTTModel(nn.Module):
             raise ValueError(f"tokens has T+1={tokens.shape[1]} columns: T must be a positive "
                              f"multiple of chunk_size={multiple_of}")
 
-    def _run_blocks(self, h: torch.Tensor, blocks: list[Block]) -> torch.Tensor:
-        positions = torch.arange(h.shape[1], device=h.device)
+    def _run_blocks(self, h: torch.Tensor, blocks: list[Block], seq_len: int | None = None
+                    ) -> torch.Tensor:
+        # seq_len: the whole sequence's length when h holds a slice of it (tensor-parallel
+        # prefix blocks gather the sequence before attention)
+        positions = torch.arange(h.shape[1] if seq_len is None else seq_len, device=h.device)
         rope, window = self.rope(positions), self.config.attn_window
         remat = self.config.checkpoint_prefix and torch.is_grad_enabled()
         with self.offload_prefix() if remat else nullcontext():

@@ -19,6 +19,8 @@ it here, so `PYTHONPATH` or `pip install` are not needed.
    backward) vs math: time and peak memory.
 4. meta-train step (loss forward + backward, bf16 autocast, remat 'chunk') with the suffix chunk
    attention fused (Triton forward, backward, double backward) vs math: time and peak memory.
+5. host offload (none / carries / prefix / all) of a 1B meta step at the longest T that fits:
+   peak GPU memory, time, host bytes held, the same loss.
 """
 
 from __future__ import annotations
@@ -224,12 +226,77 @@ def meta_step(device: str, smoke: bool, repeats: int) -> dict:
     return result
 
 
+def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
+    """The meta step of a 1B-class model (bf16 autocast) at a long T, with and without host
+    offload of what the backward keeps: peak GPU memory, time, host bytes, the same loss."""
+    from ttte2e.model import TTTConfig, TTTModel, preset
+
+    try:
+        from ttte2e.platform.train.offload import apply_offload
+    except ImportError:  # the repo copy without the package: the file is torch-only
+        spec = importlib.util.spec_from_file_location(
+            "ttte2e_offload", REPO / "platform" / "train" / "offload.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        apply_offload = module.apply_offload
+
+    if smoke:
+        cfg = TTTConfig(vocab_size=64, d_model=32, n_layers=4, n_ttt_blocks=1, n_heads=2,
+                        mlp_hidden=64, seq_len=64, window=16, chunk_size=8,
+                        checkpoint_prefix=True)
+        dtype, lengths = torch.float32, (64,)
+    else:  # 1B, checkpointed prefix, nested remat: the longest T tried first that fits
+        cfg = preset("1B", checkpoint_prefix=True, remat="nested")
+        dtype, lengths = torch.bfloat16, (65536, 32768, 16384)
+    rows = []
+    for seq_len in lengths:
+        c = cfg.replace(seq_len=seq_len)
+        torch.manual_seed(0)
+        model = TTTModel(c).to(device)
+        tokens = torch.randint(0, c.vocab_size, (1, seq_len + 1), device=device)
+        row = dict(seq_len=seq_len, preset="smoke" if smoke else "1B")
+        try:
+            for mode in ("none", "carries", "prefix", "all"):
+                # back to no hooks, then this mode's
+                model.offload_carries = type(model).offload_carries
+                model.offload_prefix = type(model).offload_prefix
+                # smoke sizes are below the size worth moving: move everything there
+                counter, context = (apply_offload(model, mode, min_bytes=0) if smoke
+                                    else apply_offload(model, mode))
+                loss_box = {}
+
+                def step():
+                    model.zero_grad(set_to_none=True)
+                    with context(), torch.autocast(device, dtype=dtype,
+                                                   enabled=dtype != torch.float32):
+                        loss = model.meta_loss(tokens).loss
+                    loss.backward()
+                    loss_box["loss"] = loss.item()
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                row[f"{mode}_step_s"] = timed(step, device, repeats)
+                row[f"{mode}_loss"] = loss_box["loss"]
+                row[f"{mode}_host_peak_gib"] = counter.peak_bytes / 2**30
+                if device == "cuda":
+                    row[f"{mode}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        except torch.OutOfMemoryError as e:
+            row["error"] = f"out of memory ({str(e)[:120]})"
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            continue
+        rows.append(row)
+        break  # the longest T that fits
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run under TRITON_INTERPRET=1)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["correctness", "timings", "suffix", "meta"], default=None)
+    parser.add_argument("--only", choices=["correctness", "timings", "suffix", "meta", "offload"], default=None)
     args = parser.parse_args()
     import_ttte2e()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -241,7 +308,8 @@ def main() -> None:
     for name, fn in (("correctness", lambda: correctness(device, args.smoke)),
                      ("timings", lambda: timings(device, args.smoke, repeats)),
                      ("suffix_second_order", lambda: suffix_second_order(device, args.smoke, repeats)),
-                     ("meta_step", lambda: meta_step(device, args.smoke, repeats))):
+                     ("meta_step", lambda: meta_step(device, args.smoke, repeats)),
+                     ("offload", lambda: offload(device, args.smoke, repeats))):
         if args.only and not name.startswith(args.only):
             continue
         start = time.perf_counter()

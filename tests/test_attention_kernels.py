@@ -275,6 +275,9 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
         report["meta_step"]["loss_math"], rel=1e-5)
     assert {"triton_fwd_ms", "triton_fwdbwd_ms", "sdpa_full_causal_fwd_ms"} <= set(report["timings"][0])
     assert report["suffix_second_order"][0]["fused_ms"] > 0
+    moved = report["offload"][0]  # on CPU a no-op move: the same loss, bytes counted
+    assert {moved[f"{m}_loss"] for m in ("none", "carries", "prefix", "all")} == {moved["none_loss"]}
+    assert moved["all_host_peak_gib"] > moved["prefix_host_peak_gib"] > 0
 
 
 def test_chunk_op_under_autocast_casts_like_the_math_path():

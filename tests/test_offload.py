@@ -59,3 +59,21 @@ def test_offload_is_exact_and_moves_what_it_names(mode):
     else:
         assert offload.bytes > carries + prefix  # and everything else the forward saves
 
+
+
+def test_a_tensor_several_ops_save_is_moved_once_and_released_with_the_graph():
+    from ttte2e.platform.train.offload import HostOffload
+
+    offload = HostOffload(min_bytes=0)
+    w = torch.randn(1000, requires_grad=True)
+    with offload.hooks():
+        x = w * 2
+        y = (x.sin() + x.cos()).sum()  # sin and cos both save x
+    assert offload.tensors == 1 and offload.bytes == offload.peak_bytes == 4000
+    y.backward()
+    torch.testing.assert_close(w.grad, 2 * (torch.cos(2 * w.detach()) - torch.sin(2 * w.detach())))
+    del x, y
+    import gc
+
+    gc.collect()
+    assert offload.live_bytes == 0

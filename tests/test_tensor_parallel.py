@@ -26,10 +26,10 @@ NLL_ATOL = 5e-6
 GRAD_RTOL = 2e-5
 
 
-def _config() -> TTTConfig:
+def _config(**changes) -> TTTConfig:
     # 4 heads, MLP 128, vocab 512: splits over 2; BOS id 1 appears in the batch below
     return TTTConfig(**dict(SMALL, n_heads=4, seq_len=64, window=32, chunk_size=16,
-                            bos_token_id=1, remat_group=2))
+                            bos_token_id=1, remat_group=2, **changes))
 
 
 def _batch(config: TTTConfig, sequences: int = 4) -> torch.Tensor:
@@ -58,14 +58,15 @@ def _results(model: TTTModel, tokens: torch.Tensor, remat: str) -> dict:
                 grads={n: p.grad.detach().clone() for n, p in model.named_parameters()})
 
 
-def _worker(rank: int, world: int, tp: int, init_file: str, out_file: str, case_path) -> None:
+def _worker(rank: int, world: int, tp: int, init_file: str, out_file: str, case_path,
+            changes: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
         groups = build_groups(tp)
         if case_path is None:
-            config, model = _config(), None
+            config = _config(**changes)
             model = _model(config)
             tokens = _batch(config)
             batches = {"": tokens}
@@ -104,9 +105,10 @@ def _worker(rank: int, world: int, tp: int, init_file: str, out_file: str, case_
         dist.destroy_process_group()
 
 
-def _run(tmp_path, world: int, tp: int, case_path=None) -> dict:
+def _run(tmp_path, world: int, tp: int, case_path=None, changes: dict | None = None) -> dict:
     init_file, out_file = tmp_path / "init", tmp_path / "out.pt"
-    mp.start_processes(_worker, args=(world, tp, str(init_file), str(out_file), case_path),
+    mp.start_processes(_worker, args=(world, tp, str(init_file), str(out_file), case_path,
+                                      changes or {}),
                        nprocs=world, start_method="spawn")
     return torch.load(out_file, weights_only=False)
 
@@ -128,12 +130,16 @@ def _assert_close(got: dict, expected: dict, what: str) -> dict:
     return worst
 
 
-@pytest.mark.parametrize("world, tp", [(2, 2), (4, 2)], ids=["tp2", "dp2xtp2"])
-def test_meta_gradient_under_tensor_parallelism_equals_one_process(tmp_path, world, tp):
-    config = _config()
+@pytest.mark.parametrize("world, tp, changes", [
+    (2, 2, {}), (4, 2, {}), (2, 2, dict(checkpoint_prefix=True))],
+    ids=["tp2", "dp2xtp2", "tp2-checkpoint-prefix"])
+def test_meta_gradient_under_tensor_parallelism_equals_one_process(tmp_path, world, tp, changes):
+    """The prefix blocks run sequence-parallel (recomputed in the backward with
+    checkpoint_prefix), the suffix tensor-parallel: both exact."""
+    config = _config(**changes)
     tokens = _batch(config)
     assert (tokens[:, 1:] == config.bos_token_id).any()
-    got = _run(tmp_path, world, tp)
+    got = _run(tmp_path, world, tp, changes=changes)
     reference = _model(config)
     for remat in REMATS:
         worst = _assert_close(got["out"][("", remat)], _results(reference, tokens, remat),
@@ -173,6 +179,7 @@ def test_layout_problems_name_what_does_not_split():
     assert layout_problems(config, 2) == []
     problems = layout_problems(config, 3)
     assert any("n_heads=4" in p for p in problems)
+    assert any("seq_len=64" in p for p in problems)
     assert any("mlp_hidden=128" in p for p in problems)
     assert any("vocab_size=512" in p for p in problems)
 

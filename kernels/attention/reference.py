@@ -56,15 +56,23 @@ def blocked_sliding_window_attention(q, k, v, window: int, block_size: int | Non
     if window >= seq:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     block = block_size or max(32, min(window, 256))
+    # Additive masks, one per distinct block shape: SDPA saves the mask it is given for its
+    # backward, so a bool mask (converted per call) would keep a [block, block + window] float
+    # copy per block, ~(block + window) floats per token; every full block shares one here.
+    masks: dict[tuple[int, int], torch.Tensor] = {}
     out = []
     for start in range(0, seq, block):
         end = min(seq, start + block)
         k_start = max(0, start - window + 1)
-        q_pos = torch.arange(start, end, device=q.device)
-        k_pos = torch.arange(k_start, end, device=q.device)
-        visible = window_mask(q_pos, k_pos, window)
+        shape = (end - start, end - k_start)
+        if shape not in masks:
+            q_pos = torch.arange(start, end, device=q.device)
+            k_pos = torch.arange(k_start, end, device=q.device)
+            masks[shape] = torch.zeros(shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~window_mask(q_pos, k_pos, window), float("-inf"))
         out.append(F.scaled_dot_product_attention(
-            q[..., start:end, :], k[..., k_start:end, :], v[..., k_start:end, :], attn_mask=visible))
+            q[..., start:end, :], k[..., k_start:end, :], v[..., k_start:end, :],
+            attn_mask=masks[shape]))
     return torch.cat(out, dim=-2)
 
 

@@ -14,6 +14,7 @@ the tests can count what would move.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -25,13 +26,31 @@ MIN_BYTES = 1 << 16  # smaller tensors cost more to move than they free
 
 
 class HostOffload:
-    """Saved-tensor hooks that move tensors to host memory; counts what they moved."""
+    """Saved-tensor hooks that move tensors to host memory (each saved tensor once, however many
+    ops save it); counts what they moved and the most held at once."""
 
     def __init__(self, min_bytes: int = MIN_BYTES):
         self.min_bytes = min_bytes
-        self.tensors = 0
+        self.tensors = 0      # moved so far
         self.bytes = 0
+        self.live_bytes = 0   # in host memory now (freed with the graph that saved it)
+        self.peak_bytes = 0
         self._stream = None
+        # a tensor that several ops save (a norm's input, a matmul's) is moved once: id ->
+        # (the tensor, its copy), both weakly, so a reused id never matches a dead tensor
+        self._copies: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+    def _held(self, t: torch.Tensor, kept: torch.Tensor, size: int) -> None:
+        self.live_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self._copies[id(t)] = (weakref.ref(t), weakref.ref(kept))
+        weakref.finalize(kept, self._released, id(t), size)
+
+    def _released(self, key: int, size: int) -> None:
+        self.live_bytes -= size
+        entry = self._copies.get(key)
+        if entry is not None and entry[1]() is None:
+            del self._copies[key]
 
     @contextmanager
     def hooks(self):
@@ -41,12 +60,22 @@ class HostOffload:
     def _pack(self, t: torch.Tensor):
         base = t._base if t._base is not None else t
         size = t.numel() * t.element_size()
-        if isinstance(base, nn.Parameter) or size < self.min_bytes or t.layout != torch.strided:
+        if isinstance(base, nn.Parameter):
             return (None, t)
+        if size < self.min_bytes or t.layout != torch.strided:
+            return (None, t.detach())  # kept in place (detached: see below)
+        seen = self._copies.get(id(t))
+        if seen is not None and seen[0]() is t and seen[1]() is not None:
+            return (t.device if t.device.type == "cuda" else None, seen[1]())
         self.tensors += 1
         self.bytes += size
         if t.device.type != "cuda":
-            return (None, t)  # already in host memory: nothing to move
+            # already in host memory: nothing to move. Detached, as the host copy is: a saved
+            # output kept as itself would hold its own grad_fn (a cycle that outlives the step);
+            # autograd re-attaches the grad_fn on unpack
+            kept = t.detach()
+            self._held(t, kept, size)
+            return (None, kept)
         if self._stream is None:
             self._stream = torch.cuda.Stream(t.device)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -54,6 +83,7 @@ class HostOffload:
         with torch.cuda.stream(self._stream):
             host.copy_(t, non_blocking=True)
         t.record_stream(self._stream)  # the GPU copy is freed only after the copy ran
+        self._held(t, host, size)
         return (t.device, host)
 
     def _unpack(self, packed):

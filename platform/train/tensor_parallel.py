@@ -11,7 +11,10 @@ Two collectives carry it, each the other's backward, so any order of differentia
 - copy_to_group: identity forward; backward sums the ranks' partial gradients.
 - sum_over_group: all-reduce forward; backward identity.
 A region is entered through copy_to_group (hooked on the norm before it) and left through
-sum_over_group (hooked on its output projection). The inner clip norm sums squared norms over the
+sum_over_group (hooked on its output projection). In the prefix blocks (the whole sequence at
+once) the sequence is split over the ranks outside the regions instead (sequence parallelism):
+a region is entered by gathering the sequence (backward: reduce-scatter) and left by a
+reduce-scatter (backward: gather), so norms, residuals and what they save are 1/N per rank. The inner clip norm sums squared norms over the
 group (and the step size it gives enters every shard through copy_to_group), and the head is the
 vocabulary-sharded fused op (kernels/lm_head).
 
@@ -85,6 +88,68 @@ class _OwnSliceLastDim(torch.autograd.Function):
         return _GatherLastDim.apply(grad, ctx.group), None
 
 
+def _own_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    width = x.shape[dim] // dist.get_world_size(group)
+    return x.narrow(dim, dist.get_rank(group) * width, width).contiguous()
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(x, memory_format=torch.contiguous_format)
+             for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim)
+
+
+class _GatherSeq(torch.autograd.Function):
+    """The ranks' slices of `dim`, concatenated. Its backward depends on what follows: a sharded
+    region (each rank's gradient is a partial: reduce-scatter) or replicated compute (each rank
+    holds the whole gradient: its own slice)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, partial_grads):
+        ctx.dim, ctx.group, ctx.partial_grads = dim, group, partial_grads
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.partial_grads:
+            return _ReduceScatterSeq.apply(grad, ctx.dim, ctx.group), None, None, None
+        return _OwnSliceSeq.apply(grad, ctx.dim, ctx.group), None, None, None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """This rank's slice of `dim` of the sum of the ranks' partials."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter
+            whole = x.contiguous().clone()
+            dist.all_reduce(whole, group=group)
+            return _own_slice(whole, dim, group)
+        moved = x.movedim(dim, 0).contiguous()
+        out = moved.new_empty((moved.shape[0] // dist.get_world_size(group),) + moved.shape[1:])
+        dist.reduce_scatter_tensor(out, moved, group=group)
+        return out.movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherSeq.apply(grad, ctx.dim, ctx.group, True), None, None
+
+
+class _OwnSliceSeq(torch.autograd.Function):
+    """This rank's slice of `dim` of a whole (replicated) tensor."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _own_slice(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherSeq.apply(grad, ctx.dim, ctx.group, False), None, None
+
+
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
     """A whole (replicated) tensor entering a sharded region."""
     return _CopyToGroup.apply(x, group)
@@ -100,14 +165,26 @@ def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherLastDim.apply(x, group)
 
 
+def gather_sequence(x: torch.Tensor, group, into_sharded_region: bool) -> torch.Tensor:
+    """The ranks' slices of the sequence (dim 1) concatenated: into a sharded region (its input
+    gradients are partials) or into compute every rank repeats (gradients whole)."""
+    return _GatherSeq.apply(x, 1, group, into_sharded_region)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """The ranks' partials summed, this rank's slice of the sequence (dim 1)."""
+    return _ReduceScatterSeq.apply(x, 1, group)
+
+
 # ---- the layout -----------------------------------------------------------------------------------
 def layout_problems(config: TTTConfig, size: int) -> list[str]:
     """What keeps `config` from splitting over `size` ranks (empty when it splits)."""
     if size < 1:
         return [f"tensor parallelism {size}: must be >= 1"]
     problems = []
+    # seq_len: the prefix blocks split the sequence over the ranks between their matmuls
     for what, value in (("n_heads", config.n_heads), ("mlp_hidden", config.mlp_hidden),
-                        ("vocab_size", config.vocab_size)):
+                        ("vocab_size", config.vocab_size), ("seq_len", config.seq_len)):
         if value % size:
             problems.append(f"tensor parallelism {size} does not divide {what}={value}")
     return problems
@@ -131,11 +208,15 @@ class VocabShardedEmbedding(nn.Module):
         self.weight = nn.Parameter(weight)
         self.offset, self.group = offset, group
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def partial(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's rows, zero for the ids another rank holds (the lookup before the sum)."""
         local = ids - self.offset
         held = (local >= 0) & (local < self.weight.shape[0])
         rows = F.embedding(torch.where(held, local, torch.zeros_like(local)), self.weight)
-        return sum_over_group(rows * held.unsqueeze(-1).to(rows.dtype), self.group)
+        return rows * held.unsqueeze(-1).to(rows.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return sum_over_group(self.partial(ids), self.group)
 
 
 def _split(linear: nn.Linear, dim: int, rank: int, size: int) -> None:
@@ -157,6 +238,40 @@ def _leave(group):
     return hook
 
 
+def _gather_in(group):
+    def hook(_module, _inputs, output):
+        return gather_sequence(output, group, into_sharded_region=True)
+    return hook
+
+
+def _scatter_out(group):
+    def hook(_module, _inputs, output):
+        return reduce_scatter_sequence(output, group)
+    return hook
+
+
+def _shared_gain(norm, group) -> None:
+    """One gain applied on every rank to its part (heads or tokens): its gradient sums them."""
+    norm.forward = lambda x, n=norm: rms_norm(x, copy_to_group(n.weight, group), n.eps)
+
+
+def _sequence_parallel_prefix(model: TTTModel, group):
+    """The prefix with the sequence split over the ranks wherever it is not in a sharded matmul
+    region (Megatron's sequence parallelism): norms, residuals and what they save are 1/N per
+    rank; only the gathered inputs of the q/k/v and MLP matmuls are whole."""
+    size = dist.get_world_size(group)
+
+    def prefix(input_ids: torch.Tensor) -> torch.Tensor:
+        seq = input_ids.shape[1]
+        if seq % size:
+            raise ValueError(f"sequence length {seq} does not split over {size} "
+                             "tensor-parallel ranks")
+        h = reduce_scatter_sequence(model.embed.partial(input_ids), group)
+        h = model._run_blocks(h, model.prefix_blocks, seq_len=seq)
+        return gather_sequence(h, group, into_sharded_region=False)
+    return prefix
+
+
 def parallelize(model: TTTModel, group) -> TensorParallelLayout:
     """Shard `model` in place over `group` (every rank holds the same whole model on entry)."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -174,11 +289,17 @@ def parallelize(model: TTTModel, group) -> TensorParallelLayout:
         _split(attn.wo, 1, rank, size)
         layout.split_dims[f"blocks.{i}.attn.wo.weight"] = 1
         attn.n_heads //= size
-        # one gain for all heads, applied to this rank's heads: its gradient sums over the ranks
         for norm in (attn.q_norm, attn.k_norm):
-            norm.forward = (lambda x, n=norm: rms_norm(x, copy_to_group(n.weight, group), n.eps))
-        block.attn_norm.register_forward_hook(_enter(group))
-        attn.wo.register_forward_hook(_leave(group))
+            _shared_gain(norm, group)
+        # prefix blocks hold 1/N of the sequence between regions; the suffix (chunk by chunk,
+        # a few tokens at a time) holds it whole
+        enter, leave = (_gather_in, _scatter_out) if not block.ttt else (_enter, _leave)
+        if not block.ttt:
+            for norm in (block.attn_norm, block.attn_post_norm, block.mlp_norm,
+                         block.mlp_post_norm):
+                _shared_gain(norm, group)
+        block.attn_norm.register_forward_hook(enter(group))
+        attn.wo.register_forward_hook(leave(group))
         mlps = [("mlp", block.mlp_norm, block.mlp)]
         if block.ttt:
             mlps.append(("prime_mlp", block.prime_norm, block.prime_mlp))
@@ -186,8 +307,8 @@ def parallelize(model: TTTModel, group) -> TensorParallelLayout:
             for w, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
                 _split(getattr(mlp, w), dim, rank, size)
                 layout.split_dims[f"blocks.{i}.{name}.{w}.weight"] = dim
-            norm.register_forward_hook(_enter(group))
-            mlp.register_forward_hook(_leave(group))
+            norm.register_forward_hook(enter(group))
+            mlp.register_forward_hook(leave(group))
     rows = model.config.vocab_size // size
     table = model.embed.weight.detach()[rank * rows:(rank + 1) * rows].clone()
     model.embed = VocabShardedEmbedding(table, rank * rows, group)
@@ -208,6 +329,7 @@ def parallelize(model: TTTModel, group) -> TensorParallelLayout:
         return gather_last_dim(at_least_fp32(F.linear(model.final_norm(h), model.embed.weight)),
                                group)
 
+    model.prefix = _sequence_parallel_prefix(model, group)
     model.head_nll_and_grad = head_nll_and_grad
     model.sum_over_shards = lambda partial: sum_over_group(partial, group)
     model.copy_to_shards = lambda whole: copy_to_group(whole, group)
@@ -309,4 +431,5 @@ class DeepSpeedMPU:
 
 __all__ = ["DeepSpeedMPU", "ParallelGroups", "TensorParallelLayout",
            "VocabShardedEmbedding", "build_groups", "copy_to_group", "full_state_dict",
-           "gather_last_dim", "layout_problems", "parallelize", "sum_over_group"]
+           "gather_last_dim", "gather_sequence", "layout_problems", "parallelize",
+           "reduce_scatter_sequence", "sum_over_group"]

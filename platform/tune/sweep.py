@@ -34,7 +34,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ttte2e.model import TTTConfig
 from ttte2e.platform.data.storage import STORAGE_ENV_VARS, resolve
-from ttte2e.platform.train.config import ConfigError, TrainConfig, cpus_needed
+from ttte2e.platform.train.config import (ConfigError, TrainConfig, check_parallel_layout,
+                                          cpus_needed)
 
 KNOBS = ("window", "chunk", "layers")
 KNOB_LABELS = {"window": "sliding-window size k (tokens)", "chunk": "TTT mini-batch size b (tokens)",
@@ -136,6 +137,7 @@ def _refusal(base: TrainConfig, trial: Trial) -> str | None:
                                                      **trial.model_overrides()})
     try:
         model = cfg.model_config()
+        check_parallel_layout(cfg, model)  # a trial's sizes must split over --tensor-parallel
     except (ConfigError, ValueError) as e:
         return str(e)
     if model.seq_len % model.chunk_size:
