@@ -29,7 +29,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import math
 import sys
 import time
 import types
@@ -281,7 +280,7 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
                     row[f"{mode}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         except torch.OutOfMemoryError as e:
             row["error"] = f"out of memory ({str(e)[:120]})"
-            del model
+            model = tokens = None  # free it before the next, shorter T
             if device == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)

@@ -40,14 +40,17 @@ def _model(**fields) -> TTTModel:
     return TTTModel(TTTConfig(**{**base, **fields}))
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("fields", [{}, dict(d_model=128, mlp_hidden=256, n_heads=2),
                                     dict(mlp_hidden=512, seq_len=2048)])
-def test_prefix_activations_are_what_the_prefix_blocks_save(fields):
+def test_prefix_activations_are_what_the_prefix_blocks_save(fields, bf16):
     model = _model(**fields)
     c = model.config
     tokens = torch.randint(2, c.vocab_size, (1, c.seq_len))
-    counted = _saved_bytes(lambda: model.prefix(tokens))
-    plan = memory_per_gpu(c, c.seq_len, 0, 1, 1, bf16=False).prefix_activations
+    # CPU autocast casts the matmuls as CUDA's does: the bf16 coefficients are counted here too
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        counted = _saved_bytes(lambda: model.prefix(tokens))
+    plan = memory_per_gpu(c, c.seq_len, 0, 1, 1, bf16=bf16).prefix_activations
     assert plan == pytest.approx(counted, rel=0.08), (plan, counted)
 
 
@@ -118,3 +121,41 @@ def test_a_plan_of_an_impossible_layout_is_one_error_line(capsys, flags, message
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def _count_prefix_on_rank(rank: int, init_file: str, out_file: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from ttte2e.platform.train.tensor_parallel import parallelize
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = _model()
+        parallelize(model, dist.group.WORLD)
+        tokens = torch.randint(2, model.config.vocab_size, (1, model.config.seq_len),
+                               generator=torch.Generator().manual_seed(0))
+        counted = _saved_bytes(lambda: model.prefix(tokens))
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(counted, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_sequence_parallel_prefix_saves_what_the_plan_says(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_count_prefix_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")),
+                       nprocs=2, start_method="spawn")
+    counted = json.loads((tmp_path / "out").read_text())
+    c = _model().config
+    plan = memory_per_gpu(c, c.seq_len, 0, 1, 1, bf16=False, tensor_parallel=2)
+    whole = memory_per_gpu(c, c.seq_len, 0, 1, 1, bf16=False)
+    assert plan.prefix_activations == pytest.approx(counted, rel=0.08), (plan, counted)
+    assert counted < 0.6 * whole.prefix_activations

@@ -61,33 +61,6 @@ class _SumOverGroup(torch.autograd.Function):
         return _CopyToGroup.apply(grad, ctx.group), None
 
 
-class _GatherLastDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x, memory_format=torch.contiguous_format)
-                 for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _OwnSliceLastDim.apply(grad, ctx.group), None
-
-
-class _OwnSliceLastDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        width = x.shape[-1] // dist.get_world_size(group)
-        rank = dist.get_rank(group)
-        return x[..., rank * width:(rank + 1) * width].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _GatherLastDim.apply(grad, ctx.group), None
-
-
 def _own_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     width = x.shape[dim] // dist.get_world_size(group)
     return x.narrow(dim, dist.get_rank(group) * width, width).contiguous()
@@ -100,7 +73,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
-class _GatherSeq(torch.autograd.Function):
+class _Gather(torch.autograd.Function):
     """The ranks' slices of `dim`, concatenated. Its backward depends on what follows: a sharded
     region (each rank's gradient is a partial: reduce-scatter) or replicated compute (each rank
     holds the whole gradient: its own slice)."""
@@ -113,11 +86,11 @@ class _GatherSeq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.partial_grads:
-            return _ReduceScatterSeq.apply(grad, ctx.dim, ctx.group), None, None, None
-        return _OwnSliceSeq.apply(grad, ctx.dim, ctx.group), None, None, None
+            return _ReduceScatter.apply(grad, ctx.dim, ctx.group), None, None, None
+        return _OwnSlice.apply(grad, ctx.dim, ctx.group), None, None, None
 
 
-class _ReduceScatterSeq(torch.autograd.Function):
+class _ReduceScatter(torch.autograd.Function):
     """This rank's slice of `dim` of the sum of the ranks' partials."""
 
     @staticmethod
@@ -134,10 +107,10 @@ class _ReduceScatterSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _GatherSeq.apply(grad, ctx.dim, ctx.group, True), None, None
+        return _Gather.apply(grad, ctx.dim, ctx.group, True), None, None
 
 
-class _OwnSliceSeq(torch.autograd.Function):
+class _OwnSlice(torch.autograd.Function):
     """This rank's slice of `dim` of a whole (replicated) tensor."""
 
     @staticmethod
@@ -147,7 +120,7 @@ class _OwnSliceSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _GatherSeq.apply(grad, ctx.dim, ctx.group, False), None, None
+        return _Gather.apply(grad, ctx.dim, ctx.group, False), None, None
 
 
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
@@ -162,18 +135,18 @@ def sum_over_group(x: torch.Tensor, group) -> torch.Tensor:
 
 def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     """The ranks' shards of the last dimension, concatenated in rank order."""
-    return _GatherLastDim.apply(x, group)
+    return _Gather.apply(x, -1, group, False)
 
 
 def gather_sequence(x: torch.Tensor, group, into_sharded_region: bool) -> torch.Tensor:
     """The ranks' slices of the sequence (dim 1) concatenated: into a sharded region (its input
     gradients are partials) or into compute every rank repeats (gradients whole)."""
-    return _GatherSeq.apply(x, 1, group, into_sharded_region)
+    return _Gather.apply(x, 1, group, into_sharded_region)
 
 
 def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """The ranks' partials summed, this rank's slice of the sequence (dim 1)."""
-    return _ReduceScatterSeq.apply(x, 1, group)
+    return _ReduceScatter.apply(x, 1, group)
 
 
 # ---- the layout -----------------------------------------------------------------------------------
