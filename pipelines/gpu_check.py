@@ -124,7 +124,15 @@ def correctness(device: str, smoke: bool) -> dict:
         name: rel_err(a, b) for name, a, b in zip(["dq", "dk", "dv", "ddq", "ddk", "ddv"], *second)}
     worst_bf16 = max(v for k, r in results.items() if "bfloat16" in k for v in r.values())
     worst_fp32 = max(v for k, r in results.items() if "bfloat16" not in k for v in r.values())
-    results["ok"] = worst_bf16 < 2e-2 and worst_fp32 < 1e-4
+    # the self-check a training job runs before the kernels' first automatic use on a GPU
+    from ttte2e.kernels.attention import self_check
+
+    for dtype in (torch.float32, torch.bfloat16):
+        failures = self_check.run_checks(torch.device(device), dtype)
+        results[f"self_check_{str(dtype).split('.')[-1]}"] = (
+            "passed" if not failures else "; ".join(f"{n}: {why}" for n, why in failures))
+    results["ok"] = (worst_bf16 < 2e-2 and worst_fp32 < 1e-4
+                     and all(results[f"self_check_{d}"] == "passed" for d in ("float32", "bfloat16")))
     return results
 
 

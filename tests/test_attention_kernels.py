@@ -5,6 +5,7 @@ T, one head, odd head dims, a cache with invalid rows."""
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -292,3 +293,86 @@ def test_chunk_op_under_autocast_casts_like_the_math_path():
         results[backend] = out.float()
     torch.testing.assert_close(results["fused"], results["math"], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(results["triton"], results["math"], rtol=2e-2, atol=2e-2)
+
+
+# ---- the self-check before a GPU's first use (kernels/attention/self_check.py) ----------------
+@pytest.fixture
+def checked_on_cpu(monkeypatch):
+    """The CPU (under the interpreter) treated as a device whose automatic paths use Triton
+    after the check, as a GPU is."""
+    from ttte2e.kernels.attention import self_check
+
+    monkeypatch.setattr(self_check, "TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.delenv(self_check.FORCE_ENV, raising=False)
+    self_check.reset()
+    yield self_check
+    self_check.reset()
+
+
+def _suffix_second_order(backend=None):
+    from ttte2e.kernels.attention import chunk_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 8, 16, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 24, 16, generator=gen, requires_grad=True)
+    v = torch.randn(1, 2, 24, 16, generator=gen, requires_grad=True)
+    out = chunk_attention(q, k, v, 16, 4, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    return [t.detach() for t in (out, *grads, *torch.autograd.grad(
+        sum(g.square().sum() for g in grads), (q, k, v)))]
+
+
+def test_kernels_that_pass_their_check_are_used(checked_on_cpu, monkeypatch):
+    from ttte2e.kernels.attention import triton_swa
+
+    calls = []
+    forward = triton_swa.attention_forward
+    monkeypatch.setattr(triton_swa, "attention_forward",
+                        lambda *a: calls.append(1) or forward(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _suffix_second_order()
+    assert calls and all(checked_on_cpu._verdicts.values())
+    for a, b in zip(got, _suffix_second_order("math")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("broken, named", [
+    ("attention_double_backward", "suffix double backward: max relative error"),
+    ("attention_forward", "prefix forward: RuntimeError: does not compile here"),
+])
+def test_a_failing_kernel_warns_once_names_itself_and_the_paths_fall_back(
+        checked_on_cpu, monkeypatch, broken, named):
+    from ttte2e.kernels.attention import sliding_window_attention, triton_swa
+
+    real = getattr(triton_swa, broken)
+
+    def wrong(*args):
+        if broken == "attention_forward":
+            raise RuntimeError("does not compile here")
+        return tuple(torch.zeros_like(t) for t in real(*args))
+    monkeypatch.setattr(triton_swa, broken, wrong)
+    with pytest.warns(RuntimeWarning, match="failed their self-check") as record:
+        got = _suffix_second_order()
+    assert len(record) == 1 and named in str(record[0].message)
+    for a, b in zip(got, _suffix_second_order("math")):  # the fallback's numbers are right
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    q, k, v = tensors(1, 2, 64, 64, 16, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the verdict is kept
+        out = sliding_window_attention(q, k, v, 16)
+    torch.testing.assert_close(out, reference.naive_sliding_window_attention(q, k, v, 16))
+
+
+def test_forcing_the_kernels_makes_a_failed_check_an_error(checked_on_cpu, monkeypatch):
+    from ttte2e.kernels.attention import triton_swa
+
+    monkeypatch.setattr(triton_swa, "attention_backward",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("no such GPU feature")))
+    monkeypatch.setenv(checked_on_cpu.FORCE_ENV, "triton")
+    with pytest.raises(RuntimeError, match=r"prefix backward: RuntimeError: no such GPU feature.*"
+                                           r"TTTE2E_ATTENTION=triton: no fallback"):
+        _suffix_second_order()
+    monkeypatch.setenv(checked_on_cpu.FORCE_ENV, "fastest")
+    with pytest.raises(ValueError, match="TTTE2E_ATTENTION='fastest': choose auto or triton"):
+        _suffix_second_order()

@@ -448,7 +448,8 @@ def test_tensor_parallel_training_matches_one_worker(train_data, ray_session, tm
     before launch."""
     from ttte2e.platform.cli.train import run_main
 
-    one = run_main("t", argv=_cli_run(train_data, tmp_path, "one", "--workers", "1"))
+    one = run_main("t", argv=_cli_run(train_data, tmp_path, "one", "--workers", "1",
+                                      "--peak-tflops", "1"))
     tp = run_main("t", argv=_cli_run(train_data, tmp_path, "tp", "--workers", "2",
                                      "--tensor-parallel", "2", "--zero-stage", "1"))
     assert losses_of(tp) == pytest.approx(losses_of(one), rel=1e-4)
@@ -457,6 +458,15 @@ def test_tensor_parallel_training_matches_one_worker(train_data, ray_session, tm
     with capsys.disabled():  # the figures for the record (capsys reads the error line below)
         print("TP=2 vs 1 worker, losses:", losses_of(tp), losses_of(one), "grad norms:",
               [h["grad_norm"] for h in tp["history"]], norms)
+    # utilisation: MFU from the model's FLOPs, HFU with the recomputation (remat nested here)
+    from ttte2e.model import estimate_flops
+
+    model_cfg = TTTModel.from_pretrained(Path(one["checkpoint"]) / "model").config
+    ratio = (estimate_flops(model_cfg).meta_step
+             / estimate_flops(model_cfg.replace(checkpoint_prefix=False), remat="none").meta_step)
+    assert ratio > 1.2
+    for h in one["history"]:
+        assert h["mfu"] > 0 and h["hfu"] == pytest.approx(h["mfu"] * ratio, rel=1e-9)
     state = read_state(tp["checkpoint"])
     assert state["tensor_parallel"] == 2 and state["world_size"] == 2
     whole = TTTModel.from_pretrained(Path(tp["checkpoint"]) / "model")

@@ -12,7 +12,9 @@ caller names one (`backend=`).
   `chunk_backend("math")` switches the default for a block of code (benchmarks, parity checks).
 
 Files: reference.py (plain PyTorch, what every path is compared with), triton_swa.py (kernels),
-chunk.py (the registered ops and the double backward), flash.py (flash-attn dispatch).
+chunk.py (the registered ops and the double backward), flash.py (flash-attn dispatch),
+self_check.py (on a GPU, the Triton kernels are checked against PyTorch before their first
+automatic use; a failure warns and falls back, or raises under TTTE2E_ATTENTION=triton).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from . import chunk, flash, reference, triton_swa
+from . import chunk, flash, reference, self_check, triton_swa
 
 PREFIX_BACKENDS = ("auto", "flash", "triton", "blocked", "naive")
 CHUNK_BACKENDS = ("fused", "triton", "math")
@@ -41,12 +43,12 @@ def _one_dtype(q, k, v):
 
 
 def prefix_backend(device_type: str, dtype: torch.dtype) -> str:
-    """What `auto` runs for the prefix on this device and dtype."""
-    if device_type == "cuda":
-        if flash.flash_attn_func is not None and dtype in flash.DTYPES:
-            return "flash"
-        if triton_swa.AVAILABLE and dtype in triton_swa.SUPPORTED_DTYPES:
-            return "triton"
+    """What `auto` runs for the prefix on this device and dtype (before the Triton self-check)."""
+    if device_type == "cuda" and flash.flash_attn_func is not None and dtype in flash.DTYPES:
+        return "flash"
+    if (device_type in self_check.TRITON_DEVICES and triton_swa.AVAILABLE
+            and dtype in triton_swa.SUPPORTED_DTYPES):
+        return "triton"
     return "blocked"
 
 
@@ -61,6 +63,10 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if window >= q.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         backend = prefix_backend(q.device.type, q.dtype)
+        if self_check.forced() and triton_swa.usable(q):
+            backend = "triton"  # TTTE2E_ATTENTION=triton: ours, even where flash-attn is
+        if backend == "triton" and not self_check.triton_allowed(q):
+            backend = "blocked"
     if backend == "flash":
         return flash.sliding_window_attention(q, k, v, window)
     if backend == "triton":
@@ -86,7 +92,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
         raise RuntimeError(f"the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU) and "
                            f"fp16/bf16/fp32; got {q.device.type} {q.dtype}")
     q, k, v = _one_dtype(q, k, v)
-    use_triton = backend == "triton" or (q.is_cuda and triton_swa.usable(q))
+    use_triton = backend == "triton" or (triton_swa.usable(q) and self_check.triton_allowed(q))
     return chunk.window_attention(q, k, v, window, first_valid_key, use_triton=use_triton)
 
 
@@ -104,4 +110,4 @@ def chunk_backend(name: str):
 
 
 __all__ = ["sliding_window_attention", "chunk_attention", "chunk_backend", "prefix_backend",
-           "reference", "chunk", "triton_swa", "flash"]
+           "reference", "chunk", "triton_swa", "flash", "self_check"]

@@ -5,8 +5,10 @@ hidden state: the first step of every TTT inner gradient.
 g = d(sum_i w_i nll_i)/dh = (w * (softmax(h E^T) - onehot(y))) E. The inner loop backpropagates
 g through the suffix (autograd.grad(h, theta, g, create_graph=True)); the outer backward then
 differentiates g once. Autograd's double backward of cross-entropy makes ~20 elementwise passes over
-the [N, V] logits per chunk; this op keeps softmax(z) and makes ~6, with the same 6 matmuls.
-Its backward is first order only (the meta-gradient never differentiates it again).
+the [N, V] logits per chunk; this op keeps one [N, V] buffer for its backward, softmax(z) (the
+weighted copy w (p - onehot) that dl/dh and dL/dE need is never formed: both are rebuilt from p
+and the target rows), and makes ~5 passes, with the same 6 matmuls. Its backward is first order
+only (the meta-gradient never differentiates it again).
 
 Vocabulary-sharded (tensor parallelism): with `group`, `embed` is this rank's rows
 [vocab_offset, vocab_offset + V/N) of the tied embedding, h and the returned nll / dl/dh are whole
@@ -51,17 +53,29 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
         probs = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits buffer
         w = weights.to(probs.dtype)
         held = torch.ones_like(w) if held is None else held.to(w.dtype)
-        g_logits = probs * w[:, None]
-        g_logits[rows, local] -= w * held
-        grad_h = _reduce(torch.matmul(g_logits.to(h.dtype), embed), group)
+        # dl/dh = (w * (p - onehot)) E = w * (p E) - w * E[y]: the weighted [N, V] copy of p
+        # is never formed (nor kept for the backward, which rebuilds what it needs from p)
+        grad_h = torch.matmul(probs.to(h.dtype), embed).mul_(w[:, None].to(h.dtype))
+        grad_h -= (w * held)[:, None].to(h.dtype) * embed[local].to(h.dtype)
+        grad_h = _reduce(grad_h, group)
         ctx.group = group
-        ctx.save_for_backward(h, embed, local, held, w, probs, g_logits)
+        # the backward runs under the forward's autocast (as torch.amp.custom_bwd does, for any
+        # device type): its matmuls in the compute dtype, as autograd runs those of the math path
+        device = h.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(h, embed, local, held, w, probs)
         return nll, grad_h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_nll, d_grad_h):
-        h, embed, local, held, w, probs, g_logits = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _NLLAndHiddenGrad._backward(ctx, d_nll, d_grad_h)
+
+    @staticmethod
+    def _backward(ctx, d_nll, d_grad_h):
+        h, embed, local, held, w, probs = ctx.saved_tensors
         group = ctx.group
         rows = torch.arange(h.shape[0], device=h.device)
         # d logits = p * (w * (dG - <p, dG>) + d_nll) - onehot * d_nll, with dG = dgh E^T
@@ -70,9 +84,14 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
         if d_grad_h is not None:
             d_g = torch.matmul(d_grad_h.to(embed.dtype), embed.t())
             d_g = d_g.to(probs.dtype)
-            d_g -= _reduce((probs * d_g).sum(-1, keepdim=True), group)
+            # <p, dG> per row as a batched dot product: no [N, V] temporary
+            d_g -= _reduce(torch.matmul(probs.unsqueeze(1), d_g.unsqueeze(2)).squeeze(2), group)
             coeff = d_g.mul_(w[:, None])
-            d_embed = torch.matmul(g_logits.t().to(d_grad_h.dtype), d_grad_h)
+            # d E from dl/dh = (w (p - onehot)) E: p^T (w dgh) - onehot^T (w dgh)
+            scaled = d_grad_h * w[:, None].to(d_grad_h.dtype)
+            d_embed = torch.matmul(probs.t().to(d_grad_h.dtype), scaled)
+            d_embed.index_add_(0, local,
+                               (scaled * -held[:, None].to(scaled.dtype)).to(d_embed.dtype))
         if d_nll is not None:
             d_nll = d_nll.to(probs.dtype)
             coeff = d_nll[:, None].expand_as(probs).clone() if coeff is None else coeff.add_(

@@ -19,7 +19,8 @@ hooks (tests/test_plan.py counts it again at small shapes and compares), not ass
   [cache; chunk]), 1/N each; remat 'none' keeps n = T/b carries and every chunk's graph, 'chunk' n
   carries, 'nested' ceil(n/g) + g; plus one chunk's double-backward graph (fitted to hook counts
   over 24 shapes, 0.4% worst): 45 b d (whole) + 24 b I + 2.65 k d + 3 d I floats per TTT block and
-  the LM head's 2 b V (probabilities and their weighted copy, vocabulary split over N).
+  the LM head's b V (its probabilities, vocabulary split over N; remat 'none' keeps one per chunk),
+  plus b V while the head's backward runs.
 - offload moves to pinned host memory what it names: 'carries' the carries, 'prefix' the
   checkpointed block inputs, 'all' both plus every stored prefix activation and the suffix input;
   the host needs that much per GPU (printed).
@@ -117,12 +118,15 @@ def memory_per_gpu(model: TTTConfig, seq_len: int, zero_stage: int, gpus: int, m
         carries = math.ceil(n / g) + g
     else:
         carries = n
+    # the fused head keeps one [b, V] float32 buffer (the probabilities) per chunk; its backward
+    # adds one more while it runs
+    head_kept = head_backward = b * v * 4 / n_tp
     chunk_graph = n_suffix * 4 * (45 * b * d + (24 * b * hidden + 2.65 * k * d + 3 * d * hidden)
-                                  / n_tp) + 2 * b * v * 4 / n_tp
+                                  / n_tp) + head_kept
     suffix_in = 2 * t * d * 4  # the prefix output and its gradient, whole on every rank
     kept_carries = micro_batch * carries * carry
     unrolled = micro_batch * n * chunk_graph if m.remat == "none" else 0.0
-    working = micro_batch * (suffix_in + chunk_graph) + prefix_live
+    working = micro_batch * (suffix_in + chunk_graph + head_backward) + prefix_live
     # host: all of it is there at the end of the forward; on the GPU, what the backward has
     # brought back at a time (the carry, or the prefix block, it is working on)
     host = 0.0

@@ -335,7 +335,9 @@ def _train_loop(loop: dict) -> None:
     # registered model) is then all that text generation needs
     tokenizer = _dataset_tokenizer(cfg.data) if rank == 0 else None
     logger = RunLogger(loop["tracking_uri"], loop["run_id"]) if rank == 0 else RunLogger(None, None)
-    flops_per_token = estimate_flops(model_cfg).meta_step
+    # MFU counts the model's FLOPs (no recomputation); HFU what the hardware runs (with it)
+    model_flops = estimate_flops(model_cfg.replace(checkpoint_prefix=False), remat="none").meta_step
+    hardware_flops = estimate_flops(model_cfg).meta_step
     peak = _peak_flops(cfg, device)
     bar = None
     if rank == 0:
@@ -416,7 +418,8 @@ def _train_loop(loop: dict) -> None:
                       inner_grad_norm=totals[1] / totals[3], inner_grad_norm_max=inner_max,
                       inner_clip_fraction=totals[2] / totals[3], tokens_per_s=tokens_per_s,
                       step_seconds=seconds,
-                      mfu=(tokens_per_s * flops_per_token / (world * peak)) if peak else None)
+                      mfu=(tokens_per_s * model_flops / (world * peak)) if peak else None,
+                      hfu=(tokens_per_s * hardware_flops / (world * peak)) if peak else None)
         state["history"].append(record)
         state["step"], state["position"] = step + 1, position.to_dict()
         last = step + 1 == total
@@ -440,7 +443,8 @@ def _train_loop(loop: dict) -> None:
             logger.metrics({k: v for k, v in record.items() if k != "step"}, step + 1)
             bar.update(1)
             if step % max(1, total // 20) == 0 or last:
-                mfu = "n/a" if record["mfu"] is None else f"{record['mfu']:.1%}"
+                mfu = "n/a" if record["mfu"] is None else (
+                    f"{record['mfu']:.1%} (HFU {record['hfu']:.1%}, with recomputation)")
                 print(f"[train] step {step + 1}/{total} loss {record['loss']:.4f} lr {lr:.2e} "
                       f"eta {eta:.2f} inner-norm {record['inner_grad_norm']:.3f} (clipped "
                       f"{record['inner_clip_fraction']:.0%}) {tokens_per_s:,.0f} tok/s MFU {mfu}",
