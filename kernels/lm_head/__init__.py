@@ -36,7 +36,6 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
     def forward(ctx, h, embed, targets, weights, group=None, vocab_offset=0):
         logits = torch.matmul(h, embed.t())
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        rows = torch.arange(h.shape[0], device=h.device)
         if group is None:
             local, held = targets, None
             lse = torch.logsumexp(logits, dim=-1)
