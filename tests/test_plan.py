@@ -112,6 +112,8 @@ def test_the_128k_recipe_plan_fits_80_gib_with_the_layout_it_prints(capsys):
     (["--tensor-parallel", "3"], "tensor parallelism 3 does not divide n_heads=32"),
     (["--tensor-parallel", "16"], "more than the 8 GPUs of a node"),
     (["--offload", "disk"], "--offload 'disk': choose one of"),
+    (["--tensor-parallel", "auto", "--nodes", "64", "--gpus-per-node", "1"],
+     "no size up to a node's 1 GPUs splits the model and 16 sequences per step over 64 GPUs"),
 ])
 def test_a_plan_of_an_impossible_layout_is_one_error_line(capsys, flags, message):
     from ttte2e.platform.cli.train import run_main

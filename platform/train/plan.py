@@ -208,7 +208,9 @@ def choose_layout(model: TTTConfig, seq_len: int, zero_stage: int, workers: int,
             candidates.append(dict(tensor_parallel=n, offload=mode, total=e.total, moved=moved,
                                    fits=e.total <= gpu_bytes))
     if not candidates:
-        raise ValueError("no tensor-parallel size splits this model and batch")
+        raise ConfigError(f"--tensor-parallel auto: no size up to a node's {gpus_per_node} GPUs "
+                          f"splits the model and {sequences} sequences per step over {workers} "
+                          "GPUs (data-parallel ranks x tensor-parallel)")
     fitting = [c for c in candidates if c["fits"]]
     best = min(fitting, key=lambda c: (c["moved"], c["tensor_parallel"])) if fitting \
         else min(candidates, key=lambda c: c["total"])
