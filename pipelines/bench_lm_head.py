@@ -21,13 +21,7 @@ import time
 
 import torch
 
-
-def _read_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
 
 
 def _inputs(rows: int, dim: int, vocab: int):

@@ -27,19 +27,12 @@ import time
 
 import torch
 
+from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
 from ttte2e.model import TTTConfig, TTTModel
 
 BENCH = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, mlp_hidden=1024, n_ttt_blocks=1,
              seq_len=8192, window=1024, chunk_size=256, remat="nested", bos_token_id=1)
 CELLS = (("TP=1", 1, "none"), ("TP=2", 2, "none"), ("TP=1 offload all", 1, "all"))
-
-
-def _read_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _tokens(config: TTTConfig, seq_len: int) -> torch.Tensor:

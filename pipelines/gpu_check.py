@@ -264,9 +264,6 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
         row = dict(seq_len=seq_len, preset="smoke" if smoke else "1B")
         try:
             for mode in ("none", "carries", "prefix", "all"):
-                # back to no hooks, then this mode's
-                model.offload_carries = type(model).offload_carries
-                model.offload_prefix = type(model).offload_prefix
                 # smoke sizes are below the size worth moving: move everything there
                 counter, context = (apply_offload(model, mode, min_bytes=0) if smoke
                                     else apply_offload(model, mode))

@@ -77,3 +77,15 @@ def test_a_tensor_several_ops_save_is_moved_once_and_released_with_the_graph():
 
     gc.collect()
     assert offload.live_bytes == 0
+
+
+def test_installing_a_mode_replaces_the_one_before():
+    model = TTTModel(_config())
+    apply_offload(model, "carries")
+    apply_offload(model, "prefix")
+    assert model.offload_carries is TTTModel.offload_carries  # no longer hooked
+    assert model.offload_prefix is not TTTModel.offload_prefix
+    apply_offload(model, "none")
+    assert model.offload_prefix is TTTModel.offload_prefix
+    with pytest.raises(ValueError, match="offload 'disk'"):
+        apply_offload(model, "disk")

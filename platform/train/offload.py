@@ -96,16 +96,19 @@ class HostOffload:
 
 def apply_offload(model: TTTModel, mode: str, min_bytes: int = MIN_BYTES
                   ) -> tuple[HostOffload, object]:
-    """Install `mode` on the model: (the counter, a context for the whole meta step: 'all')."""
+    """Install `mode` on the model, replacing any mode installed before: (the counter, a
+    context for the whole meta step: 'all')."""
+    if mode not in ("none", "carries", "prefix", "all"):
+        raise ValueError(f"offload {mode!r}: choose none, carries, prefix or all")
+    for name in ("offload_carries", "offload_prefix"):  # back to the class's no-op contexts
+        model.__dict__.pop(name, None)
     offload = HostOffload(min_bytes)
-    if mode in ("carries",):
+    if mode == "carries":
         model.offload_carries = offload.hooks
     elif mode == "prefix":
         model.offload_prefix = offload.hooks
     elif mode == "all":
         return offload, offload.hooks
-    elif mode != "none":
-        raise ValueError(f"offload {mode!r}: choose none, carries, prefix or all")
     return offload, nullcontext
 
 
