@@ -21,9 +21,9 @@ from ttte2e.platform.train.tensor_parallel import (build_groups, full_state_dict
 
 REMATS = ("none", "chunk", "nested")
 # float32, sums in another order (all-reduce of per-shard matmuls): measured worst cases are
-# ~1e-6 (NLL) and ~3e-6 x max|grad|. The one-process reference itself is not bit-stable: the
-# TTT block's wq gradient (much cancellation) moves by 3.4e-5 x its max between runs of the
-# same code (threaded reductions), so the gradient bound is 1e-4 x max|grad| of each parameter
+# ~1e-6 (NLL) and ~3e-6 x max|grad|. One run failed a 2e-5 x max|grad| bound at 3.5e-5 on the
+# TTT block's wq gradient (a sum with much cancellation; the one-process reference itself is not
+# bit-stable between runs: threaded reductions), so the gradient bound is 1e-4 x max|grad|
 NLL_ATOL = 5e-6
 GRAD_RTOL = 1e-4
 

@@ -17,10 +17,10 @@ hooks (tests/test_plan.py counts it again at small shapes and compares), not ass
 - suffix: the input h (T d fp32, whole on every rank) and its gradient; the inner-loop carry per
   sequence and TTT block: fast weights 3 d I fp32 and KV caches 2 (k + b) d (a cache is a view of
   [cache; chunk]), 1/N each; remat 'none' keeps n = T/b carries and every chunk's graph, 'chunk' n
-  carries, 'nested' ceil(n/g) + g; plus one chunk's double-backward graph (fitted to hook counts
-  over 24 shapes, 0.4% worst): 45 b d (whole) + 24 b I + 2.65 k d + 3 d I floats per TTT block and
-  the LM head's b V (its probabilities, vocabulary split over N; remat 'none' keeps one per chunk),
-  plus b V while the head's backward runs.
+  carries, 'nested' ceil(n/g) + g; plus one chunk's double-backward graph (a least-squares fit
+  to hook counts at small shapes; the whole step is checked by bench_parallel): 45 b d (whole)
+  + 24 b I + 2.65 k d + 3 d I floats per TTT block and the LM head's b V (its probabilities,
+  vocabulary split over N; remat 'none' keeps one per chunk), plus b V while its backward runs.
 - offload moves to pinned host memory what it names: 'carries' the carries, 'prefix' the
   checkpointed block inputs, 'all' both plus every stored prefix activation and the suffix input;
   the host needs that much per GPU (printed).
