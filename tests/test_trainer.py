@@ -474,7 +474,14 @@ def test_tensor_parallel_training_matches_one_worker(train_data, ray_session, tm
     for name, value in reference.state_dict().items():
         got = whole.state_dict()[name]
         assert got.shape == value.shape, name
-        torch.testing.assert_close(got, value, rtol=0, atol=2e-4 * max(1.0, value.abs().max()))
+        # AdamW's first steps move every weight by about lr whatever its gradient's size: where
+        # a gradient is ~0 (embedding rows of ids the batches barely touch) float32 round-off
+        # between the layouts can flip a step's sign. So: all but a few elements agree closely,
+        # none by more than those steps; shards gathered in a wrong order differ almost everywhere
+        diff = (got - value).abs()
+        close = diff <= 2e-4 * max(1.0, value.abs().max())
+        assert close.float().mean() >= 0.999, (name, diff.max().item())
+        assert diff.max() <= 2 * 3 * 3e-3, (name, diff.max().item())
     listed = set(json.loads((Path(tp["checkpoint"]) / "COMPLETE.json").read_text())["files"])
     assert {"ds/mp_rank_00_model_states.pt", "ds/mp_rank_01_model_states.pt"} <= listed
     capsys.readouterr()
