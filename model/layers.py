@@ -43,13 +43,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (normed * at_least_fp32(weight)).to(x.dtype)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """exp(1j * p * theta^(-2i/dh)) as complex64 [P, head_dim/2]; angles built in float32 as the
-    official code builds them."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
+                angle_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """exp(1j * p * theta^(-2i/dh)) as complex64 [*positions.shape, head_dim/2]; angles built in
+    float32 as the official code builds them. Decode rotates each key once at its absolute
+    position: float64 angles there keep q.k's relative phase at float32 round-off at any
+    position (float32 angles would be off by ~1e-3 rad at 32K)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=angle_dtype, device=positions.device) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
-    angles = torch.outer(positions.to(torch.float32), inv_freq)
-    return torch.polar(torch.ones_like(angles), angles)
+    angles = positions.to(angle_dtype)[..., None] * inv_freq
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -123,14 +126,18 @@ class Attention(nn.Module):
         return self._out(o), k, v
 
     def forward_chunk(self, x, cache_k, cache_v, rope, window: int, first_valid_key: int):
-        """One chunk over [cache; chunk] with buffer-local positions 0..W+b-1 (as the official code).
+        """One chunk over [cache; chunk] with buffer-local positions 0..W+b-1 (as the official code);
+        cache rows before first_valid_key are before the sequence start.
 
         Returns the output and the chunk's k (pre-RoPE) and v, which the caller appends to the cache.
         """
         q, k, v = self.project(x)
-        keys, values = torch.cat((cache_k, k), dim=2), torch.cat((cache_v, v), dim=2)
-        o = chunk_attention(apply_rope(q, rope[-q.shape[2]:]), apply_rope(keys, rope), values,
-                            window, first_valid_key)
+        # cache rows before the sequence start are masked for every query: left out of the
+        # matmuls (positions stay buffer-local, so the kept rows' rotations are unchanged)
+        keys = torch.cat((cache_k[:, :, first_valid_key:], k), dim=2)
+        values = torch.cat((cache_v[:, :, first_valid_key:], v), dim=2)
+        o = chunk_attention(apply_rope(q, rope[-q.shape[2]:]),
+                            apply_rope(keys, rope[first_valid_key:]), values, window, 0)
         return self._out(o), k, v
 
 
@@ -164,6 +171,13 @@ class Block(nn.Module):
         attn_out, k, v = self.attn.forward_kv(self.attn_norm(h), rope, window)
         a = h + self.attn_post_norm(attn_out)
         return self._mlps(a, fast), k, v
+
+    def forward_attending(self, h, attend, fast: FastWeights | None = None):
+        """The block with its attention core supplied: attend(q, k, v) -> o on QK-normed,
+        un-rotated q, k and v [B, H, P, dh] (decode attends over its own KV buffers)."""
+        q, k, v = self.attn.project(self.attn_norm(h))
+        a = h + self.attn_post_norm(self.attn._out(attend(q, k, v)))
+        return self._mlps(a, fast)
 
     def forward_chunk(self, h, cache_k, cache_v, rope, window: int, first_valid_key: int,
                       fast: FastWeights):

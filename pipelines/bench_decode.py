@@ -2,6 +2,8 @@
 TTT), the decode state's size, and prefill time per token vs context (TTT-E2E vs full attention).
 
     python pipelines/bench_decode.py [--contexts 1024,4096,16384,32768] [--repeats 3] [--png out.png]
+        [--batch-prompts 8]
+
 
 Latency = the mean over whole groups of b decoded tokens (so the TTT step every b tokens is
 counted), median over repeats from the same prefilled state; tiny preset (k = 128, b = 64),
@@ -18,7 +20,7 @@ import time
 import torch
 
 from ttte2e.model import TTTModel, preset
-from ttte2e.model.decode import decode_step, prefill
+from ttte2e.model.decode import decode_step, generate, prefill
 
 
 def decode_latency(model, state, tokens: int, repeats: int) -> float:
@@ -33,6 +35,32 @@ def decode_latency(model, state, tokens: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
+def batched_prompts(model, n: int, new_tokens: int, repeats: int) -> None:
+    """Generation throughput of n prompts of n different lengths (1K + 37 i tokens), one call
+    with all of them against one call per prompt (greedy, the same new tokens)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, cfg.vocab_size, (1024 + 37 * i,), generator=g).tolist()
+               for i in range(n)]
+    times = {"together": [], "one by one": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        together = generate(model, prompts, max_new_tokens=new_tokens)
+        times["together"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        alone = [generate(model, [p], max_new_tokens=new_tokens)[0] for p in prompts]
+        times["one by one"].append(time.perf_counter() - start)
+    same = sum(a == b for a, b in zip(together, alone))
+    rate = {k: n * new_tokens / statistics.median(v) for k, v in times.items()}
+    print(f"\n{n} prompts of {n} lengths (1,024..{1024 + 37 * (n - 1):,} tokens), {new_tokens} new "
+          f"tokens each, TTT-E2E greedy, prefill included; median of {repeats}:")
+    print("\n| prompts | together tokens/s | one by one tokens/s | together / one by one | "
+          "same tokens |")
+    print("|---|---|---|---|---|")
+    print(f"| {n} | {rate['together']:.0f} | {rate['one by one']:.0f} | "
+          f"{rate['together'] / rate['one by one']:.2f} | {same} / {n} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
@@ -40,6 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-windows", default="1,2,4,8,16",
                         help="prefill lengths in windows of k")
+    parser.add_argument("--batch-prompts", type=int, default=8,
+                        help="prompts of different lengths generated together (0: skip)")
     parser.add_argument("--png", default="", help="write a plot here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -49,9 +79,9 @@ def main() -> None:
     n_tokens = args.groups * cfg.chunk_size
     print(f"tiny preset: k = {cfg.window}, b = {cfg.chunk_size}, {torch.get_num_threads()} threads; "
           f"decode {n_tokens} tokens ({args.groups} groups of b) x {args.repeats} repeats")
-    print("\n| context | TTT-E2E ms/token | full attention ms/token | SWA (no TTT) ms/token | "
-          "TTT-E2E state | full-attention state |")
-    print("|---|---|---|---|---|---|")
+    print("\n| context | TTT-E2E ms/token | TTT-E2E tokens/s | full attention ms/token | "
+          "SWA (no TTT) ms/token | TTT-E2E state | full-attention state |")
+    print("|---|---|---|---|---|---|---|")
     # warm-up (first calls allocate and initialise kernels): not measured
     warm, _ = prefill(model, torch.randint(2, cfg.vocab_size, (1, 2 * cfg.window)))
     decode_latency(model, warm, n_tokens, 1)
@@ -64,13 +94,16 @@ def main() -> None:
             row[mode] = decode_latency(model, state, n_tokens, args.repeats)
             row[mode + "_bytes"] = state.nbytes()
         rows[context] = row
-        print(f"| {context:,} | {row['ttt'] * 1e3:.2f} | {row['full'] * 1e3:.2f} | "
+        print(f"| {context:,} | {row['ttt'] * 1e3:.2f} | {1 / row['ttt']:.0f} | {row['full'] * 1e3:.2f} | "
               f"{row['swa'] * 1e3:.2f} | {row['ttt_bytes'] / 2**20:.2f} MiB | "
               f"{row['full_bytes'] / 2**20:.2f} MiB |")
     first, last = contexts[0], contexts[-1]
     print(f"\nTTT-E2E latency {last} / {first}: {rows[last]['ttt'] / rows[first]['ttt']:.2f} "
           f"(target <= 1.10); full attention: {rows[last]['full'] / rows[first]['full']:.2f}; "
           f"SWA: {rows[last]['swa'] / rows[first]['swa']:.2f}")
+
+    if args.batch_prompts:
+        batched_prompts(model, args.batch_prompts, args.groups * cfg.chunk_size, args.repeats)
 
     print("\n| prefill T | windows | TTT-E2E ms/token | full attention ms/token | full / TTT-E2E |")
     print("|---|---|---|---|---|")

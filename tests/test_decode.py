@@ -7,7 +7,8 @@ import torch
 
 from conftest import case_params, load_case, reference_cases
 from ttte2e.model import TTTModel, preset
-from ttte2e.model.decode import decode_step, generate, prefill, sample_next, stream_generate
+from ttte2e.model.decode import (decode_step, generate, prefill, prefill_prompts, sample_next,
+                                 stream_generate)
 
 SMALL = dict(vocab_size=512, d_model=64, n_heads=2, mlp_hidden=128, seq_len=128, window=32,
              chunk_size=16, bos_token_id=1)
@@ -48,7 +49,7 @@ def test_prefill_nll_is_the_meta_loss_nll(model, tokens):
     state, nll = prefill(model, tokens)
     assert torch.equal(nll, expected)
     assert (expected - plain).abs().max() > 1e-2  # TTT matters in this model
-    assert state.chunks_done == 128 // 16 and state.pending_tokens.shape[1] == 1
+    assert state.chunks_done.tolist() == [128 // 16] * 2 and state.pending_count.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("prompt_len", [1, 17, 64])
@@ -58,7 +59,7 @@ def test_teacher_forced_decoding_equals_prefill(model, tokens, prompt_len):
     got, state = teacher_forced(model, tokens, prompt_len)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() < 1e-5
-    assert state.chunks_done == 7  # the last chunk waits for the token after it
+    assert state.chunks_done.tolist() == [7, 7]  # the last chunk waits for the token after it
 
 
 def test_baselines_swa_and_full_attention(model, tokens):
@@ -71,7 +72,8 @@ def test_baselines_swa_and_full_attention(model, tokens):
     assert (got - swa).abs().max() < 1e-5
     got, state = teacher_forced(model, tokens, 9, mode="full")
     assert (got - full).abs().max() < 1e-5
-    assert state.caches[0][0].shape[2] == 128  # the full-attention cache grows with the context
+    assert state.kv[0].keys.shape[2] >= 128  # the full-attention buffer grows with the context
+    assert int((state.kv[0].positions >= 0).sum()) == 2 * 128
 
 
 def test_a_model_trained_with_full_attention_decodes_as_it_trained(model, tokens):
@@ -88,25 +90,113 @@ def test_a_model_trained_with_full_attention_decodes_as_it_trained(model, tokens
     assert torch.equal(nll, expected)
     got, state = teacher_forced(full_model, tokens, 17)
     assert (got - expected).abs().max() < 1e-5
-    assert state.chunks_done == 7
+    assert state.chunks_done.tolist() == [7, 7]
 
 
-def test_decode_state_size_is_bounded_for_ttt_and_grows_for_full_attention(model):
-    sizes = {}
+def test_decode_state_size_is_fixed_for_ttt_and_grows_for_full_attention(model):
+    sizes, storages = {}, {}
     for mode in ("ttt", "full"):
         state, _ = prefill(model, torch.randint(2, 512, (1, 20)), mode)
+        storages[mode] = [b.keys.data_ptr() for b in state.kv]
         seen = []
         for step in range(120):
             decode_step(model, state, torch.randint(2, 512, (1,)))
             seen.append(state.nbytes())
         sizes[mode] = seen
+        if mode == "ttt":  # the ring buffers are written in place, never reallocated
+            assert [b.keys.data_ptr() for b in state.kv] == storages[mode]
     cfg = model.config
-    # TTT-E2E: only the pending chunk (<= b suffix inputs and tokens) varies
-    pending = cfg.chunk_size * (cfg.d_model * 4 + 8)
-    assert max(sizes["ttt"]) - min(sizes["ttt"]) <= pending
-    # full attention: every token adds its keys and values in every block
-    per_token = cfg.n_layers * 2 * cfg.d_model * 4
-    assert sizes["full"][-1] - sizes["full"][40] == (len(sizes["full"]) - 41) * per_token
+    assert min(sizes["ttt"]) == max(sizes["ttt"])  # preallocated: nothing grows with the context
+    # full attention: every token's keys and values in every block, the buffer grown by doubling
+    held = 140 * cfg.n_layers * 2 * cfg.d_model * 4
+    assert held <= sizes["full"][-1] - sizes["full"][0] + 20 * cfg.n_layers * 2 * cfg.d_model * 4
+    assert sizes["full"][-1] < sizes["ttt"][0] + 2 * held
+    # with the decode budget reserved up front the full-attention buffer never grows either
+    state, _ = prefill(model, torch.randint(2, 512, (1, 20)), "full", reserve=120)
+    before = state.nbytes()
+    for step in range(120):
+        decode_step(model, state, torch.randint(2, 512, (1,)))
+    assert state.nbytes() == before
+
+
+def test_each_key_is_rotated_once(model, monkeypatch):
+    """A decode step rotates the new token's query and key in each block, not the cache."""
+    import ttte2e.model.decode as decode
+
+    state, _ = prefill(model, torch.randint(2, 512, (2, 70)))
+    rotated = []
+    real = decode.apply_rope
+    monkeypatch.setattr(decode, "apply_rope", lambda x, r: rotated.append(x.numel()) or real(x, r))
+    for _ in range(3):
+        decode_step(model, state, torch.randint(2, 512, (2,)))
+    assert sum(rotated) == 3 * model.config.n_layers * 2 * 2 * model.config.d_model
+
+
+def test_the_ttt_step_records_a_graph_over_the_fast_weights_only(model, tokens, monkeypatch):
+    """The inner gradient's graph holds no node for a slow weight (nothing is computed or saved
+    for their gradients); the check itself finds them in an unfrozen chunk step."""
+    import ttte2e.model.decode as decode
+    import ttte2e.model.inner_loop as inner_loop
+
+    params = {id(p) for p in model.parameters()}
+
+    def slow_leaves(output):
+        found, stack, seen = set(), [output.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) in params:
+                found.add(id(variable))
+            stack += [n for n, _ in node.next_functions]
+        return found
+
+    leaves = []
+    real_grad = torch.autograd.grad
+
+    def grad(outputs, inputs, *args, **kwargs):
+        leaves.append(slow_leaves(outputs))
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(inner_loop.torch.autograd, "grad", grad)
+    state, _ = prefill(model, tokens[:, :40])  # two chunks stepped in prefill
+    for t in range(40, 60):  # one TTT step in decode (after token 48)
+        decode_step(model, state, tokens[:, t])
+    assert len(leaves) == 3 and all(not found for found in leaves)
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+    # the same chunk step without the freeze records the slow weights' nodes
+    ctx = decode.ChunkContext.build(model, tokens[:, 1:17], 0.1, model.config.attn_window)
+    carry = decode.Carry.initial(model, 2, state.pending_inputs, model.config.attn_window)
+    with torch.enable_grad():
+        decode.chunk_step(model, ctx, 0, carry, state.pending_inputs, False)
+    assert len(leaves[-1]) > 10
+
+
+def test_prompts_of_different_lengths_decode_together_as_one_by_one(model, tokens):
+    """Rows at their own positions, pending chunks and TTT steps (at different times and chunk
+    indices) give each row's one-by-one logits."""
+    lengths = [5, 37, 16]  # chunk 16, window 32: first_valid differs, steps at different tokens
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    seqs = [tokens[i % 2, i:i + 80] for i in range(3)]
+    state = prefill_prompts(model, [s[:n].tolist() for s, n in zip(seqs, lengths)])
+    alone = [prefill(model, s[None, :n])[0] for s, n in zip(seqs, lengths)]
+    assert state.positions.tolist() == lengths
+    for step in range(40):
+        together = decode_step(model, state, torch.stack([s[n + step] for s, n in zip(seqs, lengths)]))
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            one = decode_step(model, alone[i], s[None, n + step])
+            assert (together[i] - one[0]).abs().max() < 1e-5, (i, step)
+    assert state.chunks_done.tolist() == [a.chunks_done.item() for a in alone] == [2, 4, 3]
+    # the TTT steps updated the states' copies of theta, never the model's theta_0
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    # generation: one call with all prompts = one call per prompt (greedy and seeded sampling
+    # draw per step for the whole batch, so only greedy is compared)
+    prompts = [s[:n].tolist() for s, n in zip(seqs, lengths)]
+    for mode in ("ttt", "swa", "full"):
+        assert generate(model, prompts, 30, mode) == [generate(model, [p], 30, mode)[0]
+                                                      for p in prompts]
 
 
 @pytest.mark.parametrize("case", case_params(reference_cases()),
