@@ -92,16 +92,18 @@ class ChunkContext:
     window: int
     chunk: int
     offset: int = 0        # targets/mask start at this sequence position (decode: the chunk's)
+    updates: int | None = None  # chunks that take their inner step (None: every one)
 
     @classmethod
     def build(cls, model: "TTTModel", targets: torch.Tensor, eta: float | torch.Tensor,
-              window: int, mask: torch.Tensor | None = None, offset: int = 0) -> "ChunkContext":
+              window: int, mask: torch.Tensor | None = None, offset: int = 0,
+              updates: int | None = None) -> "ChunkContext":
         cfg = model.config
         mask = targets != cfg.bos_token_id if mask is None else mask
         positions = torch.arange(window + cfg.chunk_size, device=targets.device)
         return cls(targets=targets, mask=mask.to(torch.float32), rope=model.rope(positions),
                    eta=eta, clip=cfg.inner_clip, window=window, chunk=cfg.chunk_size,
-                   offset=offset)
+                   offset=offset, updates=updates)
 
 
 @dataclass
@@ -109,7 +111,7 @@ class ChunkOutput:
     carry: Carry            # after the step(s)
     nll: torch.Tensor       # [B, b * steps] per-token NLL with the weights before each step
     loss: torch.Tensor      # [B, steps] each chunk's masked mean NLL (the inner loss)
-    grad_norm: torch.Tensor  # [B, steps] each inner gradient's global norm before clipping
+    grad_norm: torch.Tensor  # [B, updates] each inner gradient's global norm before clipping
 
 
 def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
@@ -121,8 +123,8 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
                create_graph: bool) -> ChunkOutput:
     """One inner step on chunk c (x: its suffix input [B, b, d]): the suffix blocks with the
     current theta, the chunk's loss, its clipped gradient step. nll/loss/grad_norm are [B, b],
-    [B], [B]. With create_graph=False nothing is kept for an outer backward (forward-only / remat
-    forward)."""
+    [B], [B, 1] ([B, 0] when the chunk takes no step: c >= ctx.updates). With create_graph=False
+    nothing is kept for an outer backward (forward-only / remat forward)."""
     fast, caches = carry.fast, carry.caches
     if not create_graph:
         fast = [t.detach().requires_grad_() for t in fast]
@@ -146,9 +148,12 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
                                                weights.flatten())
     nll = nll.view_as(mask)
     loss = (nll * weights).sum(-1)
-    if isinstance(ctx.eta, (int, float)) and ctx.eta == 0:
+    if ctx.updates is not None and c >= ctx.updates:
+        # training's last chunk: theta after it changes no loss, so no inner gradient is taken
+        new_fast, norm = list(fast), loss.new_zeros(loss.shape[0], 0)
+    elif isinstance(ctx.eta, (int, float)) and ctx.eta == 0:
         new_fast = [t.clone() for t in fast]  # the inner loop does nothing: plain SWA
-        norm = torch.zeros_like(loss)
+        norm = torch.zeros_like(loss)[:, None]
     else:
         # Under autocast the inner gradient's values depend on create_graph (the recorded double-
         # backward ops run in reduced precision); take it the same way in a remat forward as in
@@ -162,6 +167,7 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
         # the step size is one number per sequence applied to every shard of theta
         scale = model.copy_to_shards((ctx.eta * _clip_scale(norm, ctx.clip)).view(-1, 1, 1))
         new_fast = [t - scale * at_least_fp32(g) for t, g in zip(fast, grads)]
+        norm = norm[:, None]
     norm = norm.detach()
     if not create_graph:
         new_fast = [t.detach() for t in new_fast]
@@ -187,7 +193,7 @@ def run_chunks(model: "TTTModel", ctx: ChunkContext, first_chunk: int, carry: Ca
             out = chunk_step(model, ctx, first_chunk + i, carry, xs, create_graph)
         carry = out.carry
         nlls.append(out.nll), losses.append(out.loss), norms.append(out.grad_norm)
-    return ChunkOutput(carry, torch.cat(nlls, 1), torch.stack(losses, 1), torch.stack(norms, 1))
+    return ChunkOutput(carry, torch.cat(nlls, 1), torch.stack(losses, 1), torch.cat(norms, 1))
 
 
 def _flat_chunk_step(model, ctx, c, n_blocks, create_graph, *tensors):
@@ -260,12 +266,14 @@ class _Remat(torch.autograd.Function):
 
 def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Tensor,
                    mask: torch.Tensor, eta: float | torch.Tensor, remat: str | None = None,
-                   remat_group: int | None = None) -> InnerLoopOutput:
+                   remat_group: int | None = None, final_update: bool = True) -> InnerLoopOutput:
     """The chunked TTT loop over the suffix blocks for a batch.
 
     suffix_in: [B, T, d] output of the prefix blocks; targets [B, T]; mask [B, T] (0 = BOS target).
     When no outer gradient is wanted (grad mode off, or nothing requires grad) the inner gradients
-    are still taken, but no graph is kept.
+    are still taken, but no graph is kept. final_update=False (training) skips the last chunk's
+    inner step, which no loss depends on: inner_grad_norm is then [B, n-1] and fast_weights the
+    theta the last chunk ran with.
     """
     cfg = model.config
     remat = cfg.remat if remat is None else remat
@@ -276,7 +284,8 @@ def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Te
     if remat not in ("none", "chunk", "nested"):
         raise ValueError(f"unknown remat mode {remat!r}; choose 'none', 'chunk' or 'nested'")
     n_chunks = seq // b
-    ctx = ChunkContext.build(model, targets, eta, window, mask)
+    ctx = ChunkContext.build(model, targets, eta, window, mask,
+                             updates=None if final_update else n_chunks - 1)
     carry = Carry.initial(model, batch, suffix_in, window)
     n_blocks = len(model.ttt_blocks)
 

@@ -59,8 +59,9 @@ class MetaLossOutput:
     loss: torch.Tensor             # scalar: mean over sequences of the mean of per-chunk losses
     token_nll: torch.Tensor        # [B, T] per-token NLL (unmasked), position t predicts token t+1
     chunk_loss: torch.Tensor       # [B, n] inner loss of each chunk, before its own update
-    inner_grad_norm: torch.Tensor  # [B, n] norm of each inner gradient before clipping
-    fast_weights: list[torch.Tensor]  # theta after the last chunk, (w1, w3, w2) per TTT block
+    inner_grad_norm: torch.Tensor  # [B, n] norm of each inner gradient before clipping ([B, n-1]
+    #                                without the final update)
+    fast_weights: list[torch.Tensor]  # theta after the last update, (w1, w3, w2) per TTT block
 
 
 @dataclass
@@ -187,18 +188,21 @@ class TTTModel(nn.Module):
         return LMOutput(loss=(nll * mask).sum() / mask.sum().clamp_min(1.0), token_nll=nll)
 
     def meta_loss(self, tokens: torch.Tensor, eta: float | torch.Tensor | None = None,
-                  remat: str | None = None) -> MetaLossOutput:
+                  remat: str | None = None, final_update: bool = True) -> MetaLossOutput:
         """The TTT-E2E outer loss of a batch; `.loss.backward()` gives the meta-gradient.
 
         tokens: [B, T+1] (inputs tokens[:, :-1], targets tokens[:, 1:]); T a multiple of
         chunk_size. eta: inner learning rate (None = config.inner_lr). remat: override of
         config.remat ('none' | 'chunk' | 'nested'); all three give the same gradients.
+        final_update=False (the trainer): the last chunk's inner step, which changes no loss, is
+        not taken (inner_grad_norm has n-1 columns); loss and meta-gradient are the same.
         """
         self._check_tokens(tokens, self.config.chunk_size)
         eta = self.config.inner_lr if eta is None else eta
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         mask = targets != self.config.bos_token_id
-        inner = run_inner_loop(self, self.prefix(inputs), targets, mask, eta, remat)
+        inner = run_inner_loop(self, self.prefix(inputs), targets, mask, eta, remat,
+                               final_update=final_update)
         return MetaLossOutput(loss=inner.chunk_loss.mean(1).mean(0), token_nll=inner.token_nll,
                               chunk_loss=inner.chunk_loss, inner_grad_norm=inner.inner_grad_norm,
                               fast_weights=inner.fast_weights)
@@ -215,8 +219,9 @@ class TTTModel(nn.Module):
 
         return generate(self, prompts, max_new_tokens, mode, **sampling)
 
-    def estimate_flops(self, seq_len: int | None = None, remat: str | None = None) -> FlopsEstimate:
-        return estimate_flops(self.config, seq_len, remat)
+    def estimate_flops(self, seq_len: int | None = None, remat: str | None = None,
+                       final_update: bool = False) -> FlopsEstimate:
+        return estimate_flops(self.config, seq_len, remat, final_update)
 
     # ---- weights on disk: config.json + model.safetensors (sharded above a size) ---------------
     def save_pretrained(self, directory: str | Path,

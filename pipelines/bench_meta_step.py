@@ -1,11 +1,15 @@
 """Benchmark: TTT-E2E meta-train step vs the SWA-only training step (time, FLOPs, peak memory).
 
     python pipelines/bench_meta_step.py                 # time ratios + both memory tables
-    python pipelines/bench_meta_step.py --only time     # or: memory, heavy
+    python pipelines/bench_meta_step.py --only time     # or: memory, heavy, profile
 
 Time: one step = loss forward + backward (no optimizer), float32, the benchmark config below.
 The modes run interleaved for several rounds and the median per mode is used, so machine noise
 hits all of them alike; ratios are to the SWA step measured in the same run.
+The meta step is the trainer's (final_update=False: the last chunk's unused inner step is not
+taken), as `estimate_flops` counts it.
+Profile: self CPU time per operator class (matmuls, attention ops, the fused LM head, the rest)
+of one step of each mode under torch.profiler: where the time beyond the FLOPs ratio goes.
 Memory: peak resident memory (VmHWM) during one step minus resident memory just before it, each
 in a fresh subprocess that has run no earlier step (the peak is reset via /proc/self/clear_refs).
 """
@@ -45,8 +49,43 @@ def make(cfg_fields: dict, batch: int, seed: int = 0):
 
 def step(model: TTTModel, tokens: torch.Tensor, mode: str) -> None:
     model.zero_grad(set_to_none=True)
-    out = model.lm_loss(tokens) if mode == "swa" else model.meta_loss(tokens, remat=mode)
+    if mode == "swa":
+        out = model.lm_loss(tokens)
+    else:
+        out = model.meta_loss(tokens, remat=mode, final_update=False)
     out.loss.backward()
+
+
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::dot")
+
+
+def _op_class(name: str) -> str:
+    if name in MATMULS:
+        return "matmuls"
+    if "attention" in name or "sdpa" in name or "flash" in name:
+        return "attention ops"
+    if "NLLAndHiddenGrad" in name:
+        return "fused LM head (non-matmul)"
+    return "elementwise, copies, reductions"
+
+
+def profile_table(steps: int) -> dict:
+    """Self CPU time per operator class, per step, for the SWA step and each meta step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tokens = make(BENCH, BENCH_BATCH)
+    out = {}
+    for mode in ("swa",) + MODES:
+        step(model, tokens, mode)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step(model, tokens, mode)
+        classes: dict[str, float] = {}
+        for event in prof.key_averages():
+            cls = _op_class(event.key)
+            classes[cls] = classes.get(cls, 0.0) + event.self_cpu_time_total / 1e6 / steps
+        out[mode] = classes
+    return out
 
 
 def time_ratios(rounds: int, steps: int) -> list[dict]:
@@ -127,7 +166,7 @@ def heavy_table(repeats: int, checkpoint_prefix: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["time", "memory", "heavy"], default=None)
+    parser.add_argument("--only", choices=["time", "memory", "heavy", "profile"], default=None)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps per mode per round")
     parser.add_argument("--chunks", default="8,16,32", help="chunk counts n for the memory table")
@@ -151,6 +190,31 @@ def main() -> None:
         for r in results["time"]:
             print(f"| {r['mode']} | {r['step_s']:.3f} | {r['swa_s']:.3f} | {r['time_ratio']:.2f} | "
                   f"{r['flops_ratio']:.2f} | {r['time_over_flops']:.2f} |")
+    if args.only in (None, "profile"):
+        results["profile"] = prof = profile_table(args.steps)
+        swa_flops = TTTModel(TTTConfig(**BENCH)).estimate_flops()
+        print(f"\nself CPU seconds per step by operator class (torch.profiler, {args.steps} steps "
+              "per mode; the profiler adds its own overhead per op)")
+        print("| class | SWA | " + " | ".join(f"meta {m}" for m in MODES) + " |")
+        print("|---|---|" + "---|" * len(MODES))
+        classes = sorted({c for row in prof.values() for c in row})
+        for cls in classes + ["total"]:
+            cells = [sum(prof[m].values()) if cls == "total" else prof[m].get(cls, 0.0)
+                     for m in ("swa",) + MODES]
+            print(f"| {cls} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        for mode in MODES:
+            ratio = TTTModel(TTTConfig(**BENCH)).estimate_flops(remat=mode).meta_step \
+                / swa_flops.swa_step
+            total = {m: sum(prof[m].values()) for m in ("swa", mode)}
+            mm = {m: prof[m].get("matmuls", 0.0) + prof[m].get("attention ops", 0.0)
+                  for m in ("swa", mode)}
+            rest = {m: total[m] - mm[m] for m in ("swa", mode)}
+            print(f"{mode}: FLOPs ratio {ratio:.2f}; profiled time ratio "
+                  f"{total[mode] / total['swa']:.2f} = {total[mode] / total['swa'] / ratio:.2f}x "
+                  f"the FLOPs ratio; matmul + attention time ratio {mm[mode] / mm['swa']:.2f}; "
+                  f"the rest {rest[mode]:.3f} s vs {rest['swa']:.3f} s "
+                  f"({rest[mode] / total[mode]:.0%} of the meta step, "
+                  f"{rest['swa'] / total['swa']:.0%} of SWA)")
     if args.only in (None, "memory"):
         chunks = [int(n) for n in args.chunks.split(",")]
         print("\npeak step memory (MB above the pre-step RSS), fresh process per cell")

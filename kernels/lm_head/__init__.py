@@ -63,6 +63,9 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
         device = h.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(h, embed, local, held, w, probs)
+        # an output no loss depends on (dl/dh of a chunk whose step is unused: the last one) gets
+        # None, not zeros: its two [N, V] x d matmuls are skipped
+        ctx.set_materialize_grads(False)
         return nll, grad_h
 
     @staticmethod
@@ -75,6 +78,8 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_nll, d_grad_h):
         h, embed, local, held, w, probs = ctx.saved_tensors
+        if d_nll is None and d_grad_h is None:
+            return None, None, None, None, None, None
         group = ctx.group
         rows = torch.arange(h.shape[0], device=h.device)
         # d logits = p * (w * (dG - <p, dG>) + d_nll) - onehot * d_nll, with dG = dgh E^T

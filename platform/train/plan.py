@@ -231,6 +231,7 @@ def capacity_plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu: str = "
     for t in sorted(set(contexts) | {model.seq_len}):
         f = estimate_flops(model, seq_len=t)
         flops[t] = dict(meta=f.meta_step, swa=f.swa_step, full_attention=f.full_attention_step)
+    meta_terms = estimate_flops(model).meta_terms.table()
     layouts = {}
     for t in sorted(set(contexts) | {model.seq_len}):
         sequences = max(1, cfg.batch_tokens // t)
@@ -258,7 +259,8 @@ def capacity_plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu: str = "
                                    mode)
     return dict(preset=cfg.preset, model=model, parameters=count_parameters(model), gpus=gpus,
                 nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu.lower(), gpu_memory_gib=mem_gib,
-                peak_tflops=peak, mfu=mfu, flops=flops, memory=memory, tokens=tokens, steps=steps,
+                peak_tflops=peak, mfu=mfu, flops=flops, meta_terms=meta_terms, memory=memory,
+                tokens=tokens, steps=steps,
                 accumulation=accumulation, geometry_note=geometry_note, seconds=seconds,
                 zero_stage=cfg.zero_stage, tensor_parallel=tp, offload=offload,
                 auto=dict(tensor_parallel=cfg.tensor_parallel == "auto",
@@ -283,6 +285,11 @@ def format_plan(plan: dict) -> str:
     for t, f in plan["flops"].items():
         lines.append(f"      {t:<8} {f['meta']:.3e}      {f['swa']:.3e}     {f['full_attention']:.3e}"
                      f"        {f['meta'] / f['full_attention']:.2f}")
+    meta = plan["flops"][m.seq_len]["meta"]
+    lines.append(f"  meta step at T={m.seq_len} by term (FLOPs per token, share):")
+    for name, value in plan["meta_terms"]:
+        if value:
+            lines.append(f"      {name:<31} {value:.3e}  {value / meta:6.1%}")
     lines.append("  memory per GPU (GiB), micro-batch 1 sequence:")
     lines.append("      T        TP offload  weights  grads  AdamW  prefix-act  TTT-carries  "
                  "TTT-work  reserve  total   host")
