@@ -1,13 +1,14 @@
 """Benchmark: per-token decode latency vs context length (TTT-E2E, full attention, SWA without
 TTT), the decode state's size, and prefill time per token vs context (TTT-E2E vs full attention).
 
-    python pipelines/bench_decode.py [--contexts 1024,4096,16384,32768] [--repeats 3] [--png out.png]
+    python pipelines/bench_decode.py [--contexts 1024,4096,16384,32768] [--repeats 5] [--png out.png]
         [--batch-prompts 8]
 
 
 Latency = the mean over whole groups of b decoded tokens (so the TTT step every b tokens is
-counted), median over repeats from the same prefilled state; tiny preset (k = 128, b = 64),
-random weights (speed does not depend on them), one thread per op as on a loaded CPU.
+counted), median over repeats from the same prefilled state, the repeats interleaved over
+contexts and modes (this machine's noise is larger than the context's effect); tiny preset
+(k = 128, b = 64), random weights (speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
     parser.add_argument("--groups", type=int, default=2, help="groups of b tokens decoded per run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prefill-windows", default="1,2,4,8,16",
                         help="prefill lengths in windows of k")
     parser.add_argument("--batch-prompts", type=int, default=8,
@@ -85,15 +86,21 @@ def main() -> None:
     # warm-up (first calls allocate and initialise kernels): not measured
     warm, _ = prefill(model, torch.randint(2, cfg.vocab_size, (1, 2 * cfg.window)))
     decode_latency(model, warm, n_tokens, 1)
-    rows = {}
+    states = {}
     for context in contexts:
         prompt = torch.randint(2, cfg.vocab_size, (1, context))
-        row = {}
         for mode in ("ttt", "full", "swa"):
-            state, _ = prefill(model, prompt, mode)
-            row[mode] = decode_latency(model, state, n_tokens, args.repeats)
-            row[mode + "_bytes"] = state.nbytes()
-        rows[context] = row
+            states[context, mode] = prefill(model, prompt, mode)[0]
+    # Repeats interleaved over contexts and modes, so machine noise hits all cells alike.
+    runs: dict = {key: [] for key in states}
+    for _ in range(args.repeats):
+        for key, state in states.items():
+            runs[key].append(decode_latency(model, state, n_tokens, 1))
+    rows = {c: {} for c in contexts}
+    for (context, mode), state in states.items():
+        rows[context][mode] = statistics.median(runs[context, mode])
+        rows[context][mode + "_bytes"] = state.nbytes()
+    for context, row in rows.items():
         print(f"| {context:,} | {row['ttt'] * 1e3:.2f} | {1 / row['ttt']:.0f} | {row['full'] * 1e3:.2f} | "
               f"{row['swa'] * 1e3:.2f} | {row['ttt_bytes'] / 2**20:.2f} MiB | "
               f"{row['full_bytes'] / 2**20:.2f} MiB |")

@@ -8,7 +8,7 @@ The modes run interleaved for several rounds and the median per mode is used, so
 hits all of them alike; ratios are to the SWA step measured in the same run.
 The meta step is the trainer's (final_update=False: the last chunk's unused inner step is not
 taken), as `estimate_flops` counts it.
-Profile: self CPU time per operator class (matmuls, attention ops, the fused LM head, the rest)
+Profile: self CPU time and call count per operator class (matmuls, attention ops, fused head, rest)
 of one step of each mode under torch.profiler: where the time beyond the FLOPs ratio goes.
 Memory: peak resident memory (VmHWM) during one step minus resident memory just before it, each
 in a fresh subprocess that has run no earlier step (the peak is reset via /proc/self/clear_refs).
@@ -69,22 +69,24 @@ def _op_class(name: str) -> str:
     return "elementwise, copies, reductions"
 
 
-def profile_table(steps: int) -> dict:
-    """Self CPU time per operator class, per step, for the SWA step and each meta step."""
+def profile_table(rounds: int) -> dict:
+    """Self CPU time and operator count per class, per step, for the SWA step and each meta
+    step: one profiled step per mode per round, interleaved, averaged over rounds."""
     from torch.profiler import ProfilerActivity, profile
 
     model, tokens = make(BENCH, BENCH_BATCH)
-    out = {}
-    for mode in ("swa",) + MODES:
-        step(model, tokens, mode)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
+    modes = ("swa",) + MODES
+    out: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    for mode in modes:  # warm-up
+        step(model, tokens, mode)
+    for _ in range(rounds):
+        for mode in modes:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(model, tokens, mode)
-        classes: dict[str, float] = {}
-        for event in prof.key_averages():
-            cls = _op_class(event.key)
-            classes[cls] = classes.get(cls, 0.0) + event.self_cpu_time_total / 1e6 / steps
-        out[mode] = classes
+            for event in prof.key_averages():
+                seconds_ops = out[mode].setdefault(_op_class(event.key), [0.0, 0.0])
+                seconds_ops[0] += event.self_cpu_time_total / 1e6 / rounds
+                seconds_ops[1] += event.count / rounds
     return out
 
 
@@ -191,30 +193,44 @@ def main() -> None:
             print(f"| {r['mode']} | {r['step_s']:.3f} | {r['swa_s']:.3f} | {r['time_ratio']:.2f} | "
                   f"{r['flops_ratio']:.2f} | {r['time_over_flops']:.2f} |")
     if args.only in (None, "profile"):
-        results["profile"] = prof = profile_table(args.steps)
+        results["profile"] = prof = profile_table(args.rounds)
         swa_flops = TTTModel(TTTConfig(**BENCH)).estimate_flops()
-        print(f"\nself CPU seconds per step by operator class (torch.profiler, {args.steps} steps "
-              "per mode; the profiler adds its own overhead per op)")
+        print(f"\nself CPU seconds (operator calls) per step by class, torch.profiler, one step "
+              f"per mode in each of {args.rounds} interleaved rounds; the profiler adds its own "
+              "cost per call")
         print("| class | SWA | " + " | ".join(f"meta {m}" for m in MODES) + " |")
         print("|---|---|" + "---|" * len(MODES))
         classes = sorted({c for row in prof.values() for c in row})
-        for cls in classes + ["total"]:
-            cells = [sum(prof[m].values()) if cls == "total" else prof[m].get(cls, 0.0)
-                     for m in ("swa",) + MODES]
-            print(f"| {cls} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        for cls in classes + ["in operators"]:
+            cells = [[sum(v[i] for v in prof[m].values()) for i in (0, 1)] if cls == "in operators"
+                     else prof[m].get(cls, [0.0, 0.0]) for m in ("swa",) + MODES]
+            print(f"| {cls} | " + " | ".join(f"{s:.3f} ({n:,.0f})" for s, n in cells) + " |")
+        print("\n| remat | FLOPs ratio | in-operator time ratio | / FLOPs ratio | beyond the "
+              "FLOPs ratio: matmuls + attention | the rest | rest: extra calls x us per call |")
+        print("|---|---|---|---|---|---|---|")
+        dense = ("matmuls", "attention ops")
         for mode in MODES:
             ratio = TTTModel(TTTConfig(**BENCH)).estimate_flops(remat=mode).meta_step \
                 / swa_flops.swa_step
-            total = {m: sum(prof[m].values()) for m in ("swa", mode)}
-            mm = {m: prof[m].get("matmuls", 0.0) + prof[m].get("attention ops", 0.0)
-                  for m in ("swa", mode)}
+            total = {m: sum(v[0] for v in prof[m].values()) for m in ("swa", mode)}
+            mm = {m: sum(prof[m].get(c, [0.0])[0] for c in dense) for m in ("swa", mode)}
             rest = {m: total[m] - mm[m] for m in ("swa", mode)}
-            print(f"{mode}: FLOPs ratio {ratio:.2f}; profiled time ratio "
-                  f"{total[mode] / total['swa']:.2f} = {total[mode] / total['swa'] / ratio:.2f}x "
-                  f"the FLOPs ratio; matmul + attention time ratio {mm[mode] / mm['swa']:.2f}; "
-                  f"the rest {rest[mode]:.3f} s vs {rest['swa']:.3f} s "
-                  f"({rest[mode] / total[mode]:.0%} of the meta step, "
-                  f"{rest['swa'] / total['swa']:.0%} of SWA)")
+            calls = {m: sum(v[1] for c, v in prof[m].items() if c not in dense)
+                     for m in ("swa", mode)}
+            beyond = total[mode] - ratio * total["swa"]
+            # What exceeds FLOPs-proportional time, split by class.
+            mm_beyond = mm[mode] - ratio * mm["swa"]
+            rest_beyond = rest[mode] - ratio * rest["swa"]
+            per_call = rest[mode] / calls[mode] * 1e6
+            results.setdefault("profile_summary", {})[mode] = dict(
+                flops_ratio=ratio,
+                time_ratio=total[mode] / total["swa"], beyond_s=beyond,
+                dense_beyond_s=mm_beyond, rest_beyond_s=rest_beyond,
+                rest_calls=calls[mode], swa_rest_calls=calls["swa"], us_per_rest_call=per_call)
+            print(f"| {mode} | {ratio:.2f} | {total[mode] / total['swa']:.2f} | {total[mode] / total['swa'] / ratio:.2f} | "
+                  f"{mm_beyond:.3f} s | {rest_beyond:.3f} s | "
+                  f"{calls[mode] - calls['swa']:,.0f} x {per_call:.1f} us "
+                  f"(SWA {rest['swa'] / calls['swa'] * 1e6:.1f} us) |")
     if args.only in (None, "memory"):
         chunks = [int(n) for n in args.chunks.split(",")]
         print("\npeak step memory (MB above the pre-step RSS), fresh process per cell")
