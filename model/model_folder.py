@@ -1,6 +1,9 @@
 """The model folder's on-disk format, owned here (Hugging Face layout):
 
-    config.json                     TTTConfig.to_dict(); written last (a folder with it is finished)
+    config.json                     {"format": "ttte2e-model", "format_version": 1} + TTTConfig.to_dict();
+                                    written last (a folder with it is finished). The schema is
+                                    docs/model_format.md (docs/model_config.schema.json): a reader
+                                    needs only safetensors + torch and the key names there
     model.safetensors               the weights, or above a size
     model-0000i-of-0000N.safetensors + model.safetensors.index.json (weight_map)
     tokenizer.json                  optional: the tokenizer text generation uses
@@ -23,9 +26,16 @@ import torch
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Beside tokenizer.json so that transformers' AutoTokenizer loads the folder's tokenizer (RULER's
+# tasks in lm-evaluation-harness size their prompts with it) without reading our config.json.
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+FORMAT = "ttte2e-model"
+# Raise on any change a reader must know about (a key renamed, a field's meaning changed); adding
+# a config field with a default that keeps old behaviour does not need it.
+FORMAT_VERSION = 1
 
 
 class ShardWriter:
@@ -86,8 +96,18 @@ def write_model_folder(directory: str | Path, config_dict: dict,
         writer.add(name, tensor)
     files = writer.close()
     # config last: a folder with a config.json is a finished export
-    (Path(directory) / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2))
+    stamped = {"format": FORMAT, "format_version": FORMAT_VERSION, **config_dict}
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(stamped, indent=2))
     return files
+
+
+def write_tokenizer(directory: str | Path, tokenizer_json: bytes) -> None:
+    """tokenizer.json (the `tokenizers` library's file) and the tokenizer_config.json that lets
+    AutoTokenizer read it as a fast tokenizer."""
+    directory = Path(directory)
+    (directory / TOKENIZER_FILE).write_bytes(tokenizer_json)
+    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
 
 
 def read_config(directory: str | Path) -> dict:
@@ -95,7 +115,21 @@ def read_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a TTT-E2E model directory: no {CONFIG_FILE}")
-    return json.loads(path.read_text())
+    return config_fields(json.loads(path.read_text()), path)
+
+
+def config_fields(data: dict, where: str | Path = CONFIG_FILE) -> dict:
+    """The TTTConfig fields of a config.json, its format stamp checked and removed (folders
+    written before the stamp existed have the same layout: version 1)."""
+    data = dict(data)
+    name = data.pop("format", FORMAT)
+    version = data.pop("format_version", 1)
+    if name != FORMAT:
+        raise ValueError(f"{where}: format {name!r} is not a TTT-E2E model folder ({FORMAT!r})")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version {version!r}; this ttte2e reads versions 1 to "
+                         f"{FORMAT_VERSION} (a newer one wrote it: upgrade ttte2e)")
+    return data
 
 
 def read_model_state(directory: str | Path) -> dict[str, torch.Tensor]:

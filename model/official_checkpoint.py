@@ -20,7 +20,7 @@ class OfficialCheckpointError(ValueError):
     """An official checkpoint is missing, incomplete or not what was expected; says which part."""
 
 
-def _kvstore(uri: str) -> dict:
+def kvstore_spec(uri: str) -> dict:
     """tensorstore kvstore spec for a folder: local path, file://, s3://bucket/key, gs://bucket/key.
     S3 endpoint/credentials from TTTE2E_S3_ENDPOINT / AWS_ENDPOINT_URL and AWS_* (as storage.py)."""
     uri = uri.rstrip("/")
@@ -58,7 +58,7 @@ def _list(kv_spec: dict) -> list[str]:
 
 def checkpoint_steps(root: str) -> list[int]:
     """Finished steps under a checkpoint manager root (folders named by a plain decimal step)."""
-    spec = _kvstore(root)
+    spec = kvstore_spec(root)
     steps = set()
     for key in _list(spec):
         head = key.split("/", 1)[0]
@@ -81,7 +81,7 @@ def resolve_step(path: str, step: int | None) -> int:
 
 
 def _item_spec(root: str, step: int, item: str) -> dict:
-    spec = _kvstore(root)
+    spec = kvstore_spec(root)
     return {**spec, "path": f"{spec['path']}{step}/{item}/"}
 
 

@@ -53,6 +53,7 @@ def train_data(tmp_path_factory):
 def model_folder(train_data, tmp_path_factory):
     """An untrained SMALL model folder with train_data's tokenizer beside its config."""
     from ttte2e.model import TTTModel, preset
+    from ttte2e.model.model_folder import write_tokenizer
     from ttte2e.platform.data.manifest import read_manifest
     from ttte2e.platform.data.storage import resolve
 
@@ -61,7 +62,7 @@ def model_folder(train_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("model") / "model"
     TTTModel(preset("tiny", **SMALL, bos_token_id=bos)).save_pretrained(folder)
     tokenizer = resolve(uri).join(read_manifest(uri)["tokenizer"]["file"])
-    (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    write_tokenizer(folder, tokenizer.read_bytes())
     return folder
 
 

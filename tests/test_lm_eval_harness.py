@@ -187,7 +187,7 @@ metric_list:
 
 
 @pytest.mark.slow
-def test_the_harness_cli_runs_local_tasks_offline(model_folder, lm, tmp_path):
+def test_the_harness_cli_runs_local_tasks_offline(model_folder, lm, tmp_path, monkeypatch):
     """pipelines/lm_eval_harness.py in a fresh process, the harness's own arguments; the logged
     per-choice loglikelihoods are the backend's, and generate_until's text its greedy text."""
     tasks = _write_tasks(tmp_path / "tasks")
@@ -222,7 +222,8 @@ def test_the_harness_cli_runs_local_tasks_offline(model_folder, lm, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    os.environ.update(OFFLINE)
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
     again = lm_eval.simple_evaluate(model=lm, tasks=["ttte2e_local_mc"],
                                     task_manager=TaskManager(include_path=str(tasks)))
     assert again["results"]["ttte2e_local_mc"]["acc,none"] == results["ttte2e_local_mc"]["acc,none"]

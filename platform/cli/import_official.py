@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import tyro
 
 from ttte2e.model import TTTConfig
-from ttte2e.model.model_folder import TOKENIZER_FILE
+from ttte2e.model.model_folder import TOKENIZER_FILE, write_tokenizer
 from ttte2e.platform.cli.parsing import cli, fail
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tokenizer:
         from ttte2e.platform.data.storage import resolve
 
-        (out / TOKENIZER_FILE).write_bytes(resolve(args.tokenizer).read_bytes())
+        write_tokenizer(out, resolve(args.tokenizer).read_bytes())
         print(f"  tokenizer: {args.tokenizer} -> {out / TOKENIZER_FILE}")
     if args.register:
         from ttte2e.platform.registry.model_registry import RegistryError, register

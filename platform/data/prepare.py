@@ -35,7 +35,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,6 +81,10 @@ class PrepareOptions:
     """Replace an output that already holds a different dataset."""
     train_tokenizer_max_bytes: int = 200_000_000
     """With 'train:<vocab>', train on at most this much text."""
+    input_format: Literal["text", "official-zarr"] = "text"
+    """'text': files of documents (above); 'official-zarr': the official code's token store (a
+    zarr group with 1-D `train` and `val` arrays of ids, BOS before every document), converted
+    without re-tokenizing; --tokenizer names the tokenizer it was made with."""
 
 
 @dataclass
@@ -321,8 +325,8 @@ def _shard_bytes(docs: list[tuple[list[int], str]], group_tokens: int) -> tuple[
     its manifest facts (rows, row groups, the sha256 of its row-group digest list)."""
     import numpy as np
 
-    flat = np.fromiter((t for ids, _ in docs for t in ids), dtype=np.int32,
-                       count=sum(len(ids) for ids, _ in docs))
+    flat = (np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in docs]) if docs
+            else np.zeros(0, np.int32))
     doc_starts = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in docs])])
     groups, digests, doc, piece = [], [], 0, 0
     for lo in range(0, flat.size, group_tokens):
@@ -357,32 +361,52 @@ def _shard_bytes(docs: list[tuple[list[int], str]], group_tokens: int) -> tuple[
                                  row_group_tokens=group_tokens, row_groups_sha256=list_digest(meta))
 
 
+class _Shards:
+    """Whole documents of one task -> shards of about shard_tokens per split, and their records."""
+
+    def __init__(self, file_index: int, input_uri: str, output_uri: str, opts: PrepareOptions):
+        self.index, self.input_uri, self.opts = file_index, input_uri, opts
+        self.out = resolve(output_uri)
+        self.records: list[dict] = []
+        self.pending: dict[str, list] = {"train": [], "val": []}
+        self.pending_tokens = {"train": 0, "val": 0}
+        self.seq = {"train": 0, "val": 0}
+
+    def add(self, split: str, tokens, source: str) -> None:
+        self.pending[split].append((tokens, source))
+        self.pending_tokens[split] += len(tokens)
+        if self.pending_tokens[split] >= self.opts.shard_tokens:
+            self.flush(split)
+
+    def flush(self, split: str) -> None:
+        rows = self.pending[split]
+        if not rows:
+            return
+        data, facts = _shard_bytes(rows, self.opts.row_group_tokens)
+        rel = f"{split}/part-{self.index:05d}-{self.seq[split]:04d}.parquet"
+        self.out.join(rel).write_bytes(data)
+        self.records.append(dict(kind="shard", path=rel, split=split, documents=len(rows),
+                                 tokens=sum(len(r[0]) for r in rows), bytes=len(data),
+                                 sha256=hashlib.sha256(data).hexdigest(), input=self.input_uri,
+                                 **facts))
+        self.seq[split] += 1
+        self.pending[split], self.pending_tokens[split] = [], 0
+
+    def close(self, stats: FileStats) -> list[dict]:
+        self.flush("train"), self.flush("val")
+        return self.records + [dict(kind="stats", input=self.input_uri, **asdict(stats))]
+
+
 def process_file(file_index: int, input_uri: str, output_uri: str, opts: PrepareOptions,
                  tok: TokenizerInfo, batch_docs: int = 256, relative_name: str = "") -> list[dict]:
     """Tokenize one input file and write its shards; returns shard records + one stats record.
 
     The held-out split hashes the document's identity relative to the input root
     (relative_name + line/row), so it does not change when the data moves (local -> S3)."""
-    loc, out = resolve(input_uri), resolve(output_uri)
+    loc = resolve(input_uri)
     tokenizer = _tokenizer_from(tok.json)
     stats = FileStats()
-    records: list[dict] = []
-    pending = {"train": [], "val": []}
-    pending_tokens = {"train": 0, "val": 0}
-    seq = {"train": 0, "val": 0}
-
-    def flush(split: str) -> None:
-        rows = pending[split]
-        if not rows:
-            return
-        data, facts = _shard_bytes(rows, opts.row_group_tokens)
-        rel = f"{split}/part-{file_index:05d}-{seq[split]:04d}.parquet"
-        out.join(rel).write_bytes(data)
-        records.append(dict(kind="shard", path=rel, split=split, documents=len(rows),
-                            tokens=sum(len(r[0]) for r in rows), bytes=len(data),
-                            sha256=hashlib.sha256(data).hexdigest(), input=input_uri, **facts))
-        seq[split] += 1
-        pending[split], pending_tokens[split] = [], 0
+    shards = _Shards(file_index, input_uri, output_uri, opts)
 
     def tokenize(batch: list[tuple[str, str, bool]]) -> None:
         encodings = tokenizer.encode_batch([text for _, text, _ in batch], add_special_tokens=False)
@@ -399,12 +423,9 @@ def process_file(file_index: int, input_uri: str, output_uri: str, opts: Prepare
             tokens = [tok.bos_id] + ids + ([tok.eos_id] if opts.append_eos else [])
             identity = (relative_name or input_uri.rsplit("/", 1)[-1]) + source[len(input_uri):]
             split = "val" if _is_val(identity, opts.val_fraction) else "train"
-            pending[split].append((tokens, source))
-            pending_tokens[split] += len(tokens)
             stats.documents_written += 1
             stats.tokens_written += len(tokens)
-            if pending_tokens[split] >= opts.shard_tokens:
-                flush(split)
+            shards.add(split, tokens, source)
 
     batch: list[tuple[str, str, bool]] = []
     for doc in iter_documents(loc, opts.text_field):
@@ -414,16 +435,41 @@ def process_file(file_index: int, input_uri: str, output_uri: str, opts: Prepare
             tokenize(batch)
             batch = []
     tokenize(batch) if batch else None
-    flush("train"), flush("val")
-    records.append(dict(kind="stats", input=input_uri, **asdict(stats)))
-    return records
+    return shards.close(stats)
+
+
+def process_store_range(task_index: int, split: str, lo: int, hi: int, length: int,
+                        output_uri: str, opts: PrepareOptions, tok: TokenizerInfo) -> list[dict]:
+    """Convert the documents starting in [lo, hi) of an official token store's split (their ids
+    as they are, BOS included) into shards; returns shard records + one stats record."""
+    from ttte2e.platform.data import official_zarr
+
+    stats = FileStats()
+    where = f"{opts.input.rstrip('/')}/{split}"
+    shards = _Shards(task_index, f"{where}[{lo}:{hi}]", output_uri, opts)
+    for ids, source in official_zarr.range_documents(opts.input, split, lo, hi, length,
+                                                     tok.bos_id, tok.vocab_size, stats):
+        if ids.size < 2:
+            stats.empty_documents += 1  # a BOS followed directly by the next BOS
+            continue
+        if ids.size - 1 < opts.min_tokens:
+            stats.short_documents += 1
+            stats.short_documents_tokens += int(ids.size - 1)
+            continue
+        stats.documents_written += 1
+        stats.tokens_written += int(ids.size)
+        shards.add(split, ids, f"{opts.input.rstrip('/')}/{source}")
+    return shards.close(stats)
 
 
 # ---- the whole job ---------------------------------------------------------------------------
-def _dataset_key(opts: PrepareOptions, tok: TokenizerInfo, inputs: list[Location]) -> str:
-    ident = dict(options={k: v for k, v in asdict(opts).items() if k not in ("overwrite", "output")},
-                 tokenizer=tok.sha256, inputs=[(f.uri, f.size()) for f in inputs],
-                 version=FORMAT_VERSION)
+def _dataset_key(opts: PrepareOptions, tok: TokenizerInfo, inputs: list) -> str:
+    options = {k: v for k, v in asdict(opts).items() if k not in ("overwrite", "output")}
+    if options["input_format"] == "text":  # datasets made before the option keep their key
+        del options["input_format"]
+    ident = dict(options=options, tokenizer=tok.sha256,
+                 inputs=inputs if opts.input_format == "official-zarr"
+                 else [(f.uri, f.size()) for f in inputs], version=FORMAT_VERSION)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -459,6 +505,78 @@ def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
     return False
 
 
+def _log_tokenizer(tok: TokenizerInfo, log) -> None:
+    log(f"tokenizer: {'trained BPE' if tok.trained else tok.source}, vocab {tok.vocab_size}, "
+        f"BOS {tok.bos_token!r} = {tok.bos_id}, sha256 {tok.sha256[:12]}")
+
+
+def _start_output(opts: PrepareOptions, tok: TokenizerInfo, identity: list, log
+                  ) -> tuple[str, dict | None]:
+    """(dataset key, the manifest when the output already holds this dataset, else None)."""
+    out = resolve(opts.output)
+    key = _dataset_key(opts, tok, identity)
+    if _prepare_output(out, key, opts.overwrite, log):
+        log(f"{opts.output} already holds this dataset ({key}); nothing to do")
+        return key, read_manifest(opts.output)
+    out.join(TOKENIZER_FILE).write_bytes(tok.json.encode())
+    return key, None
+
+
+def _text_task(index: int, uri: str, rel: str, output: str, opts: PrepareOptions,
+               tok: TokenizerInfo) -> list[dict]:
+    return process_file(index, uri, output, opts, tok, relative_name=rel)
+
+
+def _text_jobs(opts: PrepareOptions, use_ray: bool, log):
+    inputs, skipped_files = discover_inputs(opts.input)
+    log(f"input: {len(inputs)} file(s) under {opts.input}"
+        + (f"; {len(skipped_files)} skipped (unsupported type)" if skipped_files else ""))
+    for uri in skipped_files:
+        log(f"  skipped (unsupported type): {uri}")
+    tok = load_tokenizer(opts.tokenizer, opts, inputs)
+    _log_tokenizer(tok, log)
+    key, done = _start_output(opts, tok, inputs, log)
+    if done is not None:
+        return done
+    root = resolve(opts.input).uri
+    jobs = [(i, f.uri, f.uri[len(root) + 1:] if f.uri != root else f.uri.rsplit("/", 1)[-1])
+            for i, f in enumerate(inputs)]
+    if use_ray:
+        records = _run_with_ray(_text_task, jobs, opts, tok)
+    else:
+        records = [r for job in jobs for r in _text_task(*job, opts.output, opts, tok)]
+    return records, dict(files=len(inputs), skipped_unsupported=skipped_files), tok, key
+
+
+def _official_zarr_jobs(opts: PrepareOptions, use_ray: bool, log):
+    from ttte2e.platform.data import official_zarr
+
+    if opts.tokenizer.startswith("train:"):
+        raise ValueError("--input-format official-zarr: the ids are already tokenized; pass the "
+                         "tokenizer.json they were made with (--tokenizer), not train:<vocab>")
+    if opts.val_fraction:
+        raise ValueError("--input-format official-zarr keeps the store's own train/val split; "
+                         "--val-fraction must be 0")
+    if opts.append_eos:
+        raise ValueError("--input-format official-zarr: --append-eos would change the released "
+                         "token stream (it has BOS before every document and no EOS)")
+    tok = load_tokenizer(opts.tokenizer, opts, [])
+    _log_tokenizer(tok, log)
+    lengths = official_zarr.check_store(opts.input, tok.bos_id, tok.vocab_size)
+    log(f"input: official token store {opts.input}: "
+        + ", ".join(f"{s} {n:,} tokens" for s, n in lengths.items())
+        + "; documents cut at BOS, ids kept")
+    key, done = _start_output(opts, tok, official_zarr.store_identity(opts.input, lengths), log)
+    if done is not None:
+        return done
+    jobs = [(i, *r) for i, r in enumerate(official_zarr.ranges(lengths, opts.shard_tokens))]
+    if use_ray:
+        records = _run_with_ray(process_store_range, jobs, opts, tok)
+    else:
+        records = [r for job in jobs for r in process_store_range(*job, opts.output, opts, tok)]
+    return (records, dict(format="official-zarr", tasks=len(jobs), tokens=lengths), tok, key)
+
+
 def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
     """Run the whole job; returns the manifest."""
     if not 0.0 <= opts.val_fraction < 1.0:
@@ -466,29 +584,12 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
     if opts.min_tokens < 0 or opts.shard_tokens <= 0 or opts.row_group_tokens <= 0:
         raise ValueError("min_tokens must be >= 0, shard_tokens and row_group_tokens > 0")
     start = time.time()
-    inputs, skipped_files = discover_inputs(opts.input)
-    log(f"input: {len(inputs)} file(s) under {opts.input}"
-        + (f"; {len(skipped_files)} skipped (unsupported type)" if skipped_files else ""))
-    for uri in skipped_files:
-        log(f"  skipped (unsupported type): {uri}")
-    tok = load_tokenizer(opts.tokenizer, opts, inputs)
-    log(f"tokenizer: {'trained BPE' if tok.trained else tok.source}, vocab {tok.vocab_size}, "
-        f"BOS {tok.bos_token!r} = {tok.bos_id}, sha256 {tok.sha256[:12]}")
+    jobs = _official_zarr_jobs if opts.input_format == "official-zarr" else _text_jobs
+    result = jobs(opts, use_ray, log)
+    if isinstance(result, dict):  # the output already holds this dataset
+        return result
+    records, inputs_facts, tok, key = result
     out = resolve(opts.output)
-    key = _dataset_key(opts, tok, inputs)
-    if _prepare_output(out, key, opts.overwrite, log):
-        log(f"{opts.output} already holds this dataset ({key}); nothing to do")
-        return read_manifest(opts.output)
-    out.join(TOKENIZER_FILE).write_bytes(tok.json.encode())
-
-    root = resolve(opts.input).uri
-    jobs = [(i, f.uri, f.uri[len(root) + 1:] if f.uri != root else f.uri.rsplit("/", 1)[-1])
-            for i, f in enumerate(inputs)]
-    if use_ray:
-        records = _run_with_ray(jobs, opts, tok)
-    else:
-        records = [r for i, uri, rel in jobs
-                   for r in process_file(i, uri, opts.output, opts, tok, relative_name=rel)]
     shards = sorted((r for r in records if r["kind"] == "shard"), key=lambda r: r["path"])
     totals = FileStats()
     for r in records:
@@ -507,7 +608,7 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
         tokenizer=dict(source=tok.source, trained=tok.trained, sha256=tok.sha256,
                        vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
                        bos_token=tok.bos_token, file=TOKENIZER_FILE),
-        inputs=dict(files=len(inputs), skipped_unsupported=skipped_files),
+        inputs=inputs_facts,
         counts=asdict(totals), splits=splits,
         shards=[{k: r[k] for k in SHARD_FIELDS} for r in shards],
         seconds=round(time.time() - start, 2))
@@ -520,8 +621,8 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
     return manifest
 
 
-def _run_with_ray(jobs: list[tuple[int, str, str]], opts: PrepareOptions,
-                  tok: TokenizerInfo) -> list[dict]:
+def _run_with_ray(work, jobs: list[tuple], opts: PrepareOptions, tok: TokenizerInfo) -> list[dict]:
+    """work(*job, output, opts, tok) for every job, one Ray Data task each."""
     import ray
 
     from ttte2e.platform.cluster.ray_runtime import ensure_ray
@@ -535,11 +636,10 @@ def _run_with_ray(jobs: list[tuple[int, str, str]], opts: PrepareOptions,
     def task(batch: dict) -> dict:
         os.environ.update(storage_env)
         records = []
-        for index, uri, rel in zip(batch["index"], batch["uri"], batch["rel"]):
-            records += process_file(int(index), str(uri), output, options, tok,
-                                    relative_name=str(rel))
+        for job in batch["job"]:
+            records += work(*json.loads(job), output, options, tok)
         return {"record": [json.dumps(r) for r in records]}
 
-    dataset = ray.data.from_items([{"index": i, "uri": uri, "rel": rel} for i, uri, rel in jobs])
+    dataset = ray.data.from_items([{"job": json.dumps(job)} for job in jobs])
     results = dataset.map_batches(task, batch_size=1).take_all()
     return [json.loads(row["record"]) for row in results]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ttte2e.model.model_folder import TOKENIZER_FILE
 from ttte2e.model.decode import MODES, _select_rows, decode_step, prefill, prefill_prompts, \
     stream_generate
 
@@ -51,8 +53,8 @@ class TTTE2ELM(TemplateLM):
     """lm-eval model: loglikelihood, loglikelihood_rolling and generate_until with continued TTT.
 
     pretrained: a model folder, a training checkpoint, an s3:// copy of either, or models:/NAME@ALIAS
-    | models:/NAME/VERSION (tracking_uri for the registry). tokenizer: a tokenizer.json, when the
-    model has none beside its config. mode: ttt | swa | full. max_length: truncate contexts (left)
+    | models:/NAME/VERSION (tracking_uri for the registry). tokenizer: a tokenizer.json (or a folder with one),
+    when the model has none beside its config. mode: ttt | swa | full. max_length: truncate contexts (left)
     to this many tokens; default none. add_bos_token: start every context with BOS, as every
     training document does (default true).
     """
@@ -77,6 +79,10 @@ class TTTE2ELM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            # the harness's --device defaults to cuda
+            raise ValueError(f"ttte2e: device {device!r} but torch sees no CUDA device here; "
+                             "pass --device cpu")
         if model is None:
             if not pretrained:
                 raise ValueError("ttte2e: model_args needs pretrained=<model folder | checkpoint | "
@@ -90,8 +96,11 @@ class TTTE2ELM(TemplateLM):
         if tokenizer is not None:
             from tokenizers import Tokenizer
 
-            self.tokenizer = (Tokenizer.from_file(str(tokenizer)) if isinstance(tokenizer, str)
-                              else tokenizer)
+            if isinstance(tokenizer, str):  # a tokenizer.json, or a folder holding one
+                path = Path(tokenizer)
+                tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE if path.is_dir()
+                                                    else path))
+            self.tokenizer = tokenizer
         if self.tokenizer is None:
             raise ValueError(f"ttte2e: {pretrained or 'the model'} has no tokenizer.json beside "
                              "its config; pass tokenizer=PATH/tokenizer.json")
@@ -236,7 +245,8 @@ class TTTE2ELM(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
         do_sample = bool(gen_kwargs.pop("do_sample", False))
-        temperature = float(gen_kwargs.pop("temperature", 0.0)) if do_sample else 0.0
+        temperature = float(gen_kwargs.pop("temperature", 0.0))
+        temperature = temperature if do_sample else 0.0  # the harness's convention: greedy
         if do_sample and temperature == 0.0:
             temperature = 1.0
         top_p = float(gen_kwargs.pop("top_p", 1.0))

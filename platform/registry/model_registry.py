@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from ttte2e.model.model_folder import CONFIG_FILE, TOKENIZER_FILE
+from ttte2e.model.model_folder import CONFIG_FILE, TOKENIZER_FILE, config_fields
 from ttte2e.platform.data.storage import Location, resolve
 from ttte2e.platform.registry.tracking import (RUN_NAME_TAG, _client, _log_params, artifact_location,
                                       redact)
@@ -157,7 +157,7 @@ def _register(source: str, name: str, tracking_uri: str, alias: str, weights: st
         raise RegistryError(f"model name {name!r}: use letters, digits, '_', '-' and '.'")
     check_tracking(tracking_uri)
     folder = model_folder(source)
-    config = json.loads(folder.join(CONFIG_FILE).read_bytes())
+    config = config_fields(json.loads(folder.join(CONFIG_FILE).read_bytes()), source)
     has_tokenizer = folder.join(TOKENIZER_FILE).exists()
     size = sum(f.size() for f in folder.list_files())
     logged = weights == "logged" or (weights == "auto" and size <= max_logged_bytes)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ttte2e.model import TTTConfig, count_parameters
 from ttte2e.model.config import ARCHITECTURE_FIELDS
-from ttte2e.model.model_folder import CONFIG_FILE
+from ttte2e.model.model_folder import CONFIG_FILE, config_fields
 from ttte2e.platform.data.storage import STORAGE_ENV_VARS, resolve
 from ttte2e.platform.registry.tracking import RunLogger, redact
 from ttte2e.platform.train import checkpoint as ckpt
@@ -50,7 +50,7 @@ def check_init_from(uri: str, model_cfg: TTTConfig) -> None:
         folder = ckpt.model_folder(uri)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
-    saved = json.loads(folder.join(CONFIG_FILE).read_bytes())
+    saved = config_fields(json.loads(folder.join(CONFIG_FILE).read_bytes()), uri)
     diff = {k: (saved.get(k), getattr(model_cfg, k)) for k in ARCHITECTURE_FIELDS
             if saved.get(k) != getattr(model_cfg, k)}
     if diff:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ttte2e.model import TTTConfig, TTTModel, estimate_flops, inner_lr_at
-from ttte2e.model.model_folder import TOKENIZER_FILE, write_model_folder
+from ttte2e.model.model_folder import write_model_folder, write_tokenizer
 from ttte2e.platform.train import checkpoint as ckpt
 from ttte2e.platform.train.checkpoint import DS_TAG, STATE_FILE, CheckpointError, read_state
 from ttte2e.platform.data.stream import StreamPosition, StreamSpec, WindowReader, worker_stream
@@ -363,7 +363,7 @@ def _train_loop(loop: dict) -> None:
                     write_model_folder(Path(tmp) / ckpt.MODEL_DIR, model_cfg.to_dict(),
                                        weights.items())
                 if tokenizer is not None:
-                    (Path(tmp) / ckpt.MODEL_DIR / TOKENIZER_FILE).write_bytes(tokenizer)
+                    write_tokenizer(Path(tmp) / ckpt.MODEL_DIR, tokenizer)
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
                     dict(state, world_size=world, tensor_parallel=tp, nodes=nodes,
                          mlflow_run_id=loop["run_id"],
