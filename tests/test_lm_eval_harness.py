@@ -109,8 +109,12 @@ def test_generate_until_is_the_models_greedy_text_cut_at_the_stop(lm):
     from ttte2e.model.decode import generate
 
     contexts = [_text(lm, n, 20 + n) for n in (10, 45, 140)]
-    texts = lm.generate_until(_requests("generate_until", [(c, {"until": ["\n"], "max_gen_toks": 12})
-                                                           for c in contexts]))
+    lm.batch_size_per_gpu = 2  # two batches of the same generation arguments
+    try:
+        texts = lm.generate_until(_requests("generate_until", [
+            (c, {"until": ["\n"], "max_gen_toks": 12}) for c in contexts]))
+    finally:
+        lm.batch_size_per_gpu = 8
     for c, text in zip(contexts, texts):
         ids = generate(lm.model, [[lm.prefix_token_id] + lm.tok_encode(c)], max_new_tokens=12,
                        stop_tokens=(lm.eot_token_id,))[0]
@@ -227,3 +231,61 @@ def test_the_harness_cli_runs_local_tasks_offline(model_folder, lm, tmp_path, mo
     again = lm_eval.simple_evaluate(model=lm, tasks=["ttte2e_local_mc"],
                                     task_manager=TaskManager(include_path=str(tasks)))
     assert again["results"]["ttte2e_local_mc"]["acc,none"] == results["ttte2e_local_mc"]["acc,none"]
+
+
+@pytest.mark.slow
+def test_evaluate_scores_harness_tasks_per_mode(train_data, model_folder, tmp_path, monkeypatch):
+    """pipelines/evaluate.py --harness-tasks: the held-out rolling-loglikelihood tasks and a local
+    task, each mode from the same weights; the held-out word perplexity is the backend's own
+    rolling loglikelihood of those texts."""
+    from ttte2e.platform.cli.evaluate import main
+    from ttte2e.platform.eval.harness import TTTE2ELM
+
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    uri, _ = train_data
+    tasks = _write_tasks(tmp_path / "tasks")
+    out = main(["--model", str(model_folder), "--data", uri, "--contexts", "128,256",
+                "--windows", "2", "--harness-tasks", "heldout,ttte2e_local_mc",
+                "--harness-include-path", str(tasks), "--out", str(tmp_path / "eval")])
+    scores = out["harness"]
+    assert set(scores) == {"ttt", "swa", "full"}
+    for mode in scores:
+        assert set(scores[mode]) == {"ttte2e_heldout_128", "ttte2e_heldout_256", "ttte2e_local_mc"}
+        assert scores[mode]["ttte2e_heldout_256"]["word_perplexity"] > 1
+    assert scores["ttt"]["ttte2e_heldout_256"] != scores["swa"]["ttte2e_heldout_256"]
+    # word perplexity = exp(-sum loglikelihood / words), from the backend directly
+    import math
+    import re
+
+    texts = [json.loads(line)["text"] for line in (tmp_path / "eval" / "harness" / "tasks" /
+             "ttte2e_heldout_256.jsonl").read_text().splitlines()]
+    lm = TTTE2ELM(pretrained=str(model_folder), mode="swa")
+    total = sum(lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(t,) for t in texts])))
+    words = sum(len(re.split(r"\s+", t)) for t in texts)
+    assert scores["swa"]["ttte2e_heldout_256"]["word_perplexity"] == pytest.approx(
+        math.exp(-total / words), rel=1e-3)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "lm-evaluation-harness (ttte2e backend)" in report and "ttte2e_local_mc" in report
+
+
+@pytest.mark.slow
+def test_ruler_niah_runs_offline_with_the_models_own_tokenizer(model_folder, tmp_path):
+    """RULER's S-NIAH through the CLI: its prompts sized by the model folder's tokenizer (read by
+    AutoTokenizer through tokenizer_config.json), a 'repeat' haystack (no download)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("wonderwords")
+    out = tmp_path / "results"
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"),
+           "NLTK_DATA": str(tmp_path / "nltk")}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "lm_eval_harness.py"), "--model", "ttte2e",
+         "--model_args", f"pretrained={model_folder}", "--tasks", "niah_single_1",
+         "--metadata", '{"max_seq_lengths": [512]}', "--limit", "2", "--batch_size", "2",
+         "--device", "cpu", "--output_path", str(out)],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    assert 0.0 <= results["niah_single_1"]["512,none"] <= 1.0
+    assert "Using tokenizer " + str(model_folder) in run.stderr

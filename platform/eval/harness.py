@@ -234,7 +234,7 @@ class TTTE2ELM(TemplateLM):
             kwargs = dict(requests[members[0]].args[1])
             for start in range(0, len(members), self.batch_size_per_gpu):
                 part = members[start:start + self.batch_size_per_gpu]
-                texts = self._generate([requests[i].args[0] for i in part], kwargs)
+                texts = self._generate([requests[i].args[0] for i in part], dict(kwargs))
                 for i, text in zip(part, texts):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -285,3 +285,68 @@ def _cut(text: str, until: list[str]) -> str:
 
 if NAME not in model_registry:
     register_model(NAME)(TTTE2ELM)
+
+
+# ---- task scores for pipelines/evaluate.py -------------------------------------------------------
+def write_tokenizer_folder(tokenizer, folder: Path) -> Path:
+    """tokenizer.json + tokenizer_config.json in a folder: what RULER's tasks load through
+    AutoTokenizer (they size their prompts in the model's tokens)."""
+    from ttte2e.model.model_folder import write_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder, tokenizer.to_str().encode())
+    return folder
+
+
+def heldout_text_tasks(reader_uri: str, contexts: list[int], windows: int, folder: Path,
+                       tokenizer, seed: int = 0) -> list[str]:
+    """Local harness tasks `ttte2e_heldout_<context>`: loglikelihood_rolling over `windows`
+    held-out windows of `context` tokens of a prepared dataset, decoded to text (the harness
+    scores text; its word perplexity and bits per byte are comparable across tokenizers)."""
+    from ttte2e.platform.data.stream import WindowReader
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for context in contexts:
+        reader = WindowReader(reader_uri, "val", context, seed)
+        n = min(windows, reader.windows_per_epoch)
+        if n < 1:
+            raise ValueError(f"{reader_uri}: no held-out window of {context} tokens")
+        rows = reader.read(range(n))
+        bos = reader.bos_id
+        texts = [tokenizer.decode([int(t) for t in row[1:] if t != bos]) for row in rows]
+        name = f"ttte2e_heldout_{context}"
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {data}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+            "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+            "  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+            "  - metric: bits_per_byte\n")
+        names.append(name)
+    return names
+
+
+def task_scores(model, tokenizer, tasks: list[str], modes: tuple[str, ...], work: Path,
+                include_path: str | None = None, metadata: dict | None = None,
+                limit: int | None = None, batch_size: int = 4) -> dict:
+    """{mode: {task: {metric: value}}} from lm_eval.simple_evaluate, one backend per mode over
+    the same weights."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tok_folder = write_tokenizer_folder(tokenizer, work / "tokenizer")
+    manager = TaskManager(include_path=include_path,
+                          metadata={"tokenizer": str(tok_folder), **(metadata or {})})
+    out: dict = {}
+    for mode in modes:
+        lm = TTTE2ELM(model=model, tokenizer=tokenizer, mode=mode, batch_size=batch_size,
+                      device=str(next(model.parameters()).device))
+        result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
+                                         limit=limit, log_samples=False)
+        out[mode] = {task: {metric.split(",")[0]: value for metric, value in scores.items()
+                            if isinstance(value, (int, float)) and "stderr" not in metric
+                            and value != -1}  # RULER reports -1 for the lengths it did not run
+                     for task, scores in result["results"].items()}
+    return out
