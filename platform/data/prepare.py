@@ -463,13 +463,12 @@ def process_store_range(task_index: int, split: str, lo: int, hi: int, length: i
 
 
 # ---- the whole job ---------------------------------------------------------------------------
-def _dataset_key(opts: PrepareOptions, tok: TokenizerInfo, inputs: list) -> str:
+def _dataset_key(opts: PrepareOptions, tok: TokenizerInfo, inputs: list[tuple[str, int]]) -> str:
+    """inputs: (address, size) of every input file or store array."""
     options = {k: v for k, v in asdict(opts).items() if k not in ("overwrite", "output")}
     if options["input_format"] == "text":  # datasets made before the option keep their key
         del options["input_format"]
-    ident = dict(options=options, tokenizer=tok.sha256,
-                 inputs=inputs if opts.input_format == "official-zarr"
-                 else [(f.uri, f.size()) for f in inputs], version=FORMAT_VERSION)
+    ident = dict(options=options, tokenizer=tok.sha256, inputs=inputs, version=FORMAT_VERSION)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -535,16 +534,13 @@ def _text_jobs(opts: PrepareOptions, use_ray: bool, log):
         log(f"  skipped (unsupported type): {uri}")
     tok = load_tokenizer(opts.tokenizer, opts, inputs)
     _log_tokenizer(tok, log)
-    key, done = _start_output(opts, tok, inputs, log)
+    key, done = _start_output(opts, tok, [(f.uri, f.size()) for f in inputs], log)
     if done is not None:
         return done
     root = resolve(opts.input).uri
     jobs = [(i, f.uri, f.uri[len(root) + 1:] if f.uri != root else f.uri.rsplit("/", 1)[-1])
             for i, f in enumerate(inputs)]
-    if use_ray:
-        records = _run_with_ray(_text_task, jobs, opts, tok)
-    else:
-        records = [r for job in jobs for r in _text_task(*job, opts.output, opts, tok)]
+    records = _run(_text_task, jobs, opts, tok, use_ray)
     return records, dict(files=len(inputs), skipped_unsupported=skipped_files), tok, key
 
 
@@ -570,10 +566,7 @@ def _official_zarr_jobs(opts: PrepareOptions, use_ray: bool, log):
     if done is not None:
         return done
     jobs = [(i, *r) for i, r in enumerate(official_zarr.ranges(lengths, opts.shard_tokens))]
-    if use_ray:
-        records = _run_with_ray(process_store_range, jobs, opts, tok)
-    else:
-        records = [r for job in jobs for r in process_store_range(*job, opts.output, opts, tok)]
+    records = _run(process_store_range, jobs, opts, tok, use_ray)
     return (records, dict(format="official-zarr", tasks=len(jobs), tokens=lengths), tok, key)
 
 
@@ -621,8 +614,15 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
     return manifest
 
 
+def _run(work, jobs: list[tuple], opts: PrepareOptions, tok: TokenizerInfo,
+         use_ray: bool) -> list[dict]:
+    """work(*job, output, opts, tok) for every job: one Ray Data task each, or here in turn."""
+    if not use_ray:
+        return [r for job in jobs for r in work(*job, opts.output, opts, tok)]
+    return _run_with_ray(work, jobs, opts, tok)
+
+
 def _run_with_ray(work, jobs: list[tuple], opts: PrepareOptions, tok: TokenizerInfo) -> list[dict]:
-    """work(*job, output, opts, tok) for every job, one Ray Data task each."""
     import ray
 
     from ttte2e.platform.cluster.ray_runtime import ensure_ray

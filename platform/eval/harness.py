@@ -28,7 +28,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ttte2e.model.model_folder import TOKENIZER_FILE
 from ttte2e.model.decode import MODES, _select_rows, decode_step, prefill, prefill_prompts, \
     stream_generate
 
@@ -93,13 +92,14 @@ class TTTE2ELM(TemplateLM):
             model, self.tokenizer = loaded.model, loaded.tokenizer
         else:  # an already loaded TTTModel (Python use)
             self.tokenizer = None
-        if tokenizer is not None:
+        if isinstance(tokenizer, str):  # a tokenizer.json, or a folder holding one
             from tokenizers import Tokenizer
 
-            if isinstance(tokenizer, str):  # a tokenizer.json, or a folder holding one
-                path = Path(tokenizer)
-                tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE if path.is_dir()
-                                                    else path))
+            from ttte2e.platform.registry.serving import load_tokenizer
+
+            path = Path(tokenizer)
+            tokenizer = load_tokenizer(path) if path.is_dir() else Tokenizer.from_file(str(path))
+        if tokenizer is not None:
             self.tokenizer = tokenizer
         if self.tokenizer is None:
             raise ValueError(f"ttte2e: {pretrained or 'the model'} has no tokenizer.json beside "
