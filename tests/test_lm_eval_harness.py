@@ -268,6 +268,17 @@ def test_evaluate_scores_harness_tasks_per_mode(train_data, model_folder, tmp_pa
         math.exp(-total / words), rel=1e-3)
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "lm-evaluation-harness (ttte2e backend)" in report and "ttte2e_local_mc" in report
+    # bad harness options stop the command before the loss-vs-context work starts
+    import ttte2e.platform.cli.evaluate as evaluate_cli
+
+    def no_scoring(*_a, **_k):
+        raise AssertionError("scoring started before the options were checked")
+
+    monkeypatch.setattr("ttte2e.platform.eval.long_context.loss_vs_context", no_scoring)
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--model", str(model_folder), "--data", uri, "--contexts", "128",
+                           "--harness-tasks", "heldout", "--harness-metadata", "{oops",
+                           "--out", str(tmp_path / "bad")])
 
 
 @pytest.mark.slow

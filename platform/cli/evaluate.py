@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = [m for m in modes if m not in MODES]
         if unknown:
             raise ValueError(f"unknown modes {unknown}; choose from {MODES}")
+        metadata = _check_harness(args, loaded.tokenizer) if args.harness_tasks else None
         results = loss_vs_context(model, args.data, contexts, args.windows, modes)
         needles = None
         if args.niah:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             local.write_bytes(tok.read_bytes())
             needles = niah(model, str(local), args.data, contexts,
                            [float(d) for d in args.niah_depths.split(",")], args.niah_trials)
-        scores = _harness(args, model, loaded.tokenizer, contexts, modes) \
+        scores = _harness(args, model, loaded.tokenizer, contexts, modes, metadata) \
             if args.harness_tasks else None
     except (ValueError, FileNotFoundError, OSError) as e:
         fail("evaluate", e)
@@ -112,16 +113,28 @@ def main(argv: list[str] | None = None) -> dict:
     return dict(report, results=results, niah=needles, harness=scores)
 
 
-def _harness(args, model, tokenizer, contexts: list[int], modes: tuple[str, ...]) -> dict:
-    """lm-evaluation-harness scores per mode; 'heldout' expands to this run's held-out tasks."""
+def _check_harness(args, tokenizer) -> dict | None:
+    """The --harness-* options checked before any scoring starts; returns the task metadata."""
+    import importlib
+
     try:
-        from ttte2e.platform.eval.harness import heldout_text_tasks, task_scores
+        importlib.import_module("ttte2e.platform.eval.harness")
     except ImportError as e:
         raise ValueError(f"--harness-tasks needs lm-evaluation-harness ({e}): pip install -e "
                          "'.[eval]'") from e
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: the harness scores text")
-    metadata = json.loads(args.harness_metadata) if args.harness_metadata else None
+    try:
+        return json.loads(args.harness_metadata) if args.harness_metadata else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--harness-metadata is not JSON ({e})") from e
+
+
+def _harness(args, model, tokenizer, contexts: list[int], modes: tuple[str, ...],
+             metadata: dict | None) -> dict:
+    """lm-evaluation-harness scores per mode; 'heldout' expands to this run's held-out tasks."""
+    from ttte2e.platform.eval.harness import heldout_text_tasks, task_scores
+
     work = Path(args.out) / "harness"
     tasks, include = [], [args.harness_include_path] if args.harness_include_path else []
     for task in (t.strip() for t in args.harness_tasks.split(",")):
