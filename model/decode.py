@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from .inner_loop import Carry, ChunkContext, chunk_step, run_chunks
 from .layers import apply_rope, at_least_fp32, rope_angles
-from .transformer import check_token_ids, nll_of_logits
+from .parallel import nll_of_logits
+from .transformer import check_token_ids
 
 MODES = ("ttt", "swa", "full")
 

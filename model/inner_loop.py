@@ -144,8 +144,8 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
     weights = mask / mask.sum(-1, keepdim=True).clamp_min(1e-10)  # l = sum_t weights_t * nll_t
     # the fused head returns dl/dh_final as well: the inner gradient starts from it
     normed = model.final_norm(h)
-    nll, grad_normed = model.head_nll_and_grad(normed.flatten(0, 1), ctx.targets[:, span].flatten(),
-                                               weights.flatten())
+    nll, grad_normed = model.head_nll_and_grad(normed.flatten(0, 1),
+                                               ctx.targets[:, span].flatten(), weights.flatten())
     nll = nll.view_as(mask)
     loss = (nll * weights).sum(-1)
     if ctx.updates is not None and c >= ctx.updates:
@@ -162,10 +162,11 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
                                     create_graph=create_graph or torch.is_autocast_enabled(x.device.type))
         # theta, the inner gradients and the clip norm stay float32 (also under bf16 autocast)
         # global over every TTT block (and over tensor-parallel shards: sum_over_shards)
-        norm = torch.sqrt(model.sum_over_shards(
+        norm = torch.sqrt(model.parallel.sum_over_shards(
             sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)))
         # the step size is one number per sequence applied to every shard of theta
-        scale = model.copy_to_shards((ctx.eta * _clip_scale(norm, ctx.clip)).view(-1, 1, 1))
+        step = ctx.eta * _clip_scale(norm, ctx.clip)
+        scale = model.parallel.copy_to_shards(step.view(-1, 1, 1))
         new_fast = [t - scale * at_least_fp32(g) for t, g in zip(fast, grads)]
         norm = norm[:, None]
     norm = norm.detach()
@@ -303,7 +304,7 @@ def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Te
         for g, x_group in enumerate(torch.split(suffix_in, group * b, dim=1)):
             run = functools.partial(_flat_group, model, ctx, g * group, remat == "nested",
                                     n_blocks)
-            with model.offload_carries():
+            with model.offload.carries():
                 flat = _Remat.apply(run, 5 * n_blocks + 1, *carry.tensors(), x_group, *params)
             carry = Carry.from_tensors(flat, n_blocks)
             outs.append(ChunkOutput(carry, *flat[-3:]))

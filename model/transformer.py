@@ -21,16 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-from ttte2e.kernels.lm_head import nll_and_hidden_grad
 
 from .config import TTTConfig
 from .flops import FlopsEstimate, estimate_flops
 from .inner_loop import run_inner_loop
-from .layers import Block, RMSNorm, at_least_fp32, rope_angles
+from .layers import Block, RMSNorm, rope_angles
 from .model_folder import DEFAULT_SHARD_BYTES, read_config, read_model_state, write_model_folder
+from .parallel import KeepOnDevice, SingleDevice
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int, name: str) -> None:
@@ -46,12 +44,6 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, name: str) -> None:
     if low < 0 or high >= vocab_size:
         raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the "
                          f"vocabulary 0..{vocab_size - 1}")
-
-
-def nll_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL [B, P] of logits [B, P, V] for targets [B, P]."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                           reduction="none").view_as(targets)
 
 
 @dataclass
@@ -71,14 +63,13 @@ class LMOutput:
 
 
 class TTTModel(nn.Module):
-    # Host offload (ttte2e.platform.train.offload) sets these to saved-tensor-hook contexts around
-    # what the backward keeps longest; on one device by default nothing moves.
-    offload_carries = staticmethod(nullcontext)  # the inner loop's remat carries
-    offload_prefix = staticmethod(nullcontext)   # the checkpointed prefix blocks' inputs
-
     def __init__(self, config: TTTConfig):
         super().__init__()
         self.config = config
+        # what differs when the model is split or its saved tensors moved (parallel.py): tensor
+        # parallelism and host offload replace these objects, never the methods below
+        self.parallel = SingleDevice()
+        self.offload = KeepOnDevice()
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)  # tied: also the output head
         self.blocks = nn.ModuleList(
@@ -122,27 +113,18 @@ class TTTModel(nn.Module):
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
         return rope_angles(positions, self.config.head_dim, self.config.rope_theta)
 
+    # Operations a tensor-parallel run computes differently are asked of self.parallel.
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return at_least_fp32(F.linear(self.final_norm(h), self.embed.weight))
+        """Logits [..., V] (at least fp32) of final hidden states (gathered under TP)."""
+        return self.parallel.logits(self, h)
 
     def token_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nll_of_logits(self.logits(h), targets)
+        return self.parallel.token_nll(self, h, targets)
 
-    # The tensor-parallel interface: ttte2e.platform.train.tensor_parallel shards the weights in
-    # place and replaces these three (and `logits`, `token_nll`) on the instance with their
-    # vocabulary-sharded / group-summed forms. On one device they are the plain ops.
     def head_nll_and_grad(self, normed: torch.Tensor, targets: torch.Tensor,
                           weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tied head on final-normed states [N, d]: NLL [N] and d(sum_i w_i nll_i)/d normed."""
-        return nll_and_hidden_grad(normed, self.embed.weight, targets, weights)
-
-    def sum_over_shards(self, partial: torch.Tensor) -> torch.Tensor:
-        """Sum of a per-shard partial (the inner gradient's squared norm) over the shards."""
-        return partial
-
-    def copy_to_shards(self, whole: torch.Tensor) -> torch.Tensor:
-        """A whole value (the inner step size) used by every shard: its gradient sums them."""
-        return whole
+        return self.parallel.head_nll_and_grad(self, normed, targets, weights)
 
     def _check_tokens(self, tokens: torch.Tensor, multiple_of: int) -> None:
         check_token_ids(tokens, self.config.vocab_size, "tokens")
@@ -151,14 +133,15 @@ class TTTModel(nn.Module):
             raise ValueError(f"tokens has T+1={tokens.shape[1]} columns: T must be a positive "
                              f"multiple of chunk_size={multiple_of}")
 
-    def _run_blocks(self, h: torch.Tensor, blocks: list[Block], seq_len: int | None = None
-                    ) -> torch.Tensor:
-        # seq_len: the whole sequence's length when h holds a slice of it (tensor-parallel
-        # prefix blocks gather the sequence before attention)
+    def run_blocks(self, h: torch.Tensor, blocks: list[Block], seq_len: int | None = None
+                   ) -> torch.Tensor:
+        """`blocks` over hidden states h [B, T, d] at absolute positions 0..T-1. seq_len: the
+        whole sequence's length when h holds a slice of it (tensor-parallel prefix blocks gather
+        the sequence before attention)."""
         positions = torch.arange(h.shape[1] if seq_len is None else seq_len, device=h.device)
         rope, window = self.rope(positions), self.config.attn_window
         remat = self.config.checkpoint_prefix and torch.is_grad_enabled()
-        with self.offload_prefix() if remat else nullcontext():
+        with self.offload.prefix() if remat else nullcontext():
             for block in blocks:
                 if remat:  # keeps the block's input (through saved-tensor hooks) only
                     h = checkpoint(block, h, rope, window, use_reentrant=False)
@@ -168,7 +151,7 @@ class TTTModel(nn.Module):
 
     def prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding + the prefix blocks over the whole sequence (absolute positions)."""
-        return self._run_blocks(self.embed(input_ids), self.prefix_blocks)
+        return self.parallel.prefix(self, input_ids)
 
     # ---- entry points --------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -176,13 +159,13 @@ class TTTModel(nn.Module):
 
         This is the SWA (or full-attention) transformer the TTT model reduces to at eta = 0.
         """
-        return self.logits(self._run_blocks(self.prefix(input_ids), self.ttt_blocks))
+        return self.logits(self.run_blocks(self.prefix(input_ids), self.ttt_blocks))
 
     def lm_loss(self, tokens: torch.Tensor) -> LMOutput:
         """Ordinary next-token loss of the plain pass (the baseline's training step)."""
         self._check_tokens(tokens, 1)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        h = self._run_blocks(self.prefix(inputs), self.ttt_blocks)
+        h = self.run_blocks(self.prefix(inputs), self.ttt_blocks)
         nll = self.token_nll(h, targets)
         mask = (targets != self.config.bos_token_id).float()
         return LMOutput(loss=(nll * mask).sum() / mask.sum().clamp_min(1.0), token_nll=nll)
@@ -201,8 +184,9 @@ class TTTModel(nn.Module):
         eta = self.config.inner_lr if eta is None else eta
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         mask = targets != self.config.bos_token_id
-        inner = run_inner_loop(self, self.prefix(inputs), targets, mask, eta, remat,
-                               final_update=final_update)
+        with self.offload.step():  # host offload of every saved tensor ('all'), if installed
+            inner = run_inner_loop(self, self.prefix(inputs), targets, mask, eta, remat,
+                                   final_update=final_update)
         return MetaLossOutput(loss=inner.chunk_loss.mean(1).mean(0), token_nll=inner.token_nll,
                               chunk_loss=inner.chunk_loss, inner_grad_norm=inner.inner_grad_norm,
                               fast_weights=inner.fast_weights)

@@ -40,10 +40,9 @@ def _tokens(config: TTTConfig, seq_len: int) -> torch.Tensor:
     return torch.randint(2, config.vocab_size, (1, seq_len + 1), generator=gen)
 
 
-def _step(model: TTTModel, tokens: torch.Tensor, context) -> None:
+def _step(model: TTTModel, tokens: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
-    with context():
-        model.meta_loss(tokens).loss.backward()
+    model.meta_loss(tokens).loss.backward()
 
 
 def _measure_rank(fields: dict, tp: int, offload: str, rank: int = 0, init_file: str = "",
@@ -63,9 +62,9 @@ def _measure_rank(fields: dict, tp: int, offload: str, rank: int = 0, init_file:
     model = TTTModel(config)
     if tp > 1:
         parallelize(model, dist.group.WORLD)
-    counter, context = apply_offload(model, offload)
+    counter = apply_offload(model, offload)
     warm = config.chunk_size * 2 * tp  # a short step first: the allocator's first-use costs
-    _step(model, _tokens(config, warm), context)
+    _step(model, _tokens(config, warm))
     model.zero_grad(set_to_none=True)
     tokens = _tokens(config, config.seq_len)
     counter.bytes = counter.tensors = 0
@@ -73,7 +72,7 @@ def _measure_rank(fields: dict, tp: int, offload: str, rank: int = 0, init_file:
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
     start = time.perf_counter()
-    _step(model, tokens, context)
+    _step(model, tokens)
     seconds = time.perf_counter() - start
     out = dict(peak_bytes=_read_status("VmHWM") - before, seconds=seconds,
                offloaded_bytes=counter.peak_bytes)

@@ -265,14 +265,13 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
         try:
             for mode in ("none", "carries", "prefix", "all"):
                 # smoke sizes are below the size worth moving: move everything there
-                counter, context = (apply_offload(model, mode, min_bytes=0) if smoke
-                                    else apply_offload(model, mode))
+                counter = (apply_offload(model, mode, min_bytes=0) if smoke
+                           else apply_offload(model, mode))
                 loss_box = {}
 
                 def step():
                     model.zero_grad(set_to_none=True)
-                    with context(), torch.autocast(device, dtype=dtype,
-                                                   enabled=dtype != torch.float32):
+                    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                         loss = model.meta_loss(tokens).loss
                     loss.backward()
                     loss_box["loss"] = loss.item()

@@ -1,13 +1,12 @@
 """Host offload (platform/train/offload.py): on CPU the move is a no-op, so the meta step with
 offload is bit-identical to the one without; the hooks see exactly what each mode should move."""
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 
 from conftest import SMALL
 from ttte2e.model import TTTConfig, TTTModel
+from ttte2e.model.parallel import KeepOnDevice
 from ttte2e.platform.train.offload import apply_offload
 
 
@@ -16,10 +15,9 @@ def _config(**changes) -> TTTConfig:
                             remat_group=2, checkpoint_prefix=True, **changes))
 
 
-def _step(model: TTTModel, tokens: torch.Tensor, context):
+def _step(model: TTTModel, tokens: torch.Tensor):
     model.zero_grad(set_to_none=True)
-    with context():
-        out = model.meta_loss(tokens)
+    out = model.meta_loss(tokens)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -31,12 +29,12 @@ def test_offload_is_exact_and_moves_what_it_names(mode):
     plain = TTTModel(config)
     tokens = torch.randint(0, config.vocab_size, (2, config.seq_len + 1))
     tokens[0, 40] = config.bos_token_id
-    loss, grads = _step(plain, tokens, nullcontext)
+    loss, grads = _step(plain, tokens)
 
     model = TTTModel(config)
     model.load_state_dict(plain.state_dict())
-    offload, context = apply_offload(model, mode, min_bytes=0)
-    got_loss, got_grads = _step(model, tokens, context)
+    offload = apply_offload(model, mode, min_bytes=0)
+    got_loss, got_grads = _step(model, tokens)
     assert torch.equal(got_loss, loss)
     for name, grad in grads.items():
         assert torch.equal(got_grads[name], grad), name
@@ -81,11 +79,14 @@ def test_a_tensor_several_ops_save_is_moved_once_and_released_with_the_graph():
 
 def test_installing_a_mode_replaces_the_one_before():
     model = TTTModel(_config())
-    apply_offload(model, "carries")
-    apply_offload(model, "prefix")
-    assert model.offload_carries is TTTModel.offload_carries  # no longer hooked
-    assert model.offload_prefix is not TTTModel.offload_prefix
+    first = apply_offload(model, "carries", min_bytes=0)
+    second = apply_offload(model, "prefix", min_bytes=0)
+    tokens = torch.randint(0, model.config.vocab_size, (1, model.config.seq_len + 1))
+    model.meta_loss(tokens).loss.backward()
+    assert first.tensors == 0 and second.tensors > 0  # the carries are no longer hooked
+    moved = second.tensors
     apply_offload(model, "none")
-    assert model.offload_prefix is TTTModel.offload_prefix
+    model.meta_loss(tokens).loss.backward()
+    assert isinstance(model.offload, KeepOnDevice) and second.tensors == moved
     with pytest.raises(ValueError, match="offload 'disk'"):
         apply_offload(model, "disk")

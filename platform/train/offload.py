@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager, nullcontext
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 
 from ttte2e.model import TTTModel
+from ttte2e.model.parallel import KeepOnDevice
+
+OffloadMode = Literal["none", "carries", "prefix", "all"]
+OFFLOAD_MODES: tuple[str, ...] = get_args(OffloadMode)
 
 MIN_BYTES = 1 << 16  # smaller tensors cost more to move than they free
 
@@ -94,22 +99,31 @@ class HostOffload:
         return t.to(device, non_blocking=True)
 
 
-def apply_offload(model: TTTModel, mode: str, min_bytes: int = MIN_BYTES
-                  ) -> tuple[HostOffload, object]:
-    """Install `mode` on the model, replacing any mode installed before: (the counter, a
-    context for the whole meta step: 'all')."""
-    if mode not in ("none", "carries", "prefix", "all"):
-        raise ValueError(f"offload {mode!r}: choose none, carries, prefix or all")
-    for name in ("offload_carries", "offload_prefix"):  # back to the class's no-op contexts
-        model.__dict__.pop(name, None)
+class HostOffloadPlacement(KeepOnDevice):
+    """The model's `offload` object (model/parallel.py) for one --offload mode: the named part's
+    saved tensors go through the HostOffload hooks; the rest stay on the device."""
+
+    def __init__(self, mode: OffloadMode, offload: HostOffload):
+        self.mode, self.offload = mode, offload
+
+    def carries(self):
+        return self.offload.hooks() if self.mode == "carries" else nullcontext()
+
+    def prefix(self):
+        return self.offload.hooks() if self.mode == "prefix" else nullcontext()
+
+    def step(self):
+        return self.offload.hooks() if self.mode == "all" else nullcontext()
+
+
+def apply_offload(model: TTTModel, mode: OffloadMode, min_bytes: int = MIN_BYTES) -> HostOffload:
+    """Install `mode` as the model's offload placement, replacing any installed before; returns
+    the counter of what moved. 'none' restores the default (nothing moves)."""
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload {mode!r}: choose one of {', '.join(OFFLOAD_MODES)}")
     offload = HostOffload(min_bytes)
-    if mode == "carries":
-        model.offload_carries = offload.hooks
-    elif mode == "prefix":
-        model.offload_prefix = offload.hooks
-    elif mode == "all":
-        return offload, offload.hooks
-    return offload, nullcontext
+    model.offload = KeepOnDevice() if mode == "none" else HostOffloadPlacement(mode, offload)
+    return offload
 
 
-__all__ = ["HostOffload", "apply_offload"]
+__all__ = ["HostOffload", "HostOffloadPlacement", "OFFLOAD_MODES", "OffloadMode", "apply_offload"]

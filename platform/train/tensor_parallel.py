@@ -18,8 +18,11 @@ reduce-scatter (backward: gather), so norms, residuals and what they save are 1/
 group (and the step size it gives enters every shard through copy_to_group), and the head is the
 vocabulary-sharded fused op (kernels/lm_head).
 
-`parallelize(model, group)` shards a whole (identically initialised or loaded) model in place;
-`full_state_dict(model)` gathers the whole weights back (what model folders hold).
+`parallelize(model, group)` shards a whole (identically initialised or loaded) model in place:
+it swaps split linears, norms and the embedding for their parallel versions, hooks the region
+boundaries, and sets `model.parallel` to a `TensorParallel` plan (model/parallel.py: the prefix,
+head and shard sums the model asks of it). `full_state_dict(model)` gathers the whole weights
+back (what model folders hold).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import torch.nn.functional as F
 
 from ttte2e.kernels.lm_head import nll_and_hidden_grad
 from ttte2e.model import TTTConfig, TTTModel
-from ttte2e.model.layers import at_least_fp32, rms_norm
+from ttte2e.model.layers import RMSNorm, at_least_fp32, rms_norm
+from ttte2e.model.parallel import SingleDevice
 
 
 # ---- collectives that are twice (any number of times) differentiable ---------------------------
@@ -223,26 +227,64 @@ def _scatter_out(group):
     return hook
 
 
-def _shared_gain(norm, group) -> None:
-    """One gain applied on every rank to its part (heads or tokens): its gradient sums them."""
-    norm.forward = lambda x, n=norm: rms_norm(x, copy_to_group(n.weight, group), n.eps)
+class SharedGainRMSNorm(RMSNorm):
+    """An RMSNorm whose one gain is applied on every rank to its part (heads or tokens): the
+    gain's gradient sums the ranks'."""
+
+    def __init__(self, norm: RMSNorm, group):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, copy_to_group(self.weight, self.group), self.eps)
 
 
-def _sequence_parallel_prefix(model: TTTModel, group):
-    """The prefix with the sequence split over the ranks wherever it is not in a sharded matmul
-    region (Megatron's sequence parallelism): norms, residuals and what they save are 1/N per
-    rank; only the gathered inputs of the q/k/v and MLP matmuls are whole."""
-    size = dist.get_world_size(group)
+def _share_gain(owner: nn.Module, name: str, group) -> RMSNorm:
+    norm = SharedGainRMSNorm(getattr(owner, name), group)
+    setattr(owner, name, norm)
+    return norm
 
-    def prefix(input_ids: torch.Tensor) -> torch.Tensor:
+
+class TensorParallel(SingleDevice):
+    """The model's parallel plan over a tensor-parallel group (see the module docstring)."""
+
+    def __init__(self, layout: TensorParallelLayout):
+        self.layout = layout
+        self.group = layout.group
+
+    def prefix(self, model: TTTModel, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prefix with the sequence split over the ranks wherever it is not in a sharded
+        matmul region (Megatron's sequence parallelism): norms, residuals and what they save are
+        1/N per rank; only the gathered inputs of the q/k/v and MLP matmuls are whole."""
         seq = input_ids.shape[1]
-        if seq % size:
-            raise ValueError(f"sequence length {seq} does not split over {size} "
+        if seq % self.layout.size:
+            raise ValueError(f"sequence length {seq} does not split over {self.layout.size} "
                              "tensor-parallel ranks")
-        h = reduce_scatter_sequence(model.embed.partial(input_ids), group)
-        h = model._run_blocks(h, model.prefix_blocks, seq_len=seq)
-        return gather_sequence(h, group, into_sharded_region=False)
-    return prefix
+        h = reduce_scatter_sequence(model.embed.partial(input_ids), self.group)
+        h = model.run_blocks(h, model.prefix_blocks, seq_len=seq)
+        return gather_sequence(h, self.group, into_sharded_region=False)
+
+    def logits(self, model: TTTModel, h: torch.Tensor) -> torch.Tensor:
+        local = at_least_fp32(F.linear(model.final_norm(h), model.embed.weight))
+        return gather_last_dim(local, self.group)
+
+    def token_nll(self, model: TTTModel, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        normed = model.final_norm(h).flatten(0, 1)
+        unused = torch.zeros(normed.shape[0], dtype=torch.float32, device=normed.device)
+        nll, _ = self.head_nll_and_grad(model, normed, targets.flatten(), unused)
+        return nll.view_as(targets)
+
+    def head_nll_and_grad(self, model: TTTModel, normed: torch.Tensor, targets: torch.Tensor,
+                          weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return nll_and_hidden_grad(normed, model.embed.weight, targets, weights, self.group,
+                                   model.embed.offset)
+
+    def sum_over_shards(self, partial: torch.Tensor) -> torch.Tensor:
+        return sum_over_group(partial, self.group)
+
+    def copy_to_shards(self, whole: torch.Tensor) -> torch.Tensor:
+        return copy_to_group(whole, self.group)
 
 
 def parallelize(model: TTTModel, group) -> TensorParallelLayout:
@@ -262,15 +304,14 @@ def parallelize(model: TTTModel, group) -> TensorParallelLayout:
         _split(attn.wo, 1, rank, size)
         layout.split_dims[f"blocks.{i}.attn.wo.weight"] = 1
         attn.n_heads //= size
-        for norm in (attn.q_norm, attn.k_norm):
-            _shared_gain(norm, group)
+        for name in ("q_norm", "k_norm"):
+            _share_gain(attn, name, group)
         # prefix blocks hold 1/N of the sequence between regions; the suffix (chunk by chunk,
         # a few tokens at a time) holds it whole
         enter, leave = (_gather_in, _scatter_out) if not block.ttt else (_enter, _leave)
         if not block.ttt:
-            for norm in (block.attn_norm, block.attn_post_norm, block.mlp_norm,
-                         block.mlp_post_norm):
-                _shared_gain(norm, group)
+            for name in ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm"):
+                _share_gain(block, name, group)
         block.attn_norm.register_forward_hook(enter(group))
         attn.wo.register_forward_hook(leave(group))
         mlps = [("mlp", block.mlp_norm, block.mlp)]
@@ -287,28 +328,7 @@ def parallelize(model: TTTModel, group) -> TensorParallelLayout:
     model.embed = VocabShardedEmbedding(table, rank * rows, group)
     layout.split_dims["embed.weight"] = 0
 
-    def head_nll_and_grad(normed, targets, weights):
-        return nll_and_hidden_grad(normed, model.embed.weight, targets, weights, group,
-                                   model.embed.offset)
-
-    def token_nll(h, targets):
-        normed = model.final_norm(h).flatten(0, 1)
-        nll, _ = head_nll_and_grad(normed, targets.flatten(),
-                                   torch.zeros(normed.shape[0], dtype=torch.float32,
-                                               device=normed.device))
-        return nll.view_as(targets)
-
-    def logits(h):
-        return gather_last_dim(at_least_fp32(F.linear(model.final_norm(h), model.embed.weight)),
-                               group)
-
-    model.prefix = _sequence_parallel_prefix(model, group)
-    model.head_nll_and_grad = head_nll_and_grad
-    model.sum_over_shards = lambda partial: sum_over_group(partial, group)
-    model.copy_to_shards = lambda whole: copy_to_group(whole, group)
-    model.token_nll = token_nll
-    model.logits = logits
-    model.tensor_parallel = layout
+    model.parallel = TensorParallel(layout)
     for name, param in model.named_parameters():
         if name in layout.split_dims:
             # DeepSpeed's gradient-norm reduction counts a split parameter on every rank, a whole
@@ -320,7 +340,7 @@ def parallelize(model: TTTModel, group) -> TensorParallelLayout:
 
 def full_state_dict(model: TTTModel) -> dict[str, torch.Tensor]:
     """The whole weights of a (possibly) sharded model, on every rank of its group (CPU)."""
-    layout: TensorParallelLayout | None = getattr(model, "tensor_parallel", None)
+    layout = getattr(model.parallel, "layout", None)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if layout is None or layout.size == 1:
         return {k: v.cpu() for k, v in state.items()}
@@ -402,7 +422,8 @@ class DeepSpeedMPU:
     get_tensor_model_parallel_group = get_model_parallel_group
 
 
-__all__ = ["DeepSpeedMPU", "ParallelGroups", "TensorParallelLayout",
+__all__ = ["DeepSpeedMPU", "ParallelGroups", "SharedGainRMSNorm", "TensorParallel",
+           "TensorParallelLayout",
            "VocabShardedEmbedding", "build_groups", "copy_to_group", "full_state_dict",
            "gather_last_dim", "gather_sequence", "layout_problems", "parallelize",
            "reduce_scatter_sequence", "sum_over_group"]

@@ -58,15 +58,13 @@ class MetaObjective(torch.nn.Module):
     """The module DeepSpeed wraps: forward = the meta-loss of a batch (optionally under bf16
     autocast; the inner loop keeps fast weights, inner grads and the clip norm in fp32)."""
 
-    def __init__(self, model: TTTModel, autocast_dtype: torch.dtype | None = None,
-                 step_context=nullcontext):
+    def __init__(self, model: TTTModel, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
-        self.step_context = step_context  # host offload of every saved tensor ('all')
 
     def forward(self, tokens: torch.Tensor, eta: float):
-        with self.autocast(tokens.device), self.step_context():
+        with self.autocast(tokens.device):
             # the last chunk's inner step changes no loss: not taken (1/n of the inner gradients)
             out = self.model.meta_loss(tokens, eta=eta, final_update=False)
         return out.loss, out.chunk_loss.detach(), out.inner_grad_norm
@@ -279,8 +277,8 @@ def _train_loop(loop: dict) -> None:
             model.load_state_dict(TTTModel.from_pretrained(folder).state_dict())
     if groups:  # the whole model (initialised or loaded) is split in place
         parallelize(model, groups.tensor)
-    _, step_context = apply_offload(model, cfg.offload)
-    objective = MetaObjective(model, autocast_dtype, step_context).to(device)
+    apply_offload(model, cfg.offload)
+    objective = MetaObjective(model, autocast_dtype).to(device)
     total, warmup = geometry.steps, warmup_steps(cfg, geometry.steps)
 
     def schedule(optimizer):
