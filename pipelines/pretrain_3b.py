@@ -4,6 +4,7 @@
         python pipelines/pretrain_3b.py --data s3://bucket/dclm --storage s3://bucket/runs
     python pipelines/pretrain_3b.py --plan --nodes 8 --gpus-per-node 8      # capacity plan only
     python pipelines/pretrain_3b.py --preset tiny --data runs/demo/data ...  # same path, on a CPU
+    python pipelines/pretrain_3b.py --local ...   # the same loop in this process, without Ray
 
 The settings are recipes/3b_pretrain_8k.yaml (the paper's 3B recipe); every flag overrides
 them, and `--config FILE` starts from another recipe.

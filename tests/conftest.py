@@ -95,6 +95,38 @@ def load_case(path):
     return data, model
 
 
+@pytest.fixture(scope="session")
+def ray_head():
+    """One private Ray head (with its dashboard, which Tune's trial cleanup needs) for the whole
+    test session; stopped by PID at the end."""
+    from ttte2e.platform.cluster.local_head import LocalRayCluster
+
+    with LocalRayCluster(num_cpus=2, log=lambda *_: None) as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_head):
+    """This process joined to the session's Ray head for one test module (RAY_ADDRESS names it,
+    so subprocesses such as a sweep's join it too); disconnected afterwards, so the modules that
+    check that bad input never starts Ray see it stopped."""
+    import ray
+
+    before = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray_head.gcs_address
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=ray_head.gcs_address, log_to_driver=True)
+    try:
+        yield ray_head
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

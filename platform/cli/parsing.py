@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -38,6 +39,8 @@ def cli(cls: type[T], argv: list[str] | None, description: str, prog: str,
     script's own name."""
     if argv is None:
         argv, prog = sys.argv[1:], Path(sys.argv[0]).name
+    # the commands' progress and results are INFO records of the module loggers
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = {} if default is None else dict(default=default)
     return tyro.cli(cls, args=argv, description=description, prog=prog, **options)
 

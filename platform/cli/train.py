@@ -58,6 +58,9 @@ class RunFlags:
 @dataclass
 class TrainCommand(RunFlags):
     plan: Annotated[PlanOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PlanOptions)
+    local: bool = False
+    """Run in this process without Ray (one worker: for a debugger, or a single box); its
+    checkpoints continue under Ray and the other way round."""
 
 
 def recipe_config(recipe: str) -> TrainConfig:
@@ -110,7 +113,8 @@ def run_main(description: str, recipe: str = "", require_init: bool = False,
              argv: list[str] | None = None) -> dict | None:
     """The entry scripts' main: --plan prints the capacity plan; otherwise train. Bad input is
     one line on stderr and exit status 2, before any worker starts."""
-    cfg, plan = parse(argv, description, recipe)
+    cfg, cmd = parse_run(TrainCommand, argv, description, recipe, "train")
+    plan = cmd.plan
     try:
         if plan.plan:
             check_plan_options(plan)
@@ -123,7 +127,7 @@ def run_main(description: str, recipe: str = "", require_init: bool = False,
             raise ConfigError("--init-from <pretraining checkpoint> is required")
         from ttte2e.platform.train.driver import fit
 
-        return fit(cfg)
+        return fit(cfg, local=cmd.local)
     except ConfigError as e:
         import sys
 

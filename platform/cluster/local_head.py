@@ -96,7 +96,7 @@ class LocalRayCluster:
                working_dir, "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
         return subprocess.run(cmd, env=self.env).returncode
 
-    def _pids(self) -> list[int]:
+    def pids(self) -> list[int]:
         """Processes of this cluster: their command line names its private temp dir or its GCS
         address (the client server names only that), and their children."""
         import psutil
@@ -116,7 +116,7 @@ class LocalRayCluster:
     def stop(self) -> None:
         import psutil
 
-        pids = self._pids()
+        pids = self.pids()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)

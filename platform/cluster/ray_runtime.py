@@ -24,3 +24,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
              log_to_driver=True)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The variables a Ray worker, actor or trial needs from the process that starts it: the
+    storage endpoint and credentials (S3), MLflow's settings and credentials. Values are never
+    logged."""
+    from ttte2e.platform.data.storage import STORAGE_ENV_VARS
+
+    return {k: v for k, v in os.environ.items()
+            if k in STORAGE_ENV_VARS or k.startswith(("MLFLOW_", "AWS_"))}

@@ -44,7 +44,8 @@ from ttte2e.platform.data.manifest import (FORMAT_VERSION, MANIFEST, ROW_GROUPS_
                                            SHARD_SCHEMA, TOKENIZER_FILE, DataError, list_digest,
                                            read_manifest, row_group_digest, verify_dataset,
                                            write_manifest)
-from ttte2e.platform.data.storage import STORAGE_ENV_VARS, Location, resolve
+from ttte2e.platform.cluster.ray_runtime import forwarded_env
+from ttte2e.platform.data.storage import Location, resolve
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt", ".txt.gz", ".txt.zst")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
@@ -631,7 +632,7 @@ def _run_with_ray(work, jobs: list[tuple], opts: PrepareOptions, tok: TokenizerI
     output, options = opts.output, opts
     # Workers may have been started before this process set its storage variables (or on other
     # nodes): ship the driver's S3 endpoint and credentials with the task (never logged).
-    storage_env = {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
+    storage_env = forwarded_env()
 
     def task(batch: dict) -> dict:
         os.environ.update(storage_env)

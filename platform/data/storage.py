@@ -140,6 +140,21 @@ class Location:
                 self.join(f.name).write_bytes(f.read_bytes())
         return files
 
+    def upload(self, folder: Path) -> None:
+        """A local folder's files into this folder (created; same relative paths)."""
+        if not self.is_s3:
+            self._call("creating", lambda p: self.fs.create_dir(p, recursive=True), self.path)
+        self._call("copying into", lambda p: pafs.copy_files(
+            str(folder), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs),
+            self.path)
+
+    def download(self, folder: Path) -> None:
+        """This folder's files into a local folder (same relative paths)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self._call("copying from", lambda p: pafs.copy_files(
+            p, str(folder), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()),
+            self.path)
+
     def ensure_bucket(self) -> None:
         """S3 only: fail early with a clear message when the bucket cannot be reached."""
         if self.is_s3:

@@ -38,7 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ttte2e.platform.data.manifest import DataError, read_manifest, row_group_digest, row_group_digests
-from ttte2e.platform.data.storage import STORAGE_ENV_VARS, resolve
+from ttte2e.platform.cluster.ray_runtime import forwarded_env
+from ttte2e.platform.data.storage import resolve
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,7 @@ def worker_stream(spec: StreamSpec, rank: int, start: StreamPosition, n_steps: i
         return
     import ray
 
-    storage_env = {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
+    storage_env = forwarded_env()
     dataset = ray.data.from_items([{"i": i} for i in range(n_steps)])
     dataset = dataset.map_batches(_StepReader, fn_constructor_args=(spec, rank, start, storage_env),
                                   batch_size=1, concurrency=1, num_cpus=cpus)

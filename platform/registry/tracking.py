@@ -13,32 +13,14 @@ import re
 import sys
 from pathlib import Path
 
+from ttte2e.platform.redact import redact, redact_config  # noqa: F401 - re-exported
+
 RUN_NAME_TAG = "ttte2e.run_name"
-_SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_KEYS = re.compile(r"(secret|password|token|access_key|credential)", re.I)
 
 
-# values that are secrets wherever they show up (a message, a param, an exception text)
-SECRET_ENV_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 CREDENTIAL_ENV_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                        "MLFLOW_TRACKING_TOKEN")
-
-
-def redact(text: str) -> str:
-    """Drop user:password@ from every URI in text, and the values of the secret variables of
-    the environment (SECRET_ENV_VARS)."""
-    text = _SECRET_IN_URI.sub(r"\g<scheme>***@", str(text))
-    for name in SECRET_ENV_VARS:
-        value = os.environ.get(name, "")
-        if len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
-def redact_config(values: dict) -> dict:
-    """A config dict fit to be stored (checkpoints, result files): string values redacted."""
-    return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
 
 
 def strip_credentials(uri: str) -> str:

@@ -3,8 +3,9 @@ a run resumes from, and whether a new invocation may resume it.
 
 A checkpoint folder (`<storage>/<run name>/checkpoint_<step>`) holds ds/ (DeepSpeed: parameters,
 optimizer partitions, lr schedule), model/ (config.json + safetensors + tokenizer.json),
-trainer_state.json (step, data position, metric history, configs, geometry) and rng/rank<r>.pt.
-Every rank uploads its own files; after all of them are stored, rank 0 writes COMPLETE.json last:
+trainer_state.json (step, data position, metric history, configs, geometry) and rng/rank<r>.pt;
+`write` makes a rank's part of it and `restore` reads it back. Every rank uploads its own files
+(under Ray Train through its report; in one process the trainer copies the folder); after all of them are stored, rank 0 writes COMPLETE.json last:
 every file with its size, and a sha256 for the files of model/. A folder without it (a crash
 mid-save) or whose files differ from it (cut short, damaged) is incomplete: every reader refuses
 it, naming what is wrong, and the choice of the checkpoint to resume skips it.
@@ -14,16 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from ttte2e.model.model_folder import CONFIG_FILE
+import numpy as np
+import torch
+
+from ttte2e.model.model_folder import CONFIG_FILE, write_model_folder, write_tokenizer
 from ttte2e.platform.data.storage import Location, resolve
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE.json"
 DS_TAG = "ds"
 MODEL_DIR = "model"
+RNG_DIR = "rng"
 PREFIX = "checkpoint_"
 
 
@@ -33,6 +42,64 @@ class CheckpointError(ValueError):
 
 def dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
+
+
+# ---- writing and reading one checkpoint (every rank its part) ----------------------------------
+def _rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write(folder: Path, engine, rank: int, state: dict | None, model_config: dict,
+          weights: dict | None, tokenizer: bytes | None) -> dict[str, dict]:
+    """This rank's part of a checkpoint into a local folder: its DeepSpeed partition (ds/) and
+    random state (rng/rank<r>.pt); rank 0 (state, weights given) also model/ (the whole weights,
+    config, the dataset's tokenizer) and trainer_state.json. Returns file_list of the folder."""
+    engine.save_checkpoint(str(folder), tag=DS_TAG)
+    (folder / RNG_DIR).mkdir(exist_ok=True)
+    torch.save(_rng_state(), folder / RNG_DIR / f"rank{rank}.pt")
+    if state is not None:
+        write_model_folder(folder / MODEL_DIR, model_config, weights.items())
+        if tokenizer is not None:
+            write_tokenizer(folder / MODEL_DIR, tokenizer)
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return file_list(folder)
+
+
+def restore(folder: Path, engine, rank: int) -> dict:
+    """Parameters, optimizer partitions, lr schedule and this rank's random state from a local
+    copy of a checkpoint; returns its trainer state."""
+    state = read_state(folder)
+    engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
+                           load_lr_scheduler_states=True)
+    rng = Path(folder) / RNG_DIR / f"rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return state
+
+
+@contextmanager
+def local_copy(loc: Location, parts: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local folder with the checkpoint's files (the folder itself when local; a temporary
+    download of it, or of only `parts`, from S3)."""
+    if not loc.is_s3:
+        yield Path(loc.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ttte2e-restore-") as tmp:
+        for part in parts or ("",):
+            src = loc.join(part) if part else loc
+            src.download(Path(tmp) / part if part else Path(tmp))
+        if parts and loc.join(STATE_FILE).exists():
+            (Path(tmp) / STATE_FILE).write_bytes(loc.join(STATE_FILE).read_bytes())
+        yield Path(tmp)
 
 
 def file_list(folder: str | Path) -> dict[str, dict]:
@@ -140,15 +207,19 @@ def read_state(uri: str | Path) -> dict:
     return json.loads(state.read_bytes())
 
 
+def checkpoint_names(run_dir: Location) -> list[str]:
+    """The checkpoint folders of a run folder, newest first (complete or not)."""
+    if not run_dir.exists():
+        return []
+    # checkpoint folders only (Ray Train keeps its own checkpoint_manager_snapshot.json beside)
+    tops = {f.uri[len(run_dir.uri) + 1:].split("/", 1)[0] for f in run_dir.list_files()}
+    return sorted((n for n in tops if re.fullmatch(rf"{PREFIX}\d+", n)), reverse=True)
+
+
 def latest_complete(run_dir: Location, log=print, checksums: bool = True) -> Location | None:
     """The newest complete checkpoint of a run folder; incomplete newer ones are skipped, each
     named in the log. checksums=False: sizes only (workers after the driver checked)."""
-    if not run_dir.exists():
-        return None
-    # checkpoint folders only (Ray Train keeps its own checkpoint_manager_snapshot.json beside)
-    tops = {f.uri[len(run_dir.uri) + 1:].split("/", 1)[0] for f in run_dir.list_files()}
-    names = sorted((n for n in tops if re.fullmatch(rf"{PREFIX}\d+", n)), reverse=True)
-    for name in names:
+    for name in checkpoint_names(run_dir):
         loc = run_dir.join(name)
         found = problems(loc, checksums=checksums)
         if not found:

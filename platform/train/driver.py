@@ -1,28 +1,31 @@
-"""The training run's driver on Ray Train: pre-flight, resume choice, MLflow run, TorchTrainer.
+"""The training run's driver: pre-flight, resume choice, MLflow run, then the Trainer in this
+process (`local=True`) or on Ray Train.
 
 `fit`: the shared pre-flight (train/config.py), the checkpoint to continue (train/checkpoint.py
-owns the format), the MLflow run, a TorchTrainer running train/worker.py's `train_loop` with
-RunConfig(storage, FailureConfig, CheckpointConfig); at the end a plot, result.json and, when
-asked, the registered model.
+owns the format), the MLflow run, then either train/trainer.py's `run_local` (one process, no
+Ray) or a TorchTrainer running train/worker.py's `train_loop` with RunConfig(storage,
+FailureConfig, CheckpointConfig); at the end a plot, result.json and, when asked, the registered
+model. Both write the same checkpoints: a run continues in either.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 
 from ttte2e.model import TTTConfig, count_parameters
 from ttte2e.model.config import ARCHITECTURE_FIELDS
 from ttte2e.model.model_folder import CONFIG_FILE, config_fields
-from ttte2e.platform.data.storage import STORAGE_ENV_VARS, resolve
-from ttte2e.platform.registry.tracking import RunLogger, redact
+from ttte2e.platform.data.storage import resolve
+from ttte2e.platform.redact import redact, redact_config
+from ttte2e.platform.registry.tracking import RunLogger
 from ttte2e.platform.train import checkpoint as ckpt
 from ttte2e.platform.train.checkpoint import CheckpointError, read_state
 from ttte2e.platform.train.config import (ConfigError, TrainConfig, check_group_fits_a_node,
                                           check_resources, preflight)
+from ttte2e.platform.train.trainer import NonFiniteLoss, RunSpec, run_local
 from ttte2e.platform.train.worker import FATAL_FILE, NON_FINITE_FILE, train_loop
 
 
@@ -82,10 +85,6 @@ def plot_run(state: dict, path: Path) -> Path:
     return path
 
 
-def _storage_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k in STORAGE_ENV_VARS}
-
-
 def _register_final(checkpoint: str, cfg: TrainConfig, uri: str, log) -> dict:
     """Register the final checkpoint. A failure here ends the job with an error (exit status 2)
     that says the checkpoint is safe and gives the command that registers it later."""
@@ -117,15 +116,46 @@ def _tune_callbacks() -> list:
     return [TuneReportCallback()]
 
 
-def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
-        report_to_tune: bool = False) -> dict:
-    """Run (or resume) a training run; returns where its results are and its metric history.
-    parent_run_id: the MLflow run this run's run is a child of (a sweep). report_to_tune: forward
-    the workers' reports to the Ray Tune trial this runs in (platform/tune/sweep.py)."""
+def _local_device(cfg: TrainConfig) -> bool:
+    """Whether a --local run uses this machine's GPU; refuses layouts one process cannot run."""
+    import torch
+
+    if cfg.workers != 1 or cfg.tensor_parallel != 1:
+        raise ConfigError(f"--local runs one process: --workers {cfg.workers} --tensor-parallel "
+                          f"{cfg.tensor_parallel} needs Ray (drop --local), or use --workers 1")
+    if cfg.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("--device gpu: this machine has no CUDA device")
+    return cfg.device == "gpu" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def _launch_ray(spec: RunSpec, cfg: TrainConfig, report_to_tune: bool) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ttte2e.platform.cluster.ray_runtime import ensure_ray
+    from ttte2e.platform.cluster.ray_runtime import forwarded_env
+
+    storage = resolve(cfg.storage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=dict(spec=spec, env=forwarded_env()),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement),
+        run_config=RunConfig(
+            name=spec.run_name, storage_path=storage.path, storage_filesystem=storage.fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=_tune_callbacks() if report_to_tune else None),
+    )
+    trainer.fit()
+
+
+def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
+        report_to_tune: bool = False, local: bool = False) -> dict:
+    """Run (or resume) a training run; returns where its results are and its metric history.
+    local: the Trainer in this process, without Ray (one worker). parent_run_id: the MLflow run
+    this run's run is a child of (a sweep). report_to_tune: forward the workers' reports to the
+    Ray Tune trial this runs in (platform/tune/sweep.py)."""
     from ttte2e.platform.registry import tracking
 
     checked = preflight(cfg)
@@ -143,20 +173,27 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
         log(f"[resume] {redact(source)} (step {resumed['step']} of {geometry.steps})")
     if cfg.init_from:
         check_init_from(cfg.init_from, model_cfg)
-    ensure_ray()
-    import ray
+    if local:
+        use_gpu = _local_device(cfg)
+    else:
+        from ttte2e.platform.cluster.ray_runtime import ensure_ray
 
-    use_gpu = check_resources(cfg, ray.cluster_resources())
-    check_group_fits_a_node(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], use_gpu)
+        ensure_ray()
+        import ray
+
+        use_gpu = check_resources(cfg, ray.cluster_resources())
+        check_group_fits_a_node(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")],
+                                use_gpu)
+    where = ("in this process (--local)" if local else
+             f"{cfg.workers} {'GPU' if use_gpu else 'CPU'} workers")
     log(f"[plan] {cfg.preset}: {count_parameters(model_cfg) / 1e6:.1f}M parameters, "
         f"T={model_cfg.seq_len} k={model_cfg.window} b={model_cfg.chunk_size}, "
         f"{model_cfg.n_ttt_blocks}/{model_cfg.n_layers} TTT blocks; {geometry.steps} steps x "
         f"{geometry.tokens_per_step:,} tokens = {geometry.steps * geometry.tokens_per_step:,} "
         f"tokens ({facts['epochs']:.2f} epochs of {redact(cfg.data)}: {facts['train_windows']} "
         f"windows per epoch in a shuffled order, the last {facts['skipped_per_epoch']} of each "
-        f"epoch's order not read, fewer than one batch); {cfg.workers} "
-        f"{'GPU' if use_gpu else 'CPU'} workers x micro-batch {geometry.micro_batch} x "
-        f"accumulation {geometry.accumulation}; ZeRO-{cfg.zero_stage}"
+        f"epoch's order not read, fewer than one batch); {where} x micro-batch "
+        f"{geometry.micro_batch} x accumulation {geometry.accumulation}; ZeRO-{cfg.zero_stage}"
         + (f" over {geometry.data_parallel} data-parallel ranks x tensor-parallel "
            f"{geometry.tensor_parallel}" if geometry.tensor_parallel > 1 else "")
         + (f"; offload {cfg.offload}" if cfg.offload != "none" else ""))
@@ -177,29 +214,22 @@ def fit(cfg: TrainConfig, log=print, parent_run_id: str | None = None,
                               f"{redact(str(e))[:300]}); fix it or pass --tracking-uri off") from None
         log(f"[tracking] MLflow run {run_id} ({redact(uri)})")
 
-    resources = {"CPU": cfg.cpus_per_worker}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=dict(train=tracking.redact_config(cfg.to_dict()),
-                               model=model_cfg.to_dict(), run_name=name, identity=identity,
-                               use_gpu=use_gpu, tracking_uri=uri, run_id=run_id,
-                               storage_env={**_storage_env(), **tracking.credential_env()}),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources,
-                                     placement_strategy=cfg.placement),
-        run_config=RunConfig(
-            name=name, storage_path=storage.path, storage_filesystem=storage.fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=_tune_callbacks() if report_to_tune else None),
-    )
+    spec = RunSpec(train=TrainConfig.from_dict(redact_config(cfg.to_dict())), model=model_cfg,
+                   run_name=name, identity=identity, tracking_uri=uri, run_id=run_id,
+                   use_gpu=use_gpu)
     logger = RunLogger(uri, run_id)
     run_dir = storage.join(name)
     for stale in (FATAL_FILE, NON_FINITE_FILE):  # from an earlier invocation of this run
         if run_dir.join(stale).exists():
             run_dir.join(stale).delete()
     try:
-        trainer.fit()
+        if local:
+            try:
+                run_local(spec)
+            except NonFiniteLoss as e:  # one process has no restart to try: the run ends
+                raise ConfigError(f"training stopped: {e}") from None
+        else:
+            _launch_ray(spec, cfg, report_to_tune)
     except BaseException:
         logger.end("FAILED")
         _raise_fatal(run_dir)

@@ -33,7 +33,8 @@ from pathlib import Path
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ttte2e.model import TTTConfig
-from ttte2e.platform.data.storage import STORAGE_ENV_VARS, resolve
+from ttte2e.platform.cluster.ray_runtime import forwarded_env
+from ttte2e.platform.data.storage import resolve
 from ttte2e.platform.train.config import (ConfigError, TrainConfig, check_parallel_layout,
                                           cpus_needed)
 
@@ -164,12 +165,6 @@ def run_trial(config: dict, base: dict, sweep: dict) -> None:
         parent_run_id=sweep.get("parent_run_id"), report_to_tune=True)
 
 
-def _forwarded_env() -> dict:
-    keep = set(STORAGE_ENV_VARS)
-    return {k: v for k, v in os.environ.items()
-            if k in keep or k.startswith(("MLFLOW_", "AWS_"))}
-
-
 # ---- the sweep ----------------------------------------------------------------------------------
 def sweep_base(base: TrainConfig) -> TrainConfig:
     """Every report of a trial must carry held-out metrics (Tune compares them): evaluation at
@@ -261,7 +256,7 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     # trials log to the sweep's store (their default would be a second sqlite file per folder)
     base = dataclasses.replace(base, tracking_uri=uri or "off")
     sweep = dict(name=name, trial_storage=storage.join(name, "runs").uri, parent_run_id=parent,
-                 env=_forwarded_env())
+                 env=forwarded_env())
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), sweep=sweep), {"CPU": 0.01})
     asha = None
