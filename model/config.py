@@ -1,6 +1,7 @@
 """TTTConfig: every size and knob of a TTT-E2E model, validated on construction, and the presets.
 
-Field names follow DESIGN.md; `convert.config_from_official` maps the official JAX config onto them.
+Field names are the paper's (k = window, b = chunk_size, theta = the prime MLPs' fast weights);
+`convert.config_from_official` maps the official JAX config onto them.
 """
 
 from __future__ import annotations

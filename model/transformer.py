@@ -7,7 +7,7 @@ References:
 - nanoGPT model.py (layout of this file), torchtitan llama3 (single-device model, parallelism
   applied from outside).
 
-Data flow of `meta_loss` (DESIGN.md section 1): the prefix blocks run once over the whole sequence;
+Data flow of `meta_loss` (the bilevel objective of the paper, section 2): the prefix blocks run once over the whole sequence;
 the suffix (TTT) blocks run chunk by chunk in `inner_loop.run_inner_loop`, updating their prime
 MLPs by clipped SGD; the outer loss is the mean of the per-chunk losses, and its backward is the
 full second-order meta-gradient.

@@ -119,6 +119,19 @@ def test_image_installs_the_gpu_way_documented_in_the_readme():
     assert 'pip install "torch==<version>"' in readme
     assert 'pip install --no-build-isolation ".[gpu,triton]"' in readme
     assert kuberay_docs()["raycluster.yaml"]["spec"]["rayVersion"] == ray_pin()
+    # flash-attn's build may fail without taking the image down
+    assert re.search(r'\.\[gpu,triton\]" \\\n\s+\|\| echo', dockerfile)
+
+
+def test_the_image_smoke_test_imports_every_module_a_job_needs():
+    """The Dockerfile's own import check, run here exactly as written (CPU: the CUDA assert is a
+    line of its own)."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    lines = re.findall(r'^RUN (python -c "import ttte2e[^"]*")$', dockerfile, re.M)
+    assert len(lines) == 1, lines
+    proc = subprocess.run(["bash", "-c", lines[0].replace("python", sys.executable, 1)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_job_upload_carries_code_and_configs_never_data_checkpoints_or_secrets(tmp_path):

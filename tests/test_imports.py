@@ -1,5 +1,6 @@
 """Our folders must not shadow the stdlib `platform` or a PyPI `kernels` (Ray puts the repo root
-on sys.path), and model/ + kernels/ stay free of orchestration libraries (DESIGN.md)."""
+on sys.path), and model/ + kernels/ stay free of orchestration libraries (ray, deepspeed, mlflow,
+boto3: those belong to platform/, so the model runs and is tested as plain PyTorch)."""
 
 import ast
 import os

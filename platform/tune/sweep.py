@@ -8,7 +8,7 @@ architecture trained with inner_lr 0 (the prime MLPs become static MLPs: equal p
 the window grid trains it at every k, the other two once at the base k (it depends on neither).
 Combinations the model refuses (b > k, T % b != 0, ...) are listed and dropped before launch.
 
-Each trial is a Tune function trainable that starts a TorchTrainer (platform/trainer.fit; Ray
+Each trial is a Tune function trainable that starts a TorchTrainer (train/driver.fit; Ray
 Train V2 refuses Tuner(TorchTrainer)), whose rank-0 reports reach Tune through
 TuneReportCallback: every report carries the latest held-out metrics, so an ASHA scheduler can
 stop weak trials early. Trial runs are named after their config, so an interrupted sweep resumes
