@@ -54,8 +54,9 @@ def rope(x, theta):
 
 
 def swiglu(x, w, prefix):
-    return (torch.nn.functional.silu(x @ w[f"{prefix}.w1.weight"].T)
-            * (x @ w[f"{prefix}.w3.weight"].T)) @ w[f"{prefix}.w2.weight"].T
+    return (
+        torch.nn.functional.silu(x @ w[f"{prefix}.w1.weight"].T) * (x @ w[f"{prefix}.w3.weight"].T)
+    ) @ w[f"{prefix}.w2.weight"].T
 
 
 def plain_pass(config: dict, w: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,16 @@ class TTTConfig:
     """Convenience: set n_ttt_blocks from a fraction of n_layers (not stored)."""
 
     def __post_init__(self, ttt_fraction: float | None) -> None:
-        ints = ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "seq_len", "window",
-                "chunk_size")
+        ints = (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "mlp_hidden",
+            "seq_len",
+            "window",
+            "chunk_size",
+        )
         for name in ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -79,28 +87,39 @@ class TTTConfig:
             if self.n_ttt_blocks not in (0, from_fraction):
                 raise ValueError(
                     f"TTTConfig: n_ttt_blocks={self.n_ttt_blocks} disagrees with ttt_fraction="
-                    f"{ttt_fraction} (= {from_fraction} of {self.n_layers} blocks); give one of them")
+                    f"{ttt_fraction} (= {from_fraction} of {self.n_layers} blocks); give one of them"
+                )
             self.n_ttt_blocks = from_fraction
         elif self.n_ttt_blocks == 0:
             self.n_ttt_blocks = ttt_blocks_for_fraction(self.n_layers, 0.25)
         if not 1 <= self.n_ttt_blocks <= self.n_layers:
-            raise ValueError(f"TTTConfig.n_ttt_blocks must be in [1, n_layers={self.n_layers}], "
-                             f"got {self.n_ttt_blocks}")
+            raise ValueError(
+                f"TTTConfig.n_ttt_blocks must be in [1, n_layers={self.n_layers}], "
+                f"got {self.n_ttt_blocks}"
+            )
         if self.d_model % self.n_heads:
-            raise ValueError(f"TTTConfig: n_heads={self.n_heads} does not divide "
-                             f"d_model={self.d_model}")
+            raise ValueError(
+                f"TTTConfig: n_heads={self.n_heads} does not divide d_model={self.d_model}"
+            )
         if self.head_dim % 2:
-            raise ValueError(f"TTTConfig: head size d_model/n_heads={self.head_dim} must be even "
-                             "(RoPE rotates pairs)")
+            raise ValueError(
+                f"TTTConfig: head size d_model/n_heads={self.head_dim} must be even "
+                "(RoPE rotates pairs)"
+            )
         if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"TTTConfig.attention must be one of {ATTENTION_MODES}, "
-                             f"got {self.attention!r}")
+            raise ValueError(
+                f"TTTConfig.attention must be one of {ATTENTION_MODES}, got {self.attention!r}"
+            )
         if self.seq_len % self.chunk_size:
-            raise ValueError(f"TTTConfig: seq_len={self.seq_len} is not a multiple of "
-                             f"chunk_size={self.chunk_size}")
+            raise ValueError(
+                f"TTTConfig: seq_len={self.seq_len} is not a multiple of "
+                f"chunk_size={self.chunk_size}"
+            )
         if self.attention == "sliding" and self.chunk_size > self.window:
-            raise ValueError(f"TTTConfig: chunk_size={self.chunk_size} > window={self.window}; "
-                             "a TTT chunk must fit in the attention window")
+            raise ValueError(
+                f"TTTConfig: chunk_size={self.chunk_size} > window={self.window}; "
+                "a TTT chunk must fit in the attention window"
+            )
         if self.remat not in REMAT_MODES:
             raise ValueError(f"TTTConfig.remat must be one of {REMAT_MODES}, got {self.remat!r}")
         if self.remat_group < 0:
@@ -112,8 +131,10 @@ class TTTConfig:
         if not self.rope_theta > 0.0 or not self.norm_eps > 0.0 or not self.init_std > 0.0:
             raise ValueError("TTTConfig: rope_theta, norm_eps and init_std must be > 0")
         if not 0 <= self.bos_token_id < self.vocab_size:
-            raise ValueError(f"TTTConfig.bos_token_id={self.bos_token_id} is outside the "
-                             f"vocabulary [0, {self.vocab_size})")
+            raise ValueError(
+                f"TTTConfig.bos_token_id={self.bos_token_id} is outside the "
+                f"vocabulary [0, {self.vocab_size})"
+            )
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -142,14 +163,14 @@ class TTTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TTTConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TTTConfig:
         known = {f.name for f in dataclasses.fields(cls)} | {"ttt_fraction"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"TTTConfig: unknown field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "TTTConfig":
+    def replace(self, **changes: Any) -> TTTConfig:
         """A validated copy with some fields changed (ttt_fraction re-derives n_ttt_blocks)."""
         if "ttt_fraction" in changes and "n_ttt_blocks" not in changes:
             changes["n_ttt_blocks"] = 0
@@ -158,12 +179,28 @@ class TTTConfig:
 
 # Paper sizes (layers / d / heads; E2E MLP width shrunk to keep the parameter count), Llama-3
 # vocabulary, pretraining at T = 8K with k = 8K and b = 1K, 1/4 of the blocks TTT.
-_PAPER = dict(vocab_size=128256, seq_len=8192, window=8192, chunk_size=1024, rope_theta=500000.0,
-              inner_lr=1.0, bos_token_id=128000)
+_PAPER = dict(
+    vocab_size=128256,
+    seq_len=8192,
+    window=8192,
+    chunk_size=1024,
+    rope_theta=500000.0,
+    inner_lr=1.0,
+    bos_token_id=128000,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: ~2.9M parameters, T = 4 windows = 8 chunks; a meta step in well under a second.
-    "tiny": dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=4, mlp_hidden=512,
-                 seq_len=512, window=128, chunk_size=64, bos_token_id=1),
+    "tiny": dict(
+        vocab_size=4096,
+        d_model=192,
+        n_layers=4,
+        n_heads=4,
+        mlp_hidden=512,
+        seq_len=512,
+        window=128,
+        chunk_size=64,
+        bos_token_id=1,
+    ),
     "125M": dict(_PAPER, d_model=768, n_layers=12, n_heads=12, mlp_hidden=1664),
     "350M": dict(_PAPER, d_model=1024, n_layers=24, n_heads=16, mlp_hidden=2304),
     "760M": dict(_PAPER, d_model=1536, n_layers=24, n_heads=16, mlp_hidden=3328),

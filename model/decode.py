@@ -29,9 +29,9 @@ whole training length (config.attn_window) kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,19 +62,30 @@ class KVBuffer:
     window: int | None
 
     @classmethod
-    def from_sequence(cls, model, k: torch.Tensor, v: torch.Tensor, next_position: int,
-                      window: int | None, capacity: int = 0) -> "KVBuffer":
+    def from_sequence(
+        cls,
+        model,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        next_position: int,
+        window: int | None,
+        capacity: int = 0,
+    ) -> KVBuffer:
         """From un-rotated keys/values [B, H, n, dh] of positions next_position-n..next_position-1
         (rows at negative positions are padding and stay empty)."""
         batch, heads, n, dh = k.shape
         size = window if window is not None else max(capacity, next_position, 1)
         keep = min(n, size)
         pos = torch.arange(next_position - keep, next_position, device=k.device)
-        k, v, pos = k[:, :, n - keep:], v[:, :, n - keep:], pos
+        k, v, pos = k[:, :, n - keep :], v[:, :, n - keep :], pos
         real = pos >= 0
         k, v, pos = k[:, :, real], v[:, :, real], pos[real]
-        buf = cls(k.new_zeros(batch, heads, size, dh), v.new_zeros(batch, heads, size, dh),
-                  torch.full((batch, size), -1, dtype=torch.long, device=k.device), window)
+        buf = cls(
+            k.new_zeros(batch, heads, size, dh),
+            v.new_zeros(batch, heads, size, dh),
+            torch.full((batch, size), -1, dtype=torch.long, device=k.device),
+            window,
+        )
         slots = pos if window is None else pos % window
         buf.keys[:, :, slots] = apply_rope(k, _rotations(model, pos))
         buf.values[:, :, slots] = v
@@ -90,8 +101,14 @@ class KVBuffer:
         self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
         self.positions = F.pad(self.positions, (0, new - size), value=-1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotation: torch.Tensor,
-               position: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotation: torch.Tensor,
+        position: torch.Tensor,
+    ) -> torch.Tensor:
         """Write this token's key/value (each row at its own position [B]) and attend its query
         ([B, H, 1, dh], un-rotated) over the keys in the window: t - k < j <= t."""
         rows = torch.arange(q.shape[0], device=q.device)
@@ -106,19 +123,24 @@ class KVBuffer:
         visible = self.positions >= 0
         if self.window is not None:
             visible &= self.positions > (position - self.window)[:, None]
-        return F.scaled_dot_product_attention(apply_rope(q, rotation), self.keys, self.values,
-                                              attn_mask=visible[:, None, None, :])
+        return F.scaled_dot_product_attention(
+            apply_rope(q, rotation), self.keys, self.values, attn_mask=visible[:, None, None, :]
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
 
     @classmethod
-    def concat(cls, buffers: Sequence["KVBuffer"]) -> "KVBuffer":
+    def concat(cls, buffers: Sequence[KVBuffer]) -> KVBuffer:
         """Rows of several buffers as one (full attention: padded to the largest)."""
         for buf in buffers:
             buf._grow(max(b.keys.shape[2] for b in buffers), exact=True)
-        return cls(torch.cat([b.keys for b in buffers]), torch.cat([b.values for b in buffers]),
-                   torch.cat([b.positions for b in buffers]), buffers[0].window)
+        return cls(
+            torch.cat([b.keys for b in buffers]),
+            torch.cat([b.values for b in buffers]),
+            torch.cat([b.positions for b in buffers]),
+            buffers[0].window,
+        )
 
 
 @dataclass
@@ -126,14 +148,14 @@ class DecodeState:
     """The decode state of a batch of sequences; each row has its own position and chunk."""
 
     mode: str
-    positions: torch.Tensor          # [B] tokens consumed (absolute position of the next one)
-    kv: list[KVBuffer]               # per block
-    chunk: Carry                     # theta (fp32) and the suffix caches before the pending chunk
-    pending_inputs: torch.Tensor     # [B, b, d] suffix inputs of the pending chunk (first r rows)
-    pending_tokens: torch.Tensor     # [B, b] its input tokens
-    pending_count: torch.Tensor      # [B] r: tokens in the pending chunk
-    chunks_done: torch.Tensor        # [B] TTT steps taken
-    last_logits: torch.Tensor        # [B, V] logits for the next token
+    positions: torch.Tensor  # [B] tokens consumed (absolute position of the next one)
+    kv: list[KVBuffer]  # per block
+    chunk: Carry  # theta (fp32) and the suffix caches before the pending chunk
+    pending_inputs: torch.Tensor  # [B, b, d] suffix inputs of the pending chunk (first r rows)
+    pending_tokens: torch.Tensor  # [B, b] its input tokens
+    pending_count: torch.Tensor  # [B] r: tokens in the pending chunk
+    chunks_done: torch.Tensor  # [B] TTT steps taken
+    last_logits: torch.Tensor  # [B, V] logits for the next token
 
     @property
     def fast(self) -> list[torch.Tensor]:
@@ -146,7 +168,7 @@ class DecodeState:
         return sum(b.nbytes() for b in self.kv) + sum(t.numel() * t.element_size() for t in tensors)
 
     @classmethod
-    def concat(cls, states: Sequence["DecodeState"]) -> "DecodeState":
+    def concat(cls, states: Sequence[DecodeState]) -> DecodeState:
         """The rows of several states (the same model and mode) decoded as one batch."""
         if len({s.mode for s in states}) != 1:
             raise ValueError("decode states of different modes cannot be merged")
@@ -155,11 +177,17 @@ class DecodeState:
         cat = torch.cat
         n = len(states[0].chunk.fast) // 3
         carry = Carry.from_tensors([cat(ts) for ts in zip(*(s.chunk.tensors() for s in states))], n)
-        return cls(states[0].mode, cat([s.positions for s in states]),
-                   [KVBuffer.concat(bufs) for bufs in zip(*(s.kv for s in states))], carry,
-                   cat([s.pending_inputs for s in states]), cat([s.pending_tokens for s in states]),
-                   cat([s.pending_count for s in states]), cat([s.chunks_done for s in states]),
-                   cat([s.last_logits for s in states]))
+        return cls(
+            states[0].mode,
+            cat([s.positions for s in states]),
+            [KVBuffer.concat(bufs) for bufs in zip(*(s.kv for s in states))],
+            carry,
+            cat([s.pending_inputs for s in states]),
+            cat([s.pending_tokens for s in states]),
+            cat([s.pending_count for s in states]),
+            cat([s.chunks_done for s in states]),
+            cat([s.last_logits for s in states]),
+        )
 
 
 def _window(model, mode: str) -> int | None:
@@ -188,8 +216,9 @@ def _slow_weights_frozen(model):
 
 
 @torch.no_grad()
-def prefill(model, tokens: torch.Tensor, mode: str = "ttt", eta: float | None = None,
-            reserve: int = 0) -> tuple[DecodeState, torch.Tensor]:
+def prefill(
+    model, tokens: torch.Tensor, mode: str = "ttt", eta: float | None = None, reserve: int = 0
+) -> tuple[DecodeState, torch.Tensor]:
     """Consume a prompt: (state, NLL [B, P-1] of each prompt token after the first).
     reserve: tokens to be decoded after it (the 'full' baseline preallocates their keys)."""
     if mode not in MODES:
@@ -214,8 +243,7 @@ def prefill(model, tokens: torch.Tensor, mode: str = "ttt", eta: float | None = 
     b = cfg.chunk_size
     carry = Carry.initial(model, batch, suffix_in, window or 0)
     # theta is updated in place per row: a copy (a batch of one would view theta_0 itself)
-    carry.fast = [at_least_fp32(t).clone(memory_format=torch.contiguous_format)
-                  for t in carry.fast]
+    carry.fast = [at_least_fp32(t).clone(memory_format=torch.contiguous_format) for t in carry.fast]
     counts = torch.zeros(batch, dtype=torch.long, device=tokens.device)
     if window is None:
         # full attention, no TTT: the plain pass with theta_0, every key kept
@@ -224,16 +252,25 @@ def prefill(model, tokens: torch.Tensor, mode: str = "ttt", eta: float | None = 
             kv.append(KVBuffer.from_sequence(model, k, v, length, None, capacity))
         logits = model.logits(h)
         nll = nll_of_logits(logits[:, :-1], tokens[:, 1:])
-        state = DecodeState(mode, counts + length, kv, carry, suffix_in.new_zeros(batch, 0, cfg.d_model),
-                            tokens.new_zeros(batch, 0), counts.clone(), counts.clone(), logits[:, -1])
+        state = DecodeState(
+            mode,
+            counts + length,
+            kv,
+            carry,
+            suffix_in.new_zeros(batch, 0, cfg.d_model),
+            tokens.new_zeros(batch, 0),
+            counts.clone(),
+            counts.clone(),
+            logits[:, -1],
+        )
         return state, nll
 
     nll_parts = []
     n_done = (length - 1) // b  # chunks whose targets are all inside the prompt
     if n_done:
-        ctx = ChunkContext.build(model, tokens[:, 1:n_done * b + 1], eta, window)
+        ctx = ChunkContext.build(model, tokens[:, 1 : n_done * b + 1], eta, window)
         with _slow_weights_frozen(model):  # the inner gradients (no graph is kept)
-            out = run_chunks(model, ctx, 0, carry, suffix_in[:, :n_done * b])
+            out = run_chunks(model, ctx, 0, carry, suffix_in[:, : n_done * b])
         carry = out.carry
         nll_parts.append(out.nll)
     # the pending chunk: its tokens through the suffix with the current theta
@@ -245,24 +282,37 @@ def prefill(model, tokens: torch.Tensor, mode: str = "ttt", eta: float | None = 
     for s, block in enumerate(model.ttt_blocks):
         ck, cv = carry.block_cache(s)
         h, k, v = block.forward_chunk(h, ck, cv, rope, window, first_valid, carry.block_fast(s))
-        kv.append(KVBuffer.from_sequence(model, torch.cat((ck, k), 2), torch.cat((cv, v), 2),
-                                         length, window))
+        kv.append(
+            KVBuffer.from_sequence(
+                model, torch.cat((ck, k), 2), torch.cat((cv, v), 2), length, window
+            )
+        )
     logits = model.logits(h)
     if pending.shape[1] > 1:
-        nll_parts.append(nll_of_logits(logits[:, :-1], tokens[:, start + 1:]))
+        nll_parts.append(nll_of_logits(logits[:, :-1], tokens[:, start + 1 :]))
     r = pending.shape[1]
     pending_inputs = suffix_in.new_zeros(batch, b, cfg.d_model)
     pending_inputs[:, :r] = pending
     pending_tokens = tokens.new_zeros(batch, b)
     pending_tokens[:, :r] = tokens[:, start:]
-    state = DecodeState(mode, counts + length, kv, carry, pending_inputs, pending_tokens,
-                        counts + r, counts + n_done, logits[:, -1])
+    state = DecodeState(
+        mode,
+        counts + length,
+        kv,
+        carry,
+        pending_inputs,
+        pending_tokens,
+        counts + r,
+        counts + n_done,
+        logits[:, -1],
+    )
     nll = torch.cat(nll_parts, 1) if nll_parts else suffix_in.new_zeros(batch, 0)
     return state, nll
 
 
-def _ttt_steps(model, state: DecodeState, next_tokens: torch.Tensor, rows: torch.Tensor,
-               eta: float) -> None:
+def _ttt_steps(
+    model, state: DecodeState, next_tokens: torch.Tensor, rows: torch.Tensor, eta: float
+) -> None:
     """The TTT step of each row in `rows` (its pending chunk is full and the token after it is
     known), rows at the same chunk index together."""
     b = model.config.chunk_size
@@ -282,14 +332,16 @@ def _ttt_steps(model, state: DecodeState, next_tokens: torch.Tensor, rows: torch
 
 
 @torch.no_grad()
-def decode_step(model, state: DecodeState, tokens: torch.Tensor, eta: float | None = None
-                ) -> torch.Tensor:
+def decode_step(
+    model, state: DecodeState, tokens: torch.Tensor, eta: float | None = None
+) -> torch.Tensor:
     """Feed one token per sequence ([B]); returns the logits for the next one ([B, V])."""
     cfg = model.config
     batch = state.positions.shape[0]
     if tokens.dim() != 1 or tokens.shape[0] != batch:
-        raise ValueError(f"decode_step takes one token per sequence ([{batch}]), got "
-                         f"{tuple(tokens.shape)}")
+        raise ValueError(
+            f"decode_step takes one token per sequence ([{batch}]), got {tuple(tokens.shape)}"
+        )
     check_token_ids(tokens[:, None], cfg.vocab_size, "token")
     tracks_chunks = state.mode == "ttt"  # 'swa': eta = 0, theta never moves; 'full': no chunks
     rows = torch.arange(batch, device=tokens.device)
@@ -309,7 +361,8 @@ def decode_step(model, state: DecodeState, tokens: torch.Tensor, eta: float | No
                 state.pending_inputs[rows, state.pending_count] = h[:, 0]
         buffer = state.kv[layer]
         h = block.forward_attending(
-            h, lambda q, k, v: buffer.attend(q, k, v, rotation, position), fast)
+            h, lambda q, k, v: buffer.attend(q, k, v, rotation, position), fast
+        )
     if tracks_chunks:
         state.pending_tokens[rows, state.pending_count] = tokens
         state.pending_count += 1
@@ -318,16 +371,24 @@ def decode_step(model, state: DecodeState, tokens: torch.Tensor, eta: float | No
     return state.last_logits
 
 
-def sample_next(logits: torch.Tensor, generated: torch.Tensor | None, temperature: float = 0.0,
-                top_p: float = 1.0, repetition_penalty: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    generated: torch.Tensor | None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """[B, V] logits -> [B] tokens: repetition penalty (CTRL: seen tokens' logits divided by it
     when positive, multiplied when negative), then greedy (temperature 0) or nucleus sampling."""
     logits = logits.float().clone()
     if repetition_penalty != 1.0 and generated is not None and generated.numel():
         seen = torch.gather(logits, 1, generated)
-        logits.scatter_(1, generated, torch.where(seen > 0, seen / repetition_penalty,
-                                                  seen * repetition_penalty))
+        logits.scatter_(
+            1,
+            generated,
+            torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty),
+        )
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)
@@ -362,8 +423,9 @@ def prefill_prompts(model, prompts, mode: str = "ttt", reserve: int = 0) -> Deco
         groups.setdefault(r.shape[0], []).append(i)
     states, order = [], []
     for members in groups.values():
-        states.append(prefill(model, torch.stack([rows[i] for i in members]), mode,
-                              reserve=reserve)[0])
+        states.append(
+            prefill(model, torch.stack([rows[i] for i in members]), mode, reserve=reserve)[0]
+        )
         order += members
     state = DecodeState.concat(states)
     if order != sorted(order):
@@ -375,18 +437,30 @@ def prefill_prompts(model, prompts, mode: str = "ttt", reserve: int = 0) -> Deco
 def _select_rows(state: DecodeState, index: torch.Tensor) -> DecodeState:
     n = len(state.chunk.fast) // 3
     return DecodeState(
-        state.mode, state.positions[index],
+        state.mode,
+        state.positions[index],
         [KVBuffer(b.keys[index], b.values[index], b.positions[index], b.window) for b in state.kv],
         Carry.from_tensors([t[index] for t in state.chunk.tensors()], n),
-        state.pending_inputs[index], state.pending_tokens[index], state.pending_count[index],
-        state.chunks_done[index], state.last_logits[index])
+        state.pending_inputs[index],
+        state.pending_tokens[index],
+        state.pending_count[index],
+        state.chunks_done[index],
+        state.last_logits[index],
+    )
 
 
-def stream_generate(model, prompt, max_new_tokens: int = 64, mode: str = "ttt",
-                    temperature: float = 0.0, top_p: float = 1.0,
-                    repetition_penalty: float = 1.0, stop_tokens: tuple[int, ...] = (),
-                    seed: int | None = None, max_context: int | None = None
-                    ) -> Iterator[torch.Tensor]:
+def stream_generate(
+    model,
+    prompt,
+    max_new_tokens: int = 64,
+    mode: str = "ttt",
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    stop_tokens: tuple[int, ...] = (),
+    seed: int | None = None,
+    max_context: int | None = None,
+) -> Iterator[torch.Tensor]:
     """Yield [B] new tokens one step at a time (finished sequences repeat their stop token).
     prompt: [B, P] or a list of token-id lists of any lengths (decoded as one batch)."""
     if max_new_tokens < 0:
@@ -399,8 +473,9 @@ def stream_generate(model, prompt, max_new_tokens: int = 64, mode: str = "ttt",
     rows = _as_rows(prompt, device)
     longest = max(r.shape[0] for r in rows)
     if max_context is not None and longest + max_new_tokens > max_context:
-        raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new exceeds "
-                         f"max_context {max_context}")
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new exceeds max_context {max_context}"
+        )
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -422,8 +497,14 @@ def stream_generate(model, prompt, max_new_tokens: int = 64, mode: str = "ttt",
         logits = decode_step(model, state, token)
 
 
-def generate(model, prompts: torch.Tensor | list, max_new_tokens: int = 64, mode: str = "ttt",
-             on_token: Callable[[torch.Tensor], None] | None = None, **sampling) -> list[list[int]]:
+def generate(
+    model,
+    prompts: torch.Tensor | list,
+    max_new_tokens: int = 64,
+    mode: str = "ttt",
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    **sampling,
+) -> list[list[int]]:
     """New tokens for each prompt (stop token included when hit). prompts: [B, P] tensor or a list
     of token-id lists of any lengths: all decoded as one batch, each row at its own position."""
     stops = set(sampling.get("stop_tokens", ()))

@@ -31,14 +31,14 @@ class MetaTerms:
 
     prefix_forward: float
     prefix_backward: float
-    prefix_recompute: float          # checkpoint_prefix: the prefix forward again in backward
-    suffix_forward: float            # F: the suffix blocks over each chunk
-    head_forward: float              # the fused head: logits and dl/dh of the inner loss
-    inner_gradient: float            # G: dl/dh back through the suffix to theta
-    outer_backward_forward: float    # the outer backward through F
-    outer_backward_head: float       # through the head, its second order (dl/dh) included
+    prefix_recompute: float  # checkpoint_prefix: the prefix forward again in backward
+    suffix_forward: float  # F: the suffix blocks over each chunk
+    head_forward: float  # the fused head: logits and dl/dh of the inner loss
+    inner_gradient: float  # G: dl/dh back through the suffix to theta
+    outer_backward_forward: float  # the outer backward through F
+    outer_backward_head: float  # through the head, its second order (dl/dh) included
     outer_backward_inner_gradient: float  # through G (second order)
-    remat_recompute: float           # F + head + G again, per recompute
+    remat_recompute: float  # F + head + G again, per recompute
 
     @property
     def total(self) -> float:
@@ -50,8 +50,8 @@ class MetaTerms:
 
 @dataclass(frozen=True)
 class FlopsEstimate:
-    meta_step: float       # TTT-E2E meta-train step (forward + second-order backward), per token
-    swa_step: float        # same architecture, no inner loop, same window: fwd + bwd, per token
+    meta_step: float  # TTT-E2E meta-train step (forward + second-order backward), per token
+    swa_step: float  # same architecture, no inner loop, same window: fwd + bwd, per token
     full_attention_step: float  # same architecture with causal full attention, fwd + bwd, per token
     meta_terms: MetaTerms | None = None
 
@@ -72,8 +72,12 @@ def _suffix_keys(seq_len: int, window: int, chunk: int) -> list[int]:
     return [min(c * chunk, window) + chunk for c in range(max(1, seq_len // chunk))]
 
 
-def estimate_flops(config: TTTConfig, seq_len: int | None = None, remat: str | None = None,
-                   final_update: bool = False) -> FlopsEstimate:
+def estimate_flops(
+    config: TTTConfig,
+    seq_len: int | None = None,
+    remat: str | None = None,
+    final_update: bool = False,
+) -> FlopsEstimate:
     """FLOPs per token of one training step at seq_len (default config.seq_len).
     final_update: the last chunk's inner step taken too (meta_loss's default; the trainer skips
     it)."""
@@ -119,15 +123,20 @@ def estimate_flops(config: TTTConfig, seq_len: int | None = None, remat: str | N
     stepped = keys if final_update else used
     forward = over(keys, suffix_fwd)
     terms = MetaTerms(
-        prefix_forward=prefix, prefix_backward=2 * prefix,
+        prefix_forward=prefix,
+        prefix_backward=2 * prefix,
         prefix_recompute=prefix if c.checkpoint_prefix else 0.0,
-        suffix_forward=forward, head_forward=2 * head, inner_gradient=over(stepped, inner),
+        suffix_forward=forward,
+        head_forward=2 * head,
+        inner_gradient=over(stepped, inner),
         outer_backward_forward=2 * forward,
         outer_backward_head=2 * head + 2 * head * len(used) / n_chunks,
         outer_backward_inner_gradient=2 * over(used, inner),
-        remat_recompute=_RECOMPUTES[remat] * (forward + 2 * head + over(stepped, inner)))
-    return FlopsEstimate(meta_step=terms.total, swa_step=swa, full_attention_step=full,
-                         meta_terms=terms)
+        remat_recompute=_RECOMPUTES[remat] * (forward + 2 * head + over(stepped, inner)),
+    )
+    return FlopsEstimate(
+        meta_step=terms.total, swa_step=swa, full_attention_step=full, meta_terms=terms
+    )
 
 
 def count_parameters(config: TTTConfig) -> int:
@@ -135,5 +144,5 @@ def count_parameters(config: TTTConfig) -> int:
     c = config
     d, hidden = c.d_model, c.mlp_hidden
     block = 4 * d * d + 2 * c.head_dim + 4 * d + 3 * d * hidden  # attention, QK gains, norms, MLP
-    prime = 2 * d + 3 * d * hidden                               # prime norms + prime MLP
+    prime = 2 * d + 3 * d * hidden  # prime norms + prime MLP
     return c.vocab_size * d + c.n_layers * block + c.n_ttt_blocks * prime + d

@@ -20,8 +20,9 @@ does not free the inner carries; `_Remat` below saves exactly what it is given.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,8 +41,8 @@ def inner_lr_at(step: int, warmup_steps: int, inner_lr: float) -> float:
 
 @dataclass
 class InnerLoopOutput:
-    chunk_loss: torch.Tensor       # [B, n] inner loss of each chunk, before its own update
-    token_nll: torch.Tensor        # [B, T] unmasked per-token NLL
+    chunk_loss: torch.Tensor  # [B, n] inner loss of each chunk, before its own update
+    token_nll: torch.Tensor  # [B, T] unmasked per-token NLL
     inner_grad_norm: torch.Tensor  # [B, n] global norm of each inner gradient before clipping
     fast_weights: list[torch.Tensor]  # final theta, (w1, w3, w2) per TTT block, each [B, out, in]
 
@@ -52,21 +53,24 @@ class Carry:
     each [B, out, in], and its attention cache (k, v) of the W positions before the chunk, each
     [B, H, W, dh] pre-RoPE (rows before the sequence start are zeros, masked)."""
 
-    fast: list[torch.Tensor]    # 3 per TTT block, block order
+    fast: list[torch.Tensor]  # 3 per TTT block, block order
     caches: list[torch.Tensor]  # 2 per TTT block, block order
 
     @classmethod
-    def initial(cls, model: "TTTModel", batch: int, like: torch.Tensor, window: int) -> "Carry":
+    def initial(cls, model: TTTModel, batch: int, like: torch.Tensor, window: int) -> Carry:
         """theta_0 (each sequence its own view of it) and empty caches of `window` rows."""
         cfg = model.config
         fast = [w.unsqueeze(0).expand(batch, -1, -1) for w in model.fast_weight_parameters()]
         # heads held here: all of them, or a tensor-parallel rank's share
-        caches = [like.new_zeros(batch, block.attn.n_heads, window, cfg.head_dim)
-                  for block in model.ttt_blocks for _ in range(2)]
+        caches = [
+            like.new_zeros(batch, block.attn.n_heads, window, cfg.head_dim)
+            for block in model.ttt_blocks
+            for _ in range(2)
+        ]
         return cls(fast, caches)
 
     def block_fast(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(self.fast[3 * s:3 * s + 3])
+        return tuple(self.fast[3 * s : 3 * s + 3])
 
     def block_cache(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.caches[2 * s], self.caches[2 * s + 1]
@@ -76,8 +80,8 @@ class Carry:
         return (*self.fast, *self.caches)
 
     @classmethod
-    def from_tensors(cls, tensors: Sequence[torch.Tensor], n_blocks: int) -> "Carry":
-        return cls(list(tensors[:3 * n_blocks]), list(tensors[3 * n_blocks:5 * n_blocks]))
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], n_blocks: int) -> Carry:
+        return cls(list(tensors[: 3 * n_blocks]), list(tensors[3 * n_blocks : 5 * n_blocks]))
 
 
 @dataclass
@@ -85,32 +89,47 @@ class ChunkContext:
     """What every chunk step of one sequence batch shares."""
 
     targets: torch.Tensor  # [B, >= chunks * b] next tokens, from sequence position `offset`
-    mask: torch.Tensor     # like targets, float, 0 where the target is BOS
-    rope: torch.Tensor     # complex rotations for buffer-local positions 0..W+b-1
+    mask: torch.Tensor  # like targets, float, 0 where the target is BOS
+    rope: torch.Tensor  # complex rotations for buffer-local positions 0..W+b-1
     eta: float | torch.Tensor
     clip: float
     window: int
     chunk: int
-    offset: int = 0        # targets/mask start at this sequence position (decode: the chunk's)
+    offset: int = 0  # targets/mask start at this sequence position (decode: the chunk's)
     updates: int | None = None  # chunks that take their inner step (None: every one)
 
     @classmethod
-    def build(cls, model: "TTTModel", targets: torch.Tensor, eta: float | torch.Tensor,
-              window: int, mask: torch.Tensor | None = None, offset: int = 0,
-              updates: int | None = None) -> "ChunkContext":
+    def build(
+        cls,
+        model: TTTModel,
+        targets: torch.Tensor,
+        eta: float | torch.Tensor,
+        window: int,
+        mask: torch.Tensor | None = None,
+        offset: int = 0,
+        updates: int | None = None,
+    ) -> ChunkContext:
         cfg = model.config
         mask = targets != cfg.bos_token_id if mask is None else mask
         positions = torch.arange(window + cfg.chunk_size, device=targets.device)
-        return cls(targets=targets, mask=mask.to(torch.float32), rope=model.rope(positions),
-                   eta=eta, clip=cfg.inner_clip, window=window, chunk=cfg.chunk_size,
-                   offset=offset, updates=updates)
+        return cls(
+            targets=targets,
+            mask=mask.to(torch.float32),
+            rope=model.rope(positions),
+            eta=eta,
+            clip=cfg.inner_clip,
+            window=window,
+            chunk=cfg.chunk_size,
+            offset=offset,
+            updates=updates,
+        )
 
 
 @dataclass
 class ChunkOutput:
-    carry: Carry            # after the step(s)
-    nll: torch.Tensor       # [B, b * steps] per-token NLL with the weights before each step
-    loss: torch.Tensor      # [B, steps] each chunk's masked mean NLL (the inner loss)
+    carry: Carry  # after the step(s)
+    nll: torch.Tensor  # [B, b * steps] per-token NLL with the weights before each step
+    loss: torch.Tensor  # [B, steps] each chunk's masked mean NLL (the inner loss)
     grad_norm: torch.Tensor  # [B, updates] each inner gradient's global norm before clipping
 
 
@@ -119,8 +138,9 @@ def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
     return torch.where(norm < clip, torch.ones_like(norm), clip / norm.clamp_min(clip))
 
 
-def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: torch.Tensor,
-               create_graph: bool) -> ChunkOutput:
+def chunk_step(
+    model: TTTModel, ctx: ChunkContext, c: int, carry: Carry, x: torch.Tensor, create_graph: bool
+) -> ChunkOutput:
     """One inner step on chunk c (x: its suffix input [B, b, d]): the suffix blocks with the
     current theta, the chunk's loss, its clipped gradient step. nll/loss/grad_norm are [B, b],
     [B], [B, 1] ([B, 0] when the chunk takes no step: c >= ctx.updates). With create_graph=False
@@ -135,17 +155,21 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
     h, new_caches = x, []
     for s, block in enumerate(model.ttt_blocks):
         cache_k, cache_v = caches[2 * s], caches[2 * s + 1]
-        h, k, v = block.forward_chunk(h, cache_k, cache_v, ctx.rope, window, first_valid,
-                                      tuple(fast[3 * s:3 * s + 3]))
-        new_caches += [torch.cat((cache_k, k), 2)[:, :, -window:],
-                       torch.cat((cache_v, v), 2)[:, :, -window:]]
+        h, k, v = block.forward_chunk(
+            h, cache_k, cache_v, ctx.rope, window, first_valid, tuple(fast[3 * s : 3 * s + 3])
+        )
+        new_caches += [
+            torch.cat((cache_k, k), 2)[:, :, -window:],
+            torch.cat((cache_v, v), 2)[:, :, -window:],
+        ]
     span = slice(c * b - ctx.offset, (c + 1) * b - ctx.offset)
     mask = ctx.mask[:, span]
     weights = mask / mask.sum(-1, keepdim=True).clamp_min(1e-10)  # l = sum_t weights_t * nll_t
     # the fused head returns dl/dh_final as well: the inner gradient starts from it
     normed = model.final_norm(h)
-    nll, grad_normed = model.head_nll_and_grad(normed.flatten(0, 1),
-                                               ctx.targets[:, span].flatten(), weights.flatten())
+    nll, grad_normed = model.head_nll_and_grad(
+        normed.flatten(0, 1), ctx.targets[:, span].flatten(), weights.flatten()
+    )
     nll = nll.view_as(mask)
     loss = (nll * weights).sum(-1)
     if ctx.updates is not None and c >= ctx.updates:
@@ -158,12 +182,19 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
         # Under autocast the inner gradient's values depend on create_graph (the recorded double-
         # backward ops run in reduced precision); take it the same way in a remat forward as in
         # its recompute, so both see identical values.
-        grads = torch.autograd.grad(normed, fast, grad_normed.view_as(normed),
-                                    create_graph=create_graph or torch.is_autocast_enabled(x.device.type))
+        grads = torch.autograd.grad(
+            normed,
+            fast,
+            grad_normed.view_as(normed),
+            create_graph=create_graph or torch.is_autocast_enabled(x.device.type),
+        )
         # theta, the inner gradients and the clip norm stay float32 (also under bf16 autocast)
         # global over every TTT block (and over tensor-parallel shards: sum_over_shards)
-        norm = torch.sqrt(model.parallel.sum_over_shards(
-            sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)))
+        norm = torch.sqrt(
+            model.parallel.sum_over_shards(
+                sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)
+            )
+        )
         # the step size is one number per sequence applied to every shard of theta
         step = ctx.eta * _clip_scale(norm, ctx.clip)
         scale = model.parallel.copy_to_shards(step.view(-1, 1, 1))
@@ -177,9 +208,15 @@ def chunk_step(model: "TTTModel", ctx: ChunkContext, c: int, carry: Carry, x: to
     return ChunkOutput(Carry(new_fast, new_caches), nll, loss, norm)
 
 
-def run_chunks(model: "TTTModel", ctx: ChunkContext, first_chunk: int, carry: Carry,
-               x: torch.Tensor, create_graph: bool = False, remat_chunks: bool = False
-               ) -> ChunkOutput:
+def run_chunks(
+    model: TTTModel,
+    ctx: ChunkContext,
+    first_chunk: int,
+    carry: Carry,
+    x: torch.Tensor,
+    create_graph: bool = False,
+    remat_chunks: bool = False,
+) -> ChunkOutput:
     """The suffix-chunk loop: consecutive chunk steps from first_chunk over x [B, G*b, d].
     remat_chunks: keep only each chunk's carry, recompute the chunk in backward."""
     n_blocks = len(model.ttt_blocks)
@@ -198,15 +235,23 @@ def run_chunks(model: "TTTModel", ctx: ChunkContext, first_chunk: int, carry: Ca
 
 
 def _flat_chunk_step(model, ctx, c, n_blocks, create_graph, *tensors):
-    out = chunk_step(model, ctx, c, Carry.from_tensors(tensors, n_blocks), tensors[-1],
-                     create_graph)
+    out = chunk_step(
+        model, ctx, c, Carry.from_tensors(tensors, n_blocks), tensors[-1], create_graph
+    )
     return (*out.carry.tensors(), out.nll, out.loss, out.grad_norm)
 
 
 def _flat_group(model, ctx, first_chunk, nested, n_blocks, create_graph, *tensors):
     # Recomputing a group (create_graph=True) under 'nested' remats each of its chunks in turn.
-    out = run_chunks(model, ctx, first_chunk, Carry.from_tensors(tensors, n_blocks), tensors[-1],
-                     create_graph, nested and create_graph)
+    out = run_chunks(
+        model,
+        ctx,
+        first_chunk,
+        Carry.from_tensors(tensors, n_blocks),
+        tensors[-1],
+        create_graph,
+        nested and create_graph,
+    )
     return (*out.carry.tensors(), out.nll, out.loss, out.grad_norm)
 
 
@@ -258,16 +303,26 @@ class _Remat(torch.autograd.Function):
         wrt = [t for t in tensors if t.requires_grad] + [p for p in ctx.params if p.requires_grad]
         if not pairs or not wrt:
             return nones
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
-                                         allow_unused=True))
+        grads = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+            )
+        )
         t_grads = [next(grads) if t.requires_grad else None for t in tensors]
         p_grads = [next(grads) if p.requires_grad else None for p in ctx.params]
         return (None, None, *t_grads, *p_grads)
 
 
-def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Tensor,
-                   mask: torch.Tensor, eta: float | torch.Tensor, remat: str | None = None,
-                   remat_group: int | None = None, final_update: bool = True) -> InnerLoopOutput:
+def run_inner_loop(
+    model: TTTModel,
+    suffix_in: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    eta: float | torch.Tensor,
+    remat: str | None = None,
+    remat_group: int | None = None,
+    final_update: bool = True,
+) -> InnerLoopOutput:
     """The chunked TTT loop over the suffix blocks for a batch.
 
     suffix_in: [B, T, d] output of the prefix blocks; targets [B, T]; mask [B, T] (0 = BOS target).
@@ -285,14 +340,16 @@ def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Te
     if remat not in ("none", "chunk", "nested"):
         raise ValueError(f"unknown remat mode {remat!r}; choose 'none', 'chunk' or 'nested'")
     n_chunks = seq // b
-    ctx = ChunkContext.build(model, targets, eta, window, mask,
-                             updates=None if final_update else n_chunks - 1)
+    ctx = ChunkContext.build(
+        model, targets, eta, window, mask, updates=None if final_update else n_chunks - 1
+    )
     carry = Carry.initial(model, batch, suffix_in, window)
     n_blocks = len(model.ttt_blocks)
 
     params = model.suffix_parameters()
     wants_outer = torch.is_grad_enabled() and (
-        suffix_in.requires_grad or any(p.requires_grad for p in params))
+        suffix_in.requires_grad or any(p.requires_grad for p in params)
+    )
     if not wants_outer:
         with torch.enable_grad():
             outs = [run_chunks(model, ctx, 0, carry, suffix_in)]
@@ -302,8 +359,7 @@ def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Te
         group = 1 if remat == "chunk" else (remat_group or cfg.remat_group_size(n_chunks))
         outs = []
         for g, x_group in enumerate(torch.split(suffix_in, group * b, dim=1)):
-            run = functools.partial(_flat_group, model, ctx, g * group, remat == "nested",
-                                    n_blocks)
+            run = functools.partial(_flat_group, model, ctx, g * group, remat == "nested", n_blocks)
             with model.offload.carries():
                 flat = _Remat.apply(run, 5 * n_blocks + 1, *carry.tensors(), x_group, *params)
             carry = Carry.from_tensors(flat, n_blocks)
@@ -316,5 +372,13 @@ def run_inner_loop(model: "TTTModel", suffix_in: torch.Tensor, targets: torch.Te
     )
 
 
-__all__: Sequence[str] = ["Carry", "ChunkContext", "ChunkOutput", "InnerLoopOutput", "chunk_step",
-                          "inner_lr_at", "run_chunks", "run_inner_loop"]
+__all__: Sequence[str] = [
+    "Carry",
+    "ChunkContext",
+    "ChunkOutput",
+    "InnerLoopOutput",
+    "chunk_step",
+    "inner_lr_at",
+    "run_chunks",
+    "run_inner_loop",
+]

@@ -43,14 +43,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (normed * at_least_fp32(weight)).to(x.dtype)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
-                angle_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float, angle_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """exp(1j * p * theta^(-2i/dh)) as complex64 [*positions.shape, head_dim/2]; angles built in
     float32 as the official code builds them. Decode rotates each key once at its absolute
     position: float64 angles there keep q.k's relative phase at float32 round-off at any
     position (float32 angles would be off by ~1e-3 rad at 32K)."""
     exponents = torch.arange(0, head_dim, 2, dtype=angle_dtype, device=positions.device) / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     angles = positions.to(angle_dtype)[..., None] * inv_freq
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
@@ -136,8 +137,13 @@ class Attention(nn.Module):
         # matmuls (positions stay buffer-local, so the kept rows' rotations are unchanged)
         keys = torch.cat((cache_k[:, :, first_valid_key:], k), dim=2)
         values = torch.cat((cache_v[:, :, first_valid_key:], v), dim=2)
-        o = chunk_attention(apply_rope(q, rope[-q.shape[2]:]),
-                            apply_rope(keys, rope[first_valid_key:]), values, window, 0)
+        o = chunk_attention(
+            apply_rope(q, rope[-q.shape[2] :]),
+            apply_rope(keys, rope[first_valid_key:]),
+            values,
+            window,
+            0,
+        )
         return self._out(o), k, v
 
 
@@ -179,9 +185,11 @@ class Block(nn.Module):
         a = h + self.attn_post_norm(self.attn._out(attend(q, k, v)))
         return self._mlps(a, fast)
 
-    def forward_chunk(self, h, cache_k, cache_v, rope, window: int, first_valid_key: int,
-                      fast: FastWeights):
-        attn_out, k, v = self.attn.forward_chunk(self.attn_norm(h), cache_k, cache_v, rope, window,
-                                                 first_valid_key)
+    def forward_chunk(
+        self, h, cache_k, cache_v, rope, window: int, first_valid_key: int, fast: FastWeights
+    ):
+        attn_out, k, v = self.attn.forward_chunk(
+            self.attn_norm(h), cache_k, cache_v, rope, window, first_valid_key
+        )
         a = h + self.attn_post_norm(attn_out)
         return self._mlps(a, fast), k, v

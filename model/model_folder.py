@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -83,14 +83,20 @@ class ShardWriter:
             os.replace(self.directory / temp, self.directory / final)
             weight_map.update({name: final for name in names})
             files.append(final)
-        (self.directory / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=1))
+        (self.directory / INDEX).write_text(
+            json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=1
+            )
+        )
         return files
 
 
-def write_model_folder(directory: str | Path, config_dict: dict,
-                       tensors: Iterable[tuple[str, torch.Tensor]],
-                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+def write_model_folder(
+    directory: str | Path,
+    config_dict: dict,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[str]:
     writer = ShardWriter(directory, max_shard_bytes)
     for name, tensor in tensors:
         writer.add(name, tensor)
@@ -106,8 +112,9 @@ def write_tokenizer(directory: str | Path, tokenizer_json: bytes) -> None:
     AutoTokenizer read it as a fast tokenizer."""
     directory = Path(directory)
     (directory / TOKENIZER_FILE).write_bytes(tokenizer_json)
-    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (directory / TOKENIZER_CONFIG_FILE).write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
+    )
 
 
 def read_config(directory: str | Path) -> dict:
@@ -127,8 +134,10 @@ def config_fields(data: dict, where: str | Path = CONFIG_FILE) -> dict:
     if name != FORMAT:
         raise ValueError(f"{where}: format {name!r} is not a TTT-E2E model folder ({FORMAT!r})")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise ValueError(f"{where}: format_version {version!r}; this ttte2e reads versions 1 to "
-                         f"{FORMAT_VERSION} (a newer one wrote it: upgrade ttte2e)")
+        raise ValueError(
+            f"{where}: format_version {version!r}; this ttte2e reads versions 1 to "
+            f"{FORMAT_VERSION} (a newer one wrote it: upgrade ttte2e)"
+        )
     return data
 
 
@@ -146,8 +155,9 @@ def read_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
             part = load_file(str(directory / shard))
             wrong = [k for k in part if weight_map.get(k) != shard]
             if wrong:
-                raise ValueError(f"{directory}/{shard} holds tensors the index does not map to it: "
-                                 f"{wrong[:5]}")
+                raise ValueError(
+                    f"{directory}/{shard} holds tensors the index does not map to it: {wrong[:5]}"
+                )
             state.update(part)
         absent = sorted(set(weight_map) - set(state))
         if absent:
@@ -155,4 +165,6 @@ def read_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
         return state
     if (directory / WEIGHTS).is_file():
         return load_file(str(directory / WEIGHTS))
-    raise FileNotFoundError(f"{directory} is not a TTT-E2E model directory: no {WEIGHTS} or {INDEX}")
+    raise FileNotFoundError(
+        f"{directory} is not a TTT-E2E model directory: no {WEIGHTS} or {INDEX}"
+    )

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import numpy as np
@@ -26,18 +27,22 @@ def kvstore_spec(uri: str) -> dict:
     uri = uri.rstrip("/")
     if uri.startswith(("s3://", "gs://")):
         parsed = urlparse(uri)
-        spec = {"driver": "s3" if uri.startswith("s3://") else "gcs", "bucket": parsed.netloc,
-                "path": parsed.path.lstrip("/") + "/"}
+        spec = {
+            "driver": "s3" if uri.startswith("s3://") else "gcs",
+            "bucket": parsed.netloc,
+            "path": parsed.path.lstrip("/") + "/",
+        }
         if spec["driver"] == "s3":
             endpoint = os.environ.get("TTTE2E_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
                 spec["endpoint"] = endpoint
-            spec["aws_region"] = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                                  or "us-east-1")
+            spec["aws_region"] = (
+                os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            )
         elif os.environ.get("TTTE2E_GCS_USER_PROJECT"):  # Requester Pays buckets
             spec["user_project"] = os.environ["TTTE2E_GCS_USER_PROJECT"]
         return spec
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
     return {"driver": "file", "path": os.path.abspath(path) + "/"}
 
 
@@ -71,8 +76,10 @@ def resolve_step(path: str, step: int | None) -> int:
     """The given step (checked to exist) or the latest one."""
     steps = checkpoint_steps(path)
     if not steps:
-        raise OfficialCheckpointError(f"{path}: no checkpoint step folders (expected folders "
-                                      "named by step number, e.g. 4799/)")
+        raise OfficialCheckpointError(
+            f"{path}: no checkpoint step folders (expected folders "
+            "named by step number, e.g. 4799/)"
+        )
     if step is None:
         return steps[-1]
     if step not in steps:
@@ -89,8 +96,9 @@ def official_array_names(root: str, step: int, item: str = "model_weights") -> d
     """{array name: expected shape} from the item's orbax _METADATA (None leaves skipped)."""
     raw = _read(_item_spec(root, step, item), "_METADATA")
     if raw is None:
-        raise OfficialCheckpointError(f"{root}/{step}/{item}: no _METADATA (not an orbax item, "
-                                      "or an unfinished write)")
+        raise OfficialCheckpointError(
+            f"{root}/{step}/{item}: no _METADATA (not an orbax item, or an unfinished write)"
+        )
     meta = json.loads(raw)
     names = {}
     for entry in meta["tree_metadata"].values():
@@ -102,8 +110,9 @@ def official_array_names(root: str, step: int, item: str = "model_weights") -> d
     return names
 
 
-def iter_official_checkpoint(path: str, step: int | None = None, item: str = "model_weights"
-                             ) -> Iterator[tuple[str, np.ndarray]]:
+def iter_official_checkpoint(
+    path: str, step: int | None = None, item: str = "model_weights"
+) -> Iterator[tuple[str, np.ndarray]]:
     """(official name, array) one array at a time: at most one array in memory."""
     import tensorstore as ts
 
@@ -116,11 +125,15 @@ def iter_official_checkpoint(path: str, step: int | None = None, item: str = "mo
         try:
             array = ts.open(spec, open=True, read=True).result().read().result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/RuntimeError kinds
-            raise OfficialCheckpointError(f"{path}/{step}/{item}: array {name!r} cannot be read "
-                                          f"({type(e).__name__}: {str(e)[:300]})") from None
+            raise OfficialCheckpointError(
+                f"{path}/{step}/{item}: array {name!r} cannot be read "
+                f"({type(e).__name__}: {str(e)[:300]})"
+            ) from None
         if shape is not None and list(array.shape) != list(shape):
-            raise OfficialCheckpointError(f"{path}/{step}/{item}: array {name!r} has shape "
-                                          f"{list(array.shape)}, metadata says {shape}")
+            raise OfficialCheckpointError(
+                f"{path}/{step}/{item}: array {name!r} has shape "
+                f"{list(array.shape)}, metadata says {shape}"
+            )
         yield name, np.asarray(array)
 
 
@@ -131,12 +144,20 @@ def read_official_checkpoint(path: str, step: int | None = None) -> dict[str, np
 
 # Fields the parameter shapes do not determine: the paper's values (Llama-3 tokenizer, T = k = 8K,
 # b = 1K, eta 1); override them for other checkpoints.
-PAPER_FIELDS = dict(vocab_size=128256, seq_len=8192, window=8192, chunk_size=1024,
-                    rope_theta=500000.0, inner_lr=1.0, bos_token_id=128000)
+PAPER_FIELDS = dict(
+    vocab_size=128256,
+    seq_len=8192,
+    window=8192,
+    chunk_size=1024,
+    rope_theta=500000.0,
+    inner_lr=1.0,
+    bos_token_id=128000,
+)
 
 
-def official_config(path: str, preset_name: str = "auto", step: int | None = None,
-                    **overrides) -> tuple["TTTConfig", int]:
+def official_config(
+    path: str, preset_name: str = "auto", step: int | None = None, **overrides
+) -> tuple[TTTConfig, int]:
     """(config, step) for an official checkpoint: a named preset (checked against every stored
     shape) or 'auto' (architecture inferred from the shapes, other fields PAPER_FIELDS)."""
     from .config import PRESETS, TTTConfig, preset
@@ -154,33 +175,49 @@ def official_config(path: str, preset_name: str = "auto", step: int | None = Non
     else:
         names = {k.lower(): k for k in PRESETS}
         if preset_name.lower() not in names:
-            raise OfficialCheckpointError(f"unknown preset {preset_name!r}; choose auto or one of "
-                                          f"{sorted(PRESETS)}")
+            raise OfficialCheckpointError(
+                f"unknown preset {preset_name!r}; choose auto or one of {sorted(PRESETS)}"
+            )
         config = preset(names[preset_name.lower()], **overrides)
     expected = official_shapes(config)
     problems = [f"missing {k}" for k in expected if k not in stored]
     problems += [f"unexpected {k}" for k in stored if k not in expected]
-    problems += [f"{k}: stored {list(stored[k])}, preset {preset_name} needs {list(v)}"
-                 for k, v in expected.items() if k in stored and stored[k] != tuple(v)]
+    problems += [
+        f"{k}: stored {list(stored[k])}, preset {preset_name} needs {list(v)}"
+        for k, v in expected.items()
+        if k in stored and stored[k] != tuple(v)
+    ]
     if problems:
-        raise OfficialCheckpointError(f"{path}/{step} does not match preset {preset_name}: "
-                                      + "; ".join(problems[:8])
-                                      + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+        raise OfficialCheckpointError(
+            f"{path}/{step} does not match preset {preset_name}: "
+            + "; ".join(problems[:8])
+            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+        )
     assert isinstance(config, TTTConfig)
     return config, step
 
 
-def import_official_checkpoint(path: str, out_dir: str, preset_name: str = "auto",
-                               step: int | None = None, max_shard_bytes: int | None = None,
-                               **overrides) -> tuple["TTTConfig", list[str]]:
+def import_official_checkpoint(
+    path: str,
+    out_dir: str,
+    preset_name: str = "auto",
+    step: int | None = None,
+    max_shard_bytes: int | None = None,
+    **overrides,
+) -> tuple[TTTConfig, list[str]]:
     """Official checkpoint -> our model folder (config.json + safetensors), array by array."""
     from .convert import convert_official_array
     from .model_folder import DEFAULT_SHARD_BYTES, write_model_folder
 
     config, step = official_config(path, preset_name, step, **overrides)
-    tensors = ((ours, tensor) for name, array in iter_official_checkpoint(path, step)
-               for ours, tensor in convert_official_array(name, array, config.n_layers,
-                                                          config.n_ttt_blocks).items())
-    files = write_model_folder(out_dir, config.to_dict(), tensors,
-                               max_shard_bytes or DEFAULT_SHARD_BYTES)
+    tensors = (
+        (ours, tensor)
+        for name, array in iter_official_checkpoint(path, step)
+        for ours, tensor in convert_official_array(
+            name, array, config.n_layers, config.n_ttt_blocks
+        ).items()
+    )
+    files = write_model_folder(
+        out_dir, config.to_dict(), tensors, max_shard_bytes or DEFAULT_SHARD_BYTES
+    )
     return config, files

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 def nll_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token NLL [B, P] of logits [B, P, V] for targets [B, P]."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                           reduction="none").view_as(targets)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(
+        targets
+    )
 
 
 class SingleDevice:
@@ -48,8 +49,9 @@ class SingleDevice:
     def token_nll(self, model: TTTModel, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nll_of_logits(self.logits(model, h), targets)
 
-    def head_nll_and_grad(self, model: TTTModel, normed: torch.Tensor, targets: torch.Tensor,
-                          weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_nll_and_grad(
+        self, model: TTTModel, normed: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tied head on final-normed states [N, d]: NLL [N] and d(sum_i w_i nll_i)/d normed."""
         return nll_and_hidden_grad(normed, model.embed.weight, targets, weights)
 

@@ -7,10 +7,10 @@ References:
 - nanoGPT model.py (layout of this file), torchtitan llama3 (single-device model, parallelism
   applied from outside).
 
-Data flow of `meta_loss` (the bilevel objective of the paper, section 2): the prefix blocks run once over the whole sequence;
-the suffix (TTT) blocks run chunk by chunk in `inner_loop.run_inner_loop`, updating their prime
-MLPs by clipped SGD; the outer loss is the mean of the per-chunk losses, and its backward is the
-full second-order meta-gradient.
+Data flow of `meta_loss` (the bilevel objective of the paper, section 2): the prefix blocks run
+once over the whole sequence; the suffix (TTT) blocks run chunk by chunk in
+`inner_loop.run_inner_loop`, updating their prime MLPs by clipped SGD; the outer loss is the
+mean of the per-chunk losses, and its backward is the full second-order meta-gradient.
 """
 
 from __future__ import annotations
@@ -34,23 +34,27 @@ from .parallel import KeepOnDevice, SingleDevice
 def check_token_ids(tokens: torch.Tensor, vocab_size: int, name: str) -> None:
     """tokens is a non-empty integer [batch, length] tensor of ids in the vocabulary."""
     if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must be an integer tensor [batch, length], got "
-                         f"{tuple(tokens.shape)} {tokens.dtype}")
+        raise ValueError(
+            f"{name} must be an integer tensor [batch, length], got "
+            f"{tuple(tokens.shape)} {tokens.dtype}"
+        )
     if tokens.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (0 sequences)")
     if tokens.shape[1] == 0:
         raise ValueError(f"{name} is empty ({tuple(tokens.shape)}): give at least one token")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the "
-                         f"vocabulary 0..{vocab_size - 1}")
+        raise ValueError(
+            f"{name} holds token id {low if low < 0 else high}, outside the "
+            f"vocabulary 0..{vocab_size - 1}"
+        )
 
 
 @dataclass
 class MetaLossOutput:
-    loss: torch.Tensor             # scalar: mean over sequences of the mean of per-chunk losses
-    token_nll: torch.Tensor        # [B, T] per-token NLL (unmasked), position t predicts token t+1
-    chunk_loss: torch.Tensor       # [B, n] inner loss of each chunk, before its own update
+    loss: torch.Tensor  # scalar: mean over sequences of the mean of per-chunk losses
+    token_nll: torch.Tensor  # [B, T] per-token NLL (unmasked), position t predicts token t+1
+    chunk_loss: torch.Tensor  # [B, n] inner loss of each chunk, before its own update
     inner_grad_norm: torch.Tensor  # [B, n] norm of each inner gradient before clipping ([B, n-1]
     #                                without the final update)
     fast_weights: list[torch.Tensor]  # theta after the last update, (w1, w3, w2) per TTT block
@@ -58,7 +62,7 @@ class MetaLossOutput:
 
 @dataclass
 class LMOutput:
-    loss: torch.Tensor       # scalar: masked mean NLL over all targets of the batch
+    loss: torch.Tensor  # scalar: masked mean NLL over all targets of the batch
     token_nll: torch.Tensor  # [B, T]
 
 
@@ -74,23 +78,27 @@ class TTTModel(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model)  # tied: also the output head
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_heads, c.mlp_hidden, c.norm_eps, ttt=i >= c.n_prefix_blocks)
-            for i in range(c.n_layers))
+            for i in range(c.n_layers)
+        )
         self.final_norm = RMSNorm(c.d_model, c.norm_eps)
         self.reset_parameters()
 
     # ---- structure -----------------------------------------------------------------------------
     @property
     def prefix_blocks(self) -> list[Block]:
-        return list(self.blocks[:self.config.n_prefix_blocks])
+        return list(self.blocks[: self.config.n_prefix_blocks])
 
     @property
     def ttt_blocks(self) -> list[Block]:
-        return list(self.blocks[self.config.n_prefix_blocks:])
+        return list(self.blocks[self.config.n_prefix_blocks :])
 
     def fast_weight_parameters(self) -> list[nn.Parameter]:
         """theta_0: w1, w3, w2 of every prime MLP, in block order."""
-        return [w.weight for b in self.ttt_blocks for w in (b.prime_mlp.w1, b.prime_mlp.w3,
-                                                             b.prime_mlp.w2)]
+        return [
+            w.weight
+            for b in self.ttt_blocks
+            for w in (b.prime_mlp.w1, b.prime_mlp.w3, b.prime_mlp.w2)
+        ]
 
     def suffix_parameters(self) -> list[nn.Parameter]:
         """Slow weights the chunked suffix reads (its blocks minus theta_0, final norm, head)."""
@@ -121,8 +129,9 @@ class TTTModel(nn.Module):
     def token_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.parallel.token_nll(self, h, targets)
 
-    def head_nll_and_grad(self, normed: torch.Tensor, targets: torch.Tensor,
-                          weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_nll_and_grad(
+        self, normed: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tied head on final-normed states [N, d]: NLL [N] and d(sum_i w_i nll_i)/d normed."""
         return self.parallel.head_nll_and_grad(self, normed, targets, weights)
 
@@ -130,11 +139,14 @@ class TTTModel(nn.Module):
         check_token_ids(tokens, self.config.vocab_size, "tokens")
         seq = tokens.shape[1] - 1
         if seq <= 0 or seq % multiple_of:
-            raise ValueError(f"tokens has T+1={tokens.shape[1]} columns: T must be a positive "
-                             f"multiple of chunk_size={multiple_of}")
+            raise ValueError(
+                f"tokens has T+1={tokens.shape[1]} columns: T must be a positive "
+                f"multiple of chunk_size={multiple_of}"
+            )
 
-    def run_blocks(self, h: torch.Tensor, blocks: list[Block], seq_len: int | None = None
-                   ) -> torch.Tensor:
+    def run_blocks(
+        self, h: torch.Tensor, blocks: list[Block], seq_len: int | None = None
+    ) -> torch.Tensor:
         """`blocks` over hidden states h [B, T, d] at absolute positions 0..T-1. seq_len: the
         whole sequence's length when h holds a slice of it (tensor-parallel prefix blocks gather
         the sequence before attention)."""
@@ -170,8 +182,13 @@ class TTTModel(nn.Module):
         mask = (targets != self.config.bos_token_id).float()
         return LMOutput(loss=(nll * mask).sum() / mask.sum().clamp_min(1.0), token_nll=nll)
 
-    def meta_loss(self, tokens: torch.Tensor, eta: float | torch.Tensor | None = None,
-                  remat: str | None = None, final_update: bool = True) -> MetaLossOutput:
+    def meta_loss(
+        self,
+        tokens: torch.Tensor,
+        eta: float | torch.Tensor | None = None,
+        remat: str | None = None,
+        final_update: bool = True,
+    ) -> MetaLossOutput:
         """The TTT-E2E outer loss of a batch; `.loss.backward()` gives the meta-gradient.
 
         tokens: [B, T+1] (inputs tokens[:, :-1], targets tokens[:, 1:]); T a multiple of
@@ -185,11 +202,16 @@ class TTTModel(nn.Module):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         mask = targets != self.config.bos_token_id
         with self.offload.step():  # host offload of every saved tensor ('all'), if installed
-            inner = run_inner_loop(self, self.prefix(inputs), targets, mask, eta, remat,
-                                   final_update=final_update)
-        return MetaLossOutput(loss=inner.chunk_loss.mean(1).mean(0), token_nll=inner.token_nll,
-                              chunk_loss=inner.chunk_loss, inner_grad_norm=inner.inner_grad_norm,
-                              fast_weights=inner.fast_weights)
+            inner = run_inner_loop(
+                self, self.prefix(inputs), targets, mask, eta, remat, final_update=final_update
+            )
+        return MetaLossOutput(
+            loss=inner.chunk_loss.mean(1).mean(0),
+            token_nll=inner.token_nll,
+            chunk_loss=inner.chunk_loss,
+            inner_grad_norm=inner.inner_grad_norm,
+            fast_weights=inner.fast_weights,
+        )
 
     def prefill(self, tokens: torch.Tensor, mode: str = "ttt"):
         """Consume prompts [B, P]: (DecodeState, NLL [B, P-1]); see decode.py."""
@@ -203,20 +225,23 @@ class TTTModel(nn.Module):
 
         return generate(self, prompts, max_new_tokens, mode, **sampling)
 
-    def estimate_flops(self, seq_len: int | None = None, remat: str | None = None,
-                       final_update: bool = False) -> FlopsEstimate:
+    def estimate_flops(
+        self, seq_len: int | None = None, remat: str | None = None, final_update: bool = False
+    ) -> FlopsEstimate:
         return estimate_flops(self.config, seq_len, remat, final_update)
 
     # ---- weights on disk: config.json + model.safetensors (sharded above a size) ---------------
-    def save_pretrained(self, directory: str | Path,
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    def save_pretrained(
+        self, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    ) -> Path:
         """Hugging Face-style folder: config.json + model.safetensors, or shards + an index."""
-        write_model_folder(directory, self.config.to_dict(), self.state_dict().items(),
-                           max_shard_bytes)
+        write_model_folder(
+            directory, self.config.to_dict(), self.state_dict().items(), max_shard_bytes
+        )
         return Path(directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "TTTModel":
+    def from_pretrained(cls, directory: str | Path, **overrides) -> TTTModel:
         """Load a directory written by save_pretrained (config fields may be overridden)."""
         directory = Path(directory)
         config = TTTConfig.from_dict({**read_config(directory), **overrides})
@@ -225,11 +250,16 @@ class TTTModel(nn.Module):
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape]
+        wrong = [
+            f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
         if missing or unexpected or wrong:
-            raise ValueError(f"{directory}: weights do not fit its config.json: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]}, shape (file vs model) "
-                             f"{wrong[:5]}")
+            raise ValueError(
+                f"{directory}: weights do not fit its config.json: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}, shape (file vs model) "
+                f"{wrong[:5]}"
+            )
         model.load_state_dict(state)
         return model

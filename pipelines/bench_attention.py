@@ -26,24 +26,63 @@ import sys
 import time
 
 import torch
-
 from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
+
 from ttte2e.kernels.attention import chunk_attention, chunk_backend, reference
 from ttte2e.model import TTTConfig, TTTModel
 
 # (name, model fields, batch): the meta-step benchmark size of bench_meta_step.py, and one where
 # the window is long relative to the model width, so attention weighs more in the step.
 STEP_CONFIGS = [
-    ("bench", dict(vocab_size=4096, d_model=256, n_layers=8, n_ttt_blocks=2, n_heads=4,
-                   mlp_hidden=512, seq_len=1024, window=256, chunk_size=128), 2),
-    ("long-window", dict(vocab_size=2048, d_model=128, n_layers=4, n_ttt_blocks=2, n_heads=2,
-                         mlp_hidden=256, seq_len=2048, window=1024, chunk_size=128), 1),
+    (
+        "bench",
+        dict(
+            vocab_size=4096,
+            d_model=256,
+            n_layers=8,
+            n_ttt_blocks=2,
+            n_heads=4,
+            mlp_hidden=512,
+            seq_len=1024,
+            window=256,
+            chunk_size=128,
+        ),
+        2,
+    ),
+    (
+        "long-window",
+        dict(
+            vocab_size=2048,
+            d_model=128,
+            n_layers=4,
+            n_ttt_blocks=2,
+            n_heads=2,
+            mlp_hidden=256,
+            seq_len=2048,
+            window=1024,
+            chunk_size=128,
+        ),
+        1,
+    ),
 ]
 # Memory only (one step is ~20 s here): T 8K, k 4K, b 512, where the suffix attention's
 # b x (k+b) matrices are a large part of one chunk's graph.
 MEMORY_CONFIGS = STEP_CONFIGS + [
-    ("long-context", dict(vocab_size=1024, d_model=256, n_layers=4, n_ttt_blocks=2, n_heads=4,
-                          mlp_hidden=512, seq_len=8192, window=4096, chunk_size=512), 1),
+    (
+        "long-context",
+        dict(
+            vocab_size=1024,
+            d_model=256,
+            n_layers=4,
+            n_ttt_blocks=2,
+            n_heads=4,
+            mlp_hidden=512,
+            seq_len=8192,
+            window=4096,
+            chunk_size=512,
+        ),
+        1,
+    ),
 ]
 PREFIX = dict(seq=16384, window=1024, heads=1, head_dim=64)
 # One suffix block's attention on one chunk at a long-context shape: b = 512 queries over
@@ -96,8 +135,17 @@ def _probe(kind: str, arg) -> dict:
         name, backend = arg
         # one tiny step first: lazy imports on first use (torch.library's fake-tensor machinery
         # for the registered ops) would otherwise count as step memory
-        tiny = dict(vocab_size=64, d_model=16, n_layers=2, n_ttt_blocks=1, n_heads=2,
-                    mlp_hidden=32, seq_len=32, window=16, chunk_size=8)
+        tiny = dict(
+            vocab_size=64,
+            d_model=16,
+            n_layers=2,
+            n_ttt_blocks=1,
+            n_heads=2,
+            mlp_hidden=32,
+            seq_len=32,
+            window=16,
+            chunk_size=8,
+        )
         _step(*_make(tiny, 1), backend)
         fields, batch = next((f, b) for n, f, b in MEMORY_CONFIGS if n == name)
         model, tokens = _make(fields, batch)
@@ -106,10 +154,17 @@ def _probe(kind: str, arg) -> dict:
         return _suffix_probe(arg)
     path = arg
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, PREFIX["heads"], PREFIX["seq"], PREFIX["head_dim"], generator=gen)
-               .requires_grad_() for _ in range(3))
-    fn = (reference.blocked_sliding_window_attention if path == "blocked"
-          else reference.naive_sliding_window_attention)
+    q, k, v = (
+        torch.randn(
+            1, PREFIX["heads"], PREFIX["seq"], PREFIX["head_dim"], generator=gen
+        ).requires_grad_()
+        for _ in range(3)
+    )
+    fn = (
+        reference.blocked_sliding_window_attention
+        if path == "blocked"
+        else reference.naive_sliding_window_attention
+    )
     return _measure(lambda: fn(q, k, v, PREFIX["window"]).sum().backward())
 
 
@@ -118,8 +173,10 @@ def _suffix_probe(backend: str) -> dict:
     n_keys = SUFFIX["window"] + SUFFIX["chunk"]
 
     def tensors(n_q, n_k, dh):
-        return [torch.randn(1, SUFFIX["heads"], n, dh, generator=gen).requires_grad_()
-                for n in (n_q, n_k, n_k)]
+        return [
+            torch.randn(1, SUFFIX["heads"], n, dh, generator=gen).requires_grad_()
+            for n in (n_q, n_k, n_k)
+        ]
 
     def pattern(q, k, v, window, saved: list | None = None):
         hooks = ((lambda t: saved.append(t) or t), (lambda t: t)) if saved is not None else None
@@ -141,8 +198,11 @@ def _suffix_probe(backend: str) -> dict:
 
     def work():
         out, inner = pattern(q, k, v, SUFFIX["window"], saved)
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
-                    if isinstance(t, torch.Tensor)}
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in saved
+            if isinstance(t, torch.Tensor)
+        }
         state["saved_mb"] = sum(n for p, n in storages.items() if p not in inputs) / 2**20
         (out.sum() + sum((g * g).sum() for g in inner)).backward()
 
@@ -174,12 +234,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     results: dict = {}
     if args.only in (None, "step"):
-        print(f"\nmeta-train step (remat 'chunk', float32), median of {args.rounds} interleaved rounds")
+        print(
+            f"\nmeta-train step (remat 'chunk', float32), median of {args.rounds} interleaved rounds"
+        )
         print("| config | fused s | math s | fused / math |")
         print("|---|---|---|---|")
         results["step"] = step_times(args.rounds)
         for r in results["step"]:
-            print(f"| {r['config']} | {r['fused_s']:.3f} | {r['math_s']:.3f} | {r['fused_over_math']:.2f} |")
+            print(
+                f"| {r['config']} | {r['fused_s']:.3f} | {r['math_s']:.3f} | {r['fused_over_math']:.2f} |"
+            )
     if args.only in (None, "memory"):
         print("\nmeta-train step peak memory (MB above the pre-step RSS), fresh process per cell")
         print("| config | fused MB | math MB | fused / math |")
@@ -188,31 +252,43 @@ def main() -> None:
         for name, _, _ in MEMORY_CONFIGS:
             fused = run_probe("step", [name, "fused"])
             math_ = run_probe("step", [name, "math"])
-            results["memory"].append(dict(config=name, fused_mb=fused["peak_mb"], math_mb=math_["peak_mb"]))
-            print(f"| {name} | {fused['peak_mb']:.0f} | {math_['peak_mb']:.0f} | "
-                  f"{fused['peak_mb'] / math_['peak_mb']:.2f} |")
+            results["memory"].append(
+                dict(config=name, fused_mb=fused["peak_mb"], math_mb=math_["peak_mb"])
+            )
+            print(
+                f"| {name} | {fused['peak_mb']:.0f} | {math_['peak_mb']:.0f} | "
+                f"{fused['peak_mb'] / math_['peak_mb']:.2f} |"
+            )
     if args.only in (None, "suffix"):
-        print(f"\nsuffix attention, one block and chunk: {SUFFIX}, batch 1, float32; output, inner "
-              "gradient (create_graph=True), outer backward; fresh process per path")
+        print(
+            f"\nsuffix attention, one block and chunk: {SUFFIX}, batch 1, float32; output, inner "
+            "gradient (create_graph=True), outer backward; fresh process per path"
+        )
         print("| path | kept for the outer backward MB | peak MB | seconds |")
         print("|---|---|---|---|")
         results["suffix"] = {b: run_probe("suffix", b) for b in ("fused", "math")}
         for b, r in results["suffix"].items():
             print(f"| {b} | {r['saved_mb']:.0f} | {r['peak_mb']:.0f} | {r['seconds']:.2f} |")
         f, m = results["suffix"]["fused"], results["suffix"]["math"]
-        print(f"fused / math: kept {f['saved_mb'] / m['saved_mb']:.2f}, peak {f['peak_mb'] / m['peak_mb']:.2f}, "
-              f"time {f['seconds'] / m['seconds']:.2f}")
+        print(
+            f"fused / math: kept {f['saved_mb'] / m['saved_mb']:.2f}, peak {f['peak_mb'] / m['peak_mb']:.2f}, "
+            f"time {f['seconds'] / m['seconds']:.2f}"
+        )
     if args.only in (None, "prefix"):
         print(f"\nprefix attention forward + backward, {PREFIX}, float32, fresh process per path")
         print("| path | peak MB | seconds |")
         print("|---|---|---|")
         results["prefix"] = {}
         for path in ("blocked", "dense T x T"):
-            r = results["prefix"][path] = run_probe("prefix", "blocked" if path == "blocked" else "naive")
+            r = results["prefix"][path] = run_probe(
+                "prefix", "blocked" if path == "blocked" else "naive"
+            )
             print(f"| {path} | {r['peak_mb']:.0f} | {r['seconds']:.2f} |")
         p = results["prefix"]
-        print(f"blocked / dense: memory {p['blocked']['peak_mb'] / p['dense T x T']['peak_mb']:.3f}, "
-              f"time {p['blocked']['seconds'] / p['dense T x T']['seconds']:.2f}")
+        print(
+            f"blocked / dense: memory {p['blocked']['peak_mb'] / p['dense T x T']['peak_mb']:.3f}, "
+            f"time {p['blocked']['seconds'] / p['dense T x T']['seconds']:.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -19,10 +19,15 @@ from pathlib import Path
 import torch
 
 from ttte2e.model import TTTModel, preset
-from ttte2e.platform.data.stream import (StreamPosition, StreamSpec, WindowReader, iter_batches,
-                                         worker_stream)
 from ttte2e.platform.data.demo_corpus import stdlib_documents
 from ttte2e.platform.data.prepare import PrepareOptions, prepare
+from ttte2e.platform.data.stream import (
+    StreamPosition,
+    StreamSpec,
+    WindowReader,
+    iter_batches,
+    worker_stream,
+)
 
 
 def main() -> None:
@@ -39,19 +44,32 @@ def main() -> None:
     raw.mkdir()
     for f in range(args.files):
         with open(raw / f"part{f:03d}.jsonl", "w") as out:
-            for _, text in docs[f::args.files]:
+            for _, text in docs[f :: args.files]:
                 out.write(json.dumps({"text": text}) + "\n")
     # the tokenizer is trained once, outside the timed runs
     tok_ds = work / "tok"
-    prepare(PrepareOptions(input=str(raw / "part000.jsonl"), output=str(tok_ds),
-                           tokenizer=f"train:{cfg.vocab_size}"), use_ray=False, log=lambda *_: None)
+    prepare(
+        PrepareOptions(
+            input=str(raw / "part000.jsonl"),
+            output=str(tok_ds),
+            tokenizer=f"train:{cfg.vocab_size}",
+        ),
+        use_ray=False,
+        log=lambda *_: None,
+    )
     results = {}
     for mode in ("in-process", "ray"):
         start = time.perf_counter()
-        manifest = prepare(PrepareOptions(input=str(raw), output=str(work / f"ds-{mode}"),
-                                          tokenizer=str(tok_ds / "tokenizer.json"),
-                                          shard_tokens=1_000_000),
-                           use_ray=mode == "ray", log=lambda *_: None)
+        manifest = prepare(
+            PrepareOptions(
+                input=str(raw),
+                output=str(work / f"ds-{mode}"),
+                tokenizer=str(tok_ds / "tokenizer.json"),
+                shard_tokens=1_000_000,
+            ),
+            use_ray=mode == "ray",
+            log=lambda *_: None,
+        )
         seconds = time.perf_counter() - start
         results[f"prepare_{mode}"] = manifest["counts"]["tokens_written"] / seconds
     dataset = str(work / "ds-ray")
@@ -80,9 +98,17 @@ def main() -> None:
     amplification = []
     for group in (args.seq_len // 4, args.seq_len * 4):
         ds = str(work / f"ds-rg{group}")
-        prepare(PrepareOptions(input=str(raw), output=ds, tokenizer=str(tok_ds / "tokenizer.json"),
-                               shard_tokens=1_000_000, row_group_tokens=group),
-                use_ray=False, log=lambda *_: None)
+        prepare(
+            PrepareOptions(
+                input=str(raw),
+                output=ds,
+                tokenizer=str(tok_ds / "tokenizer.json"),
+                shard_tokens=1_000_000,
+                row_group_tokens=group,
+            ),
+            use_ray=False,
+            log=lambda *_: None,
+        )
         for ranks in (1, 2, 4, 8):
             spec = StreamSpec(ds, seq_len=args.seq_len, global_batch=8, world_size=ranks)
             readers = [WindowReader(ds, "train", args.seq_len) for _ in range(ranks)]

@@ -41,8 +41,9 @@ def batched_prompts(model, n: int, new_tokens: int, repeats: int) -> None:
     with all of them against one call per prompt (greedy, the same new tokens)."""
     cfg = model.config
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(2, cfg.vocab_size, (1024 + 37 * i,), generator=g).tolist()
-               for i in range(n)]
+    prompts = [
+        torch.randint(2, cfg.vocab_size, (1024 + 37 * i,), generator=g).tolist() for i in range(n)
+    ]
     times = {"together": [], "one by one": []}
     for _ in range(repeats):
         start = time.perf_counter()
@@ -53,13 +54,19 @@ def batched_prompts(model, n: int, new_tokens: int, repeats: int) -> None:
         times["one by one"].append(time.perf_counter() - start)
     same = sum(a == b for a, b in zip(together, alone))
     rate = {k: n * new_tokens / statistics.median(v) for k, v in times.items()}
-    print(f"\n{n} prompts of {n} lengths (1,024..{1024 + 37 * (n - 1):,} tokens), {new_tokens} new "
-          f"tokens each, TTT-E2E greedy, prefill included; median of {repeats}:")
-    print("\n| prompts | together tokens/s | one by one tokens/s | together / one by one | "
-          "same tokens |")
+    print(
+        f"\n{n} prompts of {n} lengths (1,024..{1024 + 37 * (n - 1):,} tokens), {new_tokens} new "
+        f"tokens each, TTT-E2E greedy, prefill included; median of {repeats}:"
+    )
+    print(
+        "\n| prompts | together tokens/s | one by one tokens/s | together / one by one | "
+        "same tokens |"
+    )
     print("|---|---|---|---|---|")
-    print(f"| {n} | {rate['together']:.0f} | {rate['one by one']:.0f} | "
-          f"{rate['together'] / rate['one by one']:.2f} | {same} / {n} |")
+    print(
+        f"| {n} | {rate['together']:.0f} | {rate['one by one']:.0f} | "
+        f"{rate['together'] / rate['one by one']:.2f} | {same} / {n} |"
+    )
 
 
 def main() -> None:
@@ -67,10 +74,15 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
     parser.add_argument("--groups", type=int, default=2, help="groups of b tokens decoded per run")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--prefill-windows", default="1,2,4,8,16",
-                        help="prefill lengths in windows of k")
-    parser.add_argument("--batch-prompts", type=int, default=8,
-                        help="prompts of different lengths generated together (0: skip)")
+    parser.add_argument(
+        "--prefill-windows", default="1,2,4,8,16", help="prefill lengths in windows of k"
+    )
+    parser.add_argument(
+        "--batch-prompts",
+        type=int,
+        default=8,
+        help="prompts of different lengths generated together (0: skip)",
+    )
     parser.add_argument("--png", default="", help="write a plot here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -78,10 +90,14 @@ def main() -> None:
     cfg = preset("tiny", seq_len=max(contexts))
     model = TTTModel(cfg).eval()
     n_tokens = args.groups * cfg.chunk_size
-    print(f"tiny preset: k = {cfg.window}, b = {cfg.chunk_size}, {torch.get_num_threads()} threads; "
-          f"decode {n_tokens} tokens ({args.groups} groups of b) x {args.repeats} repeats")
-    print("\n| context | TTT-E2E ms/token | TTT-E2E tokens/s | full attention ms/token | "
-          "SWA (no TTT) ms/token | TTT-E2E state | full-attention state |")
+    print(
+        f"tiny preset: k = {cfg.window}, b = {cfg.chunk_size}, {torch.get_num_threads()} threads; "
+        f"decode {n_tokens} tokens ({args.groups} groups of b) x {args.repeats} repeats"
+    )
+    print(
+        "\n| context | TTT-E2E ms/token | TTT-E2E tokens/s | full attention ms/token | "
+        "SWA (no TTT) ms/token | TTT-E2E state | full-attention state |"
+    )
     print("|---|---|---|---|---|---|---|")
     # warm-up (first calls allocate and initialise kernels): not measured
     warm, _ = prefill(model, torch.randint(2, cfg.vocab_size, (1, 2 * cfg.window)))
@@ -101,13 +117,17 @@ def main() -> None:
         rows[context][mode] = statistics.median(runs[context, mode])
         rows[context][mode + "_bytes"] = state.nbytes()
     for context, row in rows.items():
-        print(f"| {context:,} | {row['ttt'] * 1e3:.2f} | {1 / row['ttt']:.0f} | {row['full'] * 1e3:.2f} | "
-              f"{row['swa'] * 1e3:.2f} | {row['ttt_bytes'] / 2**20:.2f} MiB | "
-              f"{row['full_bytes'] / 2**20:.2f} MiB |")
+        print(
+            f"| {context:,} | {row['ttt'] * 1e3:.2f} | {1 / row['ttt']:.0f} | {row['full'] * 1e3:.2f} | "
+            f"{row['swa'] * 1e3:.2f} | {row['ttt_bytes'] / 2**20:.2f} MiB | "
+            f"{row['full_bytes'] / 2**20:.2f} MiB |"
+        )
     first, last = contexts[0], contexts[-1]
-    print(f"\nTTT-E2E latency {last} / {first}: {rows[last]['ttt'] / rows[first]['ttt']:.2f} "
-          f"(target <= 1.10); full attention: {rows[last]['full'] / rows[first]['full']:.2f}; "
-          f"SWA: {rows[last]['swa'] / rows[first]['swa']:.2f}")
+    print(
+        f"\nTTT-E2E latency {last} / {first}: {rows[last]['ttt'] / rows[first]['ttt']:.2f} "
+        f"(target <= 1.10); full attention: {rows[last]['full'] / rows[first]['full']:.2f}; "
+        f"SWA: {rows[last]['swa'] / rows[first]['swa']:.2f}"
+    )
 
     if args.batch_prompts:
         batched_prompts(model, args.batch_prompts, args.groups * cfg.chunk_size, args.repeats)
@@ -127,8 +147,10 @@ def main() -> None:
                 runs.append((time.perf_counter() - start) / t)
             times[mode] = statistics.median(runs)
         prefill_rows[w] = times
-        print(f"| {t:,} | {w} | {times['ttt'] * 1e3:.3f} | {times['full'] * 1e3:.3f} | "
-              f"{times['full'] / times['ttt']:.2f} |")
+        print(
+            f"| {t:,} | {w} | {times['ttt'] * 1e3:.3f} | {times['full'] * 1e3:.3f} | "
+            f"{times['full'] / times['ttt']:.2f} |"
+        )
     if args.png:
         import matplotlib
 
@@ -142,8 +164,12 @@ def main() -> None:
         a.set_title("decode latency"), a.legend()
         ws = sorted(prefill_rows)
         for mode, label in (("ttt", "TTT-E2E"), ("full", "full attention")):
-            b.plot([w * cfg.window for w in ws], [prefill_rows[w][mode] * 1e3 for w in ws], "o-",
-                   label=label)
+            b.plot(
+                [w * cfg.window for w in ws],
+                [prefill_rows[w][mode] * 1e3 for w in ws],
+                "o-",
+                label=label,
+            )
         b.set_xscale("log", base=2), b.set_xlabel("prompt length"), b.set_ylabel("ms / token")
         b.set_title("prefill time per token"), b.legend()
         fig.tight_layout()

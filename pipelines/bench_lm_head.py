@@ -20,13 +20,12 @@ import sys
 import time
 
 import torch
-
 from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
 
 
 def _inputs(rows: int, dim: int, vocab: int):
     gen = torch.Generator().manual_seed(0)
-    h = (torch.randn(rows, dim, generator=gen) / dim ** 0.5).requires_grad_()
+    h = (torch.randn(rows, dim, generator=gen) / dim**0.5).requires_grad_()
     embed = (torch.randn(vocab, dim, generator=gen) * 0.02).requires_grad_()
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     weights = torch.full((rows,), 1.0 / rows)
@@ -105,19 +104,28 @@ def main() -> None:
         return
     shape = (args.rows, args.dim, args.vocab)
     nv = args.rows * args.vocab * 4
-    print(f"LM head of one chunk: N {args.rows}, d {args.dim}, V {args.vocab}, fp32; one [N, V] "
-          f"float32 buffer = {nv / 2**20:.0f} MiB")
+    print(
+        f"LM head of one chunk: N {args.rows}, d {args.dim}, V {args.vocab}, fp32; one [N, V] "
+        f"float32 buffer = {nv / 2**20:.0f} MiB"
+    )
     rows = {}
     for path in ("fused", "reference"):
-        rows[path] = dict(kept=kept_bytes(path, *shape), **run_probe(path, *shape),
-                          seconds=step_seconds(path, *shape, args.repeats))
+        rows[path] = dict(
+            kept=kept_bytes(path, *shape),
+            **run_probe(path, *shape),
+            seconds=step_seconds(path, *shape, args.repeats),
+        )
     print(f"{'path':<10} {'kept MiB':>9} {'[N,V] bufs':>10} {'peak MiB':>9} {'step s':>7}")
     for path, r in rows.items():
-        print(f"{path:<10} {r['kept'] / 2**20:9.1f} {r['kept'] / nv:10.2f} "
-              f"{r['peak'] / 2**20:9.1f} {r['seconds']:7.3f}")
+        print(
+            f"{path:<10} {r['kept'] / 2**20:9.1f} {r['kept'] / nv:10.2f} "
+            f"{r['peak'] / 2**20:9.1f} {r['seconds']:7.3f}"
+        )
     f, ref = rows["fused"], rows["reference"]
-    print(f"fused / reference: kept {f['kept'] / ref['kept']:.2f}x, peak {f['peak'] / ref['peak']:.2f}x, "
-          f"time {f['seconds'] / ref['seconds']:.2f}x")
+    print(
+        f"fused / reference: kept {f['kept'] / ref['kept']:.2f}x, peak {f['peak'] / ref['peak']:.2f}x, "
+        f"time {f['seconds'] / ref['seconds']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -30,12 +30,30 @@ from ttte2e.model import TTTConfig, TTTModel
 
 MODES = ("none", "chunk", "nested")
 # The size at which the official JAX code was measured on this kind of 2-core CPU.
-BENCH = dict(vocab_size=4096, d_model=256, n_layers=8, n_ttt_blocks=2, n_heads=4, mlp_hidden=512,
-             seq_len=1024, window=256, chunk_size=128)
+BENCH = dict(
+    vocab_size=4096,
+    d_model=256,
+    n_layers=8,
+    n_ttt_blocks=2,
+    n_heads=4,
+    mlp_hidden=512,
+    seq_len=1024,
+    window=256,
+    chunk_size=128,
+)
 BENCH_BATCH = 2
 # Fast-weight heavy: the fast weights (3 d I per TTT block) dwarf one chunk's activations.
-HEAVY = dict(vocab_size=4096, d_model=512, n_layers=4, n_ttt_blocks=1, n_heads=4, mlp_hidden=2048,
-             seq_len=2048, window=256, chunk_size=32)
+HEAVY = dict(
+    vocab_size=4096,
+    d_model=512,
+    n_layers=4,
+    n_ttt_blocks=1,
+    n_heads=4,
+    mlp_hidden=2048,
+    seq_len=2048,
+    window=256,
+    chunk_size=32,
+)
 HEAVY_BATCH = 1
 
 
@@ -107,9 +125,16 @@ def time_ratios(rounds: int, steps: int) -> list[dict]:
     for mode in MODES:
         flops = model.estimate_flops(remat=mode)
         t = statistics.median(samples[mode])
-        rows.append(dict(mode=mode, step_s=t, swa_s=swa, time_ratio=t / swa,
-                         flops_ratio=flops.meta_over_swa,
-                         time_over_flops=(t / swa) / flops.meta_over_swa))
+        rows.append(
+            dict(
+                mode=mode,
+                step_s=t,
+                swa_s=swa,
+                time_ratio=t / swa,
+                flops_ratio=flops.meta_over_swa,
+                time_over_flops=(t / swa) / flops.meta_over_swa,
+            )
+        )
     return rows
 
 
@@ -158,8 +183,10 @@ def heavy_table(repeats: int, checkpoint_prefix: bool) -> dict:
     fields = dict(HEAVY, checkpoint_prefix=checkpoint_prefix)
     for mode in MODES:
         probes = [run_probe(fields, HEAVY_BATCH, mode) for _ in range(repeats)]
-        result[mode] = dict(peak_mb=statistics.median(p["peak_bytes"] for p in probes) / 2**20,
-                            seconds=statistics.median(p["seconds"] for p in probes))
+        result[mode] = dict(
+            peak_mb=statistics.median(p["peak_bytes"] for p in probes) / 2**20,
+            seconds=statistics.median(p["seconds"] for p in probes),
+        )
     result["nested_over_chunk_mem"] = result["nested"]["peak_mb"] / result["chunk"]["peak_mb"]
     result["nested_over_none_mem"] = result["nested"]["peak_mb"] / result["none"]["peak_mb"]
     result["nested_over_chunk_time"] = result["nested"]["seconds"] / result["chunk"]["seconds"]
@@ -184,39 +211,54 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     results: dict = {}
     if args.only in (None, "time"):
-        print(f"\nmeta step vs SWA-only step, {BENCH} batch {BENCH_BATCH}, "
-              f"median of {args.rounds} interleaved rounds")
+        print(
+            f"\nmeta step vs SWA-only step, {BENCH} batch {BENCH_BATCH}, "
+            f"median of {args.rounds} interleaved rounds"
+        )
         print("| remat | meta step s | SWA step s | time ratio | FLOPs ratio | time / FLOPs |")
         print("|---|---|---|---|---|---|")
         results["time"] = time_ratios(args.rounds, args.steps)
         for r in results["time"]:
-            print(f"| {r['mode']} | {r['step_s']:.3f} | {r['swa_s']:.3f} | {r['time_ratio']:.2f} | "
-                  f"{r['flops_ratio']:.2f} | {r['time_over_flops']:.2f} |")
+            print(
+                f"| {r['mode']} | {r['step_s']:.3f} | {r['swa_s']:.3f} | {r['time_ratio']:.2f} | "
+                f"{r['flops_ratio']:.2f} | {r['time_over_flops']:.2f} |"
+            )
     if args.only in (None, "profile"):
         results["profile"] = prof = profile_table(args.rounds)
         swa_flops = TTTModel(TTTConfig(**BENCH)).estimate_flops()
-        print(f"\nself CPU seconds (operator calls) per step by class, torch.profiler, one step "
-              f"per mode in each of {args.rounds} interleaved rounds; the profiler adds its own "
-              "cost per call")
+        print(
+            f"\nself CPU seconds (operator calls) per step by class, torch.profiler, one step "
+            f"per mode in each of {args.rounds} interleaved rounds; the profiler adds its own "
+            "cost per call"
+        )
         print("| class | SWA | " + " | ".join(f"meta {m}" for m in MODES) + " |")
         print("|---|---|" + "---|" * len(MODES))
         classes = sorted({c for row in prof.values() for c in row})
         for cls in classes + ["in operators"]:
-            cells = [[sum(v[i] for v in prof[m].values()) for i in (0, 1)] if cls == "in operators"
-                     else prof[m].get(cls, [0.0, 0.0]) for m in ("swa",) + MODES]
+            cells = [
+                [sum(v[i] for v in prof[m].values()) for i in (0, 1)]
+                if cls == "in operators"
+                else prof[m].get(cls, [0.0, 0.0])
+                for m in ("swa",) + MODES
+            ]
             print(f"| {cls} | " + " | ".join(f"{s:.3f} ({n:,.0f})" for s, n in cells) + " |")
-        print("\n| remat | FLOPs ratio | in-operator time ratio | / FLOPs ratio | beyond the "
-              "FLOPs ratio: matmuls + attention | the rest | rest: extra calls x us per call |")
+        print(
+            "\n| remat | FLOPs ratio | in-operator time ratio | / FLOPs ratio | beyond the "
+            "FLOPs ratio: matmuls + attention | the rest | rest: extra calls x us per call |"
+        )
         print("|---|---|---|---|---|---|---|")
         dense = ("matmuls", "attention ops")
         for mode in MODES:
-            ratio = TTTModel(TTTConfig(**BENCH)).estimate_flops(remat=mode).meta_step \
+            ratio = (
+                TTTModel(TTTConfig(**BENCH)).estimate_flops(remat=mode).meta_step
                 / swa_flops.swa_step
+            )
             total = {m: sum(v[0] for v in prof[m].values()) for m in ("swa", mode)}
             mm = {m: sum(prof[m].get(c, [0.0])[0] for c in dense) for m in ("swa", mode)}
             rest = {m: total[m] - mm[m] for m in ("swa", mode)}
-            calls = {m: sum(v[1] for c, v in prof[m].items() if c not in dense)
-                     for m in ("swa", mode)}
+            calls = {
+                m: sum(v[1] for c, v in prof[m].items() if c not in dense) for m in ("swa", mode)
+            }
             beyond = total[mode] - ratio * total["swa"]
             # What exceeds FLOPs-proportional time, split by class.
             mm_beyond = mm[mode] - ratio * mm["swa"]
@@ -224,13 +266,21 @@ def main() -> None:
             per_call = rest[mode] / calls[mode] * 1e6
             results.setdefault("profile_summary", {})[mode] = dict(
                 flops_ratio=ratio,
-                time_ratio=total[mode] / total["swa"], beyond_s=beyond,
-                dense_beyond_s=mm_beyond, rest_beyond_s=rest_beyond,
-                rest_calls=calls[mode], swa_rest_calls=calls["swa"], us_per_rest_call=per_call)
-            print(f"| {mode} | {ratio:.2f} | {total[mode] / total['swa']:.2f} | {total[mode] / total['swa'] / ratio:.2f} | "
-                  f"{mm_beyond:.3f} s | {rest_beyond:.3f} s | "
-                  f"{calls[mode] - calls['swa']:,.0f} x {per_call:.1f} us "
-                  f"(SWA {rest['swa'] / calls['swa'] * 1e6:.1f} us) |")
+                time_ratio=total[mode] / total["swa"],
+                beyond_s=beyond,
+                dense_beyond_s=mm_beyond,
+                rest_beyond_s=rest_beyond,
+                rest_calls=calls[mode],
+                swa_rest_calls=calls["swa"],
+                us_per_rest_call=per_call,
+            )
+            time_ratio = total[mode] / total["swa"]
+            print(
+                f"| {mode} | {ratio:.2f} | {time_ratio:.2f} | {time_ratio / ratio:.2f} | "
+                f"{mm_beyond:.3f} s | {rest_beyond:.3f} s | "
+                f"{calls[mode] - calls['swa']:,.0f} x {per_call:.1f} us "
+                f"(SWA {rest['swa'] / calls['swa'] * 1e6:.1f} us) |"
+            )
     if args.only in (None, "memory"):
         chunks = [int(n) for n in args.chunks.split(",")]
         print("\npeak step memory (MB above the pre-step RSS), fresh process per cell")
@@ -238,22 +288,27 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         results["memory"] = memory_table(chunks)
         for r in results["memory"]:
-            print(f"| {r['n_chunks']} | {r['seq_len']} | {r['swa_mb']:.0f} | {r['none_mb']:.0f} | "
-                  f"{r['chunk_mb']:.0f} | {r['nested_mb']:.0f} | {r['nested_over_swa']:.2f} |")
+            print(
+                f"| {r['n_chunks']} | {r['seq_len']} | {r['swa_mb']:.0f} | {r['none_mb']:.0f} | "
+                f"{r['chunk_mb']:.0f} | {r['nested_mb']:.0f} | {r['nested_over_swa']:.2f} |"
+            )
     if args.only in (None, "heavy"):
         print(f"\nfast-weight heavy: {HEAVY} batch {HEAVY_BATCH}")
         results["heavy"] = {}
         for prefix_ckpt in (False, True):
             heavy = results["heavy"][f"checkpoint_prefix={prefix_ckpt}"] = heavy_table(
-                args.heavy_repeats, prefix_ckpt)
+                args.heavy_repeats, prefix_ckpt
+            )
             print(f"\ncheckpoint_prefix={prefix_ckpt}")
             print("| remat | peak MB | step s |")
             print("|---|---|---|")
             for mode in MODES:
                 print(f"| {mode} | {heavy[mode]['peak_mb']:.0f} | {heavy[mode]['seconds']:.2f} |")
-            print(f"nested/chunk memory {heavy['nested_over_chunk_mem']:.2f} (target <= 0.5), "
-                  f"nested/none memory {heavy['nested_over_none_mem']:.2f} (target <= 0.3), "
-                  f"nested/chunk time {heavy['nested_over_chunk_time']:.2f} (target <= 1.5)")
+            print(
+                f"nested/chunk memory {heavy['nested_over_chunk_mem']:.2f} (target <= 0.5), "
+                f"nested/none memory {heavy['nested_over_none_mem']:.2f} (target <= 0.3), "
+                f"nested/chunk time {heavy['nested_over_chunk_time']:.2f} (target <= 1.5)"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

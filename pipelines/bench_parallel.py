@@ -26,12 +26,23 @@ import sys
 import time
 
 import torch
-
 from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
+
 from ttte2e.model import TTTConfig, TTTModel
 
-BENCH = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, mlp_hidden=1024, n_ttt_blocks=1,
-             seq_len=8192, window=1024, chunk_size=256, remat="nested", bos_token_id=1)
+BENCH = dict(
+    vocab_size=2048,
+    d_model=256,
+    n_layers=4,
+    n_heads=4,
+    mlp_hidden=1024,
+    n_ttt_blocks=1,
+    seq_len=8192,
+    window=1024,
+    chunk_size=256,
+    remat="nested",
+    bos_token_id=1,
+)
 CELLS = (("TP=1", 1, "none"), ("TP=2", 2, "none"), ("TP=1 offload all", 1, "all"))
 
 
@@ -45,8 +56,9 @@ def _step(model: TTTModel, tokens: torch.Tensor) -> None:
     model.meta_loss(tokens).loss.backward()
 
 
-def _measure_rank(fields: dict, tp: int, offload: str, rank: int = 0, init_file: str = "",
-                  out_file: str = "") -> dict:
+def _measure_rank(
+    fields: dict, tp: int, offload: str, rank: int = 0, init_file: str = "", out_file: str = ""
+) -> dict:
     from ttte2e.platform.train.offload import apply_offload
 
     if tp > 1:
@@ -55,8 +67,7 @@ def _measure_rank(fields: dict, tp: int, offload: str, rank: int = 0, init_file:
         from ttte2e.platform.train.tensor_parallel import parallelize
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // tp))
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=tp)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=tp)
     config = TTTConfig(**fields)
     torch.manual_seed(0)
     model = TTTModel(config)
@@ -74,17 +85,25 @@ def _measure_rank(fields: dict, tp: int, offload: str, rank: int = 0, init_file:
     start = time.perf_counter()
     _step(model, tokens)
     seconds = time.perf_counter() - start
-    out = dict(peak_bytes=_read_status("VmHWM") - before, seconds=seconds,
-               offloaded_bytes=counter.peak_bytes)
+    out = dict(
+        peak_bytes=_read_status("VmHWM") - before,
+        seconds=seconds,
+        offloaded_bytes=counter.peak_bytes,
+    )
     if tp > 1:
         gathered = [None] * tp
         dist.all_gather_object(gathered, out)
         dist.destroy_process_group()
         if rank == 0:
             with open(out_file, "w") as f:
-                json.dump(dict(peak_bytes=max(g["peak_bytes"] for g in gathered),
-                               seconds=max(g["seconds"] for g in gathered),
-                               offloaded_bytes=max(g["offloaded_bytes"] for g in gathered)), f)
+                json.dump(
+                    dict(
+                        peak_bytes=max(g["peak_bytes"] for g in gathered),
+                        seconds=max(g["seconds"] for g in gathered),
+                        offloaded_bytes=max(g["offloaded_bytes"] for g in gathered),
+                    ),
+                    f,
+                )
     return out
 
 
@@ -102,8 +121,12 @@ def measure_cell(fields: dict, tp: int, offload: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
-        mp.start_processes(_spawned, args=(fields, tp, offload, init_file, out_file), nprocs=tp,
-                           start_method="spawn")
+        mp.start_processes(
+            _spawned,
+            args=(fields, tp, offload, init_file, out_file),
+            nprocs=tp,
+            start_method="spawn",
+        )
         with open(out_file) as f:
             return json.load(f)
 
@@ -132,30 +155,54 @@ def main() -> None:
         return
     fields = dict(BENCH, seq_len=args.seq_len)
     config = TTTConfig(**fields)
-    print(f"one meta step, 1 sequence of T={config.seq_len}, d {config.d_model}, "
-          f"{config.n_layers} layers ({config.n_ttt_blocks} TTT), MLP {config.mlp_hidden}, "
-          f"vocab {config.vocab_size}, k {config.window}, b {config.chunk_size}, remat "
-          f"{config.remat}, fp32; memory per rank in MiB (the step's peak above the weights)")
-    print(f"{'cell':<18} {'measured':>9} {'plan':>9} {'plan/meas':>9} {'host peak':>10} "
-          f"{'plan host':>10} {'plan GPU':>9} {'s/step':>7} {'us/token':>9}")
+    print(
+        f"one meta step, 1 sequence of T={config.seq_len}, d {config.d_model}, "
+        f"{config.n_layers} layers ({config.n_ttt_blocks} TTT), MLP {config.mlp_hidden}, "
+        f"vocab {config.vocab_size}, k {config.window}, b {config.chunk_size}, remat "
+        f"{config.remat}, fp32; memory per rank in MiB (the step's peak above the weights)"
+    )
+    print(
+        f"{'cell':<18} {'measured':>9} {'plan':>9} {'plan/meas':>9} {'host peak':>10} "
+        f"{'plan host':>10} {'plan GPU':>9} {'s/step':>7} {'us/token':>9}"
+    )
     rows = {}
     for name, tp, offload in CELLS:
         got = run_cell(fields, tp, offload)
         # on CPU the offloaded tensors stay where they are: the peak to compare is the one
         # without offload; the plan's GPU figure with offload is printed beside it
-        resident = memory_per_gpu(config, config.seq_len, zero_stage=0, gpus=1, micro_batch=1,
-                                  bf16=False, tensor_parallel=tp)
-        plan = memory_per_gpu(config, config.seq_len, zero_stage=0, gpus=1, micro_batch=1,
-                              bf16=False, tensor_parallel=tp, offload=offload)
+        resident = memory_per_gpu(
+            config,
+            config.seq_len,
+            zero_stage=0,
+            gpus=1,
+            micro_batch=1,
+            bf16=False,
+            tensor_parallel=tp,
+        )
+        plan = memory_per_gpu(
+            config,
+            config.seq_len,
+            zero_stage=0,
+            gpus=1,
+            micro_batch=1,
+            bf16=False,
+            tensor_parallel=tp,
+            offload=offload,
+        )
         rows[name] = dict(got, plan=resident.step, host=plan.host)
-        print(f"{name:<18} {got['peak_bytes'] / 2**20:9.1f} {resident.step / 2**20:9.1f} "
-              f"{resident.step / got['peak_bytes']:9.2f} {got['offloaded_bytes'] / 2**20:10.1f} "
-              f"{plan.host / 2**20:10.1f} {plan.step / 2**20:9.1f} {got['seconds']:7.2f} "
-              f"{got['seconds'] / config.seq_len * 1e6:9.1f}", flush=True)
+        print(
+            f"{name:<18} {got['peak_bytes'] / 2**20:9.1f} {resident.step / 2**20:9.1f} "
+            f"{resident.step / got['peak_bytes']:9.2f} {got['offloaded_bytes'] / 2**20:10.1f} "
+            f"{plan.host / 2**20:10.1f} {plan.step / 2**20:9.1f} {got['seconds']:7.2f} "
+            f"{got['seconds'] / config.seq_len * 1e6:9.1f}",
+            flush=True,
+        )
     one, two = rows["TP=1"], rows["TP=2"]
-    print(f"TP=2 / TP=1 per rank: memory {two['peak_bytes'] / one['peak_bytes']:.2f}x (plan "
-          f"{two['plan'] / one['plan']:.2f}x); time per token {two['seconds'] / one['seconds']:.2f}x "
-          f"(2 processes sharing {os.cpu_count()} cores, gloo all-reduces)")
+    print(
+        f"TP=2 / TP=1 per rank: memory {two['peak_bytes'] / one['peak_bytes']:.2f}x (plan "
+        f"{two['plan'] / one['plan']:.2f}x); time per token {two['seconds'] / one['seconds']:.2f}x "
+        f"(2 processes sharing {os.cpu_count()} cores, gloo all-reduces)"
+    )
 
 
 if __name__ == "__main__":

@@ -32,33 +32,57 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     raw = write_demo_books(out / "raw")
-    manifest = prepare(PrepareOptions(input=str(raw), output=str(out / "data"),
-                                      tokenizer="train:4096", val_fraction=0.1,
-                                      shard_tokens=1_000_000), use_ray=False,
-                       log=lambda m: print("  " + m, flush=True))
-    print(f"long documents: {manifest['splits']['train']['documents']} train / "
-          f"{manifest['splits']['val']['documents']} held-out books, "
-          f"{manifest['counts']['tokens_written']:,} tokens")
+    manifest = prepare(
+        PrepareOptions(
+            input=str(raw),
+            output=str(out / "data"),
+            tokenizer="train:4096",
+            val_fraction=0.1,
+            shard_tokens=1_000_000,
+        ),
+        use_ray=False,
+        log=lambda m: print("  " + m, flush=True),
+    )
+    print(
+        f"long documents: {manifest['splits']['train']['documents']} train / "
+        f"{manifest['splits']['val']['documents']} held-out books, "
+        f"{manifest['counts']['tokens_written']:,} tokens"
+    )
     results = {}
     for label, overrides in (("TTT-E2E", {}), ("SWA (TTT off, eta = 0)", {"inner_lr": 0.0})):
-        cfg = TrainConfig(preset="tiny", model_overrides=overrides, data=str(out / "data"),
-                          storage=str(out / "runs"), name=label.split()[0].lower(),
-                          workers=args.workers, batch_tokens=args.batch * 512, steps=args.steps,
-                          lr=args.lr, eval_every=0, eval_windows=args.eval_windows,
-                          checkpoint_every=args.steps, tracking_uri="off", max_failures=0)
+        cfg = TrainConfig(
+            preset="tiny",
+            model_overrides=overrides,
+            data=str(out / "data"),
+            storage=str(out / "runs"),
+            name=label.split()[0].lower(),
+            workers=args.workers,
+            batch_tokens=args.batch * 512,
+            steps=args.steps,
+            lr=args.lr,
+            eval_every=0,
+            eval_windows=args.eval_windows,
+            checkpoint_every=args.steps,
+            tracking_uri="off",
+            max_failures=0,
+        )
         print(f"training {label} ({args.steps} steps x {args.batch * 512} tokens)", flush=True)
         results[label] = fit(cfg, log=lambda *_: None)["evals"][-1]
     (out / "quality.json").write_text(json.dumps(results, indent=1))
-    print(f"\ntiny preset (T = 512, k = 128, b = 64), {args.steps} steps x {args.batch * 512} tokens, "
-          f"held-out: {args.eval_windows} windows of long documents")
+    print(
+        f"\ntiny preset (T = 512, k = 128, b = 64), {args.steps} steps x {args.batch * 512} tokens, "
+        f"held-out: {args.eval_windows} windows of long documents"
+    )
     print("| model | val loss | val loss beyond the first window |")
     print("|---|---|---|")
     for label, e in results.items():
         print(f"| {label} | {e['val_loss']:.4f} | {e['val_loss_beyond_window']:.4f} |")
     ttt, swa = results["TTT-E2E"], results["SWA (TTT off, eta = 0)"]
     gap = swa["val_loss_beyond_window"] - ttt["val_loss_beyond_window"]
-    print(f"\nbeyond the window, SWA - TTT-E2E = {gap:+.4f} nats/token "
-          f"({'TTT-E2E lower, the paper' + chr(39) + 's ordering' if gap > 0 else 'NOT the paper' + chr(39) + 's ordering'})")
+    print(
+        f"\nbeyond the window, SWA - TTT-E2E = {gap:+.4f} nats/token "
+        f"({'TTT-E2E lower, the paper' if gap > 0 else 'NOT the paper'}{chr(39)}s ordering)"
+    )
     print(f"results: {out / 'quality.json'}")
 
 

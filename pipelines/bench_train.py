@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from ttte2e.model import TTTModel
-from ttte2e.platform.data.stream import StreamSpec, iter_batches
 from ttte2e.platform.data.demo_corpus import write_demo_corpus
 from ttte2e.platform.data.prepare import PrepareOptions, prepare
-from ttte2e.platform.train.config import TrainConfig, check_options
+from ttte2e.platform.data.stream import StreamSpec, iter_batches
 from ttte2e.platform.train.checkpoint import read_state
+from ttte2e.platform.train.config import TrainConfig, check_options
 from ttte2e.platform.train.driver import fit
 
 
@@ -54,32 +54,61 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     raw = write_demo_corpus(work / "raw", args.docs)
-    prepare(PrepareOptions(input=str(raw), output=str(work / "data"), tokenizer="train:4096",
-                           val_fraction=0.05, shard_tokens=1_000_000), use_ray=False,
-            log=lambda *_: None)
-    base = dict(preset="tiny", data=str(work / "data"), storage=str(work / "runs"),
-                batch_tokens=args.batch * 512, steps=args.steps, lr=3e-3, eval_every=0,
-                eval_windows=2, checkpoint_every=args.steps, tracking_uri="off", max_failures=0)
+    prepare(
+        PrepareOptions(
+            input=str(raw),
+            output=str(work / "data"),
+            tokenizer="train:4096",
+            val_fraction=0.05,
+            shard_tokens=1_000_000,
+        ),
+        use_ray=False,
+        log=lambda *_: None,
+    )
+    base = dict(
+        preset="tiny",
+        data=str(work / "data"),
+        storage=str(work / "runs"),
+        batch_tokens=args.batch * 512,
+        steps=args.steps,
+        lr=3e-3,
+        eval_every=0,
+        eval_windows=2,
+        checkpoint_every=args.steps,
+        tracking_uri="off",
+        max_failures=0,
+    )
     rows = {}
     for workers in (1, 2):
         cfg = TrainConfig(**base, workers=workers, name=f"w{workers}")
         result = fit(cfg, log=lambda *_: None)
         seconds = statistics.median(h["step_seconds"] for h in result["history"][2:])
-        rows[workers] = dict(seconds=seconds, tokens_per_s=args.batch * 512 / seconds,
-                             threads=read_state(result["checkpoint"]).get("torch_threads"))
+        rows[workers] = dict(
+            seconds=seconds,
+            tokens_per_s=args.batch * 512 / seconds,
+            threads=read_state(result["checkpoint"]).get("torch_threads"),
+        )
     threads = rows[1]["threads"] or torch.get_num_threads()
     plain = plain_step_seconds(TrainConfig(**base), args.steps, threads)
-    print(f"\ntiny preset, global batch {args.batch} x 512 tokens, {args.steps} steps per run "
-          f"(medians after 2 warm-up steps)")
+    print(
+        f"\ntiny preset, global batch {args.batch} x 512 tokens, {args.steps} steps per run "
+        f"(medians after 2 warm-up steps)"
+    )
     print("| run | step time (s) | tokens/s | vs 1 worker |")
     print("|---|---|---|---|")
     for workers, row in rows.items():
-        print(f"| Ray Train + DeepSpeed ZeRO-2, {workers} worker(s) | {row['seconds']:.3f} | "
-              f"{row['tokens_per_s']:,.0f} | {rows[1]['seconds'] / row['seconds']:.2f}x |")
-    print(f"| plain torch, one process, {threads} thread(s) | {plain:.3f} | "
-          f"{args.batch * 512 / plain:,.0f} | {rows[1]['seconds'] / plain:.2f}x |")
-    print(f"\nDeepSpeed meta-step overhead (1 worker / plain process): "
-          f"{rows[1]['seconds'] / plain:.2f}")
+        print(
+            f"| Ray Train + DeepSpeed ZeRO-2, {workers} worker(s) | {row['seconds']:.3f} | "
+            f"{row['tokens_per_s']:,.0f} | {rows[1]['seconds'] / row['seconds']:.2f}x |"
+        )
+    print(
+        f"| plain torch, one process, {threads} thread(s) | {plain:.3f} | "
+        f"{args.batch * 512 / plain:,.0f} | {rows[1]['seconds'] / plain:.2f}x |"
+    )
+    print(
+        f"\nDeepSpeed meta-step overhead (1 worker / plain process): "
+        f"{rows[1]['seconds'] / plain:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 
 
 def step_jumps(losses: list[float]) -> float:
-    half = np.asarray(losses[len(losses) // 2:])
+    half = np.asarray(losses[len(losses) // 2 :])
     return float(np.abs(np.diff(half)).mean())
 
 
@@ -27,7 +27,7 @@ def lag1_autocorrelation(losses: list[float], width: int = 21) -> float:
     x = np.asarray(losses, dtype=float)
     trend = np.convolve(x, np.ones(width) / width, mode="same")
     r = (x - trend)[width:-width]
-    r = r[len(r) // 2:]
+    r = r[len(r) // 2 :]
     r = r - r.mean()
     return float((r[1:] * r[:-1]).sum() / (r * r).sum())
 
@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> None:
         steps = [h["step"] for h in run["history"]]
         losses = [h["loss"] for h in run["history"]]
         final = run["evals"][-1] if run.get("evals") else {}
-        print(f"{label}: {len(steps)} steps; mean |step-to-step change| of the train loss over "
-              f"the second half {step_jumps(losses):.3f}; lag-1 autocorrelation "
-              f"{lag1_autocorrelation(losses):.2f}; last held-out loss "
-              f"{final.get('val_loss', float('nan')):.3f} (no TTT "
-              f"{final.get('val_loss_no_ttt', float('nan')):.3f})")
+        print(
+            f"{label}: {len(steps)} steps; mean |step-to-step change| of the train loss over "
+            f"the second half {step_jumps(losses):.3f}; lag-1 autocorrelation "
+            f"{lag1_autocorrelation(losses):.2f}; last held-out loss "
+            f"{final.get('val_loss', float('nan')):.3f} (no TTT "
+            f"{final.get('val_loss_no_ttt', float('nan')):.3f})"
+        )
         ax.plot(steps, losses, label=f"{label} (train meta-loss)", linewidth=1)
     ax.set_xlabel("step"), ax.set_ylabel("loss (nats/token)"), ax.legend()
     fig.tight_layout()

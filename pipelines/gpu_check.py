@@ -53,8 +53,9 @@ def import_ttte2e():
         folder = REPO / name
         init = folder / "__init__.py"
         if init.exists():
-            spec = importlib.util.spec_from_file_location(f"ttte2e.{name}", init,
-                                                          submodule_search_locations=[str(folder)])
+            spec = importlib.util.spec_from_file_location(
+                f"ttte2e.{name}", init, submodule_search_locations=[str(folder)]
+            )
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
             spec.loader.exec_module(module)
@@ -95,7 +96,9 @@ def correctness(device: str, smoke: bool) -> dict:
     if smoke:
         cases = [("prefix", 1, 2, 40, 40, 16, 9, 0), ("chunk", 1, 2, 8, 24, 16, 12, 5)]
     for name, batch, heads, n_q, n_k, dim, window, first_valid in cases:
-        base = [torch.randn(batch, heads, n, dim, generator=gen).to(device) for n in (n_q, n_k, n_k)]
+        base = [
+            torch.randn(batch, heads, n, dim, generator=gen).to(device) for n in (n_q, n_k, n_k)
+        ]
         upstream = torch.randn(batch, heads, n_q, dim, generator=gen).to(device)
         ref_in = [t.clone().requires_grad_() for t in base]
         ref_out = reference.chunk_attention(*ref_in, window, first_valid)
@@ -114,14 +117,21 @@ def correctness(device: str, smoke: bool) -> dict:
     n_q, n_k, window = (8, 24, 12) if smoke else (128, 640, 512)
     second = []
     for backend in ("triton", "math"):
-        q, k, v = (torch.randn(1, 2, n, 64 if not smoke else 16, generator=torch.Generator().manual_seed(n))
-                   .to(device).requires_grad_() for n in (n_q, n_k, n_k))
+        q, k, v = (
+            torch.randn(
+                1, 2, n, 64 if not smoke else 16, generator=torch.Generator().manual_seed(n)
+            )
+            .to(device)
+            .requires_grad_()
+            for n in (n_q, n_k, n_k)
+        )
         out = attention.chunk_attention(q, k, v, window, 3, backend=backend)
         inner = torch.autograd.grad((out * out).sum(), (q, k, v), create_graph=True)
         outer = torch.autograd.grad(sum((g * g).sum() for g in inner), (q, k, v))
         second.append([*inner, *outer])
     results["chunk_second_order_fp32"] = {
-        name: rel_err(a, b) for name, a, b in zip(["dq", "dk", "dv", "ddq", "ddk", "ddv"], *second)}
+        name: rel_err(a, b) for name, a, b in zip(["dq", "dk", "dv", "ddq", "ddk", "ddv"], *second)
+    }
     worst_bf16 = max(v for k, r in results.items() if "bfloat16" in k for v in r.values())
     worst_fp32 = max(v for k, r in results.items() if "bfloat16" not in k for v in r.values())
     # the self-check a training job runs before the kernels' first automatic use on a GPU
@@ -130,9 +140,13 @@ def correctness(device: str, smoke: bool) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         failures = self_check.run_checks(torch.device(device), dtype)
         results[f"self_check_{str(dtype).split('.')[-1]}"] = (
-            "passed" if not failures else "; ".join(f"{n}: {why}" for n, why in failures))
-    results["ok"] = (worst_bf16 < 2e-2 and worst_fp32 < 1e-4
-                     and all(results[f"self_check_{d}"] == "passed" for d in ("float32", "bfloat16")))
+            "passed" if not failures else "; ".join(f"{n}: {why}" for n, why in failures)
+        )
+    results["ok"] = (
+        worst_bf16 < 2e-2
+        and worst_fp32 < 1e-4
+        and all(results[f"self_check_{d}"] == "passed" for d in ("float32", "bfloat16"))
+    )
     return results
 
 
@@ -146,15 +160,21 @@ def timings(device: str, smoke: bool, repeats: int) -> list[dict]:
     dtype = torch.float32 if smoke else torch.bfloat16
     rows = []
     for seq in seqs:
-        q, k, v = (torch.randn(1, heads, seq, dim, device=device, dtype=dtype).requires_grad_()
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(1, heads, seq, dim, device=device, dtype=dtype).requires_grad_()
+            for _ in range(3)
+        )
         upstream = torch.randn_like(q)
-        paths = {"triton": lambda: sliding_window_attention(q, k, v, window, backend="triton"),
-                 "sdpa_full_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        paths = {
+            "triton": lambda: sliding_window_attention(q, k, v, window, backend="triton"),
+            "sdpa_full_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        }
         if seq <= 8192 or smoke:  # a T x T boolean mask at 32K is 1 GiB and slow: skipped there
             positions = torch.arange(seq, device=device)
             mask = reference.window_mask(positions, positions, window)
-            paths["sdpa_window_mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            paths["sdpa_window_mask"] = lambda: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask
+            )
         if flash.usable(q):
             paths["flash_attn"] = lambda: flash.sliding_window_attention(q, k, v, window)
         row = dict(seq=seq, window=window, heads=heads, head_dim=dim, dtype=str(dtype))
@@ -162,7 +182,8 @@ def timings(device: str, smoke: bool, repeats: int) -> list[dict]:
             try:
                 row[f"{name}_fwd_ms"] = 1e3 * timed(lambda: fn(), device, repeats)
                 row[f"{name}_fwdbwd_ms"] = 1e3 * timed(
-                    lambda: torch.autograd.grad(fn(), (q, k, v), upstream), device, repeats)
+                    lambda: torch.autograd.grad(fn(), (q, k, v), upstream), device, repeats
+                )
             except RuntimeError as err:  # e.g. out of memory for a masked path
                 row[f"{name}_error"] = str(err).splitlines()[0][:200]
         rows.append(row)
@@ -177,8 +198,10 @@ def suffix_second_order(device: str, smoke: bool, repeats: int) -> list[dict]:
     heads, dim, chunk, window = (2, 16, 8, 16) if smoke else (16, 128, 1024, 8192)
     dtype = torch.float32 if smoke else torch.bfloat16
     q = torch.randn(1, heads, chunk, dim, device=device, dtype=dtype).requires_grad_()
-    k, v = (torch.randn(1, heads, window + chunk, dim, device=device, dtype=dtype).requires_grad_()
-            for _ in range(2))
+    k, v = (
+        torch.randn(1, heads, window + chunk, dim, device=device, dtype=dtype).requires_grad_()
+        for _ in range(2)
+    )
     row = dict(heads=heads, head_dim=dim, chunk=chunk, window=window, dtype=str(dtype))
     for backend in ("fused", "math"):
         backend_used = "triton" if smoke and backend == "fused" else backend  # CPU: force Triton
@@ -186,7 +209,9 @@ def suffix_second_order(device: str, smoke: bool, repeats: int) -> list[dict]:
         def pattern():
             out = chunk_attention(q, k, v, window, 0, backend=backend_used)
             inner = torch.autograd.grad((out.float() ** 2).sum(), (q, k, v), create_graph=True)
-            torch.autograd.grad(out.float().sum() + sum((g.float() ** 2).sum() for g in inner), (q, k, v))
+            torch.autograd.grad(
+                out.float().sum() + sum((g.float() ** 2).sum() for g in inner), (q, k, v)
+            )
 
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -202,12 +227,30 @@ def meta_step(device: str, smoke: bool, repeats: int) -> dict:
     from ttte2e.model import TTTConfig, TTTModel
 
     if smoke:
-        fields = dict(vocab_size=64, d_model=32, n_layers=4, n_ttt_blocks=1, n_heads=2,
-                      mlp_hidden=64, seq_len=32, window=16, chunk_size=8)
+        fields = dict(
+            vocab_size=64,
+            d_model=32,
+            n_layers=4,
+            n_ttt_blocks=1,
+            n_heads=2,
+            mlp_hidden=64,
+            seq_len=32,
+            window=16,
+            chunk_size=8,
+        )
         dtype = torch.float32
     else:  # long window and chunk, as in the paper's 8K runs, at a width that fits the time budget
-        fields = dict(vocab_size=32768, d_model=1024, n_layers=8, n_ttt_blocks=2, n_heads=8,
-                      mlp_hidden=2816, seq_len=8192, window=2048, chunk_size=1024)
+        fields = dict(
+            vocab_size=32768,
+            d_model=1024,
+            n_layers=8,
+            n_ttt_blocks=2,
+            n_heads=8,
+            mlp_hidden=2816,
+            seq_len=8192,
+            window=2048,
+            chunk_size=1024,
+        )
         dtype = torch.bfloat16  # autocast: fast weights and inner gradients stay float32
     torch.manual_seed(0)
     cfg = TTTConfig(**fields)
@@ -216,13 +259,17 @@ def meta_step(device: str, smoke: bool, repeats: int) -> dict:
     result = dict(config=fields, autocast=str(dtype))
     losses = {}
     for backend in ("fused", "math"):
+
         def step():
             model.zero_grad(set_to_none=True)
-            with chunk_backend(backend if device == "cuda" or backend == "math" else "triton"), \
-                    torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            with (
+                chunk_backend(backend if device == "cuda" or backend == "math" else "triton"),
+                torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32),
+            ):
                 loss = model.meta_loss(tokens, remat="chunk").loss
             loss.backward()
             losses[backend] = loss.item()
+
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result[f"{backend}_step_s"] = timed(step, device, repeats)
@@ -242,15 +289,25 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
         from ttte2e.platform.train.offload import apply_offload
     except ImportError:  # the repo copy without the package: the file is torch-only
         spec = importlib.util.spec_from_file_location(
-            "ttte2e_offload", REPO / "platform" / "train" / "offload.py")
+            "ttte2e_offload", REPO / "platform" / "train" / "offload.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         apply_offload = module.apply_offload
 
     if smoke:
-        cfg = TTTConfig(vocab_size=64, d_model=32, n_layers=4, n_ttt_blocks=1, n_heads=2,
-                        mlp_hidden=64, seq_len=64, window=16, chunk_size=8,
-                        checkpoint_prefix=True)
+        cfg = TTTConfig(
+            vocab_size=64,
+            d_model=32,
+            n_layers=4,
+            n_ttt_blocks=1,
+            n_heads=2,
+            mlp_hidden=64,
+            seq_len=64,
+            window=16,
+            chunk_size=8,
+            checkpoint_prefix=True,
+        )
         dtype, lengths = torch.float32, (64,)
     else:  # 1B, checkpointed prefix, nested remat: the longest T tried first that fits
         cfg = preset("1B", checkpoint_prefix=True, remat="nested")
@@ -265,8 +322,9 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
         try:
             for mode in ("none", "carries", "prefix", "all"):
                 # smoke sizes are below the size worth moving: move everything there
-                counter = (apply_offload(model, mode, min_bytes=0) if smoke
-                           else apply_offload(model, mode))
+                counter = (
+                    apply_offload(model, mode, min_bytes=0) if smoke else apply_offload(model, mode)
+                )
                 loss_box = {}
 
                 def step():
@@ -275,6 +333,7 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
                         loss = model.meta_loss(tokens).loss
                     loss.backward()
                     loss_box["loss"] = loss.item()
+
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 row[f"{mode}_step_s"] = timed(step, device, repeats)
@@ -297,27 +356,41 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run under TRITON_INTERPRET=1)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes (CPU dry run under TRITON_INTERPRET=1)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["correctness", "timings", "suffix", "meta", "offload"], default=None)
+    parser.add_argument(
+        "--only", choices=["correctness", "timings", "suffix", "meta", "offload"], default=None
+    )
     args = parser.parse_args()
     import_ttte2e()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     import triton
-    results = dict(torch=torch.__version__, triton=triton.__version__, device=device,
-                   gpu=torch.cuda.get_device_name() if device == "cuda" else None)
+
+    results = dict(
+        torch=torch.__version__,
+        triton=triton.__version__,
+        device=device,
+        gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+    )
     print(json.dumps(results), flush=True)
     repeats = 1 if args.smoke else args.repeats
-    for name, fn in (("correctness", lambda: correctness(device, args.smoke)),
-                     ("timings", lambda: timings(device, args.smoke, repeats)),
-                     ("suffix_second_order", lambda: suffix_second_order(device, args.smoke, repeats)),
-                     ("meta_step", lambda: meta_step(device, args.smoke, repeats)),
-                     ("offload", lambda: offload(device, args.smoke, repeats))):
+    for name, fn in (
+        ("correctness", lambda: correctness(device, args.smoke)),
+        ("timings", lambda: timings(device, args.smoke, repeats)),
+        ("suffix_second_order", lambda: suffix_second_order(device, args.smoke, repeats)),
+        ("meta_step", lambda: meta_step(device, args.smoke, repeats)),
+        ("offload", lambda: offload(device, args.smoke, repeats)),
+    ):
         if args.only and not name.startswith(args.only):
             continue
         start = time.perf_counter()
         results[name] = fn()
-        print(f"== {name} ({time.perf_counter() - start:.0f} s)\n{json.dumps(results[name], indent=1)}", flush=True)
+        print(
+            f"== {name} ({time.perf_counter() - start:.0f} s)\n{json.dumps(results[name], indent=1)}",
+            flush=True,
+        )
         if args.out:  # after every part: a timeout still leaves what was measured
             Path(args.out).write_text(json.dumps(results, indent=2))
     if "correctness" in results and not results["correctness"]["ok"]:

@@ -27,12 +27,23 @@ def case_params(cases: list[Path]) -> list:
     """pytest params for reference cases: one skipped param naming the folder when there are none."""
     if cases:
         return cases
-    return [pytest.param(None, marks=pytest.mark.skip(
-        reason=f"no ttt_e2e_tiny_*.npz under {REFERENCE_DIR}"))]
+    return [
+        pytest.param(
+            None, marks=pytest.mark.skip(reason=f"no ttt_e2e_tiny_*.npz under {REFERENCE_DIR}")
+        )
+    ]
 
 
-SMALL = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=2, mlp_hidden=128, seq_len=128,
-             window=32, chunk_size=16)
+SMALL = dict(
+    vocab_size=512,
+    d_model=64,
+    n_layers=4,
+    n_heads=2,
+    mlp_hidden=128,
+    seq_len=128,
+    window=32,
+    chunk_size=16,
+)
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +54,17 @@ def train_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train-data")
     raw = write_demo_corpus(root / "raw", max_docs=40, files=2)
-    manifest = prepare(PrepareOptions(input=str(raw), output=str(root / "data"),
-                                      tokenizer="train:512", val_fraction=0.1,
-                                      shard_tokens=50_000), use_ray=False, log=lambda *_: None)
+    manifest = prepare(
+        PrepareOptions(
+            input=str(raw),
+            output=str(root / "data"),
+            tokenizer="train:512",
+            val_fraction=0.1,
+            shard_tokens=50_000,
+        ),
+        use_ray=False,
+        log=lambda *_: None,
+    )
     return str(root / "data"), manifest["tokenizer"]["bos_id"]
 
 
@@ -71,12 +90,23 @@ def small_config(dataset, storage, **changes):
     from ttte2e.platform.train.config import TrainConfig
 
     uri, bos = dataset
-    base = dict(preset="tiny", model_overrides=dict(SMALL, bos_token_id=bos), data=uri,
-                storage=str(storage), workers=2, micro_batch=1, batch_tokens=4 * 128, steps=10,
-                lr=3e-3, eval_every=0, eval_windows=2, checkpoint_every=2, tracking_uri="off",
-                max_failures=0)
+    base = dict(
+        preset="tiny",
+        model_overrides=dict(SMALL, bos_token_id=bos),
+        data=uri,
+        storage=str(storage),
+        workers=2,
+        micro_batch=1,
+        batch_tokens=4 * 128,
+        steps=10,
+        lr=3e-3,
+        eval_every=0,
+        eval_windows=2,
+        checkpoint_every=2,
+        tracking_uri="off",
+        max_failures=0,
+    )
     return TrainConfig(**{**base, **changes})
-
 
 
 def load_case(path):
@@ -90,8 +120,9 @@ def load_case(path):
 
     data = np.load(path)
     model = TTTModel(config_from_official(json.loads(str(data["config_json"]))))
-    model.load_state_dict(official_to_state_dict(
-        {k: data[k] for k in data.files if k.startswith("language_model.")}))
+    model.load_state_dict(
+        official_to_state_dict({k: data[k] for k in data.files if k.startswith("language_model.")})
+    )
     return data, model
 
 
@@ -154,15 +185,28 @@ def s3_server(tmp_path_factory):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    env = dict(AWS_ACCESS_KEY_ID="ttte2e" + uuid.uuid4().hex[:8],
-               AWS_SECRET_ACCESS_KEY=uuid.uuid4().hex, AWS_REGION="us-east-1",
-               TTTE2E_S3_ENDPOINT=f"http://127.0.0.1:{ports[0]}")
+    env = dict(
+        AWS_ACCESS_KEY_ID="ttte2e" + uuid.uuid4().hex[:8],
+        AWS_SECRET_ACCESS_KEY=uuid.uuid4().hex,
+        AWS_REGION="us-east-1",
+        TTTE2E_S3_ENDPOINT=f"http://127.0.0.1:{ports[0]}",
+    )
     data = tmp_path_factory.mktemp("seaweedfs")
     log = open(data / "weed.log", "w")
     proc = subprocess.Popen(
-        [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         "-master.telemetry=false", f"-s3.port={ports[0]}"],
-        env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        [
+            weed,
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-s3.port={ports[0]}",
+        ],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -202,12 +246,25 @@ def mlflow_server(folder: Path, env: dict, artifacts: str = ""):
         port = s.getsockname()[1]
     log = open(folder / "mlflow-server.log", "w")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", artifacts or str(folder / "server-artifacts")],
-        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            artifacts or str(folder / "server-artifacts"),
+        ],
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -218,8 +275,10 @@ def mlflow_server(folder: Path, env: dict, artifacts: str = ""):
             except requests.RequestException:
                 pass
             if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start: "
-                                   + (folder / "mlflow-server.log").read_text()[-3000:])
+                raise RuntimeError(
+                    "mlflow server did not start: "
+                    + (folder / "mlflow-server.log").read_text()[-3000:]
+                )
             time.sleep(0.5)
         yield uri
     finally:
@@ -245,8 +304,9 @@ def paper_schedule(cfg, steps: int) -> tuple[list[float], list[float]]:
         else:
             done = (step - warmup) / max(1, steps - warmup)
             lrs.append(cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * done)) / 2)
-        etas.append(inner * (0.1 + 0.9 * step / warmup) if cfg.eta_ramp and step < warmup
-                    else inner)
+        etas.append(
+            inner * (0.1 + 0.9 * step / warmup) if cfg.eta_ramp and step < warmup else inner
+        )
     return lrs, etas
 
 
@@ -263,8 +323,9 @@ def reference_run(cfg) -> tuple[list[float], list[float]]:
     model_cfg, geometry = check_options(cfg)
     torch.manual_seed(cfg.seed)
     model = TTTModel(model_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay
+    )
     lrs, etas = paper_schedule(cfg, geometry.steps)
     spec = StreamSpec(cfg.data, model_cfg.seq_len, geometry.sequences, 1, cfg.seed)
     losses, norms = [], []

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL, mlflow_server
-from ttte2e.platform.tune.sweep import paper_values, plan_sweep
 from ttte2e.platform.train.config import ConfigError, TrainConfig
+from ttte2e.platform.tune.sweep import paper_values, plan_sweep
+
+from conftest import REPO, SMALL, mlflow_server
 
 TINY = TrainConfig(preset="tiny", data="unused", steps=10)
 
@@ -35,7 +36,11 @@ def test_the_full_plan_shares_trials_between_knobs_and_has_swa_baselines():
     names = [t.name for t in plan.trials]
     assert len(names) == len(set(names)) == 14  # 4 TTT + 4 SWA over k; 3 new b; 3 new layer counts
     assert [t.name for t in plan.by_knob["window"] if t.method == "swa"] == [
-        "swa-k64", "swa-k128", "swa-k256", "swa-k512"]
+        "swa-k64",
+        "swa-k128",
+        "swa-k256",
+        "swa-k512",
+    ]
     # b and the layer count do not change SWA: one baseline at the base k, shared
     for knob in ("chunk", "layers"):
         assert [t.name for t in plan.by_knob[knob] if t.method == "swa"] == ["swa-k128"]
@@ -52,8 +57,11 @@ def test_invalid_combinations_are_rejected_before_launch_with_the_reason():
     reasons = dict(plan.rejected)
     assert "b=256 > k=128" in reasons["chunk=256 (ttt-k128-b256-l1)"]
     assert "not a multiple" in reasons["chunk=96 (ttt-k128-b96-l1)"]
-    with pytest.raises(ConfigError, match=r"no valid trial in this sweep: chunk=256 .*b=256 > "
-                                          r"k=128.*chunk=512"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no valid trial in this sweep: chunk=256 .*b=256 > "
+        r"k=128.*chunk=512",
+    ):
         plan_sweep(TINY, ["chunk"], {"chunk": [256, 512]})
     with pytest.raises(ConfigError, match="unknown grid 'heads'"):
         plan_sweep(TINY, ["heads"])
@@ -65,9 +73,10 @@ def test_cli_bad_input_exits_2_before_anything_starts(capsys):
     from ttte2e.platform.cli.sweep import main
 
     for argv, message in (
-            (["--grid", "window,chunk", "--values", "64"], "--values goes with a single --grid"),
-            (["--grid", "chunk", "--values", "256,512"], "no valid trial in this sweep"),
-            (["--grid", "chunk", "--values", "a,b"], "comma-separated integers")):
+        (["--grid", "window,chunk", "--values", "64"], "--values goes with a single --grid"),
+        (["--grid", "chunk", "--values", "256,512"], "no valid trial in this sweep"),
+        (["--grid", "chunk", "--values", "a,b"], "comma-separated integers"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main("ablate", argv=["--preset", "tiny", "--data", "nowhere", *argv])
         assert exit_info.value.code == 2
@@ -77,9 +86,28 @@ def test_cli_bad_input_exits_2_before_anything_starts(capsys):
 # ---- real sweeps (subprocesses: each starts and stops its own private Ray head) ----------------
 def sweep_command(data: str, storage: Path, name: str, *extra: str) -> list[str]:
     model = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
-    return [sys.executable, str(REPO / "pipelines" / "ablate.py"), "--preset", "tiny", *model,
-            "--data", data, "--storage", str(storage), "--name", name, "--workers", "1",
-            "--batch-tokens", "256", "--eval-windows", "2", "--lr", "3e-3", *extra]
+    return [
+        sys.executable,
+        str(REPO / "pipelines" / "ablate.py"),
+        "--preset",
+        "tiny",
+        *model,
+        "--data",
+        data,
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--workers",
+        "1",
+        "--batch-tokens",
+        "256",
+        "--eval-windows",
+        "2",
+        "--lr",
+        "3e-3",
+        *extra,
+    ]
 
 
 def env_with(**extra) -> dict:
@@ -94,8 +122,11 @@ def read_table(path: Path) -> dict:
 
 def sweep_lines(out: str) -> str:
     """The sweep's own log lines and the table (the trials' progress bars drown them)."""
-    return "\n".join(line for line in out.splitlines()
-                     if line.startswith(("[sweep]", "|", "Traceback", "error")) or "Error" in line)
+    return "\n".join(
+        line
+        for line in out.splitlines()
+        if line.startswith(("[sweep]", "|", "Traceback", "error")) or "Error" in line
+    )
 
 
 @pytest.mark.slow
@@ -107,18 +138,37 @@ def test_a_trial_whose_run_already_ended_still_reports_its_final_step(train_data
     import shutil
 
     data, _ = train_data
-    cmd = sweep_command(data, tmp_path, "ended", "--grid", "chunk", "--values", "8",
-                        "--no-baseline", "--steps", "4", "--eval-every", "2",
-                        "--checkpoint-every", "2", "--max-concurrent", "1")
-    first = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
-                           timeout=600)
+    cmd = sweep_command(
+        data,
+        tmp_path,
+        "ended",
+        "--grid",
+        "chunk",
+        "--values",
+        "8",
+        "--no-baseline",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--max-concurrent",
+        "1",
+    )
+    first = subprocess.run(
+        cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert first.returncode == 0, sweep_lines(first.stdout + first.stderr)
     shutil.rmtree(tmp_path / "ended" / "tune")  # Tune forgets the trial; its training run stays
     # and Ray Train's own record of the run's checkpoints is lost too (it can lag behind the last
     # save when a process stops right after it): the run's complete checkpoints still decide
-    (tmp_path / "ended" / "runs" / "ended-ttt-k32-b8-l1" / "checkpoint_manager_snapshot.json").unlink()
-    second = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
-                            timeout=600)
+    (
+        tmp_path / "ended" / "runs" / "ended-ttt-k32-b8-l1" / "checkpoint_manager_snapshot.json"
+    ).unlink()
+    second = subprocess.run(
+        cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     out = second.stdout + second.stderr
     assert second.returncode == 0, sweep_lines(out)
     assert "resumed at step 4" in out
@@ -129,7 +179,9 @@ def test_a_trial_whose_run_already_ended_still_reports_its_final_step(train_data
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ttte2e").experiment_id])
     assert {r.info.run_name: r.info.status for r in runs} == {
-        "ended": "FINISHED", "ended-ttt-k32-b8-l1": "FINISHED"}
+        "ended": "FINISHED",
+        "ended-ttt-k32-b8-l1": "FINISHED",
+    }
 
 
 @pytest.mark.slow
@@ -140,12 +192,27 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     from mlflow.tracking import MlflowClient
 
     data, _ = train_data
-    cmd = sweep_command(data, tmp_path, "sweep", "--grid", "chunk", "--values", "8,16",
-                        "--steps", "6", "--eval-every", "2", "--checkpoint-every", "2",
-                        "--max-concurrent", "1")
+    cmd = sweep_command(
+        data,
+        tmp_path,
+        "sweep",
+        "--grid",
+        "chunk",
+        "--values",
+        "8,16",
+        "--steps",
+        "6",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--max-concurrent",
+        "1",
+    )
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, env=env_with(), stdout=log, stderr=subprocess.STDOUT,
-                             cwd=tmp_path)
+    first = subprocess.Popen(
+        cmd, env=env_with(), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+    )
     checkpoint = None
     deadline = time.time() + 300
     while checkpoint is None and time.time() < deadline and first.poll() is None:
@@ -157,8 +224,9 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     log.close()
     assert "INTERRUPTED" in (tmp_path / "first.log").read_text()
 
-    second = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
-                            timeout=600)
+    second = subprocess.run(
+        cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     out = second.stdout + second.stderr
     (tmp_path / "second.log").write_text(out)
     assert second.returncode == 0, sweep_lines(out)
@@ -176,13 +244,23 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     parent = next(r for r in runs if r.info.run_name == "sweep")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == [
-        "sweep-swa-k32", "sweep-ttt-k32-b16-l1", "sweep-ttt-k32-b8-l1"]
-    statuses = {r.info.run_name: (r.info.status, r.data.tags.get("stopped"))
-                for r in children + [parent]}
-    assert all(status == "FINISHED" for status, _ in statuses.values()), (statuses, sweep_lines(out))
+        "sweep-swa-k32",
+        "sweep-ttt-k32-b16-l1",
+        "sweep-ttt-k32-b8-l1",
+    ]
+    statuses = {
+        r.info.run_name: (r.info.status, r.data.tags.get("stopped")) for r in children + [parent]
+    }
+    assert all(status == "FINISHED" for status, _ in statuses.values()), (
+        statuses,
+        sweep_lines(out),
+    )
     assert children[0].data.params["train.steps"] == "6"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "ablation.csv", "ablation.md", "ablation_chunk.png"}
+        "ablation.csv",
+        "ablation.md",
+        "ablation_chunk.png",
+    }
     history = client.get_metric_history(children[0].info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 7))
 
@@ -216,7 +294,8 @@ def mlflow_server_on_s3(s3_server, tmp_path):
 
 @pytest.mark.slow
 def test_asha_sweep_tracked_on_a_server_with_s3_artifacts_then_register_and_pull(
-        train_data, tmp_path, mlflow_server_on_s3):
+    train_data, tmp_path, mlflow_server_on_s3
+):
     """ASHA stops trailing trials (their workers are freed: later trials still start); the sweep's
     table/plot and each trial's curves land in the S3 bucket through the tracking server; the best
     trial is registered (weights logged into S3) and pulled back through the server."""
@@ -226,35 +305,62 @@ def test_asha_sweep_tracked_on_a_server_with_s3_artifacts_then_register_and_pull
 
     from ttte2e.model import TTTModel
     from ttte2e.platform.registry.model_registry import load_model, register
+
     uri, s3_env = mlflow_server_on_s3
     data, _ = train_data
-    cmd = sweep_command(data, tmp_path, "asha", "--grid", "chunk", "--values", "4,8,16,32",
-                        "--no-baseline", "--steps", "8", "--eval-every", "2",
-                        "--checkpoint-every", "2", "--scheduler", "asha", "--grace-steps", "2",
-                        "--max-concurrent", "1", "--tracking-uri", uri)
-    done = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path,
-                          timeout=900)
+    cmd = sweep_command(
+        data,
+        tmp_path,
+        "asha",
+        "--grid",
+        "chunk",
+        "--values",
+        "4,8,16,32",
+        "--no-baseline",
+        "--steps",
+        "8",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--scheduler",
+        "asha",
+        "--grace-steps",
+        "2",
+        "--max-concurrent",
+        "1",
+        "--tracking-uri",
+        uri,
+    )
+    done = subprocess.run(
+        cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path, timeout=900
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     table = read_table(tmp_path / "asha" / "ablation.csv")
     statuses = [r["status"] for r in table.values()]
-    assert len(statuses) == 4 and all(s == "complete" or s.startswith("stopped early")
-                                      for s in statuses), statuses
+    assert len(statuses) == 4 and all(
+        s == "complete" or s.startswith("stopped early") for s in statuses
+    ), statuses
     assert any(s.startswith("stopped early") for s in statuses), statuses
     assert any(s == "complete" for s in statuses), statuses
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ttte2e").experiment_id])
     parent = next(r for r in runs if r.info.run_name == "asha")
-    children = {r.info.run_name: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert len(children) == 4
     for row in table.values():
         expected = "FINISHED" if row["status"] == "complete" else "KILLED"
         assert children[row["run"]].info.status == expected, row
     s3 = s3_filesystem(s3_env)
-    stored = [f.path for f in s3.get_file_info(pafs.FileSelector("mlflow/artifacts",
-                                                                 recursive=True))]
+    stored = [
+        f.path for f in s3.get_file_info(pafs.FileSelector("mlflow/artifacts", recursive=True))
+    ]
     assert any(p.endswith(f"{parent.info.run_id}/artifacts/ablation_chunk.png") for p in stored)
     assert any(p.endswith(f"{parent.info.run_id}/artifacts/ablation.csv") for p in stored)
     finished = next(r for r in table.values() if r["status"] == "complete")
@@ -264,11 +370,14 @@ def test_asha_sweep_tracked_on_a_server_with_s3_artifacts_then_register_and_pull
     # the registry on the same server: weights logged whole go to S3 and come back
     checkpoint = sorted((tmp_path / "asha" / "runs" / finished["run"]).glob("checkpoint_0*"))[-1]
     reg = register(str(checkpoint), "asha-best", uri, weights="logged")
-    stored = [f.path for f in s3.get_file_info(pafs.FileSelector("mlflow/artifacts",
-                                                                 recursive=True))]
+    stored = [
+        f.path for f in s3.get_file_info(pafs.FileSelector("mlflow/artifacts", recursive=True))
+    ]
     assert any(p.endswith("artifacts/weights/model.safetensors") for p in stored)
     pulled, tokenizer = load_model(reg["uri"], uri)
     trained = TTTModel.from_pretrained(checkpoint / "model")
-    assert all(torch.equal(a, b) for a, b in zip(pulled.state_dict().values(),
-                                                 trained.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(pulled.state_dict().values(), trained.state_dict().values())
+    )
     assert tokenizer is not None

@@ -8,12 +8,16 @@ from ttte2e.kernels.attention import chunk_attention, reference, sliding_window_
 
 def qkv(batch, heads, seq, dim, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, seq, dim, generator=gen, dtype=dtype).requires_grad_()
-            for _ in range(3)]
+    return [
+        torch.randn(batch, heads, seq, dim, generator=gen, dtype=dtype).requires_grad_()
+        for _ in range(3)
+    ]
 
 
-@pytest.mark.parametrize("seq, window, block", [(37, 1, None), (37, 5, 8), (64, 16, None),
-                                                (50, 17, 7), (33, 40, None), (96, 32, 32)])
+@pytest.mark.parametrize(
+    "seq, window, block",
+    [(37, 1, None), (37, 5, 8), (64, 16, None), (50, 17, 7), (33, 40, None), (96, 32, 32)],
+)
 def test_blocked_sliding_window_matches_naive(seq, window, block):
     q, k, v = qkv(2, 3, seq, 8)
     expected = reference.naive_sliding_window_attention(q, k, v, window)
@@ -29,8 +33,10 @@ def test_blocked_sliding_window_matches_naive(seq, window, block):
 def test_public_op_matches_reference_including_full_window():
     q, k, v = qkv(1, 2, 40, 4)
     for window in (3, 40, 100):
-        torch.testing.assert_close(sliding_window_attention(q, k, v, window),
-                                   reference.naive_sliding_window_attention(q, k, v, window))
+        torch.testing.assert_close(
+            sliding_window_attention(q, k, v, window),
+            reference.naive_sliding_window_attention(q, k, v, window),
+        )
 
 
 def test_each_query_sees_exactly_window_keys():
@@ -52,8 +58,9 @@ def test_chunk_attention_matches_positions_of_the_whole_sequence(cache, chunk, f
     """[cache; chunk] attention equals the rows of full sliding-window attention it stands for."""
     window = cache
     q, k, v = qkv(2, 2, cache + chunk, 6)
-    full = reference.naive_sliding_window_attention(q[..., first_valid:, :], k[..., first_valid:, :],
-                                                    v[..., first_valid:, :], window)
+    full = reference.naive_sliding_window_attention(
+        q[..., first_valid:, :], k[..., first_valid:, :], v[..., first_valid:, :], window
+    )
     got = chunk_attention(q[..., cache:, :], k, v, window, first_valid_key=first_valid)
     torch.testing.assert_close(got, full[..., -chunk:, :])
 

@@ -14,8 +14,10 @@ from ttte2e.kernels import attention
 from ttte2e.kernels.attention import chunk, flash, reference, triton_swa
 from ttte2e.model import TTTConfig, TTTModel
 
-pytestmark = pytest.mark.skipif(not triton_swa.AVAILABLE or not triton_swa.INTERPRET,
-                                reason="needs triton and TRITON_INTERPRET=1 (set by conftest)")
+pytestmark = pytest.mark.skipif(
+    not triton_swa.AVAILABLE or not triton_swa.INTERPRET,
+    reason="needs triton and TRITON_INTERPRET=1 (set by conftest)",
+)
 
 
 @pytest.fixture
@@ -32,8 +34,10 @@ def nan_empty(monkeypatch):
 
 def tensors(batch, heads, n_q, n_k, dim, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, n, dim, generator=gen).to(dtype).requires_grad_()
-            for n in (n_q, n_k, n_k)]
+    return [
+        torch.randn(batch, heads, n, dim, generator=gen).to(dtype).requires_grad_()
+        for n in (n_q, n_k, n_k)
+    ]
 
 
 def grads(out, inputs, upstream):
@@ -42,12 +46,12 @@ def grads(out, inputs, upstream):
 
 # (batch, heads, queries, keys, head_dim, window, first_valid_key)
 SHAPES = [
-    (1, 1, 37, 37, 8, 5, 0),      # one head, T not a multiple of the block
-    (2, 3, 70, 70, 7, 33, 0),     # odd head dim, window across block edges
-    (1, 2, 40, 40, 16, 100, 0),   # window larger than T: plain causal
-    (2, 2, 24, 88, 12, 64, 19),   # a chunk over [cache + chunk], invalid cache rows first
-    (1, 1, 1, 9, 16, 9, 0),       # one query
-    (1, 2, 33, 33, 20, 1, 0),     # window 1: each query sees only itself
+    (1, 1, 37, 37, 8, 5, 0),  # one head, T not a multiple of the block
+    (2, 3, 70, 70, 7, 33, 0),  # odd head dim, window across block edges
+    (1, 2, 40, 40, 16, 100, 0),  # window larger than T: plain causal
+    (2, 2, 24, 88, 12, 64, 19),  # a chunk over [cache + chunk], invalid cache rows first
+    (1, 1, 1, 9, 16, 9, 0),  # one query
+    (1, 2, 33, 33, 20, 1, 0),  # window 1: each query sees only itself
 ]
 
 
@@ -60,11 +64,13 @@ def test_triton_forward_and_backward_match_reference(shape, nan_empty):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dim)
     visible = reference.chunk_visibility(n_q, n_k, window, first_valid, q.device)
-    torch.testing.assert_close(lse, scores.masked_fill(~visible, -math.inf).logsumexp(-1),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        lse, scores.masked_fill(~visible, -math.inf).logsumexp(-1), rtol=1e-5, atol=1e-5
+    )
     upstream = torch.randn_like(expected)
-    got = triton_swa.attention_backward(q.detach(), k.detach(), v.detach(), out, lse, upstream,
-                                        window, first_valid)
+    got = triton_swa.attention_backward(
+        q.detach(), k.detach(), v.detach(), out, lse, upstream, window, first_valid
+    )
     for name, a, b in zip("qkv", got, grads(expected, (q, k, v), upstream)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
     # keys before first_valid_key see no gradient at all
@@ -80,13 +86,17 @@ def test_triton_double_backward_matches_pytorch_formula(shape, present, nan_empt
     q, k, v = (t.detach() for t in tensors(batch, heads, n_q, n_k, dim, seed=7))
     gen = torch.Generator().manual_seed(8)
     grad_out = torch.randn(q.shape, generator=gen)
-    cot = {name: torch.randn(t.shape, generator=gen) if name in present else None
-           for name, t in zip("qkv", (q, k, v))}
+    cot = {
+        name: torch.randn(t.shape, generator=gen) if name in present else None
+        for name, t in zip("qkv", (q, k, v))
+    }
     out, lse = chunk.torch_forward(q, k, v, window, first_valid)
-    expected = chunk.double_backward(q, k, v, lse, grad_out, cot["q"], cot["k"], cot["v"],
-                                     window, first_valid)
-    got = triton_swa.attention_double_backward(q, k, v, out, lse, grad_out, cot["q"], cot["k"],
-                                               cot["v"], window, first_valid)
+    expected = chunk.double_backward(
+        q, k, v, lse, grad_out, cot["q"], cot["k"], cot["v"], window, first_valid
+    )
+    got = triton_swa.attention_double_backward(
+        q, k, v, out, lse, grad_out, cot["q"], cot["k"], cot["v"], window, first_valid
+    )
     for name, a, b in zip(["q", "k", "v", "grad_out"], got, expected):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
@@ -112,8 +122,10 @@ def test_triton_reads_strided_inputs():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 29, 3, 8, generator=gen).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
-    torch.testing.assert_close(attention.sliding_window_attention(q, k, v, 6, backend="triton"),
-                               reference.naive_sliding_window_attention(q, k, v, 6))
+    torch.testing.assert_close(
+        attention.sliding_window_attention(q, k, v, 6, backend="triton"),
+        reference.naive_sliding_window_attention(q, k, v, 6),
+    )
 
 
 @pytest.mark.parametrize("use_triton", [False, True])
@@ -126,14 +138,17 @@ def test_chunk_op_second_order_matches_math_path(use_triton):
         q, k, v = tensors(2, 2, 8, 21, 6, dtype=dtype, seed=3)
         out = attention.chunk_attention(q, k, v, window=10, first_valid_key=4, backend=backend)
         inner = torch.autograd.grad((out.sin() * 3).sum(), (q, k, v), create_graph=True)
-        outer = torch.autograd.grad(out.sum() + sum((g.cos() * (i + 1)).sum() for i, g in enumerate(inner)),
-                                    (q, k, v))
+        outer = torch.autograd.grad(
+            out.sum() + sum((g.cos() * (i + 1)).sum() for i, g in enumerate(inner)), (q, k, v)
+        )
         results.append([out, *inner, *outer])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("n_q, n_k, window, first_valid", [(4, 9, 5, 2), (5, 5, 5, 0), (3, 11, 2, 8)])
+@pytest.mark.parametrize(
+    "n_q, n_k, window, first_valid", [(4, 9, 5, 2), (5, 5, 5, 0), (3, 11, 2, 8)]
+)
 def test_chunk_op_gradcheck_and_gradgradcheck_float64(n_q, n_k, window, first_valid):
     q, k, v = tensors(1, 2, n_q, n_k, 3, dtype=torch.float64, seed=n_k)
 
@@ -159,12 +174,25 @@ def test_registered_ops_pass_opcheck(use_triton):
     torch.library.opcheck(chunk.window_attention_fwd, (q, k, v, 6, 3, use_triton))
     out, lse = chunk.window_attention_fwd(q, k, v, 6, 3, use_triton)
     grad_out = torch.randn_like(out).requires_grad_()
-    torch.library.opcheck(chunk.window_attention_bwd,
-                          (q, k, v, out.detach(), lse, grad_out, 6, 3, use_triton))
+    torch.library.opcheck(
+        chunk.window_attention_bwd, (q, k, v, out.detach(), lse, grad_out, 6, 3, use_triton)
+    )
     cotangents = (torch.randn_like(q), None, torch.randn_like(v))
-    torch.library.opcheck(chunk.window_attention_bwd_bwd,
-                          (q.detach(), k.detach(), v.detach(), out.detach(), lse, grad_out.detach(),
-                           *cotangents, 6, 3, use_triton))
+    torch.library.opcheck(
+        chunk.window_attention_bwd_bwd,
+        (
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse,
+            grad_out.detach(),
+            *cotangents,
+            6,
+            3,
+            use_triton,
+        ),
+    )
 
 
 def test_torch_compile_traces_the_chunk_op_in_one_graph():
@@ -177,7 +205,9 @@ def test_torch_compile_traces_the_chunk_op_in_one_graph():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     eager_loss, compiled_loss = step(q, k, v), compiled(q, k, v)
     torch.testing.assert_close(compiled_loss, eager_loss)
-    for a, b in zip(torch.autograd.grad(compiled_loss, (q, k, v)), torch.autograd.grad(eager_loss, (q, k, v))):
+    for a, b in zip(
+        torch.autograd.grad(compiled_loss, (q, k, v)), torch.autograd.grad(eager_loss, (q, k, v))
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -220,18 +250,32 @@ def test_flash_call_translates_layout_and_window(monkeypatch):
         i = torch.arange(q.shape[1])
         diff = i[:, None] - i[None, :]
         visible = (diff <= left) & (diff >= -right) & ((diff >= 0) if causal else True)
-        out = reference.masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), visible)
+        out = reference.masked_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), visible
+        )
         return out.transpose(1, 2)
 
     monkeypatch.setattr(flash, "flash_attn_func", fake_flash)
     q, k, v = tensors(2, 3, 30, 30, 8)
-    torch.testing.assert_close(flash.sliding_window_attention(q, k, v, 7),
-                               reference.naive_sliding_window_attention(q, k, v, 7))
+    torch.testing.assert_close(
+        flash.sliding_window_attention(q, k, v, 7),
+        reference.naive_sliding_window_attention(q, k, v, 7),
+    )
     assert calls == [(torch.Size([2, 30, 3, 8]), True, (6, 0))]
 
 
-MODEL = TTTConfig(vocab_size=37, d_model=32, n_layers=4, n_heads=2, mlp_hidden=48, n_ttt_blocks=2,
-                  seq_len=48, window=16, chunk_size=8, inner_lr=1.0)
+MODEL = TTTConfig(
+    vocab_size=37,
+    d_model=32,
+    n_layers=4,
+    n_heads=2,
+    mlp_hidden=48,
+    n_ttt_blocks=2,
+    seq_len=48,
+    window=16,
+    chunk_size=8,
+    inner_lr=1.0,
+)
 
 
 @pytest.mark.parametrize("backend, dtype", [("fused", torch.float64), ("triton", torch.float32)])
@@ -263,21 +307,33 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu_check.json"
-    code = ("import sys, runpy; sys.modules['ttte2e'] = None; "  # as if not installed
-            f"sys.argv = ['gpu_check.py', '--smoke', '--out', {str(out)!r}]; "
-            f"runpy.run_path({str(repo / 'pipelines' / 'gpu_check.py')!r}, run_name='__main__'); "
-            "print('LOADED', [m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    code = (
+        "import sys, runpy; sys.modules['ttte2e'] = None; "  # as if not installed
+        f"sys.argv = ['gpu_check.py', '--smoke', '--out', {str(out)!r}]; "
+        f"runpy.run_path({str(repo / 'pipelines' / 'gpu_check.py')!r}, run_name='__main__'); "
+        "print('LOADED', [m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED []" in result.stdout
     report = json.loads(out.read_text())
     assert report["correctness"]["ok"] and report["meta_step"]["loss_fused"] == pytest.approx(
-        report["meta_step"]["loss_math"], rel=1e-5)
-    assert {"triton_fwd_ms", "triton_fwdbwd_ms", "sdpa_full_causal_fwd_ms"} <= set(report["timings"][0])
+        report["meta_step"]["loss_math"], rel=1e-5
+    )
+    assert {"triton_fwd_ms", "triton_fwdbwd_ms", "sdpa_full_causal_fwd_ms"} <= set(
+        report["timings"][0]
+    )
     assert report["suffix_second_order"][0]["fused_ms"] > 0
     moved = report["offload"][0]  # on CPU a no-op move: the same loss, bytes counted
-    assert {moved[f"{m}_loss"] for m in ("none", "carries", "prefix", "all")} == {moved["none_loss"]}
+    assert {moved[f"{m}_loss"] for m in ("none", "carries", "prefix", "all")} == {
+        moved["none_loss"]
+    }
     assert moved["all_host_peak_gib"] > moved["prefix_host_peak_gib"] > 0
 
 
@@ -318,8 +374,14 @@ def _suffix_second_order(backend=None):
     v = torch.randn(1, 2, 24, 16, generator=gen, requires_grad=True)
     out = chunk_attention(q, k, v, 16, 4, backend=backend)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
-    return [t.detach() for t in (out, *grads, *torch.autograd.grad(
-        sum(g.square().sum() for g in grads), (q, k, v)))]
+    return [
+        t.detach()
+        for t in (
+            out,
+            *grads,
+            *torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v)),
+        )
+    ]
 
 
 def test_kernels_that_pass_their_check_are_used(checked_on_cpu, monkeypatch):
@@ -327,8 +389,7 @@ def test_kernels_that_pass_their_check_are_used(checked_on_cpu, monkeypatch):
 
     calls = []
     forward = triton_swa.attention_forward
-    monkeypatch.setattr(triton_swa, "attention_forward",
-                        lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(triton_swa, "attention_forward", lambda *a: calls.append(1) or forward(*a))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = _suffix_second_order()
@@ -337,12 +398,16 @@ def test_kernels_that_pass_their_check_are_used(checked_on_cpu, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("broken, named", [
-    ("attention_double_backward", "suffix double backward: max relative error"),
-    ("attention_forward", "prefix forward: RuntimeError: does not compile here"),
-])
+@pytest.mark.parametrize(
+    "broken, named",
+    [
+        ("attention_double_backward", "suffix double backward: max relative error"),
+        ("attention_forward", "prefix forward: RuntimeError: does not compile here"),
+    ],
+)
 def test_a_failing_kernel_warns_once_names_itself_and_the_paths_fall_back(
-        checked_on_cpu, monkeypatch, broken, named):
+    checked_on_cpu, monkeypatch, broken, named
+):
     from ttte2e.kernels.attention import sliding_window_attention, triton_swa
 
     real = getattr(triton_swa, broken)
@@ -351,6 +416,7 @@ def test_a_failing_kernel_warns_once_names_itself_and_the_paths_fall_back(
         if broken == "attention_forward":
             raise RuntimeError("does not compile here")
         return tuple(torch.zeros_like(t) for t in real(*args))
+
     monkeypatch.setattr(triton_swa, broken, wrong)
     with pytest.warns(RuntimeWarning, match="failed their self-check") as record:
         got = _suffix_second_order()
@@ -367,11 +433,17 @@ def test_a_failing_kernel_warns_once_names_itself_and_the_paths_fall_back(
 def test_forcing_the_kernels_makes_a_failed_check_an_error(checked_on_cpu, monkeypatch):
     from ttte2e.kernels.attention import triton_swa
 
-    monkeypatch.setattr(triton_swa, "attention_backward",
-                        lambda *a: (_ for _ in ()).throw(RuntimeError("no such GPU feature")))
+    monkeypatch.setattr(
+        triton_swa,
+        "attention_backward",
+        lambda *a: (_ for _ in ()).throw(RuntimeError("no such GPU feature")),
+    )
     monkeypatch.setenv(checked_on_cpu.FORCE_ENV, "triton")
-    with pytest.raises(RuntimeError, match=r"prefix backward: RuntimeError: no such GPU feature.*"
-                                           r"TTTE2E_ATTENTION=triton: no fallback"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"prefix backward: RuntimeError: no such GPU feature.*"
+        r"TTTE2E_ATTENTION=triton: no fallback",
+    ):
         _suffix_second_order()
     monkeypatch.setenv(checked_on_cpu.FORCE_ENV, "fastest")
     with pytest.raises(ValueError, match="TTTE2E_ATTENTION='fastest': choose auto or triton"):

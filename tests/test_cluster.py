@@ -38,7 +38,9 @@ def test_launcher_yaml_validates_against_rays_schema():
 
 
 def kuberay_docs():
-    return {p.name: yaml.safe_load(p.read_text()) for p in sorted((CLUSTER / "kuberay").glob("*.yaml"))}
+    return {
+        p.name: yaml.safe_load(p.read_text()) for p in sorted((CLUSTER / "kuberay").glob("*.yaml"))
+    }
 
 
 def ray_pin() -> str:
@@ -53,7 +55,9 @@ def check_cluster_spec(spec: dict, image: str) -> None:
     assert head["template"]["spec"]["containers"][0]["image"] == image
     assert spec["workerGroupSpecs"]
     for group in spec["workerGroupSpecs"]:
-        assert {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams"} <= set(group)
+        assert {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams"} <= set(
+            group
+        )
         container = group["template"]["spec"]["containers"][0]
         assert container["image"] == image
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
@@ -85,7 +89,7 @@ def entrypoints() -> list[list[str]]:
             match = re.search(r"python (pipelines/\S+\.py)((?:\s+--?\S+(?:\s+[^-\s]\S*)?)*)", line)
             if match:
                 found.append([match.group(1), *shlex.split(match.group(2))])
-        for doc in (yaml.safe_load_all(path.read_text()) if path.suffix == ".yaml" else docs):
+        for doc in yaml.safe_load_all(path.read_text()) if path.suffix == ".yaml" else docs:
             entry = doc.get("spec", {}).get("entrypoint") if isinstance(doc, dict) else None
             if entry:
                 args = shlex.split(entry)
@@ -98,10 +102,18 @@ def entrypoints() -> list[list[str]]:
 def test_every_entrypoint_in_cluster_exists_and_accepts_its_flags(command):
     script = REPO / command[0]
     assert script.is_file(), f"{command[0]} named in cluster/ does not exist"
-    dry = ["--plan", "--nodes", "2"] if script.name in ("pretrain_3b.py", "extend_context.py") \
+    dry = (
+        ["--plan", "--nodes", "2"]
+        if script.name in ("pretrain_3b.py", "extend_context.py")
         else ["--help"]
-    proc = subprocess.run([sys.executable, str(script), *command[1:], *dry], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), *command[1:], *dry],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     if "--plan" in dry:
         assert "Capacity plan" in proc.stdout
@@ -129,31 +141,53 @@ def test_the_image_smoke_test_imports_every_module_a_job_needs():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     lines = re.findall(r'^RUN (python -c "import ttte2e[^"]*")$', dockerfile, re.M)
     assert len(lines) == 1, lines
-    proc = subprocess.run(["bash", "-c", lines[0].replace("python", sys.executable, 1)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "-c", lines[0].replace("python", sys.executable, 1)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_job_upload_carries_code_and_configs_never_data_checkpoints_or_secrets(tmp_path):
     from ray._private.runtime_env.packaging import _zip_files
 
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     work = tmp_path / "repo"
     for name in tracked:
         if (REPO / name).is_file():
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, work / name)
-    planted = ["runs/3b/checkpoint_00000010/model/model.safetensors", "data/train/shard-0.parquet",
-               "checkpoints/step.pt", "mlflow.db", ".env", "credentials.json", ".aws/credentials",
-               "models/3b/model-00001-of-00003.safetensors", "mlruns/0/meta.yaml",
-               ".venv/bin/python"]
+    planted = [
+        "runs/3b/checkpoint_00000010/model/model.safetensors",
+        "data/train/shard-0.parquet",
+        "checkpoints/step.pt",
+        "mlflow.db",
+        ".env",
+        "credentials.json",
+        ".aws/credentials",
+        "models/3b/model-00001-of-00003.safetensors",
+        "mlruns/0/meta.yaml",
+        ".venv/bin/python",
+    ]
     for name in planted:
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).write_text("x")
     package = tmp_path / "upload.zip"
     _zip_files(str(work), [], str(package), include_gitignore=True)
     uploaded = set(zipfile.ZipFile(package).namelist())
-    assert {"pipelines/pretrain_3b.py", "cluster/aws-gpu.yaml", "pyproject.toml",
-            "recipes/3b_pretrain_8k.yaml"} <= uploaded
+    assert {
+        "pipelines/pretrain_3b.py",
+        "cluster/aws-gpu.yaml",
+        "pyproject.toml",
+        "recipes/3b_pretrain_8k.yaml",
+    } <= uploaded
     assert not [name for name in planted if name in uploaded]

@@ -3,8 +3,12 @@ import pytest
 import torch
 
 from ttte2e.model import TTTConfig, TTTModel
-from ttte2e.model.convert import (OFFICIAL_NAMES, config_from_official, official_to_state_dict,
-                                  state_dict_to_official)
+from ttte2e.model.convert import (
+    OFFICIAL_NAMES,
+    config_from_official,
+    official_to_state_dict,
+    state_dict_to_official,
+)
 
 
 def test_round_trip_both_directions():
@@ -12,8 +16,16 @@ def test_round_trip_both_directions():
     state = model.state_dict()
     official = state_dict_to_official(state)
     assert set(official) == set(OFFICIAL_NAMES)
-    assert official["language_model.model.h.blocks.seq_modeling_block.wq.weight"].shape == (5, 32, 32)
-    assert official["language_model.model.h.prime_storage.feed_forward_prime.w1.weight"].shape == (2, 32, 40)
+    assert official["language_model.model.h.blocks.seq_modeling_block.wq.weight"].shape == (
+        5,
+        32,
+        32,
+    )
+    assert official["language_model.model.h.prime_storage.feed_forward_prime.w1.weight"].shape == (
+        2,
+        32,
+        40,
+    )
     # [in, out]: the official y = x @ W equals our F.linear(x, W^T)
     w1 = official["language_model.model.h.blocks.feed_forward.w1.weight"][0]
     np.testing.assert_array_equal(w1, state["blocks.0.mlp.w1.weight"].numpy().T)
@@ -23,7 +35,9 @@ def test_round_trip_both_directions():
     assert set(back) == set(state)
     for name, value in state.items():
         assert torch.equal(back[name], value), name
-    model.load_state_dict(official_to_state_dict({k: torch.from_numpy(v) for k, v in official.items()}))
+    model.load_state_dict(
+        official_to_state_dict({k: torch.from_numpy(v) for k, v in official.items()})
+    )
 
 
 def test_mismatched_parameters_are_named():
@@ -38,10 +52,20 @@ def test_mismatched_parameters_are_named():
 
 
 def test_config_from_official_rejects_what_we_do_not_implement():
-    base = {"model": dict(vocab_size=512, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=4, num_attention_heads=4, mini_batch_size=32,
-                          sliding_window_size=64, suffix_len=1, seq_modeling_block="SWA"),
-            "training": {"seq_length": 256, "optimizer_inner": {"lr": 0.5, "clip_gradient": 2.0}}}
+    base = {
+        "model": dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            mini_batch_size=32,
+            sliding_window_size=64,
+            suffix_len=1,
+            seq_modeling_block="SWA",
+        ),
+        "training": {"seq_length": 256, "optimizer_inner": {"lr": 0.5, "clip_gradient": 2.0}},
+    }
     cfg = config_from_official(base)
     assert (cfg.inner_lr, cfg.inner_clip, cfg.window, cfg.seq_len) == (0.5, 2.0, 64, 256)
     with pytest.raises(ValueError, match="tie_word_embeddings"):

@@ -9,31 +9,48 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ttte2e.platform.data.stream import StreamPosition, StreamSpec, WindowReader, iter_batches
 from ttte2e.platform.data.manifest import DataError
 from ttte2e.platform.data.prepare import PrepareOptions, prepare
+from ttte2e.platform.data.stream import StreamPosition, StreamSpec, WindowReader, iter_batches
 
-DOCS = [f"doc {i}: " + " ".join(f"w{(i * 7 + j) % 97}" for j in range(20 + 13 * (i % 7)))
-        for i in range(60)]
+DOCS = [
+    f"doc {i}: " + " ".join(f"w{(i * 7 + j) % 97}" for j in range(20 + 13 * (i % 7)))
+    for i in range(60)
+]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stream")
     for part in range(3):
-        (folder / f"p{part}.jsonl").write_text("".join(
-            json.dumps({"text": d}) + "\n" for d in DOCS[part * 20:(part + 1) * 20]))
+        (folder / f"p{part}.jsonl").write_text(
+            "".join(json.dumps({"text": d}) + "\n" for d in DOCS[part * 20 : (part + 1) * 20])
+        )
     out = folder / "ds"
-    prepare(PrepareOptions(input=str(folder), output=str(out), tokenizer="train:400",
-                           shard_tokens=400, row_group_tokens=8), use_ray=False, log=lambda *_: None)
+    prepare(
+        PrepareOptions(
+            input=str(folder),
+            output=str(out),
+            tokenizer="train:400",
+            shard_tokens=400,
+            row_group_tokens=8,
+        ),
+        use_ray=False,
+        log=lambda *_: None,
+    )
     return str(out)
 
 
 def all_shard_tokens(uri):
     """The train split's token stream read with plain pyarrow (independent of our reader)."""
     manifest = json.loads(open(f"{uri}/manifest.json").read())
-    flat = [pq.read_table(io.BytesIO(open(f"{uri}/{s['path']}", "rb").read()))
-            .column("tokens").to_pylist() for s in manifest["shards"] if s["split"] == "train"]
+    flat = [
+        pq.read_table(io.BytesIO(open(f"{uri}/{s['path']}", "rb").read()))
+        .column("tokens")
+        .to_pylist()
+        for s in manifest["shards"]
+        if s["split"] == "train"
+    ]
     return np.array([t for shard in flat for piece in shard for t in piece])
 
 
@@ -44,7 +61,7 @@ def run(spec, start=StreamPosition(), stop_after=None, epochs=1):
     for count, batches in enumerate(zip(*iters)):
         if stop_after is not None and count == stop_after:
             break
-        for rank, (after, windows) in enumerate(batches):
+        for rank, (after, windows) in enumerate(batches):  # noqa: B007 - the last one is kept
             got[rank].append(windows)
         position = after
     return got, position
@@ -89,7 +106,7 @@ def test_every_window_once_per_epoch_shuffled_and_resumed_exactly(dataset):
     # the windows read are the epoch's windows (plain pyarrow, not our reader), each once, except
     # the W mod G positions at the end of the order, which are not read
     t, stream = spec.seq_len, all_shard_tokens(dataset)
-    unshuffled = [tuple(stream[w * t:w * t + t + 1]) for w in range(reader.windows_per_epoch)]
+    unshuffled = [tuple(stream[w * t : w * t + t + 1]) for w in range(reader.windows_per_epoch)]
     read = collections.Counter(tuple(w) for w in windows.tolist())
     assert not read - collections.Counter(unshuffled)  # nothing read that is not a window
     assert sum(read.values()) == steps * spec.global_batch

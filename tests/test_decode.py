@@ -5,13 +5,28 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import case_params, load_case, reference_cases
 from ttte2e.model import TTTModel, preset
-from ttte2e.model.decode import (decode_step, generate, prefill, prefill_prompts, sample_next,
-                                 stream_generate)
+from ttte2e.model.decode import (
+    decode_step,
+    generate,
+    prefill,
+    prefill_prompts,
+    sample_next,
+    stream_generate,
+)
 
-SMALL = dict(vocab_size=512, d_model=64, n_heads=2, mlp_hidden=128, seq_len=128, window=32,
-             chunk_size=16, bos_token_id=1)
+from conftest import case_params, load_case, reference_cases
+
+SMALL = dict(
+    vocab_size=512,
+    d_model=64,
+    n_heads=2,
+    mlp_hidden=128,
+    seq_len=128,
+    window=32,
+    chunk_size=16,
+    bos_token_id=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +51,7 @@ def teacher_forced(model, tokens, prompt_len, mode="ttt"):
     state, nll = prefill(model, tokens[:, :prompt_len], mode)
     parts, logits = [nll], state.last_logits
     for t in range(prompt_len, tokens.shape[1]):
-        parts.append(-torch.log_softmax(logits.float(), -1).gather(1, tokens[:, t:t + 1]))
+        parts.append(-torch.log_softmax(logits.float(), -1).gather(1, tokens[:, t : t + 1]))
         if t + 1 < tokens.shape[1]:
             logits = decode_step(model, state, tokens[:, t])
     return torch.cat(parts, 1), state
@@ -99,7 +114,7 @@ def test_decode_state_size_is_fixed_for_ttt_and_grows_for_full_attention(model):
         state, _ = prefill(model, torch.randint(2, 512, (1, 20)), mode)
         storages[mode] = [b.keys.data_ptr() for b in state.kv]
         seen = []
-        for step in range(120):
+        for _ in range(120):
             decode_step(model, state, torch.randint(2, 512, (1,)))
             seen.append(state.nbytes())
         sizes[mode] = seen
@@ -114,7 +129,7 @@ def test_decode_state_size_is_fixed_for_ttt_and_grows_for_full_attention(model):
     # with the decode budget reserved up front the full-attention buffer never grows either
     state, _ = prefill(model, torch.randint(2, 512, (1, 20)), "full", reserve=120)
     before = state.nbytes()
-    for step in range(120):
+    for _ in range(120):
         decode_step(model, state, torch.randint(2, 512, (1,)))
     assert state.nbytes() == before
 
@@ -179,12 +194,14 @@ def test_prompts_of_different_lengths_decode_together_as_one_by_one(model, token
     indices) give each row's one-by-one logits."""
     lengths = [5, 37, 16]  # chunk 16, window 32: first_valid differs, steps at different tokens
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    seqs = [tokens[i % 2, i:i + 80] for i in range(3)]
+    seqs = [tokens[i % 2, i : i + 80] for i in range(3)]
     state = prefill_prompts(model, [s[:n].tolist() for s, n in zip(seqs, lengths)])
     alone = [prefill(model, s[None, :n])[0] for s, n in zip(seqs, lengths)]
     assert state.positions.tolist() == lengths
     for step in range(40):
-        together = decode_step(model, state, torch.stack([s[n + step] for s, n in zip(seqs, lengths)]))
+        together = decode_step(
+            model, state, torch.stack([s[n + step] for s, n in zip(seqs, lengths)])
+        )
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             one = decode_step(model, alone[i], s[None, n + step])
             assert (together[i] - one[0]).abs().max() < 1e-5, (i, step)
@@ -195,12 +212,14 @@ def test_prompts_of_different_lengths_decode_together_as_one_by_one(model, token
     # draw per step for the whole batch, so only greedy is compared)
     prompts = [s[:n].tolist() for s, n in zip(seqs, lengths)]
     for mode in ("ttt", "swa", "full"):
-        assert generate(model, prompts, 30, mode) == [generate(model, [p], 30, mode)[0]
-                                                      for p in prompts]
+        assert generate(model, prompts, 30, mode) == [
+            generate(model, [p], 30, mode)[0] for p in prompts
+        ]
 
 
-@pytest.mark.parametrize("case", case_params(reference_cases()),
-                         ids=lambda p: p.stem if p else "none")
+@pytest.mark.parametrize(
+    "case", case_params(reference_cases()), ids=lambda p: p.stem if p else "none"
+)
 def test_prefill_reproduces_the_official_nll(case):
     data, model = load_case(case)
     _, nll = prefill(model, torch.from_numpy(data["tokens"]).long())
@@ -225,10 +244,12 @@ def test_generate_greedy_sampling_stops_streaming_and_batches(model):
     stopped = generate(model, prompt[:1], max_new_tokens=12, stop_tokens=(stop,))
     assert stopped[0][-1] == stop and len(stopped[0]) == greedy[0].index(stop) + 1
     # sampling: seeded = reproducible; prompts of different lengths in one call
-    a = generate(model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=6, temperature=0.8,
-                 top_p=0.9, seed=0)
-    b = generate(model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=6, temperature=0.8,
-                 top_p=0.9, seed=0)
+    a = generate(
+        model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=0
+    )
+    b = generate(
+        model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=0
+    )
     assert a == b and [len(x) for x in a] == [6, 6]
     seen = []
     generate(model, [[5, 6, 7]], max_new_tokens=4, on_token=lambda t: seen.append(t.tolist()))
@@ -242,8 +263,12 @@ def test_sampling_rules():
     assert sample_next(logits, torch.tensor([[0]]), repetition_penalty=4.0).item() == 1
     # top_p keeps the smallest set reaching p: here only the top token
     g = torch.Generator().manual_seed(0)
-    picks = {sample_next(torch.tensor([[10.0, 0.0, 0.0, 0.0]]), None, temperature=1.0,
-                         top_p=0.5, generator=g).item() for _ in range(50)}
+    picks = {
+        sample_next(
+            torch.tensor([[10.0, 0.0, 0.0, 0.0]]), None, temperature=1.0, top_p=0.5, generator=g
+        ).item()
+        for _ in range(50)
+    }
     assert picks == {0}
 
 

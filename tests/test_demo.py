@@ -45,15 +45,21 @@ def test_demo_job_submits_prepare_and_training_to_a_private_head(tmp_path, capfd
     client = mlflow.MlflowClient(result["tracking_uri"])
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and "val_loss" in run.data.metrics
-    assert {"curves.png", "metrics.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"curves.png", "metrics.json"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
     # registered at the end of training, promoted, pulled back, and it generated text
     assert result["registered"]["uri"] == "models:/ttte2e-demo-tiny@candidate"
     aliases = client.get_registered_model("ttte2e-demo-tiny").aliases
-    assert aliases == {"candidate": result["registered"]["version"],
-                       "champion": result["registered"]["version"]}
+    assert aliases == {
+        "candidate": result["registered"]["version"],
+        "champion": result["registered"]["version"],
+    }
     assert "pulled models:/ttte2e-demo-tiny@champion" in out and "--- prompt:" in out
     # the head and all its processes are gone; nothing else was touched
-    left = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
-            and "ray" in " ".join(p.info["cmdline"] or []).lower()]
+    left = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in before and "ray" in " ".join(p.info["cmdline"] or []).lower()
+    ]
     assert not left, [p.info["cmdline"][:3] for p in left]
-    

@@ -9,8 +9,17 @@ from ttte2e.kernels.attention import chunk_backend
 from ttte2e.model import PRESETS, TTTConfig, TTTModel, count_parameters, preset
 from ttte2e.model.flops import _mean_keys
 
-CFG = TTTConfig(vocab_size=512, d_model=64, n_layers=4, n_ttt_blocks=2, n_heads=4, mlp_hidden=96,
-                seq_len=128, window=32, chunk_size=16)
+CFG = TTTConfig(
+    vocab_size=512,
+    d_model=64,
+    n_layers=4,
+    n_ttt_blocks=2,
+    n_heads=4,
+    mlp_hidden=96,
+    seq_len=128,
+    window=32,
+    chunk_size=16,
+)
 
 
 class MatmulFlops(TorchDispatchMode):
@@ -48,10 +57,20 @@ class TermFlops(MatmulFlops):
         if packet in flop_registry and "attention" not in str(packet):
             flops = flop_registry[packet](*args, **kwargs, out_val=out)
             dims = {n for a in (*args, out) if isinstance(a, torch.Tensor) for n in a.shape}
-            phase = ("forward" if torch._C._current_graph_task_id() == -1
-                     else "outer" if self.outer else "inner")
-            region = ("head" if CFG.vocab_size in dims else
-                      "prefix" if self.prefix_rows in dims else "suffix")
+            phase = (
+                "forward"
+                if torch._C._current_graph_task_id() == -1
+                else "outer"
+                if self.outer
+                else "inner"
+            )
+            region = (
+                "head"
+                if CFG.vocab_size in dims
+                else "prefix"
+                if self.prefix_rows in dims
+                else "suffix"
+            )
             self.terms[phase, region] = self.terms.get((phase, region), 0) + flops
             self.total += flops
         return out
@@ -73,12 +92,20 @@ def test_every_term_of_the_meta_step_matches_its_counted_matmuls(final_update):
     model = TTTModel(CFG)
     batch = 2
     tokens = torch.randint(0, CFG.vocab_size, (batch, CFG.seq_len + 1))
-    counted = {k: v / (batch * CFG.seq_len)
-               for k, v in _counted_step(model, tokens, "none", final_update).terms.items()}
+    counted = {
+        k: v / (batch * CFG.seq_len)
+        for k, v in _counted_step(model, tokens, "none", final_update).terms.items()
+    }
     est = model.estimate_flops(remat="none", final_update=final_update).meta_terms
-    assert set(counted) == {("forward", "prefix"), ("forward", "suffix"), ("forward", "head"),
-                            ("inner", "suffix"), ("outer", "prefix"), ("outer", "suffix"),
-                            ("outer", "head")}  # nothing of the head or prefix in G
+    assert set(counted) == {
+        ("forward", "prefix"),
+        ("forward", "suffix"),
+        ("forward", "head"),
+        ("inner", "suffix"),
+        ("outer", "prefix"),
+        ("outer", "suffix"),
+        ("outer", "head"),
+    }  # nothing of the head or prefix in G
     # the prefix attention runs in fused SDPA (not counted): 4 d keys forward, 2x that backward
     sdpa = CFG.n_prefix_blocks * 4 * CFG.d_model * _mean_keys(CFG.seq_len, CFG.attn_window)
     assert counted["forward", "prefix"] + sdpa == pytest.approx(est.prefix_forward, rel=1e-6)
@@ -87,7 +114,8 @@ def test_every_term_of_the_meta_step_matches_its_counted_matmuls(final_update):
     assert counted["forward", "head"] == pytest.approx(est.head_forward, rel=1e-6)
     assert counted["inner", "suffix"] == pytest.approx(est.inner_gradient, rel=1e-6)
     assert counted["outer", "suffix"] == pytest.approx(
-        est.outer_backward_forward + est.outer_backward_inner_gradient, rel=1e-6)
+        est.outer_backward_forward + est.outer_backward_inner_gradient, rel=1e-6
+    )
     # + the softmax's <p, dG> per row (a batched dot product, O(V) per token)
     assert counted["outer", "head"] == pytest.approx(est.outer_backward_head, rel=0.005)
 
@@ -108,8 +136,9 @@ def test_the_trainers_step_skips_the_last_inner_gradient_and_nothing_else():
     assert torch.equal(full.loss, lean.loss) and torch.equal(full.token_nll, lean.token_nll)
     assert all(torch.equal(a, b) for a, b in zip(full_grads, lean_grads))
     assert torch.equal(lean.inner_grad_norm, full.inner_grad_norm[:, :-1])
-    counted = {f: _counted_step(model, tokens, "none", f).terms["inner", "suffix"]
-               for f in (True, False)}
+    counted = {
+        f: _counted_step(model, tokens, "none", f).terms["inner", "suffix"] for f in (True, False)
+    }
     n_chunks = CFG.seq_len // CFG.chunk_size
     last = counted[True] - counted[False]
     assert 0 < last and last > counted[True] / n_chunks  # the last chunk has the most keys
@@ -131,13 +160,16 @@ def test_estimate_matches_counted_matmuls(remat):
     # sliding-window attention through fused SDPA: fwd + bwd = 3 x 4 d keys per token and layer
     sdpa = 3 * 4 * CFG.d_model * _mean_keys(CFG.seq_len, CFG.attn_window) * tokens_per_step
     est = model.estimate_flops(remat=remat)
-    assert plain.total + CFG.n_layers * sdpa == pytest.approx(est.swa_step * tokens_per_step,
-                                                              rel=0.01)
-    assert meta.total + CFG.n_prefix_blocks * sdpa == pytest.approx(est.meta_step * tokens_per_step,
-                                                                    rel=0.005)
+    assert plain.total + CFG.n_layers * sdpa == pytest.approx(
+        est.swa_step * tokens_per_step, rel=0.01
+    )
+    assert meta.total + CFG.n_prefix_blocks * sdpa == pytest.approx(
+        est.meta_step * tokens_per_step, rel=0.005
+    )
     # what remat adds is its recompute, no more
     assert (meta.total - none.total) / tokens_per_step == pytest.approx(
-        est.meta_terms.remat_recompute, rel=1e-6, abs=1)
+        est.meta_terms.remat_recompute, rel=1e-6, abs=1
+    )
 
 
 def test_3b_at_8k_within_5_percent_of_the_paper():
@@ -145,6 +177,7 @@ def test_3b_at_8k_within_5_percent_of_the_paper():
     full attention (arXiv 2512.23675); the count here is ours, validated term by term above."""
     est = preset("3B", seq_len=8192).replace(remat="none")
     from ttte2e.model import estimate_flops
+
     flops = estimate_flops(est)
     assert flops.full_attention_step == pytest.approx(2.12e10, rel=0.02)
     assert flops.meta_step <= 2.99e10 * 1.05
@@ -154,7 +187,10 @@ def test_3b_at_8k_within_5_percent_of_the_paper():
 def test_remat_costs_more_and_full_attention_grows_with_length():
     cfg = CFG.replace(seq_len=1024)
     from ttte2e.model import estimate_flops
-    none, chunk, nested = (estimate_flops(cfg, remat=r).meta_step for r in ("none", "chunk", "nested"))
+
+    none, chunk, nested = (
+        estimate_flops(cfg, remat=r).meta_step for r in ("none", "chunk", "nested")
+    )
     assert none < chunk < nested
     short, long = estimate_flops(cfg, 256), estimate_flops(cfg, 4096)
     assert long.swa_step == pytest.approx(short.swa_step, rel=0.05)  # window-bound

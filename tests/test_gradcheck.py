@@ -9,8 +9,20 @@ import torch
 
 from ttte2e.model import TTTConfig, TTTModel
 
-CFG = TTTConfig(vocab_size=37, d_model=16, n_layers=3, n_heads=2, mlp_hidden=24, n_ttt_blocks=2,
-                seq_len=24, window=8, chunk_size=4, inner_lr=0.7, inner_clip=2.5, bos_token_id=1)
+CFG = TTTConfig(
+    vocab_size=37,
+    d_model=16,
+    n_layers=3,
+    n_heads=2,
+    mlp_hidden=24,
+    n_ttt_blocks=2,
+    seq_len=24,
+    window=8,
+    chunk_size=4,
+    inner_lr=0.7,
+    inner_clip=2.5,
+    bos_token_id=1,
+)
 
 
 def make_case(seed=0):
@@ -27,8 +39,14 @@ def make_case(seed=0):
     return model, tokens
 
 
-@pytest.mark.parametrize("remat", ["none", pytest.param("chunk", marks=pytest.mark.slow),
-                                   pytest.param("nested", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "remat",
+    [
+        "none",
+        pytest.param("chunk", marks=pytest.mark.slow),
+        pytest.param("nested", marks=pytest.mark.slow),
+    ],
+)
 def test_meta_gradient_matches_central_differences(remat):
     model, tokens = make_case()
     out = model.meta_loss(tokens, remat=remat)
@@ -58,7 +76,8 @@ def test_meta_gradient_matches_central_differences(remat):
             numeric = (loss_at(name, index, eps) - loss_at(name, index, -eps)) / (2 * eps)
             analytic = grads[name][index].item()
             assert abs(numeric - analytic) <= 1e-6 + 1e-5 * abs(analytic), (
-                f"{name}{list(index)}: autograd {analytic:.10g} vs finite difference {numeric:.10g}")
+                f"{name}{list(index)}: autograd {analytic:.10g} vs finite difference {numeric:.10g}"
+            )
             checked += 1
     assert checked == 2 * len(params)
 
@@ -87,5 +106,7 @@ def test_random_directional_derivatives():
         analytic = sum((g * u).sum() for g, u in zip(grads, direction)).item()
         # Richardson extrapolation cancels the eps^2 term: the loss is strongly curved here
         eps = 2e-6
-        numeric = (4 * central_difference(direction, eps / 2) - central_difference(direction, eps)) / 3
+        numeric = (
+            4 * central_difference(direction, eps / 2) - central_difference(direction, eps)
+        ) / 3
         assert abs(numeric - analytic) <= 1e-5 * max(1.0, abs(analytic)), (numeric, analytic)

@@ -15,8 +15,14 @@ from conftest import REPO
 
 def run_with_repo_on_path(code: str, extra_path: list[str] = ()):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *extra_path]))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_stdlib_platform_is_not_shadowed():
@@ -57,7 +63,9 @@ def test_ttte2e_imports_resolve_to_this_repo():
 
 @pytest.mark.parametrize("folder", ["model", "kernels"])
 def test_layering_model_and_kernels_import_no_orchestration(folder):
-    forbidden = {"ray", "deepspeed", "mlflow", "boto3"} | ({"ttte2e.model"} if folder == "kernels" else set())
+    forbidden = {"ray", "deepspeed", "mlflow", "boto3"} | (
+        {"ttte2e.model"} if folder == "kernels" else set()
+    )
     for path in (REPO / folder).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
@@ -67,5 +75,6 @@ def test_layering_model_and_kernels_import_no_orchestration(folder):
                 names = [node.module]
             for name in names:
                 top = name.split(".")[0]
-                assert top not in forbidden and not any(name.startswith(f) for f in forbidden
-                                                        if "." in f), f"{path}: imports {name}"
+                assert top not in forbidden and not any(
+                    name.startswith(f) for f in forbidden if "." in f
+                ), f"{path}: imports {name}"

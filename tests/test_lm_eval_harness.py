@@ -42,7 +42,7 @@ def _prefill_logprob(lm, context_ids, continuation_ids, mode):
 
     ids = torch.tensor([[lm.prefix_token_id] + context_ids + continuation_ids])
     _, nll = prefill(lm.model, ids, mode)
-    return -float(nll[0, -len(continuation_ids):].double().sum())
+    return -float(nll[0, -len(continuation_ids) :].double().sum())
 
 
 @pytest.mark.parametrize("mode", ["ttt", "swa", "full"])
@@ -72,11 +72,12 @@ def test_greedy_flag_and_rolling_loglikelihood(lm):
     ctx_ids = [lm.prefix_token_id] + lm.tok_encode(context)
     greedy_ids = generate(lm.model, [ctx_ids], max_new_tokens=4)[0]
     if lm.prefix_token_id in greedy_ids:
-        greedy_ids = greedy_ids[:greedy_ids.index(lm.prefix_token_id)]
+        greedy_ids = greedy_ids[: greedy_ids.index(lm.prefix_token_id)]
     assert greedy_ids, "the untrained model's greedy continuation starts with BOS"
     other = [(greedy_ids[0] + 1) % lm.model.config.vocab_size or 3]
     (_, is_g), (lp_1, _), (lp_o, is_o) = lm._loglikelihood_tokens(
-        [(None, ctx_ids, greedy_ids), (None, ctx_ids, greedy_ids[:1]), (None, ctx_ids, other)])
+        [(None, ctx_ids, greedy_ids), (None, ctx_ids, greedy_ids[:1]), (None, ctx_ids, other)]
+    )
     assert is_g and not is_o and lp_1 > lp_o
 
     text = _text(lm, 300, 2)
@@ -93,7 +94,7 @@ def test_greedy_flag_and_rolling_loglikelihood(lm):
     expected = 0.0
     for start in range(0, len(tokens), 64):
         end = min(start + 64, len(tokens))
-        ids = [lm.prefix_token_id] + tokens[:end] if start == 0 else tokens[end - 65:end]
+        ids = [lm.prefix_token_id] + tokens[:end] if start == 0 else tokens[end - 65 : end]
         expected += _window_logprob(lm, ids, end - start)
     assert windowed == pytest.approx(expected, abs=1e-3) and windowed != pytest.approx(whole)
 
@@ -111,21 +112,29 @@ def test_generate_until_is_the_models_greedy_text_cut_at_the_stop(lm):
     contexts = [_text(lm, n, 20 + n) for n in (10, 45, 140)]
     lm.batch_size_per_gpu = 2  # two batches of the same generation arguments
     try:
-        texts = lm.generate_until(_requests("generate_until", [
-            (c, {"until": ["\n"], "max_gen_toks": 12}) for c in contexts]))
+        texts = lm.generate_until(
+            _requests(
+                "generate_until", [(c, {"until": ["\n"], "max_gen_toks": 12}) for c in contexts]
+            )
+        )
     finally:
         lm.batch_size_per_gpu = 8
     for c, text in zip(contexts, texts):
-        ids = generate(lm.model, [[lm.prefix_token_id] + lm.tok_encode(c)], max_new_tokens=12,
-                       stop_tokens=(lm.eot_token_id,))[0]
+        ids = generate(
+            lm.model,
+            [[lm.prefix_token_id] + lm.tok_encode(c)],
+            max_new_tokens=12,
+            stop_tokens=(lm.eot_token_id,),
+        )[0]
         ids = [t for t in ids if t != lm.eot_token_id]
         assert text == lm.tok_decode(ids).split("\n")[0]
     # a stop string that occurs: the text ends before it
-    stop = texts[2][len(texts[2]) // 2:][:2] if len(texts[2]) > 3 else None
+    stop = texts[2][len(texts[2]) // 2 :][:2] if len(texts[2]) > 3 else None
     if stop:
-        (cut,) = lm.generate_until(_requests("generate_until", [(contexts[2], {
-            "until": [stop], "max_gen_toks": 12})]))
-        assert cut == texts[2][:texts[2].find(stop)]
+        (cut,) = lm.generate_until(
+            _requests("generate_until", [(contexts[2], {"until": [stop], "max_gen_toks": 12})])
+        )
+        assert cut == texts[2][: texts[2].find(stop)]
 
 
 def test_bad_arguments_are_named(model_folder, tmp_path):
@@ -154,8 +163,14 @@ def test_bad_arguments_are_named(model_folder, tmp_path):
 def _write_tasks(folder: Path) -> Path:
     """Two local tasks (YAML + jsonl): multiple choice and generate_until."""
     folder.mkdir(parents=True, exist_ok=True)
-    mc = [{"question": f"Question {i}: which word comes next in the list?",
-           "choices": [" alpha", " beta gamma", " delta"], "label": i % 3} for i in range(6)]
+    mc = [
+        {
+            "question": f"Question {i}: which word comes next in the list?",
+            "choices": [" alpha", " beta gamma", " delta"],
+            "label": i % 3,
+        }
+        for i in range(6)
+    ]
     gen = [{"prompt": f"Say the number {i}:", "answer": str(i)} for i in range(4)]
     (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in mc))
     (folder / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in gen))
@@ -163,7 +178,7 @@ def _write_tasks(folder: Path) -> Path:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / 'mc.jsonl'}
+    test: {folder / "mc.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -176,7 +191,7 @@ metric_list:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / 'gen.jsonl'}
+    test: {folder / "gen.jsonl"}
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
@@ -196,31 +211,61 @@ def test_the_harness_cli_runs_local_tasks_offline(model_folder, lm, tmp_path, mo
     per-choice loglikelihoods are the backend's, and generate_until's text its greedy text."""
     tasks = _write_tasks(tmp_path / "tasks")
     out = tmp_path / "results"
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"),
-           "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
+    env = {
+        **os.environ,
+        **OFFLINE,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
+    }
     run = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "lm_eval_harness.py"), "--model", "ttte2e",
-         "--model_args", f"pretrained={model_folder},mode=ttt", "--tasks",
-         "ttte2e_local_mc,ttte2e_local_gen", "--include_path", str(tasks), "--batch_size", "4",
-         "--device", "cpu", "--output_path", str(out), "--log_samples"],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "lm_eval_harness.py"),
+            "--model",
+            "ttte2e",
+            "--model_args",
+            f"pretrained={model_folder},mode=ttt",
+            "--tasks",
+            "ttte2e_local_mc,ttte2e_local_gen",
+            "--include_path",
+            str(tasks),
+            "--batch_size",
+            "4",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+            "--log_samples",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     assert 0.0 <= results["ttte2e_local_mc"]["acc,none"] <= 1.0
     assert "exact_match,none" in results["ttte2e_local_gen"]
-    samples = [json.loads(line) for line in
-               next(out.rglob("samples_ttte2e_local_mc_*.jsonl")).read_text().splitlines()]
+    samples = [
+        json.loads(line)
+        for line in next(out.rglob("samples_ttte2e_local_mc_*.jsonl")).read_text().splitlines()
+    ]
     assert len(samples) == 6
     for s in samples:
         pairs = [(a["arg_0"], a["arg_1"]) for a in s["arguments"].values()]
         ours = lm.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
         logged = [r[0] for r in s["resps"]]
         assert [float(x[0]) for x in logged] == pytest.approx([o[0] for o in ours], abs=1e-4)
-    gen = [json.loads(line) for line in
-           next(out.rglob("samples_ttte2e_local_gen_*.jsonl")).read_text().splitlines()]
+    gen = [
+        json.loads(line)
+        for line in next(out.rglob("samples_ttte2e_local_gen_*.jsonl")).read_text().splitlines()
+    ]
     for s in gen:
-        (expected,) = lm.generate_until(_requests("generate_until", [
-            (s["doc"]["prompt"], {"until": ["\n"], "max_gen_toks": 6})]))
+        (expected,) = lm.generate_until(
+            _requests(
+                "generate_until", [(s["doc"]["prompt"], {"until": ["\n"], "max_gen_toks": 6})]
+            )
+        )
         assert s["resps"][0][0] == expected
     # the same tasks from Python, with our LM instance
     import lm_eval
@@ -228,8 +273,9 @@ def test_the_harness_cli_runs_local_tasks_offline(model_folder, lm, tmp_path, mo
 
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    again = lm_eval.simple_evaluate(model=lm, tasks=["ttte2e_local_mc"],
-                                    task_manager=TaskManager(include_path=str(tasks)))
+    again = lm_eval.simple_evaluate(
+        model=lm, tasks=["ttte2e_local_mc"], task_manager=TaskManager(include_path=str(tasks))
+    )
     assert again["results"]["ttte2e_local_mc"]["acc,none"] == results["ttte2e_local_mc"]["acc,none"]
 
 
@@ -246,9 +292,24 @@ def test_evaluate_scores_harness_tasks_per_mode(train_data, model_folder, tmp_pa
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     uri, _ = train_data
     tasks = _write_tasks(tmp_path / "tasks")
-    out = main(["--model", str(model_folder), "--data", uri, "--contexts", "128,256",
-                "--windows", "2", "--harness-tasks", "heldout,ttte2e_local_mc",
-                "--harness-include-path", str(tasks), "--out", str(tmp_path / "eval")])
+    out = main(
+        [
+            "--model",
+            str(model_folder),
+            "--data",
+            uri,
+            "--contexts",
+            "128,256",
+            "--windows",
+            "2",
+            "--harness-tasks",
+            "heldout,ttte2e_local_mc",
+            "--harness-include-path",
+            str(tasks),
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     scores = out["harness"]
     assert set(scores) == {"ttt", "swa", "full"}
     for mode in scores:
@@ -259,13 +320,18 @@ def test_evaluate_scores_harness_tasks_per_mode(train_data, model_folder, tmp_pa
     import math
     import re
 
-    texts = [json.loads(line)["text"] for line in (tmp_path / "eval" / "harness" / "tasks" /
-             "ttte2e_heldout_256.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["text"]
+        for line in (tmp_path / "eval" / "harness" / "tasks" / "ttte2e_heldout_256.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     lm = TTTE2ELM(pretrained=str(model_folder), mode="swa")
     total = sum(lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(t,) for t in texts])))
     words = sum(len(re.split(r"\s+", t)) for t in texts)
     assert scores["swa"]["ttte2e_heldout_256"]["word_perplexity"] == pytest.approx(
-        math.exp(-total / words), rel=1e-3)
+        math.exp(-total / words), rel=1e-3
+    )
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "lm-evaluation-harness (ttte2e backend)" in report and "ttte2e_local_mc" in report
     # bad harness options stop the command before the loss-vs-context work starts
@@ -276,9 +342,22 @@ def test_evaluate_scores_harness_tasks_per_mode(train_data, model_folder, tmp_pa
 
     monkeypatch.setattr("ttte2e.platform.eval.long_context.loss_vs_context", no_scoring)
     with pytest.raises(SystemExit):
-        evaluate_cli.main(["--model", str(model_folder), "--data", uri, "--contexts", "128",
-                           "--harness-tasks", "heldout", "--harness-metadata", "{oops",
-                           "--out", str(tmp_path / "bad")])
+        evaluate_cli.main(
+            [
+                "--model",
+                str(model_folder),
+                "--data",
+                uri,
+                "--contexts",
+                "128",
+                "--harness-tasks",
+                "heldout",
+                "--harness-metadata",
+                "{oops",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
 
 
 @pytest.mark.slow
@@ -288,14 +367,38 @@ def test_ruler_niah_runs_offline_with_the_models_own_tokenizer(model_folder, tmp
     pytest.importorskip("transformers")
     pytest.importorskip("wonderwords")
     out = tmp_path / "results"
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"),
-           "NLTK_DATA": str(tmp_path / "nltk")}
+    env = {
+        **os.environ,
+        **OFFLINE,
+        "HF_HOME": str(tmp_path / "hf"),
+        "NLTK_DATA": str(tmp_path / "nltk"),
+    }
     run = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "lm_eval_harness.py"), "--model", "ttte2e",
-         "--model_args", f"pretrained={model_folder}", "--tasks", "niah_single_1",
-         "--metadata", '{"max_seq_lengths": [512]}', "--limit", "2", "--batch_size", "2",
-         "--device", "cpu", "--output_path", str(out)],
-        capture_output=True, text=True, env=env, timeout=900)
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "lm_eval_harness.py"),
+            "--model",
+            "ttte2e",
+            "--model_args",
+            f"pretrained={model_folder}",
+            "--tasks",
+            "niah_single_1",
+            "--metadata",
+            '{"max_seq_lengths": [512]}',
+            "--limit",
+            "2",
+            "--batch_size",
+            "2",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     assert 0.0 <= results["niah_single_1"]["512,none"] <= 1.0

@@ -21,8 +21,11 @@ def test_fused_head_matches_reference(rows, dim, vocab, upstream):
     results = []
     for fn in (nll_and_hidden_grad, reference.nll_and_hidden_grad):
         nll, grad_h = fn(h, embed, targets, weights)
-        terms = {"both": [(nll * a).sum(), (grad_h * u).sum()], "nll_only": [(nll * a).sum()],
-                 "grad_only": [(grad_h * u).sum()]}[upstream]
+        terms = {
+            "both": [(nll * a).sum(), (grad_h * u).sum()],
+            "nll_only": [(nll * a).sum()],
+            "grad_only": [(grad_h * u).sum()],
+        }[upstream]
         grads = torch.autograd.grad(sum(terms), (h, embed))
         results.append((nll, grad_h, *grads))
     for got, expected in zip(*results):
@@ -36,7 +39,8 @@ def test_fused_head_passes_gradcheck():
     targets = torch.randint(0, 9, (6,), generator=gen)
     weights = torch.rand(6, generator=gen, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda h_, e_: nll_and_hidden_grad(h_, e_, targets, weights), (h, embed))
+        lambda h_, e_: nll_and_hidden_grad(h_, e_, targets, weights), (h, embed)
+    )
 
 
 def test_the_backward_keeps_one_rows_by_vocabulary_buffer():
@@ -52,8 +56,9 @@ def test_the_backward_keeps_one_rows_by_vocabulary_buffer():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        nll, grad_h = nll_and_hidden_grad(h, embed, torch.randint(0, vocab, (rows,)),
-                                          torch.rand(rows))
+        nll, grad_h = nll_and_hidden_grad(
+            h, embed, torch.randint(0, vocab, (rows,)), torch.rand(rows)
+        )
     assert saved.count((rows, vocab)) == 1, saved
     assert all(shape in ((rows, vocab), (rows, dim), (vocab, dim), (rows,)) for shape in saved)
 

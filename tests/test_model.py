@@ -5,8 +5,19 @@ import torch
 
 from ttte2e.model import TTTConfig, TTTModel, inner_lr_at
 
-CFG = TTTConfig(vocab_size=61, d_model=32, n_layers=4, n_heads=4, mlp_hidden=48, n_ttt_blocks=2,
-                seq_len=64, window=16, chunk_size=8, inner_lr=1.0, bos_token_id=1)
+CFG = TTTConfig(
+    vocab_size=61,
+    d_model=32,
+    n_layers=4,
+    n_heads=4,
+    mlp_hidden=48,
+    n_ttt_blocks=2,
+    seq_len=64,
+    window=16,
+    chunk_size=8,
+    inner_lr=1.0,
+    bos_token_id=1,
+)
 
 
 def make(cfg=CFG, seed=0, batch=3):
@@ -47,12 +58,20 @@ def grads_of(model, tokens, **kw):
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("dtype, bound", [(torch.float64, 1e-6), (torch.float32, 1e-5)],
-                         ids=["float64", "float32"])
-@pytest.mark.parametrize("variant", [dict(remat="chunk"), dict(remat="nested"),
-                                     dict(remat="nested", group=3), dict(remat="nested", group=8),
-                                     dict(remat="nested", prefix_ckpt=True)],
-                         ids=["chunk", "nested", "nested-g3", "nested-g8", "nested-prefix-ckpt"])
+@pytest.mark.parametrize(
+    "dtype, bound", [(torch.float64, 1e-6), (torch.float32, 1e-5)], ids=["float64", "float32"]
+)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(remat="chunk"),
+        dict(remat="nested"),
+        dict(remat="nested", group=3),
+        dict(remat="nested", group=8),
+        dict(remat="nested", prefix_ckpt=True),
+    ],
+    ids=["chunk", "nested", "nested-g3", "nested-g8", "nested-prefix-ckpt"],
+)
 def test_remat_modes_give_the_same_gradients(variant, dtype, bound):
     """Per tensor, max |difference| <= bound * max |gradient| of the unrolled ('none') gradient.
 
@@ -62,8 +81,9 @@ def test_remat_modes_give_the_same_gradients(variant, dtype, bound):
     model, tokens = make()
     model.to(dtype)
     ref_out, ref = grads_of(model, tokens, remat="none")
-    cfg = CFG.replace(remat_group=variant.get("group", 0),
-                      checkpoint_prefix=variant.get("prefix_ckpt", False))
+    cfg = CFG.replace(
+        remat_group=variant.get("group", 0), checkpoint_prefix=variant.get("prefix_ckpt", False)
+    )
     model.config = cfg
     out, got = grads_of(model, tokens, remat=variant["remat"])
     assert out.loss.item() == pytest.approx(ref_out.loss.item(), abs=1e-6)
@@ -78,10 +98,11 @@ def test_every_sequence_has_its_own_fast_weights():
     with torch.no_grad():
         together = model.meta_loss(tokens)
         for i in range(tokens.shape[0]):
-            alone = model.meta_loss(tokens[i:i + 1])
+            alone = model.meta_loss(tokens[i : i + 1])
             torch.testing.assert_close(alone.token_nll[0], together.token_nll[i], rtol=0, atol=1e-5)
-            torch.testing.assert_close(alone.inner_grad_norm[0], together.inner_grad_norm[i],
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                alone.inner_grad_norm[0], together.inner_grad_norm[i], rtol=1e-5, atol=1e-6
+            )
     final_w1 = together.fast_weights[0]
     assert not torch.allclose(final_w1[0], final_w1[1])
 
@@ -94,9 +115,10 @@ def test_bos_targets_are_masked_from_the_losses():
     mask = (tokens[:, 1:] != CFG.bos_token_id).float()
     nll = out.token_nll
     for c in range(CFG.n_chunks):
-        m, x = mask[:, c * b:(c + 1) * b], nll[:, c * b:(c + 1) * b]
-        torch.testing.assert_close(out.chunk_loss[:, c], (m * x).sum(1) / m.sum(1), rtol=1e-6,
-                                   atol=1e-6)
+        m, x = mask[:, c * b : (c + 1) * b], nll[:, c * b : (c + 1) * b]
+        torch.testing.assert_close(
+            out.chunk_loss[:, c], (m * x).sum(1) / m.sum(1), rtol=1e-6, atol=1e-6
+        )
     assert out.loss.item() == pytest.approx(out.chunk_loss.mean().item(), abs=1e-6)
 
 
@@ -155,8 +177,9 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     loaded = TTTModel.from_pretrained(tmp_path / "m")
     assert loaded.config == model.config
     with torch.no_grad():
-        torch.testing.assert_close(loaded.meta_loss(tokens).token_nll,
-                                   model.meta_loss(tokens).token_nll, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.meta_loss(tokens).token_nll, model.meta_loss(tokens).token_nll, rtol=0, atol=0
+        )
     with pytest.raises(FileNotFoundError, match="no config.json"):
         TTTModel.from_pretrained(tmp_path)
 

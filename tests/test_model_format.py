@@ -45,8 +45,9 @@ def test_format_version_is_checked_and_old_folders_still_load(tmp_path):
     with pytest.raises(ValueError, match="not a TTT-E2E model folder"):
         TTTModel.from_pretrained(tmp_path / "m")
     # written before the stamp existed: same layout, read as version 1
-    path.write_text(json.dumps({k: v for k, v in config.items()
-                                if k not in ("format", "format_version")}))
+    path.write_text(
+        json.dumps({k: v for k, v in config.items() if k not in ("format", "format_version")})
+    )
     loaded = TTTModel.from_pretrained(tmp_path / "m")
     assert torch.equal(loaded.embed.weight, model.embed.weight)
 
@@ -65,15 +66,26 @@ print(sorted(m for m, mod in sys.modules.items() if mod is not None
 """
 
 
-@pytest.mark.parametrize("attention,shard", [("sliding", False), ("sliding", True),
-                                             ("full", False)])
+@pytest.mark.parametrize(
+    "attention,shard", [("sliding", False), ("sliding", True), ("full", False)]
+)
 def test_a_reader_without_ttte2e_gets_the_same_logits(tmp_path, attention, shard):
     torch.manual_seed(0)
-    config = preset("tiny", vocab_size=300, d_model=64, n_layers=4, n_heads=2, mlp_hidden=96,
-                    seq_len=64, window=16, chunk_size=8, attention=attention)
+    config = preset(
+        "tiny",
+        vocab_size=300,
+        d_model=64,
+        n_layers=4,
+        n_heads=2,
+        mlp_hidden=96,
+        seq_len=64,
+        window=16,
+        chunk_size=8,
+        attention=attention,
+    )
     model = TTTModel(config)
     with torch.no_grad():  # norm gains away from 1, so a mixed-up norm cannot pass
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.mul_(torch.rand_like(p) + 0.5)
     folder = tmp_path / "m"
@@ -81,10 +93,15 @@ def test_a_reader_without_ttte2e_gets_the_same_logits(tmp_path, attention, shard
     assert (folder / "model.safetensors.index.json").is_file() == shard
     tokens = torch.randint(0, 300, (2, 40))
     torch.save(tokens, tmp_path / "tokens.pt")
-    script = READER.format(docs=str(ROOT / "docs"), folder=str(folder),
-                           tokens=str(tmp_path / "tokens.pt"), out=str(tmp_path / "logits.pt"))
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    script = READER.format(
+        docs=str(ROOT / "docs"),
+        folder=str(folder),
+        tokens=str(tmp_path / "tokens.pt"),
+        out=str(tmp_path / "logits.pt"),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "[]"  # nothing of ours was imported
     theirs = torch.load(tmp_path / "logits.pt")

@@ -21,8 +21,14 @@ def test_training_spreads_over_two_nodes(train_data, tmp_path):
     try:
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address)
-        cfg = small_config(train_data, tmp_path, name="spread", steps=2, placement="STRICT_SPREAD",
-                           checkpoint_every=2)
+        cfg = small_config(
+            train_data,
+            tmp_path,
+            name="spread",
+            steps=2,
+            placement="STRICT_SPREAD",
+            checkpoint_every=2,
+        )
         result = fit(cfg, log=lambda *_: None)
         nodes = read_state(result["checkpoint"])["nodes"]
         assert len(nodes) == 2 and len(set(nodes)) == 2, nodes

@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE_DIR, load_case
 from ttte2e.model import TTTModel, preset
 from ttte2e.model.config import ARCHITECTURE_FIELDS
 from ttte2e.model.convert import config_from_official, read_official_checkpoint
-from ttte2e.model.official_checkpoint import (OfficialCheckpointError, checkpoint_steps,
-                                              import_official_checkpoint, official_config)
+from ttte2e.model.official_checkpoint import (
+    OfficialCheckpointError,
+    checkpoint_steps,
+    import_official_checkpoint,
+    official_config,
+)
+
+from conftest import REFERENCE_DIR, load_case
 
 CKPT = REFERENCE_DIR / "official_ckpt_tiny_a"
 CASE_A = REFERENCE_DIR / "ttt_e2e_tiny_a.npz"
-pytestmark = pytest.mark.skipif(not (CKPT.is_dir() and CASE_A.is_file()),
-                                reason=f"no official checkpoint example under {REFERENCE_DIR}")
+pytestmark = pytest.mark.skipif(
+    not (CKPT.is_dir() and CASE_A.is_file()),
+    reason=f"no official checkpoint example under {REFERENCE_DIR}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +52,13 @@ def test_reads_the_official_checkpoint_bit_exactly(case_a):
 
 def test_imported_model_reproduces_the_official_nll(case_a, tmp_path):
     data, reference_cfg = case_a
-    config, files = import_official_checkpoint(str(CKPT), str(tmp_path / "m"), "auto",
-                                               **other_fields(reference_cfg))
+    config, files = import_official_checkpoint(
+        str(CKPT), str(tmp_path / "m"), "auto", **other_fields(reference_cfg)
+    )
     assert files == ["model.safetensors"]
-    assert {k: getattr(config, k) for k in ARCHITECTURE_FIELDS} == \
-        {k: getattr(reference_cfg, k) for k in ARCHITECTURE_FIELDS}
+    assert {k: getattr(config, k) for k in ARCHITECTURE_FIELDS} == {
+        k: getattr(reference_cfg, k) for k in ARCHITECTURE_FIELDS
+    }
     model = TTTModel.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         out = model.meta_loss(torch.from_numpy(data["tokens"]).long())
@@ -64,9 +73,21 @@ def test_import_cli_streams_into_shards_and_registers(case_a, tmp_path, capsys):
     data, reference_cfg = case_a
     sets = [x for k, v in other_fields(reference_cfg).items() for x in ("--set", f"{k}={v}")]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = main(["--checkpoint", str(CKPT), "--out", str(tmp_path / "m"), "--max-shard-gb",
-                   str(200_000 / 1024**3), "--register", "tiny-official", "--tracking-uri", uri,
-                   *sets])
+    result = main(
+        [
+            "--checkpoint",
+            str(CKPT),
+            "--out",
+            str(tmp_path / "m"),
+            "--max-shard-gb",
+            str(200_000 / 1024**3),
+            "--register",
+            "tiny-official",
+            "--tracking-uri",
+            uri,
+            *sets,
+        ]
+    )
     assert len(result["files"]) > 1 and (tmp_path / "m" / "model.safetensors.index.json").exists()
     model = TTTModel.from_pretrained(tmp_path / "m")
     _, reference = load_case(CASE_A)
@@ -90,8 +111,11 @@ def test_bad_checkpoints_raise_errors_naming_the_problem(case_a, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(OfficialCheckpointError, match="no checkpoint step folders"):
         read_official_checkpoint(str(tmp_path / "empty"))
-    with pytest.raises(OfficialCheckpointError, match=r"wte.weight: stored \[512, 64\], preset "
-                       r"125m needs \[128256, 768\]"):
+    with pytest.raises(
+        OfficialCheckpointError,
+        match=r"wte.weight: stored \[512, 64\], preset "
+        r"125m needs \[128256, 768\]",
+    ):
         official_config(str(CKPT), "125m")
     with pytest.raises(OfficialCheckpointError, match="unknown preset"):
         official_config(str(CKPT), "7b")
@@ -101,8 +125,11 @@ def test_bad_checkpoints_raise_errors_naming_the_problem(case_a, tmp_path):
     shutil.copytree(CKPT, copy)
     meta_path = copy / "10" / "model_weights" / "_METADATA"
     meta = json.loads(meta_path.read_text())
-    entry = next(v for v in meta["tree_metadata"].values()
-                 if v["value_metadata"]["value_type"] == "jax.Array")
+    entry = next(
+        v
+        for v in meta["tree_metadata"].values()
+        if v["value_metadata"]["value_type"] == "jax.Array"
+    )
     ghost = json.loads(json.dumps(entry))
     ghost["key_metadata"][-1]["key"] = "ghost"
     meta["tree_metadata"]["('ghost',)"] = ghost
@@ -127,8 +154,10 @@ def test_bad_checkpoints_raise_errors_naming_the_problem(case_a, tmp_path):
     # a truncated data file
     copy = tmp_path / "truncated"
     shutil.copytree(CKPT, copy)
-    data_files = sorted((copy / "10" / "model_weights" / "ocdbt.process_0" / "d").iterdir(),
-                        key=lambda p: p.stat().st_size)
+    data_files = sorted(
+        (copy / "10" / "model_weights" / "ocdbt.process_0" / "d").iterdir(),
+        key=lambda p: p.stat().st_size,
+    )
     biggest = data_files[-1]
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
     with pytest.raises(OfficialCheckpointError):
@@ -146,8 +175,9 @@ def test_reads_from_s3(s3_server, monkeypatch, case_a):
     fs.create_dir("released")
     for path in CKPT.rglob("*"):
         if path.is_file():
-            with fs.open_output_stream(f"released/tiny_a/{path.relative_to(CKPT)}",
-                                       compression=None) as f:
+            with fs.open_output_stream(
+                f"released/tiny_a/{path.relative_to(CKPT)}", compression=None
+            ) as f:
                 f.write(path.read_bytes())
     data, _ = case_a
     arrays = read_official_checkpoint("s3://released/tiny_a")
@@ -158,8 +188,10 @@ def test_reads_from_s3(s3_server, monkeypatch, case_a):
 def test_sharded_save_round_trip_and_bad_folders(tmp_path):
     model = TTTModel(preset("tiny"))
     model.save_pretrained(tmp_path / "one")
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json",
-                                                                    "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     model.save_pretrained(tmp_path / "many", max_shard_bytes=1_000_000)
     shards = sorted((tmp_path / "many").glob("model-*.safetensors"))
     assert len(shards) > 3
@@ -171,8 +203,10 @@ def test_sharded_save_round_trip_and_bad_folders(tmp_path):
             assert torch.equal(a, b), name
     # re-saving unsharded removes the old shards
     model.save_pretrained(tmp_path / "many")
-    assert not list((tmp_path / "many").glob("model-*")) and not (
-        tmp_path / "many" / "model.safetensors.index.json").exists()
+    assert (
+        not list((tmp_path / "many").glob("model-*"))
+        and not (tmp_path / "many" / "model.safetensors.index.json").exists()
+    )
     model.save_pretrained(tmp_path / "broken", max_shard_bytes=1_000_000)
     sorted((tmp_path / "broken").glob("model-*.safetensors"))[1].unlink()
     with pytest.raises(FileNotFoundError, match="shard .* is missing"):

@@ -37,12 +37,21 @@ def write_store(root, arrays: dict, driver: str = "zarr", dtype: str = "int32", 
     for split, data in arrays.items():
         spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(root / split) + "/"}}
         if driver == "zarr":
-            spec["metadata"] = {"compressor": BLOSC_ZSTD, "dtype": "<i4" if dtype == "int32"
-                                else "<f4", "shape": [len(data)], "chunks": [chunk]}
+            spec["metadata"] = {
+                "compressor": BLOSC_ZSTD,
+                "dtype": "<i4" if dtype == "int32" else "<f4",
+                "shape": [len(data)],
+                "chunks": [chunk],
+            }
             array = ts.open(spec, create=True).result()
         else:
-            array = ts.open(spec, create=True, dtype=getattr(ts, dtype), shape=[len(data)],
-                            chunk_layout=ts.ChunkLayout(chunk_shape=[chunk])).result()
+            array = ts.open(
+                spec,
+                create=True,
+                dtype=getattr(ts, dtype),
+                shape=[len(data)],
+                chunk_layout=ts.ChunkLayout(chunk_shape=[chunk]),
+            ).result()
         array[:] = data.astype(dtype)
     return root
 
@@ -54,14 +63,27 @@ def tokenizer(train_data):
 
     uri, bos = train_data
     manifest = read_manifest(uri)
-    return resolve(uri).join(manifest["tokenizer"]["file"]).path, bos, \
-        manifest["tokenizer"]["vocab_size"]
+    return (
+        resolve(uri).join(manifest["tokenizer"]["file"]).path,
+        bos,
+        manifest["tokenizer"]["vocab_size"],
+    )
 
 
 def _options(store, out, tok, **changes):
-    return PrepareOptions(**{**dict(input=str(store), output=str(out), tokenizer=tok,
-                                    input_format="official-zarr", shard_tokens=1000,
-                                    row_group_tokens=128), **changes})
+    return PrepareOptions(
+        **{
+            **dict(
+                input=str(store),
+                output=str(out),
+                tokenizer=tok,
+                input_format="official-zarr",
+                shard_tokens=1000,
+                row_group_tokens=128,
+            ),
+            **changes,
+        }
+    )
 
 
 def _split_tokens(out, split) -> np.ndarray:
@@ -92,8 +114,9 @@ def test_the_token_stream_comes_through_unchanged(tokenizer, tmp_path, driver, m
     t = 64
     reader = WindowReader(str(out), "train", seq_len=t)
     n = (len(train) - 1) // t
-    assert np.array_equal(reader.read(range(n)), np.stack([train[i * t:i * t + t + 1]
-                                                           for i in range(n)]))
+    assert np.array_equal(
+        reader.read(range(n)), np.stack([train[i * t : i * t + t + 1] for i in range(n)])
+    )
     # documents whole inside shards: each shard's stream starts at a BOS
     import pyarrow.parquet as pq
 
@@ -101,20 +124,25 @@ def test_the_token_stream_comes_through_unchanged(tokenizer, tmp_path, driver, m
         first_row = pq.read_table(out / shard["path"], columns=["tokens", "piece"]).slice(0, 1)
         assert first_row["tokens"][0].as_py()[0] == bos and first_row["piece"][0].as_py() == 0
     # a rerun finds the same dataset
-    assert prepare(_options(store, out, path), use_ray=False,
-                   log=lambda *_: None)["dataset_key"] == manifest["dataset_key"]
+    assert (
+        prepare(_options(store, out, path), use_ray=False, log=lambda *_: None)["dataset_key"]
+        == manifest["dataset_key"]
+    )
 
 
 @pytest.mark.slow
 def test_ray_conversion_equals_the_local_one(tokenizer, tmp_path):
     path, bos, vocab = tokenizer
     rng = np.random.default_rng(1)
-    store = write_store(tmp_path / "store", {"train": _stream(rng, 40, bos, vocab),
-                                             "val": _stream(rng, 8, bos, vocab)})
+    store = write_store(
+        tmp_path / "store",
+        {"train": _stream(rng, 40, bos, vocab), "val": _stream(rng, 8, bos, vocab)},
+    )
     local = prepare(_options(store, tmp_path / "a", path), use_ray=False, log=lambda *_: None)
     ray = prepare(_options(store, tmp_path / "b", path), use_ray=True, log=lambda *_: None)
-    assert [(s["path"], s["sha256"]) for s in local["shards"]] == \
-        [(s["path"], s["sha256"]) for s in ray["shards"]]
+    assert [(s["path"], s["sha256"]) for s in local["shards"]] == [
+        (s["path"], s["sha256"]) for s in ray["shards"]
+    ]
 
 
 def test_min_tokens_counts_what_it_drops(tokenizer, tmp_path):
@@ -122,13 +150,15 @@ def test_min_tokens_counts_what_it_drops(tokenizer, tmp_path):
     rng = np.random.default_rng(2)
     train = _stream(rng, 30, bos, vocab)
     store = write_store(tmp_path / "store", {"train": train, "val": _stream(rng, 5, bos, vocab)})
-    manifest = prepare(_options(store, tmp_path / "ds", path, min_tokens=100), use_ray=False,
-                       log=lambda *_: None)
+    manifest = prepare(
+        _options(store, tmp_path / "ds", path, min_tokens=100), use_ray=False, log=lambda *_: None
+    )
     starts = np.flatnonzero(train == bos)
     sizes = np.diff(np.append(starts, len(train))) - 1
     counts = manifest["counts"]
-    assert counts["documents_written"] - manifest["splits"]["val"]["documents"] == \
-        int((sizes >= 100).sum())
+    assert counts["documents_written"] - manifest["splits"]["val"]["documents"] == int(
+        (sizes >= 100).sum()
+    )
     assert counts["documents_read"] == counts["documents_written"] + counts["short_documents"]
 
 
@@ -146,8 +176,9 @@ def test_bad_stores_are_named_before_any_work(tokenizer, tmp_path, monkeypatch):
     for name, (arrays, kwargs, message) in cases.items():
         store = write_store(tmp_path / name, arrays, **kwargs)
         with pytest.raises(DataError, match=message):
-            prepare(_options(store, tmp_path / f"out-{name}", path), use_ray=False,
-                    log=lambda *_: None)
+            prepare(
+                _options(store, tmp_path / f"out-{name}", path), use_ray=False, log=lambda *_: None
+            )
         assert not (tmp_path / f"out-{name}").exists()  # refused before anything was written
     # ids of another tokenizer: in the first block, refused up front; further in, the task
     # that reads them stops the job and no manifest is written
@@ -164,11 +195,17 @@ def test_bad_stores_are_named_before_any_work(tokenizer, tmp_path, monkeypatch):
         prepare(_options(store, tmp_path / "out-late", path), use_ray=False, log=lambda *_: None)
     assert not (tmp_path / "out-late" / "manifest.json").exists()
     with pytest.raises(ValueError, match="keeps the store's own train/val split"):
-        prepare(_options(tmp_path / "late", tmp_path / "x", path, val_fraction=0.1),
-                use_ray=False, log=lambda *_: None)
+        prepare(
+            _options(tmp_path / "late", tmp_path / "x", path, val_fraction=0.1),
+            use_ray=False,
+            log=lambda *_: None,
+        )
     with pytest.raises(ValueError, match="already tokenized"):
-        prepare(_options(tmp_path / "late", tmp_path / "x", "train:300"), use_ray=False,
-                log=lambda *_: None)
+        prepare(
+            _options(tmp_path / "late", tmp_path / "x", "train:300"),
+            use_ray=False,
+            log=lambda *_: None,
+        )
 
 
 def test_the_cli_flag(tokenizer, tmp_path, capsys):
@@ -178,10 +215,34 @@ def test_the_cli_flag(tokenizer, tmp_path, capsys):
     rng = np.random.default_rng(4)
     train = _stream(rng, 10, bos, vocab)
     store = write_store(tmp_path / "store", {"train": train, "val": _stream(rng, 3, bos, vocab)})
-    main(["--input", str(store), "--input-format", "official-zarr", "--tokenizer", path,
-          "--output", str(tmp_path / "ds"), "--no-ray"])
+    main(
+        [
+            "--input",
+            str(store),
+            "--input-format",
+            "official-zarr",
+            "--tokenizer",
+            path,
+            "--output",
+            str(tmp_path / "ds"),
+            "--no-ray",
+        ]
+    )
     assert np.array_equal(_split_tokens(tmp_path / "ds", "train"), train)
     with pytest.raises(SystemExit):
-        main(["--input", str(store), "--input-format", "official-zarr", "--tokenizer", path,
-              "--output", str(tmp_path / "ds2"), "--no-ray", "--val-fraction", "0.2"])
+        main(
+            [
+                "--input",
+                str(store),
+                "--input-format",
+                "official-zarr",
+                "--tokenizer",
+                path,
+                "--output",
+                str(tmp_path / "ds2"),
+                "--no-ray",
+                "--val-fraction",
+                "0.2",
+            ]
+        )
     assert "must be 0" in capsys.readouterr().err

@@ -4,15 +4,26 @@ offload is bit-identical to the one without; the hooks see exactly what each mod
 import pytest
 import torch
 
-from conftest import SMALL
 from ttte2e.model import TTTConfig, TTTModel
 from ttte2e.model.parallel import KeepOnDevice
 from ttte2e.platform.train.offload import apply_offload
 
+from conftest import SMALL
+
 
 def _config(**changes) -> TTTConfig:
-    return TTTConfig(**dict(SMALL, seq_len=128, window=32, chunk_size=16, remat="nested",
-                            remat_group=2, checkpoint_prefix=True, **changes))
+    return TTTConfig(
+        **dict(
+            SMALL,
+            seq_len=128,
+            window=32,
+            chunk_size=16,
+            remat="nested",
+            remat_group=2,
+            checkpoint_prefix=True,
+            **changes,
+        )
+    )
 
 
 def _step(model: TTTModel, tokens: torch.Tensor):
@@ -56,7 +67,6 @@ def test_offload_is_exact_and_moves_what_it_names(mode):
         assert offload.bytes - prefix <= config.n_prefix_blocks * config.seq_len * dh * 8
     else:
         assert offload.bytes > carries + prefix  # and everything else the forward saves
-
 
 
 def test_a_tensor_several_ops_save_is_moved_once_and_released_with_the_graph():

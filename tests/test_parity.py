@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE_DIR, case_params, load_case, reference_cases
 from ttte2e.model.convert import state_dict_to_official
+
+from conftest import REFERENCE_DIR, case_params, load_case, reference_cases
 
 CASES = reference_cases()
 BATCHES = ["", "bos."]
@@ -35,18 +36,22 @@ def test_meta_loss_and_gradient_match_official(case, batch, remat):
     out = model.meta_loss(tokens, remat=remat)
     out.loss.backward()
 
-    np.testing.assert_allclose(out.token_nll.detach().numpy(), data[batch + "nll_ttt"], rtol=0,
-                               atol=1e-5)
-    np.testing.assert_allclose(out.chunk_loss.detach().numpy(), data[batch + "chunk_loss_ttt"],
-                               rtol=0, atol=1e-5)
-    np.testing.assert_allclose(out.chunk_loss.detach().mean(1).numpy(),
-                               data[batch + "seq_loss_ttt"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        out.token_nll.detach().numpy(), data[batch + "nll_ttt"], rtol=0, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        out.chunk_loss.detach().numpy(), data[batch + "chunk_loss_ttt"], rtol=0, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        out.chunk_loss.detach().mean(1).numpy(), data[batch + "seq_loss_ttt"], rtol=0, atol=1e-5
+    )
     assert abs(out.loss.item() - float(data[batch + "outer_loss"])) <= 1e-5
-    np.testing.assert_allclose(out.inner_grad_norm.numpy(), data[batch + "inner_grad_norm"],
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        out.inner_grad_norm.numpy(), data[batch + "inner_grad_norm"], rtol=1e-4, atol=1e-6
+    )
 
     grads = state_dict_to_official({n: p.grad for n, p in model.named_parameters()})
-    expected_keys = {k[len(batch + "grad."):] for k in data.files if k.startswith(batch + "grad.")}
+    expected_keys = {k[len(batch + "grad.") :] for k in data.files if k.startswith(batch + "grad.")}
     assert set(grads) == expected_keys
     for name, grad in grads.items():
         ref = data[batch + "grad." + name]
@@ -63,11 +68,13 @@ def test_no_ttt_matches_official(case, batch):
         out = model.meta_loss(tokens, eta=0.0)
         plain = model.lm_loss(tokens)
     np.testing.assert_allclose(out.token_nll.numpy(), data[batch + "nll_no_ttt"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(out.chunk_loss.numpy(), data[batch + "chunk_loss_no_ttt"], rtol=0,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out.chunk_loss.numpy(), data[batch + "chunk_loss_no_ttt"], rtol=0, atol=1e-5
+    )
     # the reference data: nll_no_ttt equals one ordinary forward pass over the whole sequence
-    np.testing.assert_allclose(plain.token_nll.numpy(), data[batch + "nll_no_ttt"], rtol=0,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        plain.token_nll.numpy(), data[batch + "nll_no_ttt"], rtol=0, atol=1e-5
+    )
 
 
 def test_reference_exercises_clipping_and_bos(case):

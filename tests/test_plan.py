@@ -35,14 +35,25 @@ def _saved_bytes(work) -> int:
 
 def _model(**fields) -> TTTModel:
     torch.manual_seed(0)
-    base = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=4, mlp_hidden=256,
-                n_ttt_blocks=1, seq_len=1024, window=128, chunk_size=64, bos_token_id=1)
+    base = dict(
+        vocab_size=512,
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        mlp_hidden=256,
+        n_ttt_blocks=1,
+        seq_len=1024,
+        window=128,
+        chunk_size=64,
+        bos_token_id=1,
+    )
     return TTTModel(TTTConfig(**{**base, **fields}))
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("fields", [{}, dict(d_model=128, mlp_hidden=256, n_heads=2),
-                                    dict(mlp_hidden=512, seq_len=2048)])
+@pytest.mark.parametrize(
+    "fields", [{}, dict(d_model=128, mlp_hidden=256, n_heads=2), dict(mlp_hidden=512, seq_len=2048)]
+)
 def test_prefix_activations_are_what_the_prefix_blocks_save(fields, bf16):
     model = _model(**fields)
     c = model.config
@@ -88,8 +99,9 @@ def test_auto_picks_the_fewest_bytes_moved_that_fit():
     from ttte2e.model import preset
 
     model = preset("3B", seq_len=131072, checkpoint_prefix=True)
-    tp, offload, candidates = choose_layout(model, 131072, 2, 64, 8, 16, 1, True, 80 * GIB,
-                                            "auto", "auto")
+    tp, offload, candidates = choose_layout(
+        model, 131072, 2, 64, 8, 16, 1, True, 80 * GIB, "auto", "auto"
+    )
     chosen = next(x for x in candidates if (x["tensor_parallel"], x["offload"]) == (tp, offload))
     assert chosen["fits"] and chosen["total"] <= 80 * GIB
     assert all(x["moved"] >= chosen["moved"] for x in candidates if x["fits"])
@@ -100,21 +112,39 @@ def test_auto_picks_the_fewest_bytes_moved_that_fit():
 def test_the_128k_recipe_plan_fits_80_gib_with_the_layout_it_prints(capsys):
     from ttte2e.platform.cli.train import run_main
 
-    run_main("t", recipe="3b_extend_128k", argv=["--plan", "--nodes", "8", "--gpus-per-node", "8",
-                                                 "--tensor-parallel", "auto", "--offload", "auto"])
+    run_main(
+        "t",
+        recipe="3b_extend_128k",
+        argv=[
+            "--plan",
+            "--nodes",
+            "8",
+            "--gpus-per-node",
+            "8",
+            "--tensor-parallel",
+            "auto",
+            "--offload",
+            "auto",
+        ],
+    )
     out = capsys.readouterr().out
     assert "tensor-parallel 4 (auto) x data-parallel 16, offload none (auto)" in out
     row = [line for line in out.splitlines() if line.strip().startswith("131072 ")][-1]  # memory
     assert row.endswith("(fits)") and float(row.split()[-3]) <= 80, row
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tensor-parallel", "3"], "tensor parallelism 3 does not divide n_heads=32"),
-    (["--tensor-parallel", "16"], "more than the 8 GPUs of a node"),
-    (["--offload", "disk"], "--offload 'disk': choose one of"),
-    (["--tensor-parallel", "auto", "--nodes", "64", "--gpus-per-node", "1"],
-     "no size up to a node's 1 GPUs splits the model and 16 sequences per step over 64 GPUs"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tensor-parallel", "3"], "tensor parallelism 3 does not divide n_heads=32"),
+        (["--tensor-parallel", "16"], "more than the 8 GPUs of a node"),
+        (["--offload", "disk"], "--offload 'disk': choose one of"),
+        (
+            ["--tensor-parallel", "auto", "--nodes", "64", "--gpus-per-node", "1"],
+            "no size up to a node's 1 GPUs splits the model and 16 sequences per step over 64 GPUs",
+        ),
+    ],
+)
 def test_a_plan_of_an_impossible_layout_is_one_error_line(capsys, flags, message):
     from ttte2e.platform.cli.train import run_main
 
@@ -137,8 +167,12 @@ def _count_prefix_on_rank(rank: int, init_file: str, out_file: str) -> None:
     try:
         model = _model()
         parallelize(model, dist.group.WORLD)
-        tokens = torch.randint(2, model.config.vocab_size, (1, model.config.seq_len),
-                               generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(
+            2,
+            model.config.vocab_size,
+            (1, model.config.seq_len),
+            generator=torch.Generator().manual_seed(0),
+        )
         counted = _saved_bytes(lambda: model.prefix(tokens))
         if rank == 0:
             with open(out_file, "w") as f:
@@ -153,8 +187,12 @@ def test_the_sequence_parallel_prefix_saves_what_the_plan_says(tmp_path):
 
     import torch.multiprocessing as mp
 
-    mp.start_processes(_count_prefix_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")),
-                       nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _count_prefix_on_rank,
+        args=(str(tmp_path / "init"), str(tmp_path / "out")),
+        nprocs=2,
+        start_method="spawn",
+    )
     counted = json.loads((tmp_path / "out").read_text())
     c = _model().config
     plan = memory_per_gpu(c, c.seq_len, 0, 1, 1, bf16=False, tensor_parallel=2)

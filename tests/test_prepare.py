@@ -5,10 +5,10 @@ import io
 import json
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
@@ -16,8 +16,11 @@ from ttte2e.platform.data.manifest import DataError, read_manifest
 from ttte2e.platform.data.prepare import PrepareOptions, prepare
 from ttte2e.platform.data.storage import StorageError, resolve
 
-DOCS = [f"Document number {i}. " + "Some words about long context and test-time training. " * (i % 5 + 1)
-        for i in range(40)]
+DOCS = [
+    f"Document number {i}. "
+    + "Some words about long context and test-time training. " * (i % 5 + 1)
+    for i in range(40)
+]
 
 
 def write_jsonl(path, docs, field="text"):
@@ -36,14 +39,21 @@ def tokenizer_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
     write_jsonl(folder / "docs.jsonl", DOCS)
     out = folder / "ds"
-    prepare(PrepareOptions(input=str(folder / "docs.jsonl"), output=str(out),
-                           tokenizer="train:300"), use_ray=False, log=lambda *_: None)
+    prepare(
+        PrepareOptions(input=str(folder / "docs.jsonl"), output=str(out), tokenizer="train:300"),
+        use_ray=False,
+        log=lambda *_: None,
+    )
     return str(out / "tokenizer.json")
 
 
 def run(tmp_path, tokenizer, input_path=None, **kw):
-    opts = PrepareOptions(input=str(input_path or tmp_path / "in"), output=str(tmp_path / "out"),
-                          tokenizer=tokenizer, **kw)
+    opts = PrepareOptions(
+        input=str(input_path or tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        tokenizer=tokenizer,
+        **kw,
+    )
     return prepare(opts, use_ray=False, log=lambda *_: None)
 
 
@@ -63,10 +73,12 @@ def test_all_formats_round_trip_with_bos_and_counts(tmp_path, tokenizer_file):
     src = tmp_path / "in"
     (src / "books").mkdir(parents=True)
     write_jsonl(src / "a.jsonl", DOCS[:10])
-    (src / "b.jsonl.gz").write_bytes(compressed(
-        "".join(json.dumps({"text": d}) + "\n" for d in DOCS[10:20]).encode(), "gzip"))
-    (src / "c.jsonl.zst").write_bytes(compressed(
-        "".join(json.dumps({"text": d}) + "\n" for d in DOCS[20:30]).encode(), "zstd"))
+    (src / "b.jsonl.gz").write_bytes(
+        compressed("".join(json.dumps({"text": d}) + "\n" for d in DOCS[10:20]).encode(), "gzip")
+    )
+    (src / "c.jsonl.zst").write_bytes(
+        compressed("".join(json.dumps({"text": d}) + "\n" for d in DOCS[20:30]).encode(), "zstd")
+    )
     pq.write_table(pa.table({"text": DOCS[30:38]}), src / "d.parquet")
     (src / "books" / "e.txt").write_text(DOCS[38])
     (src / "books" / "f.txt").write_text(DOCS[39])
@@ -89,39 +101,66 @@ def test_all_formats_round_trip_with_bos_and_counts(tmp_path, tokenizer_file):
     assert again["shards"] == manifest["shards"]
     moved = tmp_path / "elsewhere" / "copy"
     shutil.copytree(src, moved)
-    elsewhere = prepare(PrepareOptions(input=str(moved), output=str(tmp_path / "out2"),
-                                       tokenizer=tokenizer_file, val_fraction=0.25,
-                                       shard_tokens=300), use_ray=False, log=lambda *_: None)
+    elsewhere = prepare(
+        PrepareOptions(
+            input=str(moved),
+            output=str(tmp_path / "out2"),
+            tokenizer=tokenizer_file,
+            val_fraction=0.25,
+            shard_tokens=300,
+        ),
+        use_ray=False,
+        log=lambda *_: None,
+    )
     assert elsewhere["splits"] == manifest["splits"]
-    assert [(s["path"], s["rows"], s["tokens"]) for s in elsewhere["shards"]] == \
-        [(s["path"], s["rows"], s["tokens"]) for s in manifest["shards"]]
+    assert [(s["path"], s["rows"], s["tokens"]) for s in elsewhere["shards"]] == [
+        (s["path"], s["rows"], s["tokens"]) for s in manifest["shards"]
+    ]
 
 
 def test_min_tokens_empty_docs_and_invalid_utf8_are_counted(tmp_path, tokenizer_file):
     src = tmp_path / "in"
     src.mkdir()
-    lines = [json.dumps({"text": DOCS[3]}).encode(), json.dumps({"text": ""}).encode(),
-             json.dumps({"text": None}).encode(), json.dumps({"text": "hi"}).encode(),
-             b'{"text": "bad \xff\xfe bytes ' + b"and more words " * 20 + b'"}']
+    lines = [
+        json.dumps({"text": DOCS[3]}).encode(),
+        json.dumps({"text": ""}).encode(),
+        json.dumps({"text": None}).encode(),
+        json.dumps({"text": "hi"}).encode(),
+        b'{"text": "bad \xff\xfe bytes ' + b"and more words " * 20 + b'"}',
+    ]
     (src / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     manifest = run(tmp_path, tokenizer_file, min_tokens=5)
     counts = manifest["counts"]
     assert counts["documents_read"] == 5 and counts["documents_written"] == 2
     assert counts["empty_documents"] == 2 and counts["short_documents"] == 1
     assert counts["non_utf8_documents"] == 1
-    texts = [Tokenizer.from_file(tokenizer_file).decode(r["tokens"][1:])
-             for r in read_shards(tmp_path / "out", manifest)]
+    texts = [
+        Tokenizer.from_file(tokenizer_file).decode(r["tokens"][1:])
+        for r in read_shards(tmp_path / "out", manifest)
+    ]
     assert any("\ufffd" in t for t in texts)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n', r"bad.jsonl: line 2: invalid JSON"),
-    ("nofield.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"nofield.jsonl: line 2: no text field 'text'"),
-    ("num.jsonl", b'{"text": 3}\n', r"num.jsonl: line 1: field 'text' is int"),
-    ("corrupt.parquet", b"PAR1 this is not parquet", r"corrupt.parquet: not a readable parquet"),
-])
-def test_bad_files_raise_errors_naming_file_and_line(tmp_path, tokenizer_file, name, content,
-                                                     message):
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n', r"bad.jsonl: line 2: invalid JSON"),
+        (
+            "nofield.jsonl",
+            b'{"text": "ok"}\n{"body": "x"}\n',
+            r"nofield.jsonl: line 2: no text field 'text'",
+        ),
+        ("num.jsonl", b'{"text": 3}\n', r"num.jsonl: line 1: field 'text' is int"),
+        (
+            "corrupt.parquet",
+            b"PAR1 this is not parquet",
+            r"corrupt.parquet: not a readable parquet",
+        ),
+    ],
+)
+def test_bad_files_raise_errors_naming_file_and_line(
+    tmp_path, tokenizer_file, name, content, message
+):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
@@ -188,13 +227,19 @@ def test_output_holding_another_dataset_needs_overwrite(tmp_path, tokenizer_file
     assert run(tmp_path, tokenizer_file) == first  # same dataset: nothing to do
     with pytest.raises(DataError, match="already holds a different dataset"):
         run(tmp_path, tokenizer_file, min_tokens=3)
-    assert run(tmp_path, tokenizer_file, min_tokens=3, overwrite=True)["dataset_key"] != first["dataset_key"]
+    assert (
+        run(tmp_path, tokenizer_file, min_tokens=3, overwrite=True)["dataset_key"]
+        != first["dataset_key"]
+    )
     other = tmp_path / "other"
     other.mkdir()
     (other / "precious.csv").write_text("1,2")
     with pytest.raises(DataError, match="not empty and holds no dataset manifest"):
-        prepare(PrepareOptions(input=str(tmp_path / "in"), output=str(other),
-                               tokenizer=tokenizer_file), use_ray=False, log=lambda *_: None)
+        prepare(
+            PrepareOptions(input=str(tmp_path / "in"), output=str(other), tokenizer=tokenizer_file),
+            use_ray=False,
+            log=lambda *_: None,
+        )
     assert (other / "precious.csv").exists()
 
 
@@ -215,10 +260,14 @@ def test_unfinished_run_is_not_a_dataset_and_is_cleaned(tmp_path, tokenizer_file
 def test_ray_data_path_writes_the_same_shards(tmp_path, tokenizer_file):
     (tmp_path / "in").mkdir()
     for i in range(3):
-        write_jsonl(tmp_path / "in" / f"part{i}.jsonl", DOCS[i * 10:(i + 1) * 10])
+        write_jsonl(tmp_path / "in" / f"part{i}.jsonl", DOCS[i * 10 : (i + 1) * 10])
     local = run(tmp_path, tokenizer_file, val_fraction=0.2)
-    opts = PrepareOptions(input=str(tmp_path / "in"), output=str(tmp_path / "ray_out"),
-                          tokenizer=tokenizer_file, val_fraction=0.2)
+    opts = PrepareOptions(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "ray_out"),
+        tokenizer=tokenizer_file,
+        val_fraction=0.2,
+    )
     with_ray = prepare(opts, use_ray=True, log=lambda *_: None)
     assert [s["sha256"] for s in with_ray["shards"]] == [s["sha256"] for s in local["shards"]]
     assert with_ray["counts"] == local["counts"]
@@ -233,10 +282,14 @@ def s3_env(s3_server, monkeypatch):
 
 
 def s3_fs(env, secret=None):
-    return pafs.S3FileSystem(endpoint_override=env["TTTE2E_S3_ENDPOINT"].split("://")[1],
-                             scheme="http", access_key=env["AWS_ACCESS_KEY_ID"],
-                             secret_key=secret or env["AWS_SECRET_ACCESS_KEY"], region="us-east-1",
-                             allow_bucket_creation=True)
+    return pafs.S3FileSystem(
+        endpoint_override=env["TTTE2E_S3_ENDPOINT"].split("://")[1],
+        scheme="http",
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=secret or env["AWS_SECRET_ACCESS_KEY"],
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
 
 
 @pytest.mark.slow
@@ -246,12 +299,22 @@ def test_prepare_from_s3_to_s3(s3_env, tokenizer_file):
     fs.create_dir("tokens")
     for i in range(2):
         with fs.open_output_stream(f"raw/dclm/part{i}.jsonl.zst", compression=None) as f:
-            f.write(compressed("".join(json.dumps({"text": d}) + "\n"
-                                       for d in DOCS[i * 20:(i + 1) * 20]).encode(), "zstd"))
+            f.write(
+                compressed(
+                    "".join(
+                        json.dumps({"text": d}) + "\n" for d in DOCS[i * 20 : (i + 1) * 20]
+                    ).encode(),
+                    "zstd",
+                )
+            )
     with fs.open_output_stream("raw/tokenizer.json") as f:
         f.write(open(tokenizer_file, "rb").read())
-    opts = PrepareOptions(input="s3://raw/dclm", output="s3://tokens/dclm",
-                          tokenizer="s3://raw/tokenizer.json", val_fraction=0.1)
+    opts = PrepareOptions(
+        input="s3://raw/dclm",
+        output="s3://tokens/dclm",
+        tokenizer="s3://raw/tokenizer.json",
+        val_fraction=0.1,
+    )
     manifest = prepare(opts, use_ray=True, log=lambda *_: None)
     assert manifest["counts"]["documents_written"] == 40
     assert read_manifest("s3://tokens/dclm") == manifest
@@ -263,7 +326,9 @@ def test_prepare_from_s3_to_s3(s3_env, tokenizer_file):
     # the training stream reads the shards straight from S3
     from ttte2e.platform.data.stream import StreamSpec, iter_batches
 
-    position, windows = next(iter_batches(StreamSpec("s3://tokens/dclm", seq_len=16, global_batch=2)))
+    position, windows = next(
+        iter_batches(StreamSpec("s3://tokens/dclm", seq_len=16, global_batch=2))
+    )
     assert windows.shape == (2, 17)
     from ttte2e.platform.data.stream import WindowReader
 
@@ -278,12 +343,22 @@ def test_s3_wrong_credentials_and_missing_bucket(s3_env, monkeypatch, tokenizer_
     with fs.open_output_stream("creds/a.jsonl") as f:
         f.write(b'{"text": "hello"}\n')
     with pytest.raises(StorageError, match="does not exist"):
-        prepare(PrepareOptions(input="s3://no-such-bucket/x", output="s3://creds/out",
-                               tokenizer=tokenizer_file), use_ray=False, log=lambda *_: None)
+        prepare(
+            PrepareOptions(
+                input="s3://no-such-bucket/x", output="s3://creds/out", tokenizer=tokenizer_file
+            ),
+            use_ray=False,
+            log=lambda *_: None,
+        )
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(StorageError, match=r"s3://creds/a.jsonl.*check the endpoint") as err:
-        prepare(PrepareOptions(input="s3://creds/a.jsonl", output="s3://creds/out",
-                               tokenizer=tokenizer_file), use_ray=False, log=lambda *_: None)
+        prepare(
+            PrepareOptions(
+                input="s3://creds/a.jsonl", output="s3://creds/out", tokenizer=tokenizer_file
+            ),
+            use_ray=False,
+            log=lambda *_: None,
+        )
     assert "wrong-secret" not in str(err.value)
 
 
@@ -291,8 +366,17 @@ def test_cli_reports_bad_input_as_a_one_line_error(tmp_path, capsys):
     from ttte2e.platform.cli.prepare import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
-              "--tokenizer", "train:100", "--no-ray"])
+        main(
+            [
+                "--input",
+                str(tmp_path / "missing"),
+                "--output",
+                str(tmp_path / "o"),
+                "--tokenizer",
+                "train:100",
+                "--no-ray",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "prepare_data: error: input" in capsys.readouterr().err
 
@@ -309,8 +393,10 @@ def test_row_groups_hold_fixed_token_counts_and_pieces_rebuild_documents(tmp_pat
     texts = []
     for shard in manifest["shards"]:
         parquet = pq.ParquetFile(tmp_path / "out" / shard["path"])
-        sizes = [sum(parquet.read_row_group(g).column("num_tokens").to_pylist())
-                 for g in range(parquet.num_row_groups)]
+        sizes = [
+            sum(parquet.read_row_group(g).column("num_tokens").to_pylist())
+            for g in range(parquet.num_row_groups)
+        ]
         assert parquet.num_row_groups == shard["row_groups"] == -(-shard["tokens"] // 7)
         assert set(sizes[:-1]) <= {7} and 0 < sizes[-1] <= 7 and sum(sizes) == shard["tokens"]
         for row in parquet.read().to_pylist():
@@ -334,7 +420,7 @@ def damage(path, how):
         column = pq.ParquetFile(path).metadata.row_group(0).column(0)
         first = column.dictionary_page_offset or column.data_page_offset
         middle = first + column.total_compressed_size // 2
-        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
     elif how == "missing":
         path.unlink()
 
@@ -348,11 +434,12 @@ def small_dataset(tmp_path, tokenizer_file):
 
 
 @pytest.mark.parametrize("how", ["empty", "truncated", "flipped", "missing"])
-def test_damaged_shards_are_named_by_every_reader(small_dataset, tmp_path, tokenizer_file, how,
-                                                  capsys):
-    from ttte2e.platform.data.stream import WindowReader
-    from ttte2e.platform.data.manifest import check_shard_sizes, verify_dataset
+def test_damaged_shards_are_named_by_every_reader(
+    small_dataset, tmp_path, tokenizer_file, how, capsys
+):
     from ttte2e.platform.cli.prepare import main
+    from ttte2e.platform.data.manifest import check_shard_sizes, verify_dataset
+    from ttte2e.platform.data.stream import WindowReader
 
     out, manifest = small_dataset
     shard = manifest["shards"][-1 if manifest["shards"][-1]["split"] == "train" else 0]
@@ -392,8 +479,8 @@ def test_verify_passes_an_intact_dataset(small_dataset, capsys):
 def test_a_row_group_whose_tokens_changed_is_refused(small_dataset):
     """A shard rewritten with other tokens but a footer list copied from the original (what a
     partial overwrite could leave) fails its row-group checksum."""
-    from ttte2e.platform.data.stream import WindowReader
     from ttte2e.platform.data.manifest import ROW_GROUPS_KEY
+    from ttte2e.platform.data.stream import WindowReader
 
     out, manifest = small_dataset
     shard = next(s for s in manifest["shards"] if s["split"] == "train")

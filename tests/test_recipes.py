@@ -7,14 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from ttte2e.platform.cli.parsing import RecipeError
 from ttte2e.platform.cli.train import parse, recipe_config
 from ttte2e.platform.train.config import check_options
 
+from conftest import REPO
+
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-SCRIPTS = {"pretrain_3b.py": "3b_pretrain_8k", "extend_context.py": "3b_extend_32k",
-           "ablate.py": "760m_ablation"}
+SCRIPTS = {
+    "pretrain_3b.py": "3b_pretrain_8k",
+    "extend_context.py": "3b_extend_32k",
+    "ablate.py": "760m_ablation",
+}
 
 
 def test_recipes_are_shipped_and_the_entry_scripts_load_theirs():
@@ -39,7 +43,11 @@ def test_the_recipes_hold_the_papers_numbers():
     assert (model.seq_len, model.window, model.chunk_size) == (8192, 8192, 1024)
     assert model.n_ttt_blocks * 4 == model.n_layers
     assert (pretrain.lr, pretrain.min_lr, pretrain.batch_tokens, pretrain.tokens) == (
-        8e-4, 1e-5, 1 << 20, 54_000_000_000) and pretrain.eta_ramp
+        8e-4,
+        1e-5,
+        1 << 20,
+        54_000_000_000,
+    ) and pretrain.eta_ramp
     long = recipe_config("3b_extend_128k")
     assert long.model_config().seq_len == 131072 and long.lr == 4e-4 and not long.eta_ramp
     ablation = recipe_config("760m_ablation").model_config()
@@ -55,12 +63,15 @@ def test_flags_override_the_recipe_and_config_picks_another(tmp_path):
     assert (cfg.preset, cfg.lr, cfg.steps, cfg.model_config().window) == ("tiny", 2e-3, 3, 64)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("lr: 8e-4\n", r"lr = '8e-4' is not a float .*write 8.0e-4"),
-    ("learning_rate: 0.1\n", r"unknown setting 'learning_rate'"),
-    ("model:\n  windw: 64\n", r"\(model\): unknown setting 'windw'"),
-    ("- a list\n", r"a mapping of settings"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr: 8e-4\n", r"lr = '8e-4' is not a float .*write 8.0e-4"),
+        ("learning_rate: 0.1\n", r"unknown setting 'learning_rate'"),
+        ("model:\n  windw: 64\n", r"\(model\): unknown setting 'windw'"),
+        ("- a list\n", r"a mapping of settings"),
+    ],
+)
 def test_a_bad_recipe_is_refused_with_the_setting_named(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)

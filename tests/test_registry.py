@@ -16,8 +16,7 @@ def same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_logged_and_referenced_versions_pull_back_the_model_and_tokenizer(model_folder,
-                                                                         tmp_path):
+def test_logged_and_referenced_versions_pull_back_the_model_and_tokenizer(model_folder, tmp_path):
     from ttte2e.platform.registry.model_registry import RegistryError, load_model, register
 
     source = tmp_path / "copy"
@@ -52,16 +51,20 @@ def test_generation_from_a_pulled_model_matches_the_model_s_own_generate(model_f
     text = generate([prompt], max_new_tokens=6, temperature=0, repetition_penalty=1.1)[0]
     # the same sampling settings (the generator stops at BOS): an untrained model's logits are
     # near ties, so a different repetition penalty alone can pick other tokens
-    ids = model.generate([generate.encode(prompt)], max_new_tokens=6, temperature=0,
-                         repetition_penalty=1.1, stop_tokens=(model.config.bos_token_id,))[0]
+    ids = model.generate(
+        [generate.encode(prompt)],
+        max_new_tokens=6,
+        temperature=0,
+        repetition_penalty=1.1,
+        stop_tokens=(model.config.bos_token_id,),
+    )[0]
     assert generate.encode(prompt)[0] == model.config.bos_token_id
     assert text == tokenizer.decode([t for t in ids if t != model.config.bos_token_id])
     with pytest.raises(ValueError, match="no tokenizer attached"):
         TextGenerator(model, None)
 
 
-def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_folder, tmp_path,
-                                                         monkeypatch):
+def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_folder, tmp_path, monkeypatch):
     import mlflow.pyfunc
     import pandas as pd
 
@@ -73,15 +76,18 @@ def test_pyfunc_flavor_text_in_text_out_with_a_signature(model_folder, tmp_path,
     register(str(model_folder), "tiny-pyfunc", uri, alias="whole", weights="logged")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what pyfunc users do; undone after the test
     expected = TextGenerator(*load_model(str(model_folder)))(
-        ["import os", "class A:"], max_new_tokens=4, temperature=0)
+        ["import os", "class A:"], max_new_tokens=4, temperature=0
+    )
     for alias in ("champion", "whole"):
         pyfunc = mlflow.pyfunc.load_model(f"models:/tiny-pyfunc@{alias}")
         signature = pyfunc.metadata.signature
         assert signature.inputs.input_names() == ["prompt"]
         assert signature.outputs.input_names() == ["text"]
         assert {p.name for p in signature.params} >= {"max_new_tokens", "temperature", "mode"}
-        out = pyfunc.predict(pd.DataFrame({"prompt": ["import os", "class A:"]}),
-                             params={"max_new_tokens": 4, "temperature": 0.0})
+        out = pyfunc.predict(
+            pd.DataFrame({"prompt": ["import os", "class A:"]}),
+            params={"max_new_tokens": 4, "temperature": 0.0},
+        )
         assert list(out["text"]) == expected, alias
 
 
@@ -89,10 +95,21 @@ def test_cli_register_promote_list_and_pull(model_folder, tmp_path, capsys):
     from ttte2e.platform.cli.registry import pull_main, registry_main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = registry_main(["register", str(model_folder), "--name", "tiny-cli",
-                           "--tracking-uri", uri])
-    second = registry_main(["register", str(model_folder), "--name", "tiny-cli",
-                            "--weights", "reference", "--tracking-uri", uri])
+    first = registry_main(
+        ["register", str(model_folder), "--name", "tiny-cli", "--tracking-uri", uri]
+    )
+    second = registry_main(
+        [
+            "register",
+            str(model_folder),
+            "--name",
+            "tiny-cli",
+            "--weights",
+            "reference",
+            "--tracking-uri",
+            uri,
+        ]
+    )
     assert (first["version"], second["version"]) == (1, 2)  # candidate moved to version 2
     promoted = registry_main(["promote", "tiny-cli", "1", "--tracking-uri", uri])
     assert promoted == dict(name="tiny-cli", alias="champion", version="1", previous=None)
@@ -101,8 +118,19 @@ def test_cli_register_promote_list_and_pull(model_folder, tmp_path, capsys):
     rows = registry_main(["list", "tiny-cli", "--tracking-uri", uri])
     assert [r["aliases"] for r in rows] == [[], ["candidate", "champion"]]
     capsys.readouterr()
-    out = pull_main(["models:/tiny-cli@champion", "--prompt", "def main(", "--max-new-tokens",
-                     "5", "--temperature", "0", "--tracking-uri", uri])
+    out = pull_main(
+        [
+            "models:/tiny-cli@champion",
+            "--prompt",
+            "def main(",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--tracking-uri",
+            uri,
+        ]
+    )
     printed = capsys.readouterr().out
     assert "def main(" + out["texts"][0] in printed and "tokenizer attached" in printed
 
@@ -114,8 +142,13 @@ def free_port() -> int:
 
 
 def test_bad_input_is_one_clear_error(model_folder, tmp_path, capsys, monkeypatch):
-    from ttte2e.platform.registry.model_registry import RegistryError, load_model, register, set_alias
     from ttte2e.platform.cli.registry import pull_main, registry_main
+    from ttte2e.platform.registry.model_registry import (
+        RegistryError,
+        load_model,
+        register,
+        set_alias,
+    )
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register(str(model_folder), "tiny", uri, weights="reference")
@@ -148,8 +181,9 @@ def test_bad_input_is_one_clear_error(model_folder, tmp_path, capsys, monkeypatc
     with pytest.raises(RegistryError, match="no MLflow tracking URI"):
         load_model("models:/tiny@candidate")
     for argv, message in (
-            (["promote", "tiny", "@nobody", "--tracking-uri", uri], "no alias 'nobody'"),
-            (["list", "nothing", "--tracking-uri", uri], "no registered model 'nothing'")):
+        (["promote", "tiny", "@nobody", "--tracking-uri", uri], "no alias 'nobody'"),
+        (["list", "nothing", "--tracking-uri", uri], "no registered model 'nothing'"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             registry_main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -14,10 +14,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import SMALL, case_params, load_case, reference_cases
 from ttte2e.model import TTTConfig, TTTModel
-from ttte2e.platform.train.tensor_parallel import (build_groups, full_state_dict, layout_problems,
-                                                   parallelize)
+from ttte2e.platform.train.tensor_parallel import (
+    build_groups,
+    full_state_dict,
+    layout_problems,
+    parallelize,
+)
+
+from conftest import SMALL, case_params, load_case, reference_cases
 
 REMATS = ("none", "chunk", "nested")
 # float32, sums in another order (all-reduce of per-shard matmuls): measured worst cases are
@@ -30,8 +35,18 @@ GRAD_RTOL = 1e-4
 
 def _config(**changes) -> TTTConfig:
     # 4 heads, MLP 128, vocab 512: splits over 2; BOS id 1 appears in the batch below
-    return TTTConfig(**dict(SMALL, n_heads=4, seq_len=64, window=32, chunk_size=16,
-                            bos_token_id=1, remat_group=2, **changes))
+    return TTTConfig(
+        **dict(
+            SMALL,
+            n_heads=4,
+            seq_len=64,
+            window=32,
+            chunk_size=16,
+            bos_token_id=1,
+            remat_group=2,
+            **changes,
+        )
+    )
 
 
 def _batch(config: TTTConfig, sequences: int = 4) -> torch.Tensor:
@@ -45,7 +60,7 @@ def _model(config: TTTConfig) -> TTTModel:
     torch.manual_seed(0)
     model = TTTModel(config)
     with torch.no_grad():  # norm gains away from 1, so their gradients are not trivially alike
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
@@ -55,16 +70,20 @@ def _results(model: TTTModel, tokens: torch.Tensor, remat: str) -> dict:
     model.zero_grad(set_to_none=True)
     out = model.meta_loss(tokens, remat=remat)
     out.loss.backward()
-    return dict(loss=out.loss.detach(), nll=out.token_nll.detach(),
-                chunk_loss=out.chunk_loss.detach(), inner_norm=out.inner_grad_norm.detach(),
-                grads={n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    return dict(
+        loss=out.loss.detach(),
+        nll=out.token_nll.detach(),
+        chunk_loss=out.chunk_loss.detach(),
+        inner_norm=out.inner_grad_norm.detach(),
+        grads={n: p.grad.detach().clone() for n, p in model.named_parameters()},
+    )
 
 
-def _worker(rank: int, world: int, tp: int, init_file: str, out_file: str, case_path,
-            changes: dict) -> None:
+def _worker(
+    rank: int, world: int, tp: int, init_file: str, out_file: str, case_path, changes: dict
+) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         groups = build_groups(tp)
         if case_path is None:
@@ -80,7 +99,7 @@ def _worker(rank: int, world: int, tp: int, init_file: str, out_file: str, case_
         for key, tokens in batches.items():
             # each data-parallel rank takes its share of the sequences
             share = tokens.shape[0] // groups.data_size
-            mine = tokens[groups.data_rank * share:(groups.data_rank + 1) * share]
+            mine = tokens[groups.data_rank * share : (groups.data_rank + 1) * share]
             for remat in REMATS:
                 r = _results(model, mine, remat)
                 grads = {}
@@ -102,8 +121,9 @@ def _worker(rank: int, world: int, tp: int, init_file: str, out_file: str, case_
                 out[(key, remat)] = dict(gathered, loss=loss / groups.data_size, grads=grads)
         if groups.data_size == 1 and case_path is None:  # the plain pass: SWA logits, lm_loss
             with torch.no_grad():
-                out["plain"] = dict(logits=model(tokens[:, :-1]),
-                                    lm_loss=model.lm_loss(tokens).loss)
+                out["plain"] = dict(
+                    logits=model(tokens[:, :-1]), lm_loss=model.lm_loss(tokens).loss
+                )
         full = full_state_dict(model)
         if rank == 0:
             torch.save(dict(out=out, full_state=full), out_file)
@@ -113,9 +133,12 @@ def _worker(rank: int, world: int, tp: int, init_file: str, out_file: str, case_
 
 def _run(tmp_path, world: int, tp: int, case_path=None, changes: dict | None = None) -> dict:
     init_file, out_file = tmp_path / "init", tmp_path / "out.pt"
-    mp.start_processes(_worker, args=(world, tp, str(init_file), str(out_file), case_path,
-                                      changes or {}),
-                       nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(world, tp, str(init_file), str(out_file), case_path, changes or {}),
+        nprocs=world,
+        start_method="spawn",
+    )
     return torch.load(out_file, weights_only=False)
 
 
@@ -130,15 +153,18 @@ def _assert_close(got: dict, expected: dict, what: str) -> dict:
     for name, ref in expected["grads"].items():
         scale = ref.abs().max().item()
         err = (got["grads"][name] - ref).abs().max().item()
-        assert err <= GRAD_RTOL * scale, f"{what}: grad {name} |diff| {err:.3g} > " \
-            f"{GRAD_RTOL} x {scale:.3g}"
+        assert err <= GRAD_RTOL * scale, (
+            f"{what}: grad {name} |diff| {err:.3g} > {GRAD_RTOL} x {scale:.3g}"
+        )
         worst["grad"] = max(worst["grad"], err / scale)
     return worst
 
 
-@pytest.mark.parametrize("world, tp, changes", [
-    (2, 2, {}), (4, 2, {}), (2, 2, dict(checkpoint_prefix=True))],
-    ids=["tp2", "dp2xtp2", "tp2-checkpoint-prefix"])
+@pytest.mark.parametrize(
+    "world, tp, changes",
+    [(2, 2, {}), (4, 2, {}), (2, 2, dict(checkpoint_prefix=True))],
+    ids=["tp2", "dp2xtp2", "tp2-checkpoint-prefix"],
+)
 def test_meta_gradient_under_tensor_parallelism_equals_one_process(tmp_path, world, tp, changes):
     """The prefix blocks run sequence-parallel (recomputed in the backward with
     checkpoint_prefix), the suffix tensor-parallel: both exact."""
@@ -148,10 +174,15 @@ def test_meta_gradient_under_tensor_parallelism_equals_one_process(tmp_path, wor
     got = _run(tmp_path, world, tp, changes=changes)
     reference = _model(config)
     for remat in REMATS:
-        worst = _assert_close(got["out"][("", remat)], _results(reference, tokens, remat),
-                              f"world {world} tp {tp} remat {remat}")
-        print(f"world {world} tp {tp} remat {remat}: worst |NLL diff| {worst['nll']:.2e}, "
-              f"worst grad diff / max|grad| {worst['grad']:.2e}")
+        worst = _assert_close(
+            got["out"][("", remat)],
+            _results(reference, tokens, remat),
+            f"world {world} tp {tp} remat {remat}",
+        )
+        print(
+            f"world {world} tp {tp} remat {remat}: worst |NLL diff| {worst['nll']:.2e}, "
+            f"worst grad diff / max|grad| {worst['grad']:.2e}"
+        )
     if world == tp:  # the plain pass (gathered logits, the sharded fused head) too
         with torch.no_grad():
             logits, lm_loss = reference(tokens[:, :-1]), reference.lm_loss(tokens).loss
@@ -162,8 +193,9 @@ def test_meta_gradient_under_tensor_parallelism_equals_one_process(tmp_path, wor
         assert torch.equal(got["full_state"][name], value), name
 
 
-@pytest.mark.parametrize("case_path", case_params(reference_cases()),
-                         ids=lambda p: p.stem if p else "none")
+@pytest.mark.parametrize(
+    "case_path", case_params(reference_cases()), ids=lambda p: p.stem if p else "none"
+)
 def test_official_case_through_tensor_parallelism(tmp_path, case_path):
     from ttte2e.model.convert import state_dict_to_official
 
@@ -173,11 +205,11 @@ def test_official_case_through_tensor_parallelism(tmp_path, case_path):
     for batch in ("", "bos."):
         for remat in REMATS:
             r = got["out"][(batch, remat)]
-            np.testing.assert_allclose(r["nll"].numpy(), data[batch + "nll_ttt"], rtol=0,
-                                       atol=1e-5)
+            np.testing.assert_allclose(r["nll"].numpy(), data[batch + "nll_ttt"], rtol=0, atol=1e-5)
             assert abs(r["loss"].item() - float(data[batch + "outer_loss"])) <= 1e-5
-            np.testing.assert_allclose(r["inner_norm"].numpy(), data[batch + "inner_grad_norm"],
-                                       rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(
+                r["inner_norm"].numpy(), data[batch + "inner_grad_norm"], rtol=1e-4, atol=1e-6
+            )
             grads = state_dict_to_official(r["grads"])
             for name, grad in grads.items():
                 ref = data[batch + "grad." + name]
@@ -193,4 +225,3 @@ def test_layout_problems_name_what_does_not_split():
     assert any("seq_len=64" in p for p in problems)
     assert any("mlp_hidden=128" in p for p in problems)
     assert any("vocab_size=512" in p for p in problems)
-

@@ -15,46 +15,70 @@ import pytest
 import torch
 
 from ttte2e.model import TTTModel
-from ttte2e.platform.train.config import (ConfigError, TrainConfig, batch_geometry, check_data,
-                                          check_options, check_resources, check_storage)
 from ttte2e.platform.train.checkpoint import read_state
+from ttte2e.platform.train.config import (
+    ConfigError,
+    TrainConfig,
+    batch_geometry,
+    check_data,
+    check_options,
+    check_resources,
+    check_storage,
+)
 from ttte2e.platform.train.trainer import eta_at, lr_factor, warmup_steps
 
 from conftest import SMALL, paper_schedule, reference_run, small_config
+
 
 # ---- pre-flight checks and geometry (no Ray) ------------------------------------------------------
 def test_batch_geometry_splits_the_global_batch():
     cfg = TrainConfig(preset="tiny", workers=2, micro_batch=2, batch_tokens=8 * 512, steps=3)
     g = batch_geometry(cfg, cfg.model_config())
     assert (g.sequences, g.per_worker, g.accumulation, g.steps) == (8, 4, 2, 3)
-    assert batch_geometry(TrainConfig(preset="tiny", batch_tokens=4 * 512, tokens=10 * 4 * 512),
-                          cfg.model_config()).steps == 10
+    assert (
+        batch_geometry(
+            TrainConfig(preset="tiny", batch_tokens=4 * 512, tokens=10 * 4 * 512),
+            cfg.model_config(),
+        ).steps
+        == 10
+    )
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(preset="7B"), "unknown preset"),
-    (dict(zero_stage=3), "ZeRO stage 3"),
-    (dict(batch_tokens=1000), "not a positive multiple of seq_len"),
-    (dict(batch_tokens=3 * 512, workers=2), "do not split"),
-    (dict(tokens=100), "less than one batch"),
-    (dict(precision="fp8"), "precision"),
-    (dict(resume_from="a", init_from="b"), "exclusive"),
-    (dict(model_overrides={"windw": 3}), "windw"),
-    # tensor parallelism and offload (tiny: 4 heads, MLP 512, vocab 4096)
-    (dict(tensor_parallel=3, workers=3, batch_tokens=3 * 512), "does not divide n_heads=4"),
-    (dict(tensor_parallel=8, workers=8, batch_tokens=8 * 512,
-          model_overrides={"n_heads": 8, "d_model": 256, "mlp_hidden": 516}),
-     "does not divide mlp_hidden=516"),
-    (dict(tensor_parallel=2, workers=2, model_overrides={"vocab_size": 4097}),
-     "does not divide vocab_size=4097"),
-    (dict(tensor_parallel=2, workers=3, batch_tokens=3 * 512), "does not divide --workers 3"),
-    (dict(tensor_parallel=2, workers=2, zero_stage=3), "tensor parallelism already splits"),
-    (dict(tensor_parallel=2, workers=2, placement="SPREAD"), "within one node"),
-    (dict(tensor_parallel="auto", workers=2), "a --plan choice"),
-    (dict(offload="disk"), "--offload 'disk'"),
-    (dict(offload="prefix"), "needs --checkpoint-prefix True"),
-    (dict(offload="carries", model_overrides={"remat": "none"}), "keeps no carries"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(preset="7B"), "unknown preset"),
+        (dict(zero_stage=3), "ZeRO stage 3"),
+        (dict(batch_tokens=1000), "not a positive multiple of seq_len"),
+        (dict(batch_tokens=3 * 512, workers=2), "do not split"),
+        (dict(tokens=100), "less than one batch"),
+        (dict(precision="fp8"), "precision"),
+        (dict(resume_from="a", init_from="b"), "exclusive"),
+        (dict(model_overrides={"windw": 3}), "windw"),
+        # tensor parallelism and offload (tiny: 4 heads, MLP 512, vocab 4096)
+        (dict(tensor_parallel=3, workers=3, batch_tokens=3 * 512), "does not divide n_heads=4"),
+        (
+            dict(
+                tensor_parallel=8,
+                workers=8,
+                batch_tokens=8 * 512,
+                model_overrides={"n_heads": 8, "d_model": 256, "mlp_hidden": 516},
+            ),
+            "does not divide mlp_hidden=516",
+        ),
+        (
+            dict(tensor_parallel=2, workers=2, model_overrides={"vocab_size": 4097}),
+            "does not divide vocab_size=4097",
+        ),
+        (dict(tensor_parallel=2, workers=3, batch_tokens=3 * 512), "does not divide --workers 3"),
+        (dict(tensor_parallel=2, workers=2, zero_stage=3), "tensor parallelism already splits"),
+        (dict(tensor_parallel=2, workers=2, placement="SPREAD"), "within one node"),
+        (dict(tensor_parallel="auto", workers=2), "a --plan choice"),
+        (dict(offload="disk"), "--offload 'disk'"),
+        (dict(offload="prefix"), "needs --checkpoint-prefix True"),
+        (dict(offload="carries", model_overrides={"remat": "none"}), "keeps no carries"),
+    ],
+)
 def test_bad_options_are_refused_before_any_worker(changes, message):
     with pytest.raises(ConfigError, match=message):
         check_options(TrainConfig(**{**dict(preset="tiny", batch_tokens=2048), **changes}))
@@ -103,8 +127,21 @@ def test_unwritable_storage_and_missing_resources_are_refused(tmp_path):
 def test_model_flags_override_the_preset():
     from ttte2e.platform.cli.train import parse
 
-    cfg, plan = parse(["--preset", "tiny", "--window", "64", "--checkpoint-prefix", "True",
-                       "--workers", "2", "--no-eta-ramp"], "t", recipe="3b_pretrain_8k")
+    cfg, plan = parse(
+        [
+            "--preset",
+            "tiny",
+            "--window",
+            "64",
+            "--checkpoint-prefix",
+            "True",
+            "--workers",
+            "2",
+            "--no-eta-ramp",
+        ],
+        "t",
+        recipe="3b_pretrain_8k",
+    )
     model = cfg.model_config()
     assert (model.window, model.checkpoint_prefix, model.d_model) == (64, True, 192)
     assert cfg.workers == 2 and cfg.eta_ramp is False and not plan.plan
@@ -115,8 +152,19 @@ def test_pretrain_entry_reports_bad_input_as_one_line(tmp_path, capsys):
     from ttte2e.platform.cli.train import run_main
 
     with pytest.raises(SystemExit) as exit_info:
-        run_main("t", argv=["--preset", "tiny", "--data", str(tmp_path), "--steps", "1",
-                                                  "--batch-tokens", "512"])
+        run_main(
+            "t",
+            argv=[
+                "--preset",
+                "tiny",
+                "--data",
+                str(tmp_path),
+                "--steps",
+                "1",
+                "--batch-tokens",
+                "512",
+            ],
+        )
     assert exit_info.value.code == 2
     assert "no manifest.json" in capsys.readouterr().err
 
@@ -154,8 +202,9 @@ def test_the_trainer_schedule_is_the_papers():
     warmup = warmup_steps(cfg, 100)
     assert warmup == 10 and lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 1e-5
-    assert [lr_factor(s, 100, warmup, cfg.lr, cfg.min_lr) * cfg.lr for s in range(100)] == \
-        pytest.approx(lrs, rel=1e-12)
+    assert [
+        lr_factor(s, 100, warmup, cfg.lr, cfg.min_lr) * cfg.lr for s in range(100)
+    ] == pytest.approx(lrs, rel=1e-12)
     assert [eta_at(cfg, model, s, 100) for s in range(100)] == pytest.approx(etas, rel=1e-12)
     assert lr_factor(100, 100, warmup, cfg.lr, cfg.min_lr) * cfg.lr == pytest.approx(1e-5)
 
@@ -175,8 +224,14 @@ def local_fit(cfg):
 def whole(train_data, tmp_path_factory):
     """10 steps in one process, checkpoints every 2, MLflow on sqlite, the model registered."""
     storage = tmp_path_factory.mktemp("runs")
-    cfg = local_config(train_data, storage, name="whole", tracking_uri="",
-                       experiment="trainer-test", register_as="tiny-trained")
+    cfg = local_config(
+        train_data,
+        storage,
+        name="whole",
+        tracking_uri="",
+        experiment="trainer-test",
+        register_as="tiny-trained",
+    )
     return cfg, local_fit(cfg)
 
 
@@ -201,13 +256,19 @@ def test_the_trainer_matches_the_plain_reference_and_checkpoints_everything(whol
     from ttte2e.platform.train import checkpoint as ckpt
 
     listed = json.loads((Path(result["checkpoint"]) / ckpt.COMPLETE_FILE).read_text())["files"]
-    assert {"ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng/rank0.pt",
-            "model/model.safetensors", "model/tokenizer.json", ckpt.STATE_FILE} <= set(listed)
+    assert {
+        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "rng/rank0.pt",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        ckpt.STATE_FILE,
+    } <= set(listed)
     assert "sha256" in listed["model/model.safetensors"]
     assert ckpt.problems(resolve(result["checkpoint"])) == []
     # the newest keep_checkpoints (3) are kept, as Ray Train keeps them
     assert ckpt.checkpoint_names(resolve(str(Path(result["checkpoint"]).parent))) == [
-        ckpt.dir_name(s) for s in (10, 8, 6)]
+        ckpt.dir_name(s) for s in (10, 8, 6)
+    ]
     per_epoch = WindowReader(cfg.data, "train", 128, cfg.seed).windows_per_epoch // 4
     assert state["position"] == dict(zip(("epoch", "step"), divmod(10, per_epoch)))
     assert TTTModel.from_pretrained(Path(result["checkpoint"]) / "model").config.d_model == 64
@@ -225,8 +286,15 @@ def test_mlflow_run_has_params_metrics_and_the_checkpoint(whole):
     assert run.data.tags["checkpoint_uri"] == result["checkpoint"]
     history = client.get_metric_history(result["run_id"], "loss")
     assert sorted(m.step for m in history) == list(range(1, 11))
-    for key in ("tokens_per_s", "inner_grad_norm", "inner_clip_fraction", "eta", "lr",
-                "val_loss", "val_loss_beyond_window"):
+    for key in (
+        "tokens_per_s",
+        "inner_grad_norm",
+        "inner_clip_fraction",
+        "eta",
+        "lr",
+        "val_loss",
+        "val_loss_beyond_window",
+    ):
         assert client.get_metric_history(result["run_id"], key), key
 
 
@@ -254,8 +322,9 @@ def test_the_final_checkpoint_is_registered_with_config_tokenizer_and_metrics(wh
     assert tokenizer.get_vocab_size() == 512
 
 
-def test_stopped_then_rerun_with_the_same_name_ends_with_the_same_curve(train_data, whole,
-                                                                        tmp_path):
+def test_stopped_then_rerun_with_the_same_name_ends_with_the_same_curve(
+    train_data, whole, tmp_path
+):
     _, reference = whole
     first = local_fit(local_config(train_data, tmp_path, name="paused", stop_after=3))
     assert first["finished"] is False and first["step"] == 3
@@ -271,13 +340,13 @@ def test_resume_from_an_explicit_checkpoint(train_data, whole, tmp_path):
     _, reference = whole
     middle = Path(reference["checkpoint"]).parent / "checkpoint_00000006"
     assert read_state(middle)["step"] == 6
-    resumed = local_fit(local_config(train_data, tmp_path, name="branch",
-                                     resume_from=str(middle)))
+    resumed = local_fit(local_config(train_data, tmp_path, name="branch", resume_from=str(middle)))
     assert losses_of(resumed) == pytest.approx(losses_of(reference), rel=1e-6)
 
 
-def test_checkpoints_to_s3_and_resume_from_there(train_data, whole, s3_server, monkeypatch,
-                                                  tmp_path):
+def test_checkpoints_to_s3_and_resume_from_there(
+    train_data, whole, s3_server, monkeypatch, tmp_path
+):
     """Storage on a real S3 server (SeaweedFS on 127.0.0.1): checkpoints land in the bucket and
     a run resumed from an s3:// checkpoint continues exactly; no credential in what is written."""
     import pyarrow.fs as pafs
@@ -290,21 +359,35 @@ def test_checkpoints_to_s3_and_resume_from_there(train_data, whole, s3_server, m
     _, reference = whole
     first = local_fit(local_config(train_data, "s3://ckpts/runs", name="s3run", stop_after=2))
     assert first["checkpoint"] == "s3://ckpts/runs/s3run/checkpoint_00000002"
-    files = {f.uri.rsplit("/", 2)[-2] + "/" + f.uri.rsplit("/", 1)[-1]
-             for f in resolve(first["checkpoint"]).list_files()}
-    assert {"model/model.safetensors", "ds/mp_rank_00_model_states.pt",
-            "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= files
+    files = {
+        f.uri.rsplit("/", 2)[-2] + "/" + f.uri.rsplit("/", 1)[-1]
+        for f in resolve(first["checkpoint"]).list_files()
+    }
+    assert {
+        "model/model.safetensors",
+        "ds/mp_rank_00_model_states.pt",
+        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    } <= files
     state = resolve(first["checkpoint"] + "/trainer_state.json").read_bytes().decode()
     assert s3_server["AWS_SECRET_ACCESS_KEY"] not in state
-    resumed = local_fit(local_config(train_data, tmp_path, name="from-s3",
-                                     resume_from=first["checkpoint"]))
+    resumed = local_fit(
+        local_config(train_data, tmp_path, name="from-s3", resume_from=first["checkpoint"])
+    )
     assert losses_of(resumed) == pytest.approx(losses_of(reference), rel=1e-6)
 
 
 def test_a_non_finite_loss_stops_the_run_and_is_never_checkpointed(train_data, tmp_path):
     # lr 1e9: the first update blows the weights up, the second step's loss is not finite
-    cfg = local_config(train_data, tmp_path, name="nan", lr=1e9, min_lr=1.0,
-                       warmup_fraction=0.0, steps=4, checkpoint_every=1)
+    cfg = local_config(
+        train_data,
+        tmp_path,
+        name="nan",
+        lr=1e9,
+        min_lr=1.0,
+        warmup_fraction=0.0,
+        steps=4,
+        checkpoint_every=1,
+    )
     with pytest.raises(ConfigError, match="non-finite meta-loss.* at step 1 .*nothing was applied"):
         local_fit(cfg)
     written = sorted(p.name for p in (tmp_path / "nan").glob("checkpoint_0*"))
@@ -312,7 +395,8 @@ def test_a_non_finite_loss_stops_the_run_and_is_never_checkpointed(train_data, t
 
 
 def test_a_restarted_worker_group_ends_on_the_same_non_finite_step_or_a_fatal_error(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """The Ray wrapper's records: a non-finite step is retried once from the last checkpoint
     (Ray Train restarts the group); the same step again, or an error no restart fixes, is
     recorded as fatal, and the workers of any later restart return at once."""
@@ -328,6 +412,7 @@ def test_a_restarted_worker_group_ends_on_the_same_non_finite_step_or_a_fatal_er
         def run(_spec):
             calls.append(1)
             raise error
+
         return run
 
     monkeypatch.setattr(worker, "_run", failing(NonFiniteLoss("non-finite at step 3", 3)))
@@ -336,8 +421,11 @@ def test_a_restarted_worker_group_ends_on_the_same_non_finite_step_or_a_fatal_er
             worker.train_loop(dict(spec=spec, env={}))
     worker.train_loop(dict(spec=spec, env={}))  # after the fatal record: returns at once
     assert len(calls) == 2
-    with pytest.raises(ConfigError, match=r"\(FloatingPointError\): non-finite at step 3 \(the "
-                                          "same step was non-finite after a restart"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\(FloatingPointError\): non-finite at step 3 \(the "
+        "same step was non-finite after a restart",
+    ):
         _raise_fatal(spec.run_dir)
 
     from ttte2e.platform.data.manifest import DataError
@@ -360,9 +448,29 @@ def test_extend_context_starts_from_the_parameters_with_eta_one(train_data, whol
 
     _, reference = whole
     uri, bos = train_data
-    argv = ["--preset", "tiny", "--data", uri, "--storage", str(tmp_path), "--name", "ext",
-            "--init-from", reference["checkpoint"], "--workers", "1", "--batch-tokens", "512",
-            "--steps", "2", "--eval-windows", "2", "--tracking-uri", "off", "--local"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--data",
+        uri,
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "ext",
+        "--init-from",
+        reference["checkpoint"],
+        "--workers",
+        "1",
+        "--batch-tokens",
+        "512",
+        "--steps",
+        "2",
+        "--eval-windows",
+        "2",
+        "--tracking-uri",
+        "off",
+        "--local",
+    ]
     for key, value in SMALL.items():
         if key != "seq_len":
             argv += ["--" + key.replace("_", "-"), str(value)]
@@ -374,8 +482,9 @@ def test_extend_context_starts_from_the_parameters_with_eta_one(train_data, whol
     # trained parameters, not a fresh init: the first loss is already near the pretrained one
     assert result["history"][0]["loss"] < reference["history"][0]["loss"] - 0.3
     with pytest.raises(SystemExit):
-        run_main("t", recipe="3b_extend_32k", require_init=True,
-                 argv=["--preset", "tiny", "--data", uri])
+        run_main(
+            "t", recipe="3b_extend_32k", require_init=True, argv=["--preset", "tiny", "--data", uri]
+        )
 
 
 def test_local_refuses_layouts_one_process_cannot_run(train_data, tmp_path):
@@ -385,8 +494,8 @@ def test_local_refuses_layouts_one_process_cannot_run(train_data, tmp_path):
 
 def test_capacity_plan_for_3b(capsys):
     from ttte2e.model import count_parameters
-    from ttte2e.platform.train.plan import GIB, capacity_plan, memory_per_gpu
     from ttte2e.platform.cli.train import run_main
+    from ttte2e.platform.train.plan import GIB, capacity_plan, memory_per_gpu
 
     cfg = TrainConfig(preset="3B")
     plan = capacity_plan(cfg, nodes=8, gpus_per_node=8, gpu="h100", mfu=0.3)
@@ -397,8 +506,9 @@ def test_capacity_plan_for_3b(capsys):
     assert long.total > short.total and long.suffix_carries > short.suffix_carries
     assert plan["flops"][131072]["meta"] < plan["flops"][131072]["full_attention"]
     # the wall-clock is the token budget's FLOPs over the cluster's delivered FLOP/s
-    assert plan["seconds"] == pytest.approx(plan["tokens"] * plan["flops"][8192]["meta"]
-                                            / (64 * 989e12 * 0.3))
+    assert plan["seconds"] == pytest.approx(
+        plan["tokens"] * plan["flops"][8192]["meta"] / (64 * 989e12 * 0.3)
+    )
     zero1 = memory_per_gpu(cfg.model_config(), 8192, 1, 64, 1)
     assert zero1.grads == 4 * p and zero1.optimizer == 8 * p / 64
     run_main("t", recipe="3b_pretrain_8k", argv=["--plan", "--nodes", "8", "--gpus-per-node", "8"])
@@ -437,15 +547,20 @@ def test_two_zero2_workers_match_one_process_on_the_same_global_batch(two_worker
     # the same global batch, another reduction order (gloo all-reduce): 1e-4 relative
     assert losses_of(result) == pytest.approx(losses_of(whole[1]), rel=1e-4)
     assert [h["grad_norm"] for h in result["history"]] == pytest.approx(
-        [h["grad_norm"] for h in whole[1]["history"]], rel=1e-3)
+        [h["grad_norm"] for h in whole[1]["history"]], rel=1e-3
+    )
     state = read_state(result["checkpoint"])
     assert state["step"] == 10 and state["world_size"] == 2 and len(state["nodes"]) == 2
     from ttte2e.platform.train import checkpoint as ckpt
 
     listed = json.loads((Path(result["checkpoint"]) / ckpt.COMPLETE_FILE).read_text())["files"]
-    assert {"ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng/rank0.pt", "rng/rank1.pt",
-            "model/model.safetensors"} <= set(listed)
+    assert {
+        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng/rank0.pt",
+        "rng/rank1.pt",
+        "model/model.safetensors",
+    } <= set(listed)
 
 
 def _train_workers(head) -> list:
@@ -463,15 +578,17 @@ def _train_workers(head) -> list:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_recovers_from_the_last_checkpoint(train_data, two_workers, ray_cluster,
-                                                            tmp_path):
+def test_a_killed_worker_recovers_from_the_last_checkpoint(
+    train_data, two_workers, ray_cluster, tmp_path
+):
     from ttte2e.platform.train.driver import fit
 
     _, reference = two_workers
     cfg = small_config(train_data, tmp_path, name="killed", max_failures=2)
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(result=fit(cfg, log=lambda *_: None)),
-                              daemon=True)
+    thread = threading.Thread(
+        target=lambda: out.update(result=fit(cfg, log=lambda *_: None)), daemon=True
+    )
     thread.start()
     first_ckpt = tmp_path / "killed" / "checkpoint_00000002"
     deadline = time.time() + 300
@@ -493,12 +610,36 @@ def test_a_killed_worker_recovers_from_the_last_checkpoint(train_data, two_worke
 def _cli_run(train_data, storage, name: str, *flags: str) -> list[str]:
     uri, bos = train_data
     model = dict(SMALL, bos_token_id=bos)
-    argv = ["--preset", "tiny", *[x for k, v in model.items()
-                                  for x in (f"--{k.replace('_', '-')}", str(v))],
-            "--data", uri, "--storage", str(storage), "--name", name, "--micro-batch", "1",
-            "--batch-tokens", str(4 * 128), "--steps", "3", "--lr", "3e-3", "--eval-every", "0",
-            "--eval-windows", "2", "--checkpoint-every", "1", "--tracking-uri", "off",
-            "--max-failures", "0", *flags]
+    argv = [
+        "--preset",
+        "tiny",
+        *[x for k, v in model.items() for x in (f"--{k.replace('_', '-')}", str(v))],
+        "--data",
+        uri,
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--micro-batch",
+        "1",
+        "--batch-tokens",
+        str(4 * 128),
+        "--steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "0",
+        "--eval-windows",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--tracking-uri",
+        "off",
+        "--max-failures",
+        "0",
+        *flags,
+    ]
     return argv
 
 
@@ -508,13 +649,13 @@ def one_process(train_data, tmp_path_factory):
     from ttte2e.platform.cli.train import run_main
 
     storage = tmp_path_factory.mktemp("cli")
-    return storage, run_main("t", argv=_cli_run(train_data, storage, "one", "--local",
-                                                "--peak-tflops", "1"))
+    return storage, run_main(
+        "t", argv=_cli_run(train_data, storage, "one", "--local", "--peak-tflops", "1")
+    )
 
 
 @pytest.mark.slow
-def test_local_and_ray_runs_continue_each_others_checkpoints(train_data, one_process,
-                                                              ray_cluster):
+def test_local_and_ray_runs_continue_each_others_checkpoints(train_data, one_process, ray_cluster):
     """The same run under Ray (1 worker) and --local: the same losses (1e-5 relative); a run
     paused under Ray continues with --local, and one paused with --local continues under Ray,
     both ending on the same curve."""
@@ -522,43 +663,66 @@ def test_local_and_ray_runs_continue_each_others_checkpoints(train_data, one_pro
 
     storage, local = one_process
     reference = losses_of(local)
-    ray_first = run_main("t", argv=_cli_run(train_data, storage, "ray-then-local",
-                                            "--stop-after", "2"))
+    ray_first = run_main(
+        "t", argv=_cli_run(train_data, storage, "ray-then-local", "--stop-after", "2")
+    )
     assert losses_of(ray_first) == pytest.approx(reference[:2], rel=1e-5)
-    assert read_state(ray_first["checkpoint"])["nodes"][0] != read_state(
-        local["checkpoint"])["nodes"][0]  # a Ray node id vs this process
+    assert (
+        read_state(ray_first["checkpoint"])["nodes"][0]
+        != read_state(local["checkpoint"])["nodes"][0]
+    )  # a Ray node id vs this process
     then_local = run_main("t", argv=_cli_run(train_data, storage, "ray-then-local", "--local"))
     assert losses_of(then_local) == pytest.approx(reference, rel=1e-5)
-    local_first = run_main("t", argv=_cli_run(train_data, storage, "local-then-ray", "--local",
-                                              "--stop-after", "1"))
+    local_first = run_main(
+        "t", argv=_cli_run(train_data, storage, "local-then-ray", "--local", "--stop-after", "1")
+    )
     then_ray = run_main("t", argv=_cli_run(train_data, storage, "local-then-ray"))
     assert losses_of(local_first) == pytest.approx(reference[:1], rel=1e-5)
     assert losses_of(then_ray) == pytest.approx(reference, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_tensor_parallel_training_matches_one_worker(train_data, one_process, ray_cluster,
-                                                     capsys):
+def test_tensor_parallel_training_matches_one_worker(train_data, one_process, ray_cluster, capsys):
     """--workers 2 --tensor-parallel 2 (one data-parallel rank) vs one process: same losses and
     outer gradient norms; model/ holds the whole weights; resuming with another layout is refused
     before launch."""
     from ttte2e.platform.cli.train import run_main
 
     storage, one = one_process
-    tp = run_main("t", argv=_cli_run(train_data, storage, "tp", "--workers", "2",
-                                     "--tensor-parallel", "2", "--zero-stage", "1"))
+    tp = run_main(
+        "t",
+        argv=_cli_run(
+            train_data,
+            storage,
+            "tp",
+            "--workers",
+            "2",
+            "--tensor-parallel",
+            "2",
+            "--zero-stage",
+            "1",
+        ),
+    )
     assert losses_of(tp) == pytest.approx(losses_of(one), rel=1e-4)
     norms = [h["grad_norm"] for h in one["history"]]
     assert [h["grad_norm"] for h in tp["history"]] == pytest.approx(norms, rel=1e-3)
     with capsys.disabled():  # the figures for the record (capsys reads the error line below)
-        print("TP=2 vs 1 worker, losses:", losses_of(tp), losses_of(one), "grad norms:",
-              [h["grad_norm"] for h in tp["history"]], norms)
+        print(
+            "TP=2 vs 1 worker, losses:",
+            losses_of(tp),
+            losses_of(one),
+            "grad norms:",
+            [h["grad_norm"] for h in tp["history"]],
+            norms,
+        )
     # utilisation: MFU from the model's FLOPs, HFU with the recomputation (remat nested here)
     from ttte2e.model import estimate_flops
 
     model_cfg = TTTModel.from_pretrained(Path(one["checkpoint"]) / "model").config
-    ratio = (estimate_flops(model_cfg).meta_step
-             / estimate_flops(model_cfg.replace(checkpoint_prefix=False), remat="none").meta_step)
+    ratio = (
+        estimate_flops(model_cfg).meta_step
+        / estimate_flops(model_cfg.replace(checkpoint_prefix=False), remat="none").meta_step
+    )
     assert ratio > 1.2
     for h in one["history"]:
         assert h["mfu"] > 0 and h["hfu"] == pytest.approx(h["mfu"] * ratio, rel=1e-9)
@@ -581,8 +745,20 @@ def test_tensor_parallel_training_matches_one_worker(train_data, one_process, ra
     assert {"ds/mp_rank_00_model_states.pt", "ds/mp_rank_01_model_states.pt"} <= listed
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # same run, another layout
-        run_main("t", argv=_cli_run(train_data, storage, "tp", "--workers", "2",
-                                    "--tensor-parallel", "1", "--zero-stage", "1"))
+        run_main(
+            "t",
+            argv=_cli_run(
+                train_data,
+                storage,
+                "tp",
+                "--workers",
+                "2",
+                "--tensor-parallel",
+                "1",
+                "--zero-stage",
+                "1",
+            ),
+        )
     assert exit_info.value.code == 2
     # the driver's stderr may hold Ray's progress output (cursor escapes without a newline):
     # the error line is what follows the last escape

@@ -46,17 +46,23 @@ def prefix_backend(device_type: str, dtype: torch.dtype) -> str:
     """What `auto` runs for the prefix on this device and dtype (before the Triton self-check)."""
     if device_type == "cuda" and flash.flash_attn_func is not None and dtype in flash.DTYPES:
         return "flash"
-    if (device_type in self_check.TRITON_DEVICES and triton_swa.AVAILABLE
-            and dtype in triton_swa.SUPPORTED_DTYPES):
+    if (
+        device_type in self_check.TRITON_DEVICES
+        and triton_swa.AVAILABLE
+        and dtype in triton_swa.SUPPORTED_DTYPES
+    ):
         return "triton"
     return "blocked"
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                             backend: str = "auto") -> torch.Tensor:
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, backend: str = "auto"
+) -> torch.Tensor:
     """Causal attention where query t sees keys t-window+1..t; q, k, v: [B, H, T, dh]."""
     if backend not in PREFIX_BACKENDS:
-        raise ValueError(f"unknown prefix attention backend {backend!r}; choose one of {PREFIX_BACKENDS}")
+        raise ValueError(
+            f"unknown prefix attention backend {backend!r}; choose one of {PREFIX_BACKENDS}"
+        )
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if backend == "auto":
@@ -71,26 +77,38 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return flash.sliding_window_attention(q, k, v, window)
     if backend == "triton":
         if not triton_swa.usable(q):
-            raise RuntimeError(f"the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU) and "
-                               f"fp16/bf16/fp32; got {q.device.type} {q.dtype}")
+            raise RuntimeError(
+                f"the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU) and "
+                f"fp16/bf16/fp32; got {q.device.type} {q.dtype}"
+            )
         return chunk.window_attention(*_one_dtype(q, k, v), window, 0, use_triton=True)
     if backend == "naive":
         return reference.naive_sliding_window_attention(q, k, v, window)
     return reference.blocked_sliding_window_attention(q, k, v, window)
 
 
-def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                    first_valid_key: int = 0, backend: str | None = None) -> torch.Tensor:
+def chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    first_valid_key: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
     """b queries (the last b of the buffer) over [cache + chunk]; q [B,H,b,dh], k/v [B,H,W+b,dh].
     Supports create_graph=True and a second backward on every backend."""
     backend = backend or _default_chunk_backend
     if backend not in CHUNK_BACKENDS:
-        raise ValueError(f"unknown chunk attention backend {backend!r}; choose one of {CHUNK_BACKENDS}")
+        raise ValueError(
+            f"unknown chunk attention backend {backend!r}; choose one of {CHUNK_BACKENDS}"
+        )
     if backend == "math":
         return reference.chunk_attention(q, k, v, window, first_valid_key)
     if backend == "triton" and not triton_swa.usable(q):
-        raise RuntimeError(f"the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU) and "
-                           f"fp16/bf16/fp32; got {q.device.type} {q.dtype}")
+        raise RuntimeError(
+            f"the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU) and "
+            f"fp16/bf16/fp32; got {q.device.type} {q.dtype}"
+        )
     q, k, v = _one_dtype(q, k, v)
     use_triton = backend == "triton" or (triton_swa.usable(q) and self_check.triton_allowed(q))
     return chunk.window_attention(q, k, v, window, first_valid_key, use_triton=use_triton)
@@ -101,7 +119,9 @@ def chunk_backend(name: str):
     """Run a block of code with another default chunk attention backend ('fused' or 'math')."""
     global _default_chunk_backend
     if name not in CHUNK_BACKENDS:
-        raise ValueError(f"unknown chunk attention backend {name!r}; choose one of {CHUNK_BACKENDS}")
+        raise ValueError(
+            f"unknown chunk attention backend {name!r}; choose one of {CHUNK_BACKENDS}"
+        )
     previous, _default_chunk_backend = _default_chunk_backend, name
     try:
         yield
@@ -109,5 +129,14 @@ def chunk_backend(name: str):
         _default_chunk_backend = previous
 
 
-__all__ = ["sliding_window_attention", "chunk_attention", "chunk_backend", "prefix_backend",
-           "reference", "chunk", "triton_swa", "flash", "self_check"]
+__all__ = [
+    "sliding_window_attention",
+    "chunk_attention",
+    "chunk_backend",
+    "prefix_backend",
+    "reference",
+    "chunk",
+    "triton_swa",
+    "flash",
+    "self_check",
+]

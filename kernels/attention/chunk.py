@@ -9,9 +9,10 @@ without running autograd through an unfused softmax.
 Queries are the last Tq of Tk positions (a chunk over [cache + chunk], or Tq = Tk for a whole
 sequence); key j is visible to query t iff t - window < j <= t and j >= first_valid_key.
 All three run our Triton kernels (`use_triton`; the double backward as three tiled passes) or
-dense PyTorch (b x (W+b) per chunk: the size the suffix works in; `double_backward` below is also
-the reference the Triton double backward is tested against). The forward saves only q, k, v, out and lse; the math path keeps the fp32
-scores, the probabilities and every intermediate of softmax's own double backward.
+dense PyTorch (b x (W+b) per chunk: the size the suffix works in; `double_backward` below is
+also the reference the Triton double backward is tested against). The forward saves only q, k,
+v, out and lse; the math path keeps the fp32 scores, the probabilities and every intermediate of
+softmax's own double backward.
 
 Double backward, with c = 1/sqrt(dh), S = c Q K^T, P = softmax(S), dP = dO V^T,
 D = rowsum(P * dP), dS = P * (dP - D), and (gQ, gK, gV) the cotangents of (dQ, dK, dV):
@@ -120,9 +121,11 @@ def double_backward(q, k, v, lse, grad_out, g_dq, g_dk, g_dv, window: int, first
 
 # --- registered ops ---------------------------------------------------------------------------
 
+
 @torch.library.custom_op("ttte2e::window_attention_fwd", mutates_args=())
-def window_attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: int, first_valid_key: int,
-                         use_triton: bool) -> tuple[Tensor, Tensor]:
+def window_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, window: int, first_valid_key: int, use_triton: bool
+) -> tuple[Tensor, Tensor]:
     if use_triton:
         return triton_swa.attention_forward(q, k, v, window, first_valid_key)
     return torch_forward(q, k, v, window, first_valid_key)
@@ -135,9 +138,17 @@ def _(q, k, v, window, first_valid_key, use_triton):
 
 
 @torch.library.custom_op("ttte2e::window_attention_bwd", mutates_args=())
-def window_attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
-                         window: int, first_valid_key: int,
-                         use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+def window_attention_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    window: int,
+    first_valid_key: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton:
         return triton_swa.attention_backward(q, k, v, out, lse, grad_out, window, first_valid_key)
     return torch_backward(q, k, v, out, lse, grad_out, window, first_valid_key)
@@ -159,8 +170,17 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     # a differentiable call: under create_graph=True the bwd op records its own autograd node
-    dq, dk, dv = window_attention_bwd(q, k, v, out.detach(), lse.detach(), grad_out,
-                                      ctx.window, ctx.first_valid_key, ctx.use_triton)
+    dq, dk, dv = window_attention_bwd(
+        q,
+        k,
+        v,
+        out.detach(),
+        lse.detach(),
+        grad_out,
+        ctx.window,
+        ctx.first_valid_key,
+        ctx.use_triton,
+    )
     return dq, dk, dv, None, None, None
 
 
@@ -168,14 +188,25 @@ window_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_c
 
 
 @torch.library.custom_op("ttte2e::window_attention_bwd_bwd", mutates_args=())
-def window_attention_bwd_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                             grad_out: Tensor, g_dq: Tensor | None, g_dk: Tensor | None,
-                             g_dv: Tensor | None, window: int, first_valid_key: int,
-                             use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def window_attention_bwd_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    g_dq: Tensor | None,
+    g_dk: Tensor | None,
+    g_dv: Tensor | None,
+    window: int,
+    first_valid_key: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of window_attention_bwd's outputs w.r.t. (q, k, v, grad_out); not differentiable."""
     if use_triton:
-        return triton_swa.attention_double_backward(q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv,
-                                                    window, first_valid_key)
+        return triton_swa.attention_double_backward(
+            q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key
+        )
     return double_backward(q, k, v, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key)
 
 
@@ -192,26 +223,42 @@ def _bwd_setup_context(ctx, inputs, output):
 
 def _bwd_backward(ctx, g_dq, g_dk, g_dv):
     if torch.is_grad_enabled():
-        raise RuntimeError("window attention supports gradients of gradients (second order) but "
-                           "not a third order: use ttte2e.kernels.attention.reference for that")
+        raise RuntimeError(
+            "window attention supports gradients of gradients (second order) but "
+            "not a third order: use ttte2e.kernels.attention.reference for that"
+        )
     q, k, v, out, lse, grad_out = ctx.saved_tensors
     grad_q, grad_k, grad_v, grad_do = window_attention_bwd_bwd(
-        q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, ctx.window, ctx.first_valid_key,
-        ctx.use_triton)
+        q,
+        k,
+        v,
+        out,
+        lse,
+        grad_out,
+        g_dq,
+        g_dk,
+        g_dv,
+        ctx.window,
+        ctx.first_valid_key,
+        ctx.use_triton,
+    )
     return grad_q, grad_k, grad_v, None, None, grad_do, None, None, None
 
 
 window_attention_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, first_valid_key: int = 0,
-                     use_triton: bool = False) -> Tensor:
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, first_valid_key: int = 0, use_triton: bool = False
+) -> Tensor:
     """Attention of the last Tq of Tk positions, differentiable twice; q [B,H,Tq,dh], k/v [B,H,Tk,dh]."""
     if q.shape[-2] > k.shape[-2]:
         raise ValueError(f"more queries ({q.shape[-2]}) than keys ({k.shape[-2]})")
     if not 0 <= first_valid_key <= k.shape[-2] - q.shape[-2]:
-        raise ValueError(f"first_valid_key {first_valid_key} must lie in the cache part "
-                         f"[0, {k.shape[-2] - q.shape[-2]}]")
+        raise ValueError(
+            f"first_valid_key {first_valid_key} must lie in the cache part "
+            f"[0, {k.shape[-2] - q.shape[-2]}]"
+        )
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     return window_attention_fwd(q, k, v, window, first_valid_key, use_triton)[0]

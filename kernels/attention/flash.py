@@ -22,11 +22,17 @@ def usable(q: torch.Tensor) -> bool:
     return flash_attn_func is not None and q.is_cuda and q.dtype in DTYPES
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             window: int) -> torch.Tensor:
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+) -> torch.Tensor:
     """q, k, v: [B, H, T, dh] -> [B, H, T, dh]; query t sees keys t-window+1..t."""
     if flash_attn_func is None:
         raise RuntimeError("flash-attn is not installed (the `gpu` extra)")
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          causal=True, window_size=(window - 1, 0))
+    out = flash_attn_func(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        causal=True,
+        window_size=(window - 1, 0),
+    )
     return out.transpose(1, 2)

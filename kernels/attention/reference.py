@@ -23,8 +23,9 @@ def window_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: in
     return (diff >= 0) & (diff < window)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     visible: torch.Tensor) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
     """Dense attention with an explicit boolean mask (True = visible), softmax in float32.
 
     Built from matmul + softmax only, so it supports gradients of gradients (create_graph=True):
@@ -69,10 +70,16 @@ def blocked_sliding_window_attention(q, k, v, window: int, block_size: int | Non
             q_pos = torch.arange(start, end, device=q.device)
             k_pos = torch.arange(k_start, end, device=q.device)
             masks[shape] = torch.zeros(shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~window_mask(q_pos, k_pos, window), float("-inf"))
-        out.append(F.scaled_dot_product_attention(
-            q[..., start:end, :], k[..., k_start:end, :], v[..., k_start:end, :],
-            attn_mask=masks[shape]))
+                ~window_mask(q_pos, k_pos, window), float("-inf")
+            )
+        out.append(
+            F.scaled_dot_product_attention(
+                q[..., start:end, :],
+                k[..., k_start:end, :],
+                v[..., k_start:end, :],
+                attn_mask=masks[shape],
+            )
+        )
     return torch.cat(out, dim=-2)
 
 

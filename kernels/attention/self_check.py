@@ -57,21 +57,34 @@ def run_checks(device, dtype) -> list[tuple[str, str]]:
     failures = []
     tol = TOLERANCE.get(dtype, 2e-3)
     for where, q, k, v, window, first in _cases(device, dtype):
-        steps = [(f"{where} forward", lambda: triton_swa.attention_forward(q, k, v, window, first),
-                  lambda: chunk.torch_forward(q, k, v, window, first))]
+        steps = [
+            (
+                f"{where} forward",
+                lambda: triton_swa.attention_forward(q, k, v, window, first),
+                lambda: chunk.torch_forward(q, k, v, window, first),
+            )
+        ]
         out, lse = chunk.torch_forward(q, k, v, window, first)
         out = out.to(dtype)
         d_out = torch.randn_like(out)
-        steps.append((f"{where} backward",
-                      lambda: triton_swa.attention_backward(q, k, v, out, lse, d_out, window, first),
-                      lambda: chunk.torch_backward(q, k, v, out, lse, d_out, window, first)))
+        steps.append(
+            (
+                f"{where} backward",
+                lambda: triton_swa.attention_backward(q, k, v, out, lse, d_out, window, first),
+                lambda: chunk.torch_backward(q, k, v, out, lse, d_out, window, first),
+            )
+        )
         if where == "suffix":  # the double backward runs in the suffix only
             g = [torch.randn_like(t) for t in (q, k, v)]
-            steps.append((
-                f"{where} double backward",
-                lambda: triton_swa.attention_double_backward(q, k, v, out, lse, d_out, *g, window,
-                                                             first),
-                lambda: chunk.double_backward(q, k, v, lse, d_out, *g, window, first)))
+            steps.append(
+                (
+                    f"{where} double backward",
+                    lambda: triton_swa.attention_double_backward(
+                        q, k, v, out, lse, d_out, *g, window, first
+                    ),
+                    lambda: chunk.double_backward(q, k, v, lse, d_out, *g, window, first),
+                )
+            )
         for name, kernel, reference in steps:
             try:
                 got, want = kernel(), reference()
@@ -81,8 +94,12 @@ def run_checks(device, dtype) -> list[tuple[str, str]]:
                 continue
             worst = max(errors)
             if not worst <= tol:  # also catches NaN
-                failures.append((name, f"max relative error {worst:.3g} > {tol:g} against the "
-                                       "PyTorch reference"))
+                failures.append(
+                    (
+                        name,
+                        f"max relative error {worst:.3g} > {tol:g} against the PyTorch reference",
+                    )
+                )
     return failures
 
 
@@ -99,14 +116,19 @@ def triton_allowed(t: torch.Tensor) -> bool:
             failures = run_checks(t.device, t.dtype)
         if failures:
             listed = "; ".join(f"{name}: {why}" for name, why in failures)
-            message = (f"Triton attention kernels failed their self-check on {t.device} "
-                       f"({torch.cuda.get_device_name(t.device) if t.is_cuda else t.device.type}"
-                       f", {t.dtype}): {listed}")
+            message = (
+                f"Triton attention kernels failed their self-check on {t.device} "
+                f"({torch.cuda.get_device_name(t.device) if t.is_cuda else t.device.type}"
+                f", {t.dtype}): {listed}"
+            )
             if forced():
                 raise RuntimeError(message + f" ({FORCE_ENV}=triton: no fallback)")
-            warnings.warn(message + "; using the PyTorch paths instead (prefix: blocked SDPA "
-                          "with a window mask, suffix: the dense fused op)", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                message + "; using the PyTorch paths instead (prefix: blocked SDPA "
+                "with a window mask, suffix: the dense fused op)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _verdicts[key] = not failures
     return _verdicts[key]
 

@@ -37,14 +37,20 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def usable(t: torch.Tensor) -> bool:
     """Whether the kernels can run on this tensor here (GPU, or the CPU under the interpreter)."""
-    return AVAILABLE and t.dtype in SUPPORTED_DTYPES and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+    return (
+        AVAILABLE
+        and t.dtype in SUPPORTED_DTYPES
+        and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+    )
 
 
 if AVAILABLE:
     LOG2E = 1.4426950408889634
 
     @triton.jit
-    def _window_bounds_for_queries(m_start, BLOCK_M: tl.constexpr, TK, Q_OFFSET, WINDOW, FIRST_VALID):
+    def _window_bounds_for_queries(
+        m_start, BLOCK_M: tl.constexpr, TK, Q_OFFSET, WINDOW, FIRST_VALID
+    ):
         # keys seen by queries m_start..m_start+BLOCK_M-1 (positions Q_OFFSET + m)
         lo = tl.maximum(Q_OFFSET + m_start - WINDOW + 1, FIRST_VALID)
         lo = tl.maximum(lo, 0)
@@ -58,12 +64,42 @@ if AVAILABLE:
         return ok & (q_pos[:, None] < TQ_POS_END)
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE,
-                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                    s_ob, s_oh, s_om, s_od,
-                    H, TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _fwd_kernel(
+        Q,
+        K,
+        V,
+        O,  # noqa: E741 - the output pointer beside Q, K, V
+        LSE,
+        s_qb,
+        s_qh,
+        s_qm,
+        s_qd,
+        s_kb,
+        s_kh,
+        s_kn,
+        s_kd,
+        s_vb,
+        s_vh,
+        s_vn,
+        s_vd,
+        s_ob,
+        s_oh,
+        s_om,
+        s_od,
+        H,
+        TQ,
+        TK,
+        Q_OFFSET,
+        WINDOW,
+        FIRST_VALID,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)  # element offsets exceed int32 at long T x batch
@@ -80,19 +116,27 @@ if AVAILABLE:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        lo, hi = _window_bounds_for_queries(pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID)
+        lo, hi = _window_bounds_for_queries(
+            pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID
+        )
         k_base = K + b * s_kb + h * s_kh
         v_base = V + b * s_vb + h * s_vh
         for start_n in range(lo, hi, BLOCK_N):
             k_pos = start_n + offs_n
             kv_mask = (k_pos < TK)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + k_pos[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + k_pos[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            k = tl.load(
+                k_base + k_pos[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0
+            )
+            v = tl.load(
+                v_base + k_pos[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # base-2 logits
-            s = tl.where(_visible(q_pos, k_pos, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID), s, float("-inf"))
+            s = tl.where(
+                _visible(q_pos, k_pos, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID), s, float("-inf")
+            )
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             p = tl.exp2(s - m_safe[:, None])
@@ -108,12 +152,45 @@ if AVAILABLE:
         tl.store(LSE + pid_bh * TQ + offs_m, lse, mask=offs_m < TQ)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
-                         s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                         s_db, s_dh, s_dm, s_dd,
-                         H, TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, sm_scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _bwd_dkdv_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        s_qb,
+        s_qh,
+        s_qm,
+        s_qd,
+        s_kb,
+        s_kh,
+        s_kn,
+        s_kd,
+        s_vb,
+        s_vh,
+        s_vn,
+        s_vd,
+        s_db,
+        s_dh,
+        s_dm,
+        s_dd,
+        H,
+        TQ,
+        TK,
+        Q_OFFSET,
+        WINDOW,
+        FIRST_VALID,
+        sm_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)  # element offsets exceed int32 at long T x batch
@@ -123,10 +200,16 @@ if AVAILABLE:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         kv_mask = (offs_n < TK)[:, None] & d_ok[None, :]
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=kv_mask, other=0.0)
+        k = tl.load(
+            K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+            mask=kv_mask,
+            other=0.0,
+        )
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -142,7 +225,9 @@ if AVAILABLE:
             m = start_m + offs_m
             q_mask = (m < TQ)[:, None] & d_ok[None, :]
             q = tl.load(q_base + m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
-            do = tl.load(do_base + m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=q_mask, other=0.0)
+            do = tl.load(
+                do_base + m[:, None] * s_dm + offs_d[None, :] * s_dd, mask=q_mask, other=0.0
+            )
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
@@ -150,24 +235,64 @@ if AVAILABLE:
             delta = tl.load(DELTA + pid_bh * TQ + m, mask=m < TQ, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
             p = tl.exp(s - lse[:, None])
-            p = tl.where(_visible(Q_OFFSET + m, offs_n, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID), p, 0.0)
+            p = tl.where(
+                _visible(Q_OFFSET + m, offs_n, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID), p, 0.0
+            )
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
         dk = dk * sm_scale
-        tl.store(DK + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                 dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(
+            DK + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+            dk.to(DK.dtype.element_ty),
+            mask=kv_mask,
+        )
+        tl.store(
+            DV + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+            dv.to(DV.dtype.element_ty),
+            mask=kv_mask,
+        )
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
-                       s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                       s_db, s_dh, s_dm, s_dd,
-                       H, TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, sm_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _bwd_dq_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DQ,
+        s_qb,
+        s_qh,
+        s_qm,
+        s_qd,
+        s_kb,
+        s_kh,
+        s_kn,
+        s_kd,
+        s_vb,
+        s_vh,
+        s_vn,
+        s_vd,
+        s_db,
+        s_dh,
+        s_dm,
+        s_dd,
+        H,
+        TQ,
+        TK,
+        Q_OFFSET,
+        WINDOW,
+        FIRST_VALID,
+        sm_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)  # element offsets exceed int32 at long T x batch
@@ -177,10 +302,16 @@ if AVAILABLE:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         q_mask = (offs_m < TQ)[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                    mask=q_mask, other=0.0)
-        do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
-                     mask=q_mask, other=0.0)
+        q = tl.load(
+            Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+            mask=q_mask,
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
+            mask=q_mask,
+            other=0.0,
+        )
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -188,14 +319,20 @@ if AVAILABLE:
         delta = tl.load(DELTA + pid_bh * TQ + offs_m, mask=offs_m < TQ, other=0.0)
         q_pos = Q_OFFSET + offs_m
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        lo, hi = _window_bounds_for_queries(pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID)
+        lo, hi = _window_bounds_for_queries(
+            pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID
+        )
         k_base = K + b * s_kb + h * s_kh
         v_base = V + b * s_vb + h * s_vh
         for start_n in range(lo, hi, BLOCK_N):
             k_pos = start_n + offs_n
             kv_mask = (k_pos < TK)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + k_pos[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + k_pos[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            k = tl.load(
+                k_base + k_pos[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0
+            )
+            v = tl.load(
+                v_base + k_pos[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -206,9 +343,11 @@ if AVAILABLE:
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         dq = dq * sm_scale
-        tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                 dq.to(DQ.dtype.element_ty), mask=q_mask)
-
+        tl.store(
+            DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+            dq.to(DQ.dtype.element_ty),
+            mask=q_mask,
+        )
 
     # --- double backward -----------------------------------------------------------------------
     # Gradients of (dQ, dK, dV) = bwd(Q, K, V, dO) given their cotangents (gQ, gK, gV); formulas in
@@ -221,25 +360,53 @@ if AVAILABLE:
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        g = (tl.dot(gq, tl.trans(k), input_precision=PRECISION)
-             + tl.dot(q, tl.trans(gk), input_precision=PRECISION)) * sm_scale
+        g = (
+            tl.dot(gq, tl.trans(k), input_precision=PRECISION)
+            + tl.dot(q, tl.trans(gk), input_precision=PRECISION)
+        ) * sm_scale
         dogv = tl.dot(do, tl.trans(gv), input_precision=PRECISION)
         return p, dp - delta[:, None], g, dogv
 
     @triton.jit
     def _load_rows(base, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-        t = tl.load(base + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        t = tl.load(
+            base + rows[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :],
+            other=0.0,
+        )
         if UPCAST:
             t = t.to(tl.float32)
         return t
 
     @triton.jit
-    def _dd_rows_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, E, F, GRAD_Q, GRAD_DO,
-                        TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, sm_scale,
-                        STATS_ONLY: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr):
+    def _dd_rows_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        GQ,
+        GK,
+        GV,
+        LSE,
+        DELTA,
+        E,
+        F,
+        GRAD_Q,
+        GRAD_DO,
+        TQ,
+        TK,
+        Q_OFFSET,
+        WINDOW,
+        FIRST_VALID,
+        sm_scale,
+        STATS_ONLY: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -262,7 +429,9 @@ if AVAILABLE:
             grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             grad_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         q_pos = Q_OFFSET + offs_m
-        lo, hi = _window_bounds_for_queries(pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID)
+        lo, hi = _window_bounds_for_queries(
+            pid_m * BLOCK_M, BLOCK_M, TK, Q_OFFSET, WINDOW, FIRST_VALID
+        )
         for start_n in range(lo, hi, BLOCK_N):
             k_pos = start_n + offs_n
             k = _load_rows(K + k_base, k_pos, TK, offs_d, HEAD_DIM, UPCAST)
@@ -270,7 +439,9 @@ if AVAILABLE:
             gk = _load_rows(GK + k_base, k_pos, TK, offs_d, HEAD_DIM, UPCAST)
             gv = _load_rows(GV + k_base, k_pos, TK, offs_d, HEAD_DIM, UPCAST)
             visible = _visible(q_pos, k_pos, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID)
-            p, dp_d, g, dogv = _dd_tile(q, do, gq, k, v, gk, gv, lse, delta, visible, sm_scale, PRECISION)
+            p, dp_d, g, dogv = _dd_tile(
+                q, do, gq, k, v, gk, gv, lse, delta, visible, sm_scale, PRECISION
+            )
             if STATS_ONLY:
                 e_acc += tl.sum(p * g, 1)
                 pgp_acc += tl.sum(p * (g * dp_d + dogv), 1)
@@ -294,10 +465,33 @@ if AVAILABLE:
             tl.store(GRAD_DO + ptrs, grad_do.to(GRAD_DO.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def _dd_cols_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, E, F, GRAD_K, GRAD_V,
-                        TQ, TK, Q_OFFSET, WINDOW, FIRST_VALID, sm_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _dd_cols_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        GQ,
+        GK,
+        GV,
+        LSE,
+        DELTA,
+        E,
+        F,
+        GRAD_K,
+        GRAD_V,
+        TQ,
+        TK,
+        Q_OFFSET,
+        WINDOW,
+        FIRST_VALID,
+        sm_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -325,7 +519,9 @@ if AVAILABLE:
             e = tl.load(E + pid_bh * TQ + m, mask=row_ok, other=0.0)
             f = tl.load(F + pid_bh * TQ + m, mask=row_ok, other=0.0)
             visible = _visible(Q_OFFSET + m, offs_n, Q_OFFSET + TQ, TK, WINDOW, FIRST_VALID)
-            p, dp_d, g, dogv = _dd_tile(q, do, gq, k, v, gk, gv, lse, delta, visible, sm_scale, PRECISION)
+            p, dp_d, g, dogv = _dd_tile(
+                q, do, gq, k, v, gk, gv, lse, delta, visible, sm_scale, PRECISION
+            )
             g_p = g * dp_d - e[:, None] * (dp_d + delta[:, None]) + dogv
             g_s = p * (g_p - f[:, None])
             d_s = p * dp_d
@@ -341,21 +537,36 @@ if AVAILABLE:
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, first_valid_key: int):
     if not AVAILABLE:
-        raise RuntimeError("Triton is not installed: install the `triton` extra or use the PyTorch path")
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q [B, H, Tq, dh] and k, v [B, H, Tk, dh]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise RuntimeError(
+            "Triton is not installed: install the `triton` extra or use the PyTorch path"
+        )
+    if (
+        q.dim() != 4
+        or k.shape != v.shape
+        or q.shape[:2] != k.shape[:2]
+        or q.shape[-1] != k.shape[-1]
+    ):
+        raise ValueError(
+            f"expected q [B, H, Tq, dh] and k, v [B, H, Tk, dh]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[-2] > k.shape[-2]:
-        raise ValueError(f"more queries ({q.shape[-2]}) than keys ({k.shape[-2]}): queries are the "
-                         "last Tq key positions")
+        raise ValueError(
+            f"more queries ({q.shape[-2]}) than keys ({k.shape[-2]}): queries are the "
+            "last Tq key positions"
+        )
     if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"Triton attention takes float16/bfloat16/float32 q, k, v of one dtype; got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(
+            f"Triton attention takes float16/bfloat16/float32 q, k, v of one dtype; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if not 0 <= first_valid_key <= k.shape[-2] - q.shape[-2]:
-        raise ValueError(f"first_valid_key {first_valid_key} must lie in the cache part "
-                         f"[0, {k.shape[-2] - q.shape[-2]}]")
+        raise ValueError(
+            f"first_valid_key {first_valid_key} must lie in the cache part "
+            f"[0, {k.shape[-2] - q.shape[-2]}]"
+        )
 
 
 def _launch_config(head_dim: int, dtype: torch.dtype):
@@ -375,11 +586,30 @@ def attention_forward(q, k, v, window: int, first_valid_key: int = 0):
     lse = torch.empty(batch, heads, tq, device=q.device, dtype=torch.float32)
     block, block_d, precision = _launch_config(head_dim, q.dtype)
     grid = (triton.cdiv(tq, block), batch * heads)
-    _fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                      heads, tq, tk, tk - tq, window, first_valid_key,
-                      LOG2E / math.sqrt(head_dim),
-                      HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
-                      UPCAST=INTERPRET, PRECISION=precision)
+    _fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        heads,
+        tq,
+        tk,
+        tk - tq,
+        window,
+        first_valid_key,
+        LOG2E / math.sqrt(head_dim),
+        HEAD_DIM=head_dim,
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_D=block_d,
+        UPCAST=INTERPRET,
+        PRECISION=precision,
+    )
     return out, lse
 
 
@@ -395,19 +625,28 @@ def attention_backward(q, k, v, out, lse, grad_out, window: int, first_valid_key
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     block, block_d, precision = _launch_config(head_dim, q.dtype)
-    common = dict(HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
-                  UPCAST=INTERPRET, PRECISION=precision)
+    common = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_D=block_d,
+        UPCAST=INTERPRET,
+        PRECISION=precision,
+    )
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (heads, tq, tk, tk - tq, window, first_valid_key, 1.0 / math.sqrt(head_dim))
     _bwd_dkdv_kernel[(triton.cdiv(tk, block), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, *scalars, **common)
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, *scalars, **common
+    )
     _bwd_dq_kernel[(triton.cdiv(tq, block), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, *strides, *scalars, **common)
+        q, k, v, grad_out, lse, delta, dq, *strides, *scalars, **common
+    )
     return dq, dk, dv
 
 
-def attention_double_backward(q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window: int,
-                              first_valid_key: int = 0):
+def attention_double_backward(
+    q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window: int, first_valid_key: int = 0
+):
     """Gradients of attention_backward's (dq, dk, dv) w.r.t. (q, k, v, grad_out), given their
     cotangents (None = zero); returns (grad_q, grad_k, grad_v, grad_grad_out)."""
     _check(q, k, v, window, first_valid_key)
@@ -425,8 +664,14 @@ def attention_double_backward(q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, win
     grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
     _, block_d, precision = _launch_config(head_dim, q.dtype)
     block = 16 if INTERPRET else 32  # six [block, dh] operand tiles live per step: small blocks
-    common = dict(HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
-                  UPCAST=INTERPRET, PRECISION=precision)
+    common = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_D=block_d,
+        UPCAST=INTERPRET,
+        PRECISION=precision,
+    )
     if not INTERPRET:
         common["num_warps"] = 8 if block_d > 64 else 4
     scalars = (tq, tk, tk - tq, window, first_valid_key, 1.0 / math.sqrt(head_dim))
@@ -434,6 +679,7 @@ def attention_double_backward(q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, win
     rows = (triton.cdiv(tq, block), batch * heads)
     _dd_rows_kernel[rows](*tensors, grad_q, grad_do, *scalars, STATS_ONLY=True, **common)
     _dd_rows_kernel[rows](*tensors, grad_q, grad_do, *scalars, STATS_ONLY=False, **common)
-    _dd_cols_kernel[(triton.cdiv(tk, block), batch * heads)](*tensors, grad_k, grad_v, *scalars,
-                                                             **common)
+    _dd_cols_kernel[(triton.cdiv(tk, block), batch * heads)](
+        *tensors, grad_k, grad_v, *scalars, **common
+    )
     return grad_q, grad_k, grad_v, grad_do

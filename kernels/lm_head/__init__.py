@@ -46,8 +46,12 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
             local = torch.where(held, local, torch.zeros_like(local))
             top = _reduce(logits.detach().amax(-1), group, dist.ReduceOp.MAX)
             lse = top + torch.log(_reduce(torch.exp(logits - top[:, None]).sum(-1), group))
-            target_logit = _reduce(torch.where(held, logits.gather(1, local[:, None]).squeeze(1),
-                                               torch.zeros_like(lse)), group)
+            target_logit = _reduce(
+                torch.where(
+                    held, logits.gather(1, local[:, None]).squeeze(1), torch.zeros_like(lse)
+                ),
+                group,
+            )
         nll = lse - target_logit
         probs = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits buffer
         w = weights.to(probs.dtype)
@@ -94,12 +98,16 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
             # d E from dl/dh = (w (p - onehot)) E: p^T (w dgh) - onehot^T (w dgh)
             scaled = d_grad_h * w[:, None].to(d_grad_h.dtype)
             d_embed = torch.matmul(probs.t().to(d_grad_h.dtype), scaled)
-            d_embed.index_add_(0, local,
-                               (scaled * -held[:, None].to(scaled.dtype)).to(d_embed.dtype))
+            d_embed.index_add_(
+                0, local, (scaled * -held[:, None].to(scaled.dtype)).to(d_embed.dtype)
+            )
         if d_nll is not None:
             d_nll = d_nll.to(probs.dtype)
-            coeff = d_nll[:, None].expand_as(probs).clone() if coeff is None else coeff.add_(
-                d_nll[:, None])
+            coeff = (
+                d_nll[:, None].expand_as(probs).clone()
+                if coeff is None
+                else coeff.add_(d_nll[:, None])
+            )
         d_logits = coeff.mul_(probs)
         if d_nll is not None:
             d_logits[rows, local] -= d_nll * held
@@ -110,9 +118,14 @@ class _NLLAndHiddenGrad(torch.autograd.Function):
         return d_h, d_embed, None, None, None, None
 
 
-def nll_and_hidden_grad(h: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor,
-                        weights: torch.Tensor, group=None, vocab_offset: int = 0
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def nll_and_hidden_grad(
+    h: torch.Tensor,
+    embed: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    group=None,
+    vocab_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """h [N, d], embed [V, d], targets [N] (int64), weights [N] -> (nll [N], dl/dh [N, d]).
     group: a torch.distributed group over which the vocabulary is sharded (embed = rows
     vocab_offset.. of the full table), or None."""

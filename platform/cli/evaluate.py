@@ -84,10 +84,19 @@ def main(argv: list[str] | None = None) -> dict:
             local = Path(args.out) / TOKENIZER_FILE
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(tok.read_bytes())
-            needles = niah(model, str(local), args.data, contexts,
-                           [float(d) for d in args.niah_depths.split(",")], args.niah_trials)
-        scores = _harness(args, model, loaded.tokenizer, contexts, modes, metadata) \
-            if args.harness_tasks else None
+            needles = niah(
+                model,
+                str(local),
+                args.data,
+                contexts,
+                [float(d) for d in args.niah_depths.split(",")],
+                args.niah_trials,
+            )
+        scores = (
+            _harness(args, model, loaded.tokenizer, contexts, modes, metadata)
+            if args.harness_tasks
+            else None
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         fail("evaluate", e)
     report = write_report(results, needles, Path(args.out), model.config.window)
@@ -100,13 +109,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tracking_uri:
         from ttte2e.platform.registry.tracking import RunLogger, start_run
 
-        run_id = start_run(args.tracking_uri, "ttte2e-eval", f"eval-{Path(args.model).name}",
-                           {"model": args.model, "data": args.data, "contexts": args.contexts})
+        run_id = start_run(
+            args.tracking_uri,
+            "ttte2e-eval",
+            f"eval-{Path(args.model).name}",
+            {"model": args.model, "data": args.data, "contexts": args.contexts},
+        )
         logger = RunLogger(args.tracking_uri, run_id)
         for context, r in results.items():
             logger.metrics({f"loss_{m}": v["loss"] for m, v in r.items()}, context)
-        for f in ("report.md", "loss_vs_context.png", "loss_vs_context.json") + \
-                (("harness.json",) if scores is not None else ()):
+        for f in ("report.md", "loss_vs_context.png", "loss_vs_context.json") + (
+            ("harness.json",) if scores is not None else ()
+        ):
             logger.artifact(Path(args.out) / f)
         logger.end()
         report["run_id"] = run_id
@@ -120,8 +134,9 @@ def _check_harness(args, tokenizer) -> dict | None:
     try:
         importlib.import_module("ttte2e.platform.eval.harness")
     except ImportError as e:
-        raise ValueError(f"--harness-tasks needs lm-evaluation-harness ({e}): pip install -e "
-                         "'.[eval]'") from e
+        raise ValueError(
+            f"--harness-tasks needs lm-evaluation-harness ({e}): pip install -e '.[eval]'"
+        ) from e
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: the harness scores text")
     try:
@@ -130,8 +145,9 @@ def _check_harness(args, tokenizer) -> dict | None:
         raise ValueError(f"--harness-metadata is not JSON ({e})") from e
 
 
-def _harness(args, model, tokenizer, contexts: list[int], modes: tuple[str, ...],
-             metadata: dict | None) -> dict:
+def _harness(
+    args, model, tokenizer, contexts: list[int], modes: tuple[str, ...], metadata: dict | None
+) -> dict:
     """lm-evaluation-harness scores per mode; 'heldout' expands to this run's held-out tasks."""
     from ttte2e.platform.eval.harness import heldout_text_tasks, task_scores
 
@@ -139,25 +155,35 @@ def _harness(args, model, tokenizer, contexts: list[int], modes: tuple[str, ...]
     tasks, include = [], [args.harness_include_path] if args.harness_include_path else []
     for task in (t.strip() for t in args.harness_tasks.split(",")):
         if task == "heldout":
-            tasks += heldout_text_tasks(args.data, contexts, args.windows, work / "tasks",
-                                        tokenizer)
+            tasks += heldout_text_tasks(
+                args.data, contexts, args.windows, work / "tasks", tokenizer
+            )
             include.append(str(work / "tasks"))
         elif task:
             tasks.append(task)
-    return task_scores(model, tokenizer, tasks, modes, work, include or None, metadata,
-                       args.harness_limit or None)
+    return task_scores(
+        model, tokenizer, tasks, modes, work, include or None, metadata, args.harness_limit or None
+    )
 
 
 def _scores_table(scores: dict) -> str:
     from ttte2e.platform.eval.long_context import MODE_LABELS
 
     modes = list(scores)
-    rows = sorted({(task, metric) for m in modes for task, ms in scores[m].items() for metric in ms})
-    lines = ["lm-evaluation-harness (ttte2e backend)", "",
-             "| task | metric | " + " | ".join(MODE_LABELS[m] for m in modes) + " |",
-             "|---|---|" + "---|" * len(modes)]
+    rows = sorted(
+        {(task, metric) for m in modes for task, ms in scores[m].items() for metric in ms}
+    )
+    lines = [
+        "lm-evaluation-harness (ttte2e backend)",
+        "",
+        "| task | metric | " + " | ".join(MODE_LABELS[m] for m in modes) + " |",
+        "|---|---|" + "---|" * len(modes),
+    ]
     for task, metric in rows:
         cells = [scores[m].get(task, {}).get(metric) for m in modes]
-        lines.append(f"| {task} | {metric} | " + " | ".join(
-            "n/a" if c is None else f"{c:.4g}" for c in cells) + " |")
+        lines.append(
+            f"| {task} | {metric} | "
+            + " | ".join("n/a" if c is None else f"{c:.4g}" for c in cells)
+            + " |"
+        )
     return "\n".join(lines)

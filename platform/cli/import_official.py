@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import tyro
 
@@ -24,10 +24,11 @@ class ImportOptions:
     preset: str = "auto"
     """125m | 350m | 760m | 1b | 3b (checked against every stored shape), or auto (architecture
     from the shapes)."""
-    step: Optional[int] = None
+    step: int | None = None
     """Step to read (default: the latest)."""
-    overrides: Annotated[list[str], tyro.conf.arg(name="set", metavar="FIELD=VALUE"),
-                         tyro.conf.UseAppendAction] = field(default_factory=list)
+    overrides: Annotated[
+        list[str], tyro.conf.arg(name="set", metavar="FIELD=VALUE"), tyro.conf.UseAppendAction
+    ] = field(default_factory=list)
     """Config field the shapes do not fix, e.g. seq_len=131072."""
     max_shard_gb: float = 5.0
     """Safetensors shard size limit (GB)."""
@@ -48,8 +49,7 @@ def _override(text: str) -> tuple[str, object]:
     hints = typing.get_type_hints(TTTConfig)
     fields = {f.name for f in dataclasses.fields(TTTConfig)}
     if not sep or key not in fields:
-        raise ValueError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of "
-                         f"{sorted(fields)}")
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
     kind = hints[key]
     if kind is bool:
         return key, value.lower() in ("1", "true", "yes")
@@ -66,13 +66,20 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         overrides = dict(_override(o) for o in args.overrides)
         config, files = import_official_checkpoint(
-            args.checkpoint, args.out, args.preset, args.step,
-            max_shard_bytes=int(args.max_shard_gb * 1024**3), **overrides)
+            args.checkpoint,
+            args.out,
+            args.preset,
+            args.step,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            **overrides,
+        )
     except (OfficialCheckpointError, ValueError, FileNotFoundError) as e:
         fail("import_official", e)
     out = Path(args.out).resolve()
-    print(f"imported {args.checkpoint} -> {out} ({', '.join(files)}; "
-          f"{config.n_layers} layers, d {config.d_model}, {config.n_ttt_blocks} TTT blocks)")
+    print(
+        f"imported {args.checkpoint} -> {out} ({', '.join(files)}; "
+        f"{config.n_layers} layers, d {config.d_model}, {config.n_ttt_blocks} TTT blocks)"
+    )
     print(f"  load with TTTModel.from_pretrained({str(out)!r})")
     result = dict(out=str(out), files=files, config=config.to_dict())
     if args.tokenizer:

@@ -14,7 +14,7 @@ import logging
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import tyro
 
@@ -32,8 +32,9 @@ def fail(prog: str, error: BaseException | str) -> typing.NoReturn:
     sys.exit(2)
 
 
-def cli(cls: type[T], argv: list[str] | None, description: str, prog: str,
-        default: T | None = None) -> T:
+def cli(
+    cls: type[T], argv: list[str] | None, description: str, prog: str, default: T | None = None
+) -> T:
     """Parse argv into cls (tyro: one flag per field, help from the field docstrings). prog
     names the command in usage lines when argv is given (tests, tools); from a shell it is the
     script's own name."""
@@ -58,8 +59,9 @@ def recipe_path(name_or_path: str) -> Path:
         if (folder / file).is_file():
             return folder / file
     known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    raise RecipeError(f"recipe {name_or_path!r}: no such file, and no recipes/{file} "
-                      f"(shipped: {known})")
+    raise RecipeError(
+        f"recipe {name_or_path!r}: no such file, and no recipes/{file} (shipped: {known})"
+    )
 
 
 def read_recipe(name_or_path: str) -> dict:
@@ -92,14 +94,24 @@ def typed_values(cls, values: dict, where: str) -> dict:
                 out[key] = None
                 continue
         kind = typing.get_origin(kind) or kind
-        ok = (isinstance(value, bool) if kind is bool else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
-              isinstance(value, int) and not isinstance(value, bool) if kind is int else
-              isinstance(value, kind))
+        ok = (
+            isinstance(value, bool)
+            if kind is bool
+            else isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind is float
+            else isinstance(value, int) and not isinstance(value, bool)
+            if kind is int
+            else isinstance(value, kind)
+        )
         if not ok:
-            raise RecipeError(f"{where}: {key} = {value!r} is not a {kind.__name__}"
-                              + (" (YAML reads 8e-4 as text: write 8.0e-4)"
-                                 if kind is float and isinstance(value, str) else ""))
+            raise RecipeError(
+                f"{where}: {key} = {value!r} is not a {kind.__name__}"
+                + (
+                    " (YAML reads 8e-4 as text: write 8.0e-4)"
+                    if kind is float and isinstance(value, str)
+                    else ""
+                )
+            )
         out[key] = float(value) if kind is float else value
     return out
 
@@ -125,10 +137,16 @@ def overrides_class(cls, name: str, skip: set[str] = frozenset(), note: str = ""
         if f.name in skip:
             continue
         help_text = (docs.get(f.name) or "").strip()
-        fields.append((f.name, Annotated[Optional[hints[f.name]],
-                                         tyro.conf.arg(help=help_text,
-                                                       help_behavior_hint=note or None)],
-                       dataclasses.field(default=None)))
+        fields.append(
+            (
+                f.name,
+                Annotated[
+                    hints[f.name] | None,
+                    tyro.conf.arg(help=help_text, help_behavior_hint=note or None),
+                ],
+                dataclasses.field(default=None),
+            )
+        )
     return dataclasses.make_dataclass(name, fields)
 
 

@@ -14,8 +14,10 @@ from ttte2e.platform.data.manifest import DataError, verify_dataset
 from ttte2e.platform.data.prepare import PrepareOptions, prepare
 from ttte2e.platform.data.storage import StorageError
 
-DESCRIPTION = ("Tokenize raw text into TTT-E2E token shards. `--verify OUTPUT` checks a finished "
-               "dataset instead (exit 1 on damage).")
+DESCRIPTION = (
+    "Tokenize raw text into TTT-E2E token shards. `--verify OUTPUT` checks a finished "
+    "dataset instead (exit 1 on damage)."
+)
 
 
 @dataclass

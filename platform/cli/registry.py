@@ -9,13 +9,21 @@ from typing import Annotated, Literal, Union
 import tyro
 
 from ttte2e.platform.cli.parsing import cli, fail
-from ttte2e.platform.registry.model_registry import (DEFAULT_MAX_LOGGED_BYTES, RegistryError,
-                                                     check_store_exists, describe, load_model,
-                                                     register, registry_uri, set_alias)
+from ttte2e.platform.registry.model_registry import (
+    DEFAULT_MAX_LOGGED_BYTES,
+    RegistryError,
+    check_store_exists,
+    describe,
+    load_model,
+    register,
+    registry_uri,
+    set_alias,
+)
 from ttte2e.platform.registry.serving import GENERATION_DEFAULTS
 
-TRACKING_HELP = ("MLflow tracking URI: sqlite:///path/mlflow.db or http://host:port; empty: "
-                 "MLFLOW_TRACKING_URI")
+TRACKING_HELP = (
+    "MLflow tracking URI: sqlite:///path/mlflow.db or http://host:port; empty: MLFLOW_TRACKING_URI"
+)
 
 
 @dataclass
@@ -60,9 +68,11 @@ class ListVersions:
     tracking_uri: Annotated[str, tyro.conf.arg(help=TRACKING_HELP)] = ""
 
 
-Command = Union[Annotated[Register, tyro.conf.subcommand("register")],
-                Annotated[Promote, tyro.conf.subcommand("promote")],
-                Annotated[ListVersions, tyro.conf.subcommand("list")]]
+Command = Union[  # noqa: UP007 - tyro reads subcommands from a typing.Union
+    Annotated[Register, tyro.conf.subcommand("register")],
+    Annotated[Promote, tyro.conf.subcommand("promote")],
+    Annotated[ListVersions, tyro.conf.subcommand("list")],
+]
 
 
 def registry_main(argv: list[str] | None = None) -> dict | list:
@@ -72,22 +82,34 @@ def registry_main(argv: list[str] | None = None) -> dict | list:
         if not isinstance(args, Register):
             check_store_exists(uri)
         if isinstance(args, Register):
-            out = register(args.source, args.name, uri, alias=args.alias, weights=args.weights,
-                           max_logged_bytes=int(args.max_logged_mb * 1024**2),
-                           description=args.description)
-            print(f"registered {out['uri']} (version {out['version']}; weights {out['weights']}"
-                  f"{' at ' + out['weights_uri'] if out['weights'] == 'reference' else ''}; "
-                  f"tokenizer {'attached' if out['tokenizer'] else 'MISSING'})")
+            out = register(
+                args.source,
+                args.name,
+                uri,
+                alias=args.alias,
+                weights=args.weights,
+                max_logged_bytes=int(args.max_logged_mb * 1024**2),
+                description=args.description,
+            )
+            print(
+                f"registered {out['uri']} (version {out['version']}; weights {out['weights']}"
+                f"{' at ' + out['weights_uri'] if out['weights'] == 'reference' else ''}; "
+                f"tokenizer {'attached' if out['tokenizer'] else 'MISSING'})"
+            )
             return out
         if isinstance(args, Promote):
             version, before = set_alias(args.name, args.version, args.to, uri)
-            print(f"models:/{args.name}@{args.to} -> version {version}"
-                  f"{f' (was version {before})' if before else ' (new alias)'}")
+            print(
+                f"models:/{args.name}@{args.to} -> version {version}"
+                f"{f' (was version {before})' if before else ' (new alias)'}"
+            )
             return dict(name=args.name, alias=args.to, version=version, previous=before)
         rows = describe(args.name, uri)
         for r in rows:
-            print(f"v{r['version']:<4} {','.join(r['aliases']) or '-':<22} {r['weights']:<9} "
-                  f"val_loss {r['val_loss'] or 'n/a':<9} {r['weights_uri']}")
+            print(
+                f"v{r['version']:<4} {','.join(r['aliases']) or '-':<22} {r['weights']:<9} "
+                f"val_loss {r['val_loss'] or 'n/a':<9} {r['weights_uri']}"
+            )
         return rows
     except (RegistryError, FileNotFoundError, OSError) as e:
         fail("registry", e)
@@ -118,22 +140,35 @@ class PullOptions:
 def pull_main(argv: list[str] | None = None) -> dict:
     from ttte2e.platform.registry.serving import TextGenerator
 
-    args = cli(PullOptions, argv, "Pull a registered model (or load a checkpoint) and generate "
-               "text with continued test-time training.", "pull_model")
+    args = cli(
+        PullOptions,
+        argv,
+        "Pull a registered model (or load a checkpoint) and generate "
+        "text with continued test-time training.",
+        "pull_model",
+    )
     try:
         model, tokenizer = load_model(args.model, args.tracking_uri or None)
         cfg = model.config
-        print(f"pulled {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-              f"parameters, {cfg.n_layers} layers ({cfg.n_ttt_blocks} with TTT), window "
-              f"{cfg.window}, chunk {cfg.chunk_size}; tokenizer "
-              f"{'attached' if tokenizer is not None else 'MISSING'}", flush=True)
+        print(
+            f"pulled {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            f"parameters, {cfg.n_layers} layers ({cfg.n_ttt_blocks} with TTT), window "
+            f"{cfg.window}, chunk {cfg.chunk_size}; tokenizer "
+            f"{'attached' if tokenizer is not None else 'MISSING'}",
+            flush=True,
+        )
         texts = []
         if args.prompt:
             generate = TextGenerator(model, tokenizer)
-            texts = generate(args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p,
-                             repetition_penalty=args.repetition_penalty, mode=args.mode,
-                             seed=args.seed)
+            texts = generate(
+                args.prompt,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty,
+                mode=args.mode,
+                seed=args.seed,
+            )
             for prompt, text in zip(args.prompt, texts):
                 print(f"--- prompt: {prompt!r}\n{prompt}{text}\n---", flush=True)
     except (RegistryError, ValueError, FileNotFoundError, OSError) as e:

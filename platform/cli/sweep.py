@@ -59,8 +59,9 @@ def main(description: str, recipe: str = "", argv: list[str] | None = None) -> d
     try:
         from ttte2e.platform.tune.sweep import run_sweep
 
-        out = run_sweep(cfg, knobs, values, opts.baseline, opts.scheduler, opts.grace_steps,
-                        opts.max_concurrent)
+        out = run_sweep(
+            cfg, knobs, values, opts.baseline, opts.scheduler, opts.grace_steps, opts.max_concurrent
+        )
     except ConfigError as e:
         fail("ablate", e)
     if out["interrupted"]:

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Annotated, Optional
+from typing import Annotated
 
 import tyro
 
 from ttte2e.model import TTTConfig
-from ttte2e.platform.cli.parsing import (RecipeError, cli, fail, given, overrides_class,
-                                         read_recipe, recipe_argument, typed_values)
+from ttte2e.platform.cli.parsing import (
+    RecipeError,
+    cli,
+    fail,
+    given,
+    overrides_class,
+    read_recipe,
+    recipe_argument,
+    typed_values,
+)
 from ttte2e.platform.train.config import ConfigError, TrainConfig
 
 ModelFlags = overrides_class(TTTConfig, "ModelFlags", note="(default: the preset's)")
@@ -42,7 +50,7 @@ class RunFlags:
 
     train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
     model: Annotated[ModelFlags, tyro.conf.OmitArgPrefixes]
-    ttt_fraction: Optional[float] = None
+    ttt_fraction: float | None = None
     """[model] Fraction of the blocks that are TTT blocks (rounded, >= 1); sets n_ttt_blocks
     (give one of the two)."""
     config: str = ""
@@ -70,8 +78,9 @@ def recipe_config(recipe: str) -> TrainConfig:
     if not isinstance(model, dict):
         raise RecipeError(f"recipe {recipe}: model: is a mapping of model fields")
     model = typed_values(TTTConfig, model, f"recipe {recipe} (model)")
-    return TrainConfig(**typed_values(TrainConfig, values, f"recipe {recipe}"),
-                       model_overrides=model)
+    return TrainConfig(
+        **typed_values(TrainConfig, values, f"recipe {recipe}"), model_overrides=model
+    )
 
 
 def parse_run(command: type, argv: list[str] | None, description: str, recipe: str, prog: str):
@@ -85,13 +94,15 @@ def parse_run(command: type, argv: list[str] | None, description: str, recipe: s
         base = recipe_config(chosen) if chosen else TrainConfig()
     except (RecipeError, TypeError) as e:
         fail(prog, e)
-    cmd = cli(command, argv, description, prog,
-              command(train=base, model=ModelFlags(), config=chosen))
+    cmd = cli(
+        command, argv, description, prog, command(train=base, model=ModelFlags(), config=chosen)
+    )
     return cmd.run_config(), cmd
 
 
-def parse(argv: list[str] | None, description: str, recipe: str = "", prog: str = "train"
-          ) -> tuple[TrainConfig, PlanOptions]:
+def parse(
+    argv: list[str] | None, description: str, recipe: str = "", prog: str = "train"
+) -> tuple[TrainConfig, PlanOptions]:
     """(TrainConfig, plan options): the recipe (--config, else `recipe`), then the flags."""
     cfg, cmd = parse_run(TrainCommand, argv, description, recipe, prog)
     return cfg, cmd.plan
@@ -101,16 +112,18 @@ def check_plan_options(plan: PlanOptions) -> None:
     from ttte2e.platform.train.plan import GPU_SPECS
 
     if plan.nodes < 1 or plan.gpus_per_node < 1:
-        raise ConfigError(f"--nodes {plan.nodes} / --gpus-per-node {plan.gpus_per_node}: each "
-                          "must be >= 1")
+        raise ConfigError(
+            f"--nodes {plan.nodes} / --gpus-per-node {plan.gpus_per_node}: each must be >= 1"
+        )
     if plan.gpu.lower() not in GPU_SPECS:
         raise ConfigError(f"--gpu {plan.gpu!r}: unknown GPU; known: {sorted(GPU_SPECS)}")
     if not 0 < plan.mfu <= 1:
         raise ConfigError(f"--mfu {plan.mfu}: a fraction in (0, 1]")
 
 
-def run_main(description: str, recipe: str = "", require_init: bool = False,
-             argv: list[str] | None = None) -> dict | None:
+def run_main(
+    description: str, recipe: str = "", require_init: bool = False, argv: list[str] | None = None
+) -> dict | None:
     """The entry scripts' main: --plan prints the capacity plan; otherwise train. Bad input is
     one line on stderr and exit status 2, before any worker starts."""
     cfg, cmd = parse_run(TrainCommand, argv, description, recipe, "train")
@@ -120,8 +133,9 @@ def run_main(description: str, recipe: str = "", require_init: bool = False,
             check_plan_options(plan)
             from ttte2e.platform.train.plan import capacity_plan, format_plan
 
-            print(format_plan(capacity_plan(cfg, plan.nodes, plan.gpus_per_node, plan.gpu,
-                                            plan.mfu)))
+            print(
+                format_plan(capacity_plan(cfg, plan.nodes, plan.gpus_per_node, plan.gpu, plan.mfu))
+            )
             return None
         if require_init and not cfg.init_from and not cfg.resume_from:
             raise ConfigError("--init-from <pretraining checkpoint> is required")

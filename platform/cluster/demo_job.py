@@ -25,8 +25,13 @@ MODEL_NAME = "ttte2e-demo-tiny"
 PROMPT = "import os\n\n\ndef "
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
-             max_docs: int = 0, name: str = "") -> dict:
+def run_demo(
+    out_dir: str = "runs/demo",
+    steps: int = 240,
+    workers: int = 2,
+    max_docs: int = 0,
+    name: str = "",
+) -> dict:
     out = Path(out_dir).resolve()
     name = name or time.strftime("tiny-%Y%m%d-%H%M%S")
     python = sys.executable
@@ -37,40 +42,110 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
     say(f"1/5 corpus: the Python standard library as jsonl -> {out / 'raw'}")
     raw = write_demo_corpus(out / "raw", max_docs or None)
     with LocalRayCluster(num_cpus=2, log=say) as cluster:
-        say(f"2/5 ray job submit -- python pipelines/prepare_data.py  (BPE 4096, Ray Data) -> "
-            f"{out / 'data'}")
-        rc = cluster.submit([python, "pipelines/prepare_data.py", "--input", str(raw),
-                             "--output", str(out / "data"), "--tokenizer", "train:4096",
-                             "--val-fraction", "0.05", "--shard-tokens", "1000000",
-                             "--row-group-tokens", "128"], str(REPO))
+        say(
+            f"2/5 ray job submit -- python pipelines/prepare_data.py  (BPE 4096, Ray Data) -> "
+            f"{out / 'data'}"
+        )
+        rc = cluster.submit(
+            [
+                python,
+                "pipelines/prepare_data.py",
+                "--input",
+                str(raw),
+                "--output",
+                str(out / "data"),
+                "--tokenizer",
+                "train:4096",
+                "--val-fraction",
+                "0.05",
+                "--shard-tokens",
+                "1000000",
+                "--row-group-tokens",
+                "128",
+            ],
+            str(REPO),
+        )
         if rc:
             raise SystemExit(f"[demo] the prepare_data job failed (exit status {rc})")
-        say(f"3/5 ray job submit -- python pipelines/pretrain_3b.py --preset tiny  ({workers} "
-            f"DeepSpeed ZeRO-2 workers, {steps} steps) -> {out / 'runs' / name}")
-        rc = cluster.submit([python, "pipelines/pretrain_3b.py", "--preset", "tiny",
-                             "--data", str(out / "data"), "--storage", str(out / "runs"),
-                             "--name", name, "--workers", str(workers),
-                             "--batch-tokens", str(2 * 512), "--steps", str(steps),
-                             "--lr", "3e-3", "--eval-every", str(max(1, steps // 4)),
-                             "--eval-windows", "16", "--checkpoint-every", str(max(1, steps // 2)),
-                             "--experiment", "ttte2e-demo", "--register-as", MODEL_NAME],
-                            str(REPO))
+        say(
+            f"3/5 ray job submit -- python pipelines/pretrain_3b.py --preset tiny  ({workers} "
+            f"DeepSpeed ZeRO-2 workers, {steps} steps) -> {out / 'runs' / name}"
+        )
+        rc = cluster.submit(
+            [
+                python,
+                "pipelines/pretrain_3b.py",
+                "--preset",
+                "tiny",
+                "--data",
+                str(out / "data"),
+                "--storage",
+                str(out / "runs"),
+                "--name",
+                name,
+                "--workers",
+                str(workers),
+                "--batch-tokens",
+                str(2 * 512),
+                "--steps",
+                str(steps),
+                "--lr",
+                "3e-3",
+                "--eval-every",
+                str(max(1, steps // 4)),
+                "--eval-windows",
+                "16",
+                "--checkpoint-every",
+                str(max(1, steps // 2)),
+                "--experiment",
+                "ttte2e-demo",
+                "--register-as",
+                MODEL_NAME,
+            ],
+            str(REPO),
+        )
         if rc:
             raise SystemExit(f"[demo] the training job failed (exit status {rc})")
     result = json.loads((out / "runs" / name / "result.json").read_text())
     final = (result.get("final_eval") or [{}])[0]
     uri = result["tracking_uri"]
     say(f"4/5 python pipelines/registry.py promote {MODEL_NAME} @candidate --to champion")
-    _run([python, "pipelines/registry.py", "promote", MODEL_NAME, "@candidate", "--to",
-          "champion", "--tracking-uri", uri])
+    _run(
+        [
+            python,
+            "pipelines/registry.py",
+            "promote",
+            MODEL_NAME,
+            "@candidate",
+            "--to",
+            "champion",
+            "--tracking-uri",
+            uri,
+        ]
+    )
     say(f"5/5 python pipelines/pull_model.py models:/{MODEL_NAME}@champion --prompt ...")
-    _run([python, "pipelines/pull_model.py", f"models:/{MODEL_NAME}@champion", "--prompt", PROMPT,
-          "--max-new-tokens", "48", "--temperature", "0.7", "--tracking-uri", uri])
+    _run(
+        [
+            python,
+            "pipelines/pull_model.py",
+            f"models:/{MODEL_NAME}@champion",
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "48",
+            "--temperature",
+            "0.7",
+            "--tracking-uri",
+            uri,
+        ]
+    )
     say("done")
     if final:
-        say(f"held-out loss {final['val_loss']:.3f} with TTT vs {final['val_loss_no_ttt']:.3f} "
+        say(
+            f"held-out loss {final['val_loss']:.3f} with TTT vs {final['val_loss_no_ttt']:.3f} "
             f"without (same weights); beyond the first window {final['val_loss_beyond_window']:.3f}"
-            f" vs {final['val_loss_beyond_window_no_ttt']:.3f}")
+            f" vs {final['val_loss_beyond_window_no_ttt']:.3f}"
+        )
     say(f"checkpoint : {result['checkpoint']}")
     say(f"             (TTTModel.from_pretrained('{result['checkpoint']}/model'))")
     say(f"plots      : {result['plot']}")
@@ -78,8 +153,10 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 240, workers: int = 2,
         say(f"MLflow run : {result['run_id']} in {result['tracking_uri']}")
         say(f"             (browse: mlflow ui --backend-store-uri {result['tracking_uri']})")
     registered = result.get("registered") or {}
-    say(f"registry   : models:/{MODEL_NAME}@champion = version {registered.get('version')} "
-        f"(ttte2e.platform.registry.model_registry.load_model('models:/{MODEL_NAME}@champion', '{uri}'))")
+    say(
+        f"registry   : models:/{MODEL_NAME}@champion = version {registered.get('version')} "
+        f"(ttte2e.platform.registry.model_registry.load_model('models:/{MODEL_NAME}@champion', '{uri}'))"
+    )
     return result
 
 

@@ -34,10 +34,13 @@ class LocalRayCluster:
         self.log = log
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # sockets: keep the path short
         self.gcs_port, self.dashboard_port, *self._more = _free_ports(7)
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
-                    # token auth would need a token file in $HOME shared with other clusters; the
-                    # dashboard is bound to 127.0.0.1 instead
-                    "RAY_AUTH_MODE": "disabled"}
+        self.env = {
+            **os.environ,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # token auth would need a token file in $HOME shared with other clusters; the
+            # dashboard is bound to 127.0.0.1 instead
+            "RAY_AUTH_MODE": "disabled",
+        }
         # every process the head starts (raylet, workers) finds this cluster through RAY_ADDRESS,
         # never another one on the machine (Ray Train's placement-group cleaner looks it up)
         self.env["RAY_ADDRESS"] = self.gcs_address
@@ -54,18 +57,30 @@ class LocalRayCluster:
         exe = Path(sys.executable).parent / "ray"
         return str(exe) if exe.exists() else "ray"
 
-    def start(self) -> "LocalRayCluster":
+    def start(self) -> LocalRayCluster:
         client, agent, agent_grpc, runtime_env, metrics = self._more[:5]
-        cmd = [self._ray(), "start", "--head", "--node-ip-address=127.0.0.1",
-               f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
-               "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-               f"--metrics-export-port={metrics}", f"--temp-dir={self.temp_dir}",
-               "--disable-usage-stats"]
+        cmd = [
+            self._ray(),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
         if self.num_cpus:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        self.log(f"starting a private Ray head (dashboard {self.address}, temp dir {self.temp_dir})")
+        self.log(
+            f"starting a private Ray head (dashboard {self.address}, temp dir {self.temp_dir})"
+        )
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
         if proc.returncode:
             self.stop()
@@ -92,8 +107,19 @@ class LocalRayCluster:
         runtime_env = {"excludes": [".venv", "runs", ".git", "*.egg-info", "__pycache__"]}
         if env_vars:
             runtime_env["env_vars"] = env_vars
-        cmd = [self._ray(), "job", "submit", "--address", self.address, "--working-dir",
-               working_dir, "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+        cmd = [
+            self._ray(),
+            "job",
+            "submit",
+            "--address",
+            self.address,
+            "--working-dir",
+            working_dir,
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            *entrypoint,
+        ]
         return subprocess.run(cmd, env=self.env).returncode
 
     def pids(self) -> list[int]:
@@ -136,7 +162,7 @@ class LocalRayCluster:
                 pass
         self.log(f"stopped the private Ray head ({len(pids)} processes)")
 
-    def __enter__(self) -> "LocalRayCluster":
+    def __enter__(self) -> LocalRayCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -22,8 +22,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     # short path: Ray's unix sockets live under it and must stay < 108 characters
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
-             log_to_driver=True)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+    )
 
 
 def forwarded_env() -> dict[str, str]:
@@ -32,5 +37,8 @@ def forwarded_env() -> dict[str, str]:
     logged."""
     from ttte2e.platform.data.storage import STORAGE_ENV_VARS
 
-    return {k: v for k, v in os.environ.items()
-            if k in STORAGE_ENV_VARS or k.startswith(("MLFLOW_", "AWS_"))}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k in STORAGE_ENV_VARS or k.startswith(("MLFLOW_", "AWS_"))
+    }

@@ -28,6 +28,7 @@ def stdlib_documents(max_docs: int | None = None) -> list[tuple[str, str]]:
             docs.append((rel, text))
     try:
         from pydoc_data.topics import topics
+
         docs += [(f"pydoc:{name}", text) for name, text in sorted(topics.items())]
     except ImportError:  # some distributions strip pydoc_data
         pass
@@ -48,8 +49,9 @@ def write_demo_corpus(folder: str | Path, max_docs: int | None = None, files: in
     return folder
 
 
-def write_demo_books(folder: str | Path, max_books: int | None = None,
-                     min_chars: int = 200_000) -> Path:
+def write_demo_books(
+    folder: str | Path, max_books: int | None = None, min_chars: int = 200_000
+) -> Path:
     """Books stand-in: each stdlib package with enough source, all its modules concatenated into
     one long .txt document (a codebase is a real long-context workload)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -63,8 +65,10 @@ def write_demo_books(folder: str | Path, max_books: int | None = None,
         for path in sorted(package.rglob("*.py")):
             if "/tests/" in path.as_posix() or "/test/" in path.as_posix():
                 continue
-            parts.append(f"# ==== {path.relative_to(root).as_posix()} ====\n"
-                         + path.read_text(encoding="utf-8", errors="replace"))
+            parts.append(
+                f"# ==== {path.relative_to(root).as_posix()} ====\n"
+                + path.read_text(encoding="utf-8", errors="replace")
+            )
         text = "\n".join(parts)
         if len(text) >= min_chars:
             (folder / f"{package.name}.txt").write_text(text, encoding="utf-8")

@@ -23,11 +23,28 @@ from ttte2e.platform.data.storage import Location, resolve
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
-SHARD_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("num_tokens", pa.int32()),
-                          ("source", pa.string()), ("piece", pa.int32())])
+SHARD_SCHEMA = pa.schema(
+    [
+        ("tokens", pa.list_(pa.int32())),
+        ("num_tokens", pa.int32()),
+        ("source", pa.string()),
+        ("piece", pa.int32()),
+    ]
+)
 ROW_GROUPS_KEY = b"ttte2e.row_groups"
-SHARD_FIELDS = ("path", "split", "documents", "rows", "tokens", "row_groups", "row_group_tokens",
-                "bytes", "sha256", "row_groups_sha256", "input")
+SHARD_FIELDS = (
+    "path",
+    "split",
+    "documents",
+    "rows",
+    "tokens",
+    "row_groups",
+    "row_group_tokens",
+    "bytes",
+    "sha256",
+    "row_groups_sha256",
+    "input",
+)
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 
@@ -41,17 +58,21 @@ def read_manifest(uri: str) -> dict:
     out = resolve(uri)
     loc = out.join(MANIFEST)
     if not loc.exists():
-        raise DataError(f"{uri} is not a finished dataset: no {MANIFEST} (a run that did not "
-                        "complete, or not a dataset folder)")
+        raise DataError(
+            f"{uri} is not a finished dataset: no {MANIFEST} (a run that did not "
+            "complete, or not a dataset folder)"
+        )
     try:
         manifest = json.loads(loc.read_bytes())
     except json.JSONDecodeError as e:
         raise DataError(f"{loc.uri} is damaged: not valid JSON ({e.msg})") from None
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise DataError(f"{uri} is a format-{version} dataset; this version reads format "
-                        f"{FORMAT_VERSION} (row-group shards with checksums): re-run "
-                        "pipelines/prepare_data.py on the same input with --overwrite")
+        raise DataError(
+            f"{uri} is a format-{version} dataset; this version reads format "
+            f"{FORMAT_VERSION} (row-group shards with checksums): re-run "
+            "pipelines/prepare_data.py on the same input with --overwrite"
+        )
     return manifest
 
 
@@ -76,7 +97,7 @@ def shard_size_problems(uri: str, manifest: dict, splits=SPLITS) -> list[str]:
     """Shards of `splits` that are missing or whose size differs from the manifest, from one
     listing of the dataset folder (cheap on S3): one line per damaged shard."""
     root = resolve(uri)
-    sizes = {f.uri[len(root.uri) + 1:]: f.size() for f in root.list_files()}
+    sizes = {f.uri[len(root.uri) + 1 :]: f.size() for f in root.list_files()}
     problems = []
     for shard in manifest["shards"]:
         if shard["split"] not in splits:
@@ -85,8 +106,10 @@ def shard_size_problems(uri: str, manifest: dict, splits=SPLITS) -> list[str]:
         if shard["path"] not in sizes:
             problems.append(f"{where}: missing")
         elif sizes[shard["path"]] != shard["bytes"]:
-            problems.append(f"{where}: {sizes[shard['path']]} bytes, the manifest says "
-                            f"{shard['bytes']} (truncated or replaced)")
+            problems.append(
+                f"{where}: {sizes[shard['path']]} bytes, the manifest says "
+                f"{shard['bytes']} (truncated or replaced)"
+            )
     return problems
 
 
@@ -94,20 +117,25 @@ def check_shard_sizes(uri: str, manifest: dict, splits=SPLITS) -> None:
     problems = shard_size_problems(uri, manifest, splits)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise DataError(f"{uri}: {len(problems)} damaged shard(s): " + "; ".join(problems[:5])
-                        + more)
+        raise DataError(
+            f"{uri}: {len(problems)} damaged shard(s): " + "; ".join(problems[:5]) + more
+        )
 
 
 def row_group_digests(parquet_file, shard: dict, where: str) -> list[str]:
     """The footer's per-row-group digests, checked against the manifest's hash of the list."""
     meta = (parquet_file.schema_arrow.metadata or {}).get(ROW_GROUPS_KEY)
     if meta is None or list_digest(meta) != shard["row_groups_sha256"]:
-        raise DataError(f"{where}: its row-group checksums do not match the manifest "
-                        "(damaged or replaced shard)")
+        raise DataError(
+            f"{where}: its row-group checksums do not match the manifest "
+            "(damaged or replaced shard)"
+        )
     digests = json.loads(meta)["sha256"]
     if len(digests) != shard["row_groups"] or parquet_file.num_row_groups != shard["row_groups"]:
-        raise DataError(f"{where}: {parquet_file.num_row_groups} row groups, the manifest says "
-                        f"{shard['row_groups']} (damaged or replaced shard)")
+        raise DataError(
+            f"{where}: {parquet_file.num_row_groups} row groups, the manifest says "
+            f"{shard['row_groups']} (damaged or replaced shard)"
+        )
     return digests
 
 
@@ -125,8 +153,9 @@ def verify_dataset(uri: str, log=print) -> list[str]:
         try:
             data = loc.read_bytes()
             if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                problems.append(f"{loc.uri}: sha256 differs from the manifest (content replaced "
-                                "or damaged)")
+                problems.append(
+                    f"{loc.uri}: sha256 differs from the manifest (content replaced or damaged)"
+                )
                 continue
             row_group_digests(pq.ParquetFile(io.BytesIO(data)), shard, loc.uri)
         except (OSError, pa.ArrowException, DataError) as e:
@@ -136,9 +165,11 @@ def verify_dataset(uri: str, log=print) -> list[str]:
         problems.append(f"{tok.uri}: missing")
     elif hashlib.sha256(tok.read_bytes()).hexdigest() != manifest["tokenizer"]["sha256"]:
         problems.append(f"{tok.uri}: sha256 differs from the manifest")
-    log(f"{uri}: {len(manifest['shards'])} shard(s), "
+    log(
+        f"{uri}: {len(manifest['shards'])} shard(s), "
         f"{sum(s['bytes'] for s in manifest['shards']):,} bytes checked: "
-        + ("intact" if not problems else f"{len(problems)} problem(s)"))
+        + ("intact" if not problems else f"{len(problems)} problem(s)")
+    )
     for line in problems:
         log(f"  DAMAGED {line}")
     return problems

@@ -41,8 +41,10 @@ def _open(store: str, split: str):
     else:  # only here is the store listed, to say what it holds
         keys = [k.decode() if isinstance(k, bytes) else k for k in kv.list().result()]
         found = sorted({k.split("/", 1)[0] for k in keys if "/" in k})
-        raise DataError(f"{store}: no '{split}' array (an official token store holds "
-                        f"{' and '.join(SPLITS)}; found: {found or 'nothing'})")
+        raise DataError(
+            f"{store}: no '{split}' array (an official token store holds "
+            f"{' and '.join(SPLITS)}; found: {found or 'nothing'})"
+        )
     spec = {"driver": driver, "kvstore": {**base, "path": base["path"] + split + "/"}}
     try:
         return ts.open(spec, read=True).result()
@@ -54,9 +56,11 @@ def _read(array, lo: int, hi: int, where: str, vocab_size: int) -> np.ndarray:
     block = np.asarray(array[lo:hi].read().result())
     if block.size and (int(block.min()) < 0 or int(block.max()) >= vocab_size):
         bad = int(np.flatnonzero((block < 0) | (block >= vocab_size))[0])
-        raise DataError(f"{where}: token {int(block[bad])} at position {lo + bad} is outside the "
-                        f"tokenizer's vocabulary [0, {vocab_size}): the store was tokenized with "
-                        "another tokenizer (pass the one it was made with, --tokenizer)")
+        raise DataError(
+            f"{where}: token {int(block[bad])} at position {lo + bad} is outside the "
+            f"tokenizer's vocabulary [0, {vocab_size}): the store was tokenized with "
+            "another tokenizer (pass the one it was made with, --tokenizer)"
+        )
     return block.astype(np.int32, copy=False)
 
 
@@ -68,19 +72,25 @@ def check_store(store: str, bos_id: int, vocab_size: int) -> dict[str, int]:
         array = _open(store, split)
         where = f"{store}/{split}"
         if array.rank != 1:
-            raise DataError(f"{where}: shape {tuple(array.shape)}; the official layout is one "
-                            "1-D array of token ids per split")
+            raise DataError(
+                f"{where}: shape {tuple(array.shape)}; the official layout is one "
+                "1-D array of token ids per split"
+            )
         if array.dtype.numpy_dtype.kind not in "iu":
-            raise DataError(f"{where}: dtype {array.dtype.name}; token ids are integers (int32 "
-                            "in the official stores)")
+            raise DataError(
+                f"{where}: dtype {array.dtype.name}; token ids are integers (int32 "
+                "in the official stores)"
+            )
         length = int(array.shape[0])
         if length < 2:
             raise DataError(f"{where}: {length} token(s); nothing to train on")
         first = _read(array, 0, min(length, READ_BLOCK), where, vocab_size)
         if int(first[0]) != bos_id:
-            raise DataError(f"{where}: the first token is {int(first[0])}, not the tokenizer's "
-                            f"BOS {bos_id}: not the official layout (BOS before every document), "
-                            "or another tokenizer")
+            raise DataError(
+                f"{where}: the first token is {int(first[0])}, not the tokenizer's "
+                f"BOS {bos_id}: not the official layout (BOS before every document), "
+                "or another tokenizer"
+            )
         lengths[split] = length
     return lengths
 
@@ -107,8 +117,9 @@ def _next_bos(array, pos: int, length: int, bos_id: int, where: str, vocab: int)
     return length
 
 
-def range_documents(store: str, split: str, lo: int, hi: int, length: int, bos_id: int,
-                    vocab_size: int, stats):
+def range_documents(
+    store: str, split: str, lo: int, hi: int, length: int, bos_id: int, vocab_size: int, stats
+):
     """Yield (ids, source) for each document starting in this task's range; counts into stats."""
     array = _open(store, split)
     where = f"{store}/{split}"
@@ -126,7 +137,7 @@ def range_documents(store: str, split: str, lo: int, hi: int, length: int, bos_i
         for a, b in zip(starts[:-1], starts[1:]):
             stats.documents_read += 1
             yield stream[a:b], f"{split}#{offset + int(a)}"
-        pending, pending_at = stream[starts[-1]:], offset + int(starts[-1])
+        pending, pending_at = stream[starts[-1] :], offset + int(starts[-1])
         pos += block.size
     if pending.size:
         stats.documents_read += 1
@@ -136,4 +147,3 @@ def range_documents(store: str, split: str, lo: int, hi: int, length: int, bos_i
 def store_identity(store: str, lengths: dict[str, int]) -> list[tuple[str, int]]:
     """What the dataset key hashes for a store: each split's address and length."""
     return [(f"{store.rstrip('/')}/{split}", lengths[split]) for split in SPLITS]
-

@@ -34,17 +34,28 @@ import io
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ttte2e.platform.data.manifest import (FORMAT_VERSION, MANIFEST, ROW_GROUPS_KEY, SHARD_FIELDS,
-                                           SHARD_SCHEMA, TOKENIZER_FILE, DataError, list_digest,
-                                           read_manifest, row_group_digest, verify_dataset,
-                                           write_manifest)
 from ttte2e.platform.cluster.ray_runtime import forwarded_env
+from ttte2e.platform.data.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ROW_GROUPS_KEY,
+    SHARD_FIELDS,
+    SHARD_SCHEMA,
+    TOKENIZER_FILE,
+    DataError,
+    list_digest,
+    read_manifest,
+    row_group_digest,
+    verify_dataset,
+    write_manifest,
+)
 from ttte2e.platform.data.storage import Location, resolve
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt", ".txt.gz", ".txt.zst")
@@ -98,7 +109,7 @@ class FileStats:
     short_documents_tokens: int = 0
     non_utf8_documents: int = 0
 
-    def add(self, other: "FileStats") -> None:
+    def add(self, other: FileStats) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
 
@@ -150,8 +161,10 @@ def iter_documents(loc: Location, text_field: str) -> Iterator[tuple[str, str, b
             with _compressed_stream(loc) as stream:
                 raw = stream.read()
         except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{loc.uri}: corrupt or truncated "
-                            f"{'gzip' if name.endswith('.gz') else 'zstd'} stream: {e}") from e
+            raise DataError(
+                f"{loc.uri}: corrupt or truncated "
+                f"{'gzip' if name.endswith('.gz') else 'zstd'} stream: {e}"
+            ) from e
         text, bad = _decode(raw)
         yield f"{loc.uri}", text, bad
     elif name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
@@ -165,14 +178,17 @@ def iter_documents(loc: Location, text_field: str) -> Iterator[tuple[str, str, b
                 raise DataError(f"{loc.uri}: line {number}: invalid JSON ({e.msg})") from e
             if not isinstance(obj, dict) or text_field not in obj:
                 keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{loc.uri}: line {number}: no text field '{text_field}' "
-                                f"(found: {keys})")
+                raise DataError(
+                    f"{loc.uri}: line {number}: no text field '{text_field}' (found: {keys})"
+                )
             text = obj[text_field]
             if text is None:
                 text = ""
             if not isinstance(text, str):
-                raise DataError(f"{loc.uri}: line {number}: field '{text_field}' is "
-                                f"{type(text).__name__}, not a string")
+                raise DataError(
+                    f"{loc.uri}: line {number}: field '{text_field}' is "
+                    f"{type(text).__name__}, not a string"
+                )
             yield f"{loc.uri}#L{number}", text, bad
     elif name.endswith(".parquet"):
         try:
@@ -180,11 +196,16 @@ def iter_documents(loc: Location, text_field: str) -> Iterator[tuple[str, str, b
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{loc.uri}: not a readable parquet file: {e}") from e
         if text_field not in parquet.schema_arrow.names:
-            raise DataError(f"{loc.uri}: no column '{text_field}' "
-                            f"(columns: {parquet.schema_arrow.names})")
+            raise DataError(
+                f"{loc.uri}: no column '{text_field}' (columns: {parquet.schema_arrow.names})"
+            )
         column_type = parquet.schema_arrow.field(text_field).type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
-                or pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)):
+        if not (
+            pa.types.is_string(column_type)
+            or pa.types.is_large_string(column_type)
+            or pa.types.is_binary(column_type)
+            or pa.types.is_large_binary(column_type)
+        ):
             raise DataError(f"{loc.uri}: column '{text_field}' is {column_type}, not text")
         row = 0
         try:
@@ -218,8 +239,10 @@ def discover_inputs(uri: str) -> tuple[list[Location], list[str]]:
     chosen = [f for f in files if f.path.endswith(SUFFIXES)]
     skipped = [f.uri for f in files if not f.path.endswith(SUFFIXES)]
     if not chosen:
-        raise DataError(f"input {uri} holds no supported files ({', '.join(SUFFIXES)}); "
-                        f"found {len(files)} other file(s)")
+        raise DataError(
+            f"input {uri} holds no supported files ({', '.join(SUFFIXES)}); "
+            f"found {len(files)} other file(s)"
+        )
     return chosen, skipped
 
 
@@ -237,7 +260,7 @@ class TokenizerInfo:
 
 
 def _special_id(tokenizer, candidates, explicit: str = "") -> tuple[int | None, str]:
-    for token in ([explicit] if explicit else list(candidates)):
+    for token in [explicit] if explicit else list(candidates):
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
             return token_id, token
@@ -267,15 +290,24 @@ def load_tokenizer(spec: str, opts: PrepareOptions, inputs: list[Location]) -> T
     tokenizer = Tokenizer.from_str(text)
     bos_id, bos_token = _special_id(tokenizer, _BOS_CANDIDATES, opts.bos_token)
     if bos_id is None:
-        raise DataError(f"tokenizer {spec}: no BOS token found (tried "
-                        f"{[opts.bos_token] if opts.bos_token else list(_BOS_CANDIDATES)}); "
-                        "pass --bos-token")
+        raise DataError(
+            f"tokenizer {spec}: no BOS token found (tried "
+            f"{[opts.bos_token] if opts.bos_token else list(_BOS_CANDIDATES)}); "
+            "pass --bos-token"
+        )
     eos_id, _ = _special_id(tokenizer, _EOS_CANDIDATES)
     if opts.append_eos and eos_id is None:
         raise DataError(f"tokenizer {spec}: --append-eos but no EOS token found")
-    return TokenizerInfo(json=text, source=spec, sha256=hashlib.sha256(text.encode()).hexdigest(),
-                         vocab_size=tokenizer.get_vocab_size(), bos_id=bos_id, eos_id=eos_id,
-                         bos_token=bos_token, trained=trained)
+    return TokenizerInfo(
+        json=text,
+        source=spec,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        vocab_size=tokenizer.get_vocab_size(),
+        bos_id=bos_id,
+        eos_id=eos_id,
+        bos_token=bos_token,
+        trained=trained,
+    )
 
 
 def train_bpe(inputs: list[Location], opts: PrepareOptions, vocab_size: int) -> str:
@@ -294,9 +326,12 @@ def train_bpe(inputs: list[Location], opts: PrepareOptions, vocab_size: int) -> 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts(), trainer=trainer)
     return tokenizer.to_str()
 
@@ -326,8 +361,11 @@ def _shard_bytes(docs: list[tuple[list[int], str]], group_tokens: int) -> tuple[
     its manifest facts (rows, row groups, the sha256 of its row-group digest list)."""
     import numpy as np
 
-    flat = (np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in docs]) if docs
-            else np.zeros(0, np.int32))
+    flat = (
+        np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in docs])
+        if docs
+        else np.zeros(0, np.int32)
+    )
     doc_starts = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in docs])])
     groups, digests, doc, piece = [], [], 0, 0
     for lo in range(0, flat.size, group_tokens):
@@ -351,15 +389,25 @@ def _shard_bytes(docs: list[tuple[list[int], str]], group_tokens: int) -> tuple[
         for rows in groups:
             pieces = [r[0] for r in rows]
             offsets = np.concatenate([[0], np.cumsum([p.size for p in pieces])]).astype(np.int32)
-            tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
-                                              pa.array(np.concatenate(pieces), pa.int32()))
-            table = pa.table({"tokens": tokens,
-                              "num_tokens": pa.array([p.size for p in pieces], pa.int32()),
-                              "source": pa.array([r[1] for r in rows], pa.string()),
-                              "piece": pa.array([r[2] for r in rows], pa.int32())}, schema=schema)
+            tokens = pa.ListArray.from_arrays(
+                pa.array(offsets, pa.int32()), pa.array(np.concatenate(pieces), pa.int32())
+            )
+            table = pa.table(
+                {
+                    "tokens": tokens,
+                    "num_tokens": pa.array([p.size for p in pieces], pa.int32()),
+                    "source": pa.array([r[1] for r in rows], pa.string()),
+                    "piece": pa.array([r[2] for r in rows], pa.int32()),
+                },
+                schema=schema,
+            )
             writer.write_table(table, row_group_size=len(rows))
-    return sink.getvalue(), dict(rows=sum(len(g) for g in groups), row_groups=len(groups),
-                                 row_group_tokens=group_tokens, row_groups_sha256=list_digest(meta))
+    return sink.getvalue(), dict(
+        rows=sum(len(g) for g in groups),
+        row_groups=len(groups),
+        row_group_tokens=group_tokens,
+        row_groups_sha256=list_digest(meta),
+    )
 
 
 class _Shards:
@@ -386,10 +434,19 @@ class _Shards:
         data, facts = _shard_bytes(rows, self.opts.row_group_tokens)
         rel = f"{split}/part-{self.index:05d}-{self.seq[split]:04d}.parquet"
         self.out.join(rel).write_bytes(data)
-        self.records.append(dict(kind="shard", path=rel, split=split, documents=len(rows),
-                                 tokens=sum(len(r[0]) for r in rows), bytes=len(data),
-                                 sha256=hashlib.sha256(data).hexdigest(), input=self.input_uri,
-                                 **facts))
+        self.records.append(
+            dict(
+                kind="shard",
+                path=rel,
+                split=split,
+                documents=len(rows),
+                tokens=sum(len(r[0]) for r in rows),
+                bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                input=self.input_uri,
+                **facts,
+            )
+        )
         self.seq[split] += 1
         self.pending[split], self.pending_tokens[split] = [], 0
 
@@ -398,8 +455,15 @@ class _Shards:
         return self.records + [dict(kind="stats", input=self.input_uri, **asdict(stats))]
 
 
-def process_file(file_index: int, input_uri: str, output_uri: str, opts: PrepareOptions,
-                 tok: TokenizerInfo, batch_docs: int = 256, relative_name: str = "") -> list[dict]:
+def process_file(
+    file_index: int,
+    input_uri: str,
+    output_uri: str,
+    opts: PrepareOptions,
+    tok: TokenizerInfo,
+    batch_docs: int = 256,
+    relative_name: str = "",
+) -> list[dict]:
     """Tokenize one input file and write its shards; returns shard records + one stats record.
 
     The held-out split hashes the document's identity relative to the input root
@@ -422,7 +486,7 @@ def process_file(file_index: int, input_uri: str, output_uri: str, opts: Prepare
                 stats.short_documents_tokens += len(ids)
                 continue
             tokens = [tok.bos_id] + ids + ([tok.eos_id] if opts.append_eos else [])
-            identity = (relative_name or input_uri.rsplit("/", 1)[-1]) + source[len(input_uri):]
+            identity = (relative_name or input_uri.rsplit("/", 1)[-1]) + source[len(input_uri) :]
             split = "val" if _is_val(identity, opts.val_fraction) else "train"
             stats.documents_written += 1
             stats.tokens_written += len(tokens)
@@ -439,8 +503,16 @@ def process_file(file_index: int, input_uri: str, output_uri: str, opts: Prepare
     return shards.close(stats)
 
 
-def process_store_range(task_index: int, split: str, lo: int, hi: int, length: int,
-                        output_uri: str, opts: PrepareOptions, tok: TokenizerInfo) -> list[dict]:
+def process_store_range(
+    task_index: int,
+    split: str,
+    lo: int,
+    hi: int,
+    length: int,
+    output_uri: str,
+    opts: PrepareOptions,
+    tok: TokenizerInfo,
+) -> list[dict]:
     """Convert the documents starting in [lo, hi) of an official token store's split (their ids
     as they are, BOS included) into shards; returns shard records + one stats record."""
     from ttte2e.platform.data import official_zarr
@@ -448,8 +520,9 @@ def process_store_range(task_index: int, split: str, lo: int, hi: int, length: i
     stats = FileStats()
     where = f"{opts.input.rstrip('/')}/{split}"
     shards = _Shards(task_index, f"{where}[{lo}:{hi}]", output_uri, opts)
-    for ids, source in official_zarr.range_documents(opts.input, split, lo, hi, length,
-                                                     tok.bos_id, tok.vocab_size, stats):
+    for ids, source in official_zarr.range_documents(
+        opts.input, split, lo, hi, length, tok.bos_id, tok.vocab_size, stats
+    ):
         if ids.size < 2:
             stats.empty_documents += 1  # a BOS followed directly by the next BOS
             continue
@@ -484,21 +557,28 @@ def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
         if existing.get("dataset_key") == key and not overwrite:
             problems = verify_dataset(out.uri, log=lambda *_: None)
             if problems:
-                raise DataError(f"{out.uri} holds this dataset but it is damaged ("
-                                + "; ".join(problems[:5]) + "); pass --overwrite to rebuild it")
+                raise DataError(
+                    f"{out.uri} holds this dataset but it is damaged ("
+                    + "; ".join(problems[:5])
+                    + "); pass --overwrite to rebuild it"
+                )
             return True
         if not overwrite:
-            raise DataError(f"{out.uri} already holds a different dataset (dataset_key "
-                            f"{existing.get('dataset_key')} != {key}); pass --overwrite to replace it")
+            raise DataError(
+                f"{out.uri} already holds a different dataset (dataset_key "
+                f"{existing.get('dataset_key')} != {key}); pass --overwrite to replace it"
+            )
         log(f"--overwrite: deleting the dataset in {out.uri}")
         out.delete()
         return False
     ours = ("train/", "val/", TOKENIZER_FILE)
     files = out.list_files() if out.is_dir() else [out]
-    foreign = [f.uri for f in files if not f.uri[len(out.uri) + 1:].startswith(ours)]
+    foreign = [f.uri for f in files if not f.uri[len(out.uri) + 1 :].startswith(ours)]
     if foreign and not overwrite:
-        raise DataError(f"{out.uri} is not empty and holds no dataset manifest (e.g. "
-                        f"{foreign[:3]}); pass --overwrite to replace it")
+        raise DataError(
+            f"{out.uri} is not empty and holds no dataset manifest (e.g. "
+            f"{foreign[:3]}); pass --overwrite to replace it"
+        )
     if files:
         log(f"{out.uri}: removing {len(files)} file(s) left by an unfinished run")
         out.delete()
@@ -506,12 +586,15 @@ def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
 
 
 def _log_tokenizer(tok: TokenizerInfo, log) -> None:
-    log(f"tokenizer: {'trained BPE' if tok.trained else tok.source}, vocab {tok.vocab_size}, "
-        f"BOS {tok.bos_token!r} = {tok.bos_id}, sha256 {tok.sha256[:12]}")
+    log(
+        f"tokenizer: {'trained BPE' if tok.trained else tok.source}, vocab {tok.vocab_size}, "
+        f"BOS {tok.bos_token!r} = {tok.bos_id}, sha256 {tok.sha256[:12]}"
+    )
 
 
-def _start_output(opts: PrepareOptions, tok: TokenizerInfo, identity: list, log
-                  ) -> tuple[str, dict | None]:
+def _start_output(
+    opts: PrepareOptions, tok: TokenizerInfo, identity: list, log
+) -> tuple[str, dict | None]:
     """(dataset key, the manifest when the output already holds this dataset, else None)."""
     out = resolve(opts.output)
     key = _dataset_key(opts, tok, identity)
@@ -522,15 +605,18 @@ def _start_output(opts: PrepareOptions, tok: TokenizerInfo, identity: list, log
     return key, None
 
 
-def _text_task(index: int, uri: str, rel: str, output: str, opts: PrepareOptions,
-               tok: TokenizerInfo) -> list[dict]:
+def _text_task(
+    index: int, uri: str, rel: str, output: str, opts: PrepareOptions, tok: TokenizerInfo
+) -> list[dict]:
     return process_file(index, uri, output, opts, tok, relative_name=rel)
 
 
 def _text_jobs(opts: PrepareOptions, use_ray: bool, log):
     inputs, skipped_files = discover_inputs(opts.input)
-    log(f"input: {len(inputs)} file(s) under {opts.input}"
-        + (f"; {len(skipped_files)} skipped (unsupported type)" if skipped_files else ""))
+    log(
+        f"input: {len(inputs)} file(s) under {opts.input}"
+        + (f"; {len(skipped_files)} skipped (unsupported type)" if skipped_files else "")
+    )
     for uri in skipped_files:
         log(f"  skipped (unsupported type): {uri}")
     tok = load_tokenizer(opts.tokenizer, opts, inputs)
@@ -539,8 +625,10 @@ def _text_jobs(opts: PrepareOptions, use_ray: bool, log):
     if done is not None:
         return done
     root = resolve(opts.input).uri
-    jobs = [(i, f.uri, f.uri[len(root) + 1:] if f.uri != root else f.uri.rsplit("/", 1)[-1])
-            for i, f in enumerate(inputs)]
+    jobs = [
+        (i, f.uri, f.uri[len(root) + 1 :] if f.uri != root else f.uri.rsplit("/", 1)[-1])
+        for i, f in enumerate(inputs)
+    ]
     records = _run(_text_task, jobs, opts, tok, use_ray)
     return records, dict(files=len(inputs), skipped_unsupported=skipped_files), tok, key
 
@@ -549,20 +637,28 @@ def _official_zarr_jobs(opts: PrepareOptions, use_ray: bool, log):
     from ttte2e.platform.data import official_zarr
 
     if opts.tokenizer.startswith("train:"):
-        raise ValueError("--input-format official-zarr: the ids are already tokenized; pass the "
-                         "tokenizer.json they were made with (--tokenizer), not train:<vocab>")
+        raise ValueError(
+            "--input-format official-zarr: the ids are already tokenized; pass the "
+            "tokenizer.json they were made with (--tokenizer), not train:<vocab>"
+        )
     if opts.val_fraction:
-        raise ValueError("--input-format official-zarr keeps the store's own train/val split; "
-                         "--val-fraction must be 0")
+        raise ValueError(
+            "--input-format official-zarr keeps the store's own train/val split; "
+            "--val-fraction must be 0"
+        )
     if opts.append_eos:
-        raise ValueError("--input-format official-zarr: --append-eos would change the released "
-                         "token stream (it has BOS before every document and no EOS)")
+        raise ValueError(
+            "--input-format official-zarr: --append-eos would change the released "
+            "token stream (it has BOS before every document and no EOS)"
+        )
     tok = load_tokenizer(opts.tokenizer, opts, [])
     _log_tokenizer(tok, log)
     lengths = official_zarr.check_store(opts.input, tok.bos_id, tok.vocab_size)
-    log(f"input: official token store {opts.input}: "
+    log(
+        f"input: official token store {opts.input}: "
         + ", ".join(f"{s} {n:,} tokens" for s, n in lengths.items())
-        + "; documents cut at BOS, ids kept")
+        + "; documents cut at BOS, ids kept"
+    )
     key, done = _start_output(opts, tok, official_zarr.store_identity(opts.input, lengths), log)
     if done is not None:
         return done
@@ -590,33 +686,53 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
         if r["kind"] == "stats":
             totals.add(FileStats(**{k: v for k, v in r.items() if k not in ("kind", "input")}))
     if totals.documents_written == 0:
-        raise DataError(f"input {opts.input} produced no documents ({asdict(totals)}): empty "
-                        "input, or every document was empty or under --min-tokens")
-    splits = {s: dict(documents=sum(r["documents"] for r in shards if r["split"] == s),
-                      tokens=sum(r["tokens"] for r in shards if r["split"] == s),
-                      shards=sum(1 for r in shards if r["split"] == s)) for s in ("train", "val")}
+        raise DataError(
+            f"input {opts.input} produced no documents ({asdict(totals)}): empty "
+            "input, or every document was empty or under --min-tokens"
+        )
+    splits = {
+        s: dict(
+            documents=sum(r["documents"] for r in shards if r["split"] == s),
+            tokens=sum(r["tokens"] for r in shards if r["split"] == s),
+            shards=sum(1 for r in shards if r["split"] == s),
+        )
+        for s in ("train", "val")
+    }
     manifest = dict(
-        format_version=FORMAT_VERSION, dataset_key=key, created=time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                            time.gmtime()),
+        format_version=FORMAT_VERSION,
+        dataset_key=key,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         options=asdict(opts),
-        tokenizer=dict(source=tok.source, trained=tok.trained, sha256=tok.sha256,
-                       vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                       bos_token=tok.bos_token, file=TOKENIZER_FILE),
+        tokenizer=dict(
+            source=tok.source,
+            trained=tok.trained,
+            sha256=tok.sha256,
+            vocab_size=tok.vocab_size,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+            bos_token=tok.bos_token,
+            file=TOKENIZER_FILE,
+        ),
         inputs=inputs_facts,
-        counts=asdict(totals), splits=splits,
+        counts=asdict(totals),
+        splits=splits,
         shards=[{k: r[k] for k in SHARD_FIELDS} for r in shards],
-        seconds=round(time.time() - start, 2))
+        seconds=round(time.time() - start, 2),
+    )
     write_manifest(out, manifest)  # the commit point
-    log(f"done: {splits['train']['documents']} train / {splits['val']['documents']} held-out "
+    log(
+        f"done: {splits['train']['documents']} train / {splits['val']['documents']} held-out "
         f"documents, {totals.tokens_written} tokens in {len(shards)} shard(s); skipped: "
         f"{totals.empty_documents} empty, {totals.short_documents} under {opts.min_tokens} "
         f"tokens; {totals.non_utf8_documents} with invalid UTF-8 (replaced) -> "
-        f"{out.join(MANIFEST).uri}")
+        f"{out.join(MANIFEST).uri}"
+    )
     return manifest
 
 
-def _run(work, jobs: list[tuple], opts: PrepareOptions, tok: TokenizerInfo,
-         use_ray: bool) -> list[dict]:
+def _run(
+    work, jobs: list[tuple], opts: PrepareOptions, tok: TokenizerInfo, use_ray: bool
+) -> list[dict]:
     """work(*job, output, opts, tok) for every job: one Ray Data task each, or here in turn."""
     if not use_ray:
         return [r for job in jobs for r in work(*job, opts.output, opts, tok)]

@@ -30,15 +30,20 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ttte2e.platform.data.manifest import DataError, read_manifest, row_group_digest, row_group_digests
 from ttte2e.platform.cluster.ray_runtime import forwarded_env
+from ttte2e.platform.data.manifest import (
+    DataError,
+    read_manifest,
+    row_group_digest,
+    row_group_digests,
+)
 from ttte2e.platform.data.storage import resolve
 
 
@@ -53,7 +58,7 @@ class StreamPosition:
         return {"epoch": self.epoch, "step": self.step}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StreamPosition":
+    def from_dict(cls, d: dict) -> StreamPosition:
         return cls(int(d["epoch"]), int(d["step"]))
 
 
@@ -84,7 +89,8 @@ class WindowPermutation:
         self.half = (bits + 1) // 2
         self.mask = np.uint64((1 << self.half) - 1)
         self.keys = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(
-            self.ROUNDS, dtype=np.uint64)
+            self.ROUNDS, dtype=np.uint64
+        )
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         half = np.uint64(self.half)
@@ -130,8 +136,15 @@ class WindowReader:
     row groups are kept in an LRU of `cache_tokens` tokens, open shards (their footers) in an LRU
     of `cache_shards`."""
 
-    def __init__(self, uri: str, split: str, seq_len: int, seed: int = 0,
-                 cache_tokens: int = 4 << 20, cache_shards: int = 64):
+    def __init__(
+        self,
+        uri: str,
+        split: str,
+        seq_len: int,
+        seed: int = 0,
+        cache_tokens: int = 4 << 20,
+        cache_shards: int = 64,
+    ):
         self.uri, self.split, self.seq_len, self.seed = uri, split, seq_len, seed
         self.manifest = read_manifest(uri)
         self.root = resolve(uri)
@@ -142,8 +155,10 @@ class WindowReader:
         self.n_tokens = int(self.starts[-1])
         self.windows_per_epoch = (self.n_tokens - 1) // seq_len
         if self.windows_per_epoch < 1:
-            raise ValueError(f"{uri} split '{split}' has {self.n_tokens} tokens: not one window of "
-                             f"T+1 = {seq_len + 1}")
+            raise ValueError(
+                f"{uri} split '{split}' has {self.n_tokens} tokens: not one window of "
+                f"T+1 = {seq_len + 1}"
+            )
         self.stats = ReadStats()
         self._groups: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._group_tokens_cached = 0
@@ -189,8 +204,9 @@ class WindowReader:
         try:
             table = parquet.read_row_groups(groups, columns=["tokens"])
         except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{where}: row groups {groups[0]}..{groups[-1]} cannot be read "
-                            f"({e})") from e
+            raise DataError(
+                f"{where}: row groups {groups[0]}..{groups[-1]} cannot be read ({e})"
+            ) from e
         flat = table.column("tokens").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         flat = flat.astype(np.int32, copy=False)
         per_group = self.shards[index]["row_group_tokens"]
@@ -198,11 +214,13 @@ class WindowReader:
         pos = 0
         for g in groups:
             size = min(per_group, total - g * per_group)
-            tokens = flat[pos:pos + size]
+            tokens = flat[pos : pos + size]
             pos += size
             if tokens.size != size or row_group_digest(tokens) != digests[g]:
-                raise DataError(f"{where}: row group {g} does not match its checksum (damaged "
-                                "or replaced shard)")
+                raise DataError(
+                    f"{where}: row group {g} does not match its checksum (damaged "
+                    "or replaced shard)"
+                )
             self._groups[(index, g)] = tokens
             self._group_tokens_cached += size
             self.stats.tokens_decoded += size
@@ -261,8 +279,11 @@ class WindowReader:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.windows_per_epoch):
             raise IndexError(f"windows {indices.tolist()} outside 0..{self.windows_per_epoch - 1}")
-        out = np.stack([self.tokens(int(w) * t, int(w) * t + t + 1) for w in indices]) \
-            if indices.size else np.zeros((0, t + 1), np.int32)
+        out = (
+            np.stack([self.tokens(int(w) * t, int(w) * t + t + 1) for w in indices])
+            if indices.size
+            else np.zeros((0, t + 1), np.int32)
+        )
         self.stats.tokens_used += out.size
         return out.astype(np.int64)
 
@@ -270,15 +291,20 @@ class WindowReader:
         """[count, T+1] int64: windows first .. first+count-1 in stream order (not shuffled:
         held-out scoring reads a fixed set)."""
         if first < 0 or first + count > self.windows_per_epoch:
-            raise IndexError(f"windows {first}..{first + count} outside 0..{self.windows_per_epoch}")
+            raise IndexError(
+                f"windows {first}..{first + count} outside 0..{self.windows_per_epoch}"
+            )
         return self.read(np.arange(first, first + count))
 
     def shuffled(self, epoch: int, first: int, count: int) -> np.ndarray:
         """[count, T+1] int64: positions first .. first+count-1 of the epoch's shuffled order."""
         if first < 0 or first + count > self.windows_per_epoch:
-            raise IndexError(f"positions {first}..{first + count} outside "
-                             f"0..{self.windows_per_epoch}")
+            raise IndexError(
+                f"positions {first}..{first + count} outside 0..{self.windows_per_epoch}"
+            )
         return self.read(self.order(epoch)(np.arange(first, first + count)))
+
+
 @dataclass(frozen=True)
 class StreamSpec:
     """What a training stream is: dataset, split, packing and sharding."""
@@ -292,8 +318,9 @@ class StreamSpec:
 
     def __post_init__(self):
         if self.global_batch % self.world_size:
-            raise ValueError(f"global batch {self.global_batch} is not divisible by "
-                             f"{self.world_size} workers")
+            raise ValueError(
+                f"global batch {self.global_batch} is not divisible by {self.world_size} workers"
+            )
 
     @property
     def local_batch(self) -> int:
@@ -302,8 +329,10 @@ class StreamSpec:
     def steps_per_epoch(self, reader: WindowReader) -> int:
         steps = reader.windows_per_epoch // self.global_batch
         if steps < 1:
-            raise ValueError(f"{self.uri}: {reader.windows_per_epoch} windows per epoch, fewer than "
-                             f"one global batch of {self.global_batch}")
+            raise ValueError(
+                f"{self.uri}: {reader.windows_per_epoch} windows per epoch, fewer than "
+                f"one global batch of {self.global_batch}"
+            )
         return steps
 
     def positions(self, start: StreamPosition, epochs: int, reader: WindowReader):
@@ -321,18 +350,22 @@ class StreamSpec:
         return reader.shuffled(epoch, first, self.local_batch)
 
 
-def iter_batches(spec: StreamSpec, rank: int = 0, start: StreamPosition = StreamPosition(),
-                 epochs: int = 1) -> Iterator[tuple[StreamPosition, np.ndarray]]:
+def iter_batches(
+    spec: StreamSpec, rank: int = 0, start: StreamPosition = StreamPosition(), epochs: int = 1
+) -> Iterator[tuple[StreamPosition, np.ndarray]]:
     """(position after this batch, [local_batch, T+1] windows) for one rank, without Ray."""
     reader = WindowReader(spec.uri, spec.split, spec.seq_len, spec.seed)
     steps = spec.steps_per_epoch(reader)
     for epoch, step in spec.positions(start, epochs, reader):
-        after = StreamPosition(epoch, step + 1) if step + 1 < steps else StreamPosition(epoch + 1, 0)
+        after = (
+            StreamPosition(epoch, step + 1) if step + 1 < steps else StreamPosition(epoch + 1, 0)
+        )
         yield after, spec.read(reader, epoch, step, rank)
 
 
-def ordered_batches(rows, spec: StreamSpec, start: StreamPosition = StreamPosition(),
-                    max_buffer: int = 256) -> Iterator[tuple[StreamPosition, np.ndarray]]:
+def ordered_batches(
+    rows, spec: StreamSpec, start: StreamPosition = StreamPosition(), max_buffer: int = 256
+) -> Iterator[tuple[StreamPosition, np.ndarray]]:
     """(position after, [local_batch, T+1] windows) in stream order from rows carrying
     epoch/step/tokens (e.g. a worker's get_dataset_shard(...).iter_rows()).
 
@@ -349,8 +382,9 @@ def ordered_batches(rows, spec: StreamSpec, start: StreamPosition = StreamPositi
             raise RuntimeError(f"stream row {key} repeated (expected {expected})")
         pending[key] = np.asarray(row["tokens"])
         if len(pending) > max_buffer:
-            raise RuntimeError(f"stream out of order: waiting for {expected}, holding "
-                               f"{len(pending)} later rows")
+            raise RuntimeError(
+                f"stream out of order: waiting for {expected}, holding {len(pending)} later rows"
+            )
         while expected in pending:
             tokens = pending.pop(expected)
             epoch, step = expected
@@ -376,12 +410,17 @@ class _StepReader:
             epoch, step = divmod(self.first + int(i), self.steps)
             epochs.append(epoch), steps.append(step)
             tokens.append(_read_or_error(self.spec, self.reader, epoch, step, self.rank, errors))
-        return {"epoch": np.array(epochs), "step": np.array(steps), "tokens": np.stack(tokens),
-                "error": np.array(errors)}
+        return {
+            "epoch": np.array(epochs),
+            "step": np.array(steps),
+            "tokens": np.stack(tokens),
+            "error": np.array(errors),
+        }
 
 
-def _read_or_error(spec: StreamSpec, reader: WindowReader, epoch: int, step: int, rank: int,
-                   errors: list) -> np.ndarray:
+def _read_or_error(
+    spec: StreamSpec, reader: WindowReader, epoch: int, step: int, rank: int, errors: list
+) -> np.ndarray:
     """Damaged data travels to the training worker as a row that carries the error, and is raised
     there as the DataError it is (raised inside a Ray Data actor it would arrive as a generic
     task error, which a worker group restart would retry forever)."""
@@ -394,9 +433,14 @@ def _read_or_error(spec: StreamSpec, reader: WindowReader, epoch: int, step: int
     return windows
 
 
-def worker_stream(spec: StreamSpec, rank: int, start: StreamPosition, n_steps: int,
-                  use_ray_data: bool = True, cpus: float = 0.25
-                  ) -> Iterator[tuple[StreamPosition, np.ndarray]]:
+def worker_stream(
+    spec: StreamSpec,
+    rank: int,
+    start: StreamPosition,
+    n_steps: int,
+    use_ray_data: bool = True,
+    cpus: float = 0.25,
+) -> Iterator[tuple[StreamPosition, np.ndarray]]:
     """The next n_steps batches of one rank from `start`, as (position after, windows).
 
     Built inside each training worker, so a worker group restarted from a checkpoint streams from
@@ -415,8 +459,13 @@ def worker_stream(spec: StreamSpec, rank: int, start: StreamPosition, n_steps: i
 
     storage_env = forwarded_env()
     dataset = ray.data.from_items([{"i": i} for i in range(n_steps)])
-    dataset = dataset.map_batches(_StepReader, fn_constructor_args=(spec, rank, start, storage_env),
-                                  batch_size=1, concurrency=1, num_cpus=cpus)
+    dataset = dataset.map_batches(
+        _StepReader,
+        fn_constructor_args=(spec, rank, start, storage_env),
+        batch_size=1,
+        concurrency=1,
+        num_cpus=cpus,
+    )
     dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = False  # the trainer's bar is the one users watch
     yield from ordered_batches(dataset.iter_rows(), spec, start)

@@ -28,8 +28,14 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ttte2e.model.decode import MODES, _select_rows, decode_step, prefill, prefill_prompts, \
-    stream_generate
+from ttte2e.model.decode import (
+    MODES,
+    _select_rows,
+    decode_step,
+    prefill,
+    prefill_prompts,
+    stream_generate,
+)
 
 NAME = "ttte2e"
 # The harness's own backends first: a registry that already holds ours skips its lazy import of
@@ -40,8 +46,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _batch_size(value) -> int:
     if isinstance(value, str) and value.startswith("auto"):
-        raise ValueError("batch_size: give a number of rows (auto-tuning is not supported by the "
-                         "ttte2e backend: the memory of a row depends on its context length)")
+        raise ValueError(
+            "batch_size: give a number of rows (auto-tuning is not supported by the "
+            "ttte2e backend: the memory of a row depends on its context length)"
+        )
     size = int(value)
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {size}")
@@ -58,16 +66,29 @@ class TTTE2ELM(TemplateLM):
     training document does (default true).
     """
 
-    def __init__(self, pretrained: str | None = None, mode: str = "ttt",
-                 tokenizer: str | None = None, tracking_uri: str | None = None,
-                 batch_size: int | str = 1, max_batch_size: int | None = None,
-                 device: str | None = None, dtype: str = "float32", max_length: int | None = None,
-                 max_gen_toks: int = 256, add_bos_token: bool = True, model=None, **unknown):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        mode: str = "ttt",
+        tokenizer: str | None = None,
+        tracking_uri: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool = True,
+        model=None,
+        **unknown,
+    ):
         super().__init__()
         if unknown:
-            raise ValueError(f"ttte2e: unknown model_args {sorted(unknown)}; known: pretrained, "
-                             "mode, tokenizer, tracking_uri, device, dtype, max_length, "
-                             "max_gen_toks, add_bos_token")
+            raise ValueError(
+                f"ttte2e: unknown model_args {sorted(unknown)}; known: pretrained, "
+                "mode, tokenizer, tracking_uri, device, dtype, max_length, "
+                "max_gen_toks, add_bos_token"
+            )
         if mode not in MODES:
             raise ValueError(f"ttte2e: mode={mode!r}; choose one of {', '.join(MODES)}")
         if dtype not in DTYPES:
@@ -80,12 +101,15 @@ class TTTE2ELM(TemplateLM):
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self._device.type == "cuda" and not torch.cuda.is_available():
             # the harness's --device defaults to cuda
-            raise ValueError(f"ttte2e: device {device!r} but torch sees no CUDA device here; "
-                             "pass --device cpu")
+            raise ValueError(
+                f"ttte2e: device {device!r} but torch sees no CUDA device here; pass --device cpu"
+            )
         if model is None:
             if not pretrained:
-                raise ValueError("ttte2e: model_args needs pretrained=<model folder | checkpoint | "
-                                 "s3://... | models:/NAME@ALIAS>")
+                raise ValueError(
+                    "ttte2e: model_args needs pretrained=<model folder | checkpoint | "
+                    "s3://... | models:/NAME@ALIAS>"
+                )
             from ttte2e.platform.registry.model_registry import load_model
 
             loaded = load_model(str(pretrained), tracking_uri)
@@ -102,12 +126,16 @@ class TTTE2ELM(TemplateLM):
         if tokenizer is not None:
             self.tokenizer = tokenizer
         if self.tokenizer is None:
-            raise ValueError(f"ttte2e: {pretrained or 'the model'} has no tokenizer.json beside "
-                             "its config; pass tokenizer=PATH/tokenizer.json")
+            raise ValueError(
+                f"ttte2e: {pretrained or 'the model'} has no tokenizer.json beside "
+                "its config; pass tokenizer=PATH/tokenizer.json"
+            )
         vocab = model.config.vocab_size
         if self.tokenizer.get_vocab_size() > vocab:
-            raise ValueError(f"ttte2e: the tokenizer has {self.tokenizer.get_vocab_size()} ids, "
-                             f"the model's vocabulary {vocab}")
+            raise ValueError(
+                f"ttte2e: the tokenizer has {self.tokenizer.get_vocab_size()} ids, "
+                f"the model's vocabulary {vocab}"
+            )
         self.model = model.to(self._device, DTYPES[dtype]).eval()
         self.pretrained = str(pretrained) if pretrained else "model"
 
@@ -129,7 +157,9 @@ class TTTE2ELM(TemplateLM):
     def tokenizer_name(self) -> str:
         return f"{self.pretrained}:tokenizer"
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
         return self.tokenizer.encode(string, add_special_tokens=False).ids
 
     def tok_decode(self, tokens: list[int]) -> str:
@@ -142,8 +172,10 @@ class TTTE2ELM(TemplateLM):
         if self.max_length is not None:
             keep = self.max_length - room
             if keep < 1:
-                raise ValueError(f"max_length {self.max_length} leaves no room for a context "
-                                 f"before {room} continuation tokens")
+                raise ValueError(
+                    f"max_length {self.max_length} leaves no room for a context "
+                    f"before {room} continuation tokens"
+                )
             ids = list(ids)[-keep:]
         return list(ids)
 
@@ -154,7 +186,8 @@ class TTTE2ELM(TemplateLM):
             if not continuation:
                 raise ValueError(f"request {i}: empty continuation (nothing to score)")
             by_context.setdefault(tuple(self._context(context, len(continuation))), []).append(
-                (i, list(continuation)))
+                (i, list(continuation))
+            )
         results: list = [None] * len(requests)
         batch, rows = [], 0
         for context, members in sorted(by_context.items(), key=lambda kv: -len(kv[0])):
@@ -177,13 +210,14 @@ class TTTE2ELM(TemplateLM):
         continuations = [c for _, members in batch for _, c in members]
         longest = max(len(c) for c in continuations)
         state = prefill_prompts(self.model, [c for c, _ in batch], self.mode, reserve=longest)
-        owner = torch.tensor([j for j, (_, members) in enumerate(batch) for _ in members],
-                             device=self._device)
+        owner = torch.tensor(
+            [j for j, (_, members) in enumerate(batch) for _ in members], device=self._device
+        )
         state = _select_rows(state, owner)  # one row per continuation: a copy of its context's
         lengths = torch.tensor([len(c) for c in continuations], device=self._device)
         targets = torch.zeros(len(continuations), longest, dtype=torch.long, device=self._device)
         for r, c in enumerate(continuations):
-            targets[r, :len(c)] = torch.tensor(c)
+            targets[r, : len(c)] = torch.tensor(c)
         logprob = torch.zeros(len(continuations), dtype=torch.float64, device=self._device)
         greedy = torch.ones(len(continuations), dtype=torch.bool, device=self._device)
         rows = torch.arange(len(continuations), device=self._device)
@@ -212,13 +246,17 @@ class TTTE2ELM(TemplateLM):
             if self.max_length is None:
                 windows = [([self.prefix_token_id], tokens)] if tokens else []
             else:
-                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                    tokens, self.prefix_token_id, self.max_length, 1)]
+                windows = [
+                    make_disjoint_window(w)
+                    for w in get_rolling_token_windows(
+                        tokens, self.prefix_token_id, self.max_length, 1
+                    )
+                ]
             total = 0.0
             for context, predicted in windows:
                 ids = torch.tensor([context + predicted], device=self._device)
                 _, nll = prefill(self.model, ids, self.mode)
-                total -= float(nll[0, -len(predicted):].double().sum())
+                total -= float(nll[0, -len(predicted) :].double().sum())
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
         return out
@@ -228,12 +266,14 @@ class TTTE2ELM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
-            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(
+                i
+            )
         out: list = [None] * len(requests)
         for members in groups.values():
             kwargs = dict(requests[members[0]].args[1])
             for start in range(0, len(members), self.batch_size_per_gpu):
-                part = members[start:start + self.batch_size_per_gpu]
+                part = members[start : start + self.batch_size_per_gpu]
                 texts = self._generate([requests[i].args[0] for i in part], dict(kwargs))
                 for i, text in zip(part, texts):
                     out[i] = text
@@ -253,15 +293,25 @@ class TTTE2ELM(TemplateLM):
         seed = gen_kwargs.pop("seed", None)
         gen_kwargs.pop("max_length", None)
         if gen_kwargs:
-            raise ValueError(f"ttte2e generate_until: unsupported generation arguments "
-                             f"{sorted(gen_kwargs)}; supported: until, max_gen_toks, do_sample, "
-                             "temperature, top_p, seed")
+            raise ValueError(
+                f"ttte2e generate_until: unsupported generation arguments "
+                f"{sorted(gen_kwargs)}; supported: until, max_gen_toks, do_sample, "
+                "temperature, top_p, seed"
+            )
         prompts = [self._context(self.tok_encode(c), max_new) for c in contexts]
         generated: list[list[int]] = [[] for _ in prompts]
         texts = [""] * len(prompts)
         finished = [False] * len(prompts)
-        stream = stream_generate(self.model, prompts, max_new, self.mode, temperature, top_p,
-                                 stop_tokens=(self.eot_token_id,), seed=seed)
+        stream = stream_generate(
+            self.model,
+            prompts,
+            max_new,
+            self.mode,
+            temperature,
+            top_p,
+            stop_tokens=(self.eot_token_id,),
+            seed=seed,
+        )
         for token in stream:
             for r, t in enumerate(token.tolist()):
                 if finished[r]:
@@ -280,7 +330,7 @@ class TTTE2ELM(TemplateLM):
 def _cut(text: str, until: list[str]) -> str:
     """The text before the first stop string."""
     ends = [text.find(s) for s in until if s and s in text]
-    return text[:min(ends)] if ends else text
+    return text[: min(ends)] if ends else text
 
 
 if NAME not in model_registry:
@@ -298,8 +348,9 @@ def write_tokenizer_folder(tokenizer, folder: Path) -> Path:
     return folder
 
 
-def heldout_text_tasks(reader_uri: str, contexts: list[int], windows: int, folder: Path,
-                       tokenizer, seed: int = 0) -> list[str]:
+def heldout_text_tasks(
+    reader_uri: str, contexts: list[int], windows: int, folder: Path, tokenizer, seed: int = 0
+) -> list[str]:
     """Local harness tasks `ttte2e_heldout_<context>`: loglikelihood_rolling over `windows`
     held-out windows of `context` tokens of a prepared dataset, decoded to text (the harness
     scores text; its word perplexity and bits per byte are comparable across tokenizers)."""
@@ -323,30 +374,50 @@ def heldout_text_tasks(reader_uri: str, contexts: list[int], windows: int, folde
             f"    test: {data}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
             "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
             "  - metric: word_perplexity\n  - metric: byte_perplexity\n"
-            "  - metric: bits_per_byte\n")
+            "  - metric: bits_per_byte\n"
+        )
         names.append(name)
     return names
 
 
-def task_scores(model, tokenizer, tasks: list[str], modes: tuple[str, ...], work: Path,
-                include_path: str | None = None, metadata: dict | None = None,
-                limit: int | None = None, batch_size: int = 4) -> dict:
+def task_scores(
+    model,
+    tokenizer,
+    tasks: list[str],
+    modes: tuple[str, ...],
+    work: Path,
+    include_path: str | None = None,
+    metadata: dict | None = None,
+    limit: int | None = None,
+    batch_size: int = 4,
+) -> dict:
     """{mode: {task: {metric: value}}} from lm_eval.simple_evaluate, one backend per mode over
     the same weights."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     tok_folder = write_tokenizer_folder(tokenizer, work / "tokenizer")
-    manager = TaskManager(include_path=include_path,
-                          metadata={"tokenizer": str(tok_folder), **(metadata or {})})
+    manager = TaskManager(
+        include_path=include_path, metadata={"tokenizer": str(tok_folder), **(metadata or {})}
+    )
     out: dict = {}
     for mode in modes:
-        lm = TTTE2ELM(model=model, tokenizer=tokenizer, mode=mode, batch_size=batch_size,
-                      device=str(next(model.parameters()).device))
-        result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
-                                         limit=limit, log_samples=False)
-        out[mode] = {task: {metric.split(",")[0]: value for metric, value in scores.items()
-                            if isinstance(value, (int, float)) and "stderr" not in metric
-                            and value != -1}  # RULER reports -1 for the lengths it did not run
-                     for task, scores in result["results"].items()}
+        lm = TTTE2ELM(
+            model=model,
+            tokenizer=tokenizer,
+            mode=mode,
+            batch_size=batch_size,
+            device=str(next(model.parameters()).device),
+        )
+        result = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False
+        )
+        out[mode] = {
+            task: {
+                metric.split(",")[0]: value
+                for metric, value in scores.items()
+                if isinstance(value, (int, float)) and "stderr" not in metric and value != -1
+            }  # RULER reports -1 for the lengths it did not run
+            for task, scores in result["results"].items()
+        }
     return out

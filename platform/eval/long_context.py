@@ -39,8 +39,15 @@ def _masked_nll(model: TTTModel, windows: torch.Tensor, mode: str) -> tuple[np.n
     return np.stack(nlls), np.stack(masks)
 
 
-def loss_vs_context(model: TTTModel, data: str, contexts: list[int], windows: int = 8,
-                    modes: tuple[str, ...] = MODES, bins: int = 16, seed: int = 0) -> dict:
+def loss_vs_context(
+    model: TTTModel,
+    data: str,
+    contexts: list[int],
+    windows: int = 8,
+    modes: tuple[str, ...] = MODES,
+    bins: int = 16,
+    seed: int = 0,
+) -> dict:
     """{context: {mode: {"loss", "bins": [(start, end, loss)], "beyond_window"}}}."""
     from ttte2e.platform.data.stream import WindowReader
 
@@ -58,12 +65,18 @@ def loss_vs_context(model: TTTModel, data: str, contexts: list[int], windows: in
             binned = []
             for lo, hi in zip(edges[:-1], edges[1:]):
                 m = mask[:, lo:hi]
-                binned.append((int(lo), int(hi), float((nll[:, lo:hi] * m).sum() / max(m.sum(), 1))))
-            beyond = mask[:, model.config.window:]
+                binned.append(
+                    (int(lo), int(hi), float((nll[:, lo:hi] * m).sum() / max(m.sum(), 1)))
+                )
+            beyond = mask[:, model.config.window :]
             out[context][mode] = dict(
-                loss=float((nll * mask).sum() / max(mask.sum(), 1)), bins=binned, windows=n,
-                beyond_window=float((nll[:, model.config.window:] * beyond).sum() / beyond.sum())
-                if beyond.sum() else None)
+                loss=float((nll * mask).sum() / max(mask.sum(), 1)),
+                bins=binned,
+                windows=n,
+                beyond_window=float((nll[:, model.config.window :] * beyond).sum() / beyond.sum())
+                if beyond.sum()
+                else None,
+            )
     return out
 
 
@@ -83,8 +96,9 @@ def plot_loss_vs_context(results: dict, window: int, path: str | Path) -> Path:
     left.set_title(f"per-position loss, context {longest:,}"), left.legend()
     contexts = sorted(results)
     for mode in results[longest]:
-        right.plot(contexts, [results[c][mode]["loss"] for c in contexts], "o-",
-                   label=MODE_LABELS[mode])
+        right.plot(
+            contexts, [results[c][mode]["loss"] for c in contexts], "o-", label=MODE_LABELS[mode]
+        )
     right.set_xscale("log", base=2), right.set_xlabel("context length")
     right.set_ylabel("mean loss"), right.legend()
     fig.tight_layout()
@@ -94,14 +108,36 @@ def plot_loss_vs_context(results: dict, window: int, path: str | Path) -> Path:
 
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
-QUERY = (" What is the special magic number for {key} mentioned in the provided text? The special "
-         "magic number for {key} mentioned in the provided text is:")
-KEYS = ["apple", "river", "lantern", "violet", "harbor", "falcon", "meadow", "copper", "glacier",
-        "orchid", "thunder", "saffron"]
+QUERY = (
+    " What is the special magic number for {key} mentioned in the provided text? The special "
+    "magic number for {key} mentioned in the provided text is:"
+)
+KEYS = [
+    "apple",
+    "river",
+    "lantern",
+    "violet",
+    "harbor",
+    "falcon",
+    "meadow",
+    "copper",
+    "glacier",
+    "orchid",
+    "thunder",
+    "saffron",
+]
 
 
-def niah(model: TTTModel, tokenizer_path: str, data: str, contexts: list[int],
-         depths: list[float], trials: int = 4, mode: str = "ttt", seed: int = 0) -> dict:
+def niah(
+    model: TTTModel,
+    tokenizer_path: str,
+    data: str,
+    contexts: list[int],
+    depths: list[float],
+    trials: int = 4,
+    mode: str = "ttt",
+    seed: int = 0,
+) -> dict:
     """Single needle in a haystack: a 7-digit value placed at a depth of a held-out haystack,
     asked for at the end; a trial passes when the greedy answer contains the value.
     Returns {(context, depth): accuracy}."""
@@ -126,8 +162,9 @@ def niah(model: TTTModel, tokenizer_path: str, data: str, contexts: list[int],
                 hay = reader.windows(trial % reader.windows_per_epoch, 1)[0][:room].tolist()
                 at = int(depth * room)
                 prompt = hay[:at] + needle + hay[at:] + query
-                answer = generate(model, [prompt], max_new_tokens=len(tok.encode(" " + value).ids)
-                                  + 2, mode=mode)[0]
+                answer = generate(
+                    model, [prompt], max_new_tokens=len(tok.encode(" " + value).ids) + 2, mode=mode
+                )[0]
                 hits += value in tok.decode(answer)
             results[(context, depth)] = hits / trials
     return results
@@ -135,25 +172,41 @@ def niah(model: TTTModel, tokenizer_path: str, data: str, contexts: list[int],
 
 def write_report(results: dict, niah_results: dict | None, out: Path, window: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| context | " + " | ".join(f"{MODE_LABELS[m]} loss" for m in next(
-        iter(results.values()))) + " | TTT-E2E beyond window | SWA beyond window |",
-        "|---" * (3 + len(next(iter(results.values())))) + "|"]
+    lines = [
+        "| context | "
+        + " | ".join(f"{MODE_LABELS[m]} loss" for m in next(iter(results.values())))
+        + " | TTT-E2E beyond window | SWA beyond window |",
+        "|---" * (3 + len(next(iter(results.values())))) + "|",
+    ]
     for context, r in sorted(results.items()):
+
         def beyond(mode):
             v = r.get(mode, {}).get("beyond_window")
             return "n/a" if v is None else f"{v:.4f}"
-        lines.append(f"| {context:,} | " + " | ".join(f"{v['loss']:.4f}" for v in r.values())
-                     + f" | {beyond('ttt')} | {beyond('swa')} |")
+
+        lines.append(
+            f"| {context:,} | "
+            + " | ".join(f"{v['loss']:.4f}" for v in r.values())
+            + f" | {beyond('ttt')} | {beyond('swa')} |"
+        )
     table = "\n".join(lines)
     if niah_results:
         contexts = sorted({c for c, _ in niah_results})
         depths = sorted({d for _, d in niah_results})
-        table += "\n\nS-NIAH accuracy (rows: context, columns: needle depth)\n\n| context | " + \
-            " | ".join(f"{d:.0%}" for d in depths) + " |\n" + "|---" * (len(depths) + 1) + "|\n"
+        table += (
+            "\n\nS-NIAH accuracy (rows: context, columns: needle depth)\n\n| context | "
+            + " | ".join(f"{d:.0%}" for d in depths)
+            + " |\n"
+            + "|---" * (len(depths) + 1)
+            + "|\n"
+        )
         for c in contexts:
-            table += f"| {c:,} | " + " | ".join(f"{niah_results[(c, d)]:.2f}" for d in depths) + " |\n"
+            table += (
+                f"| {c:,} | " + " | ".join(f"{niah_results[(c, d)]:.2f}" for d in depths) + " |\n"
+            )
     (out / "report.md").write_text(table + "\n")
-    (out / "loss_vs_context.json").write_text(json.dumps(
-        {str(k): v for k, v in results.items()}, indent=1))
+    (out / "loss_vs_context.json").write_text(
+        json.dumps({str(k): v for k, v in results.items()}, indent=1)
+    )
     plot = plot_loss_vs_context(results, window, out / "loss_vs_context.png")
     return dict(table=table, plot=str(plot), report=str(out / "report.md"))

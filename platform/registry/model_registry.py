@@ -24,8 +24,13 @@ from typing import NamedTuple
 
 from ttte2e.model.model_folder import CONFIG_FILE, TOKENIZER_FILE, config_fields
 from ttte2e.platform.data.storage import Location, resolve
-from ttte2e.platform.registry.tracking import (RUN_NAME_TAG, _client, _log_params, artifact_location,
-                                      redact)
+from ttte2e.platform.registry.tracking import (
+    RUN_NAME_TAG,
+    _client,
+    _log_params,
+    artifact_location,
+    redact,
+)
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 WEIGHTS_TAG, WEIGHTS_URI_TAG, SOURCE_TAG = "ttte2e.weights", "ttte2e.weights_uri", "ttte2e.source"
@@ -51,8 +56,10 @@ def registry_uri(setting: str = "") -> str:
 
     uri = setting or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        raise RegistryError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///"
-                            "runs/mlflow.db or http://host:5000) or set MLFLOW_TRACKING_URI")
+        raise RegistryError(
+            "no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///"
+            "runs/mlflow.db or http://host:5000) or set MLFLOW_TRACKING_URI"
+        )
     return strip_credentials(uri)
 
 
@@ -60,10 +67,12 @@ def check_store_exists(uri: str) -> None:
     """Reading commands (pull, list, evaluate) refuse a sqlite store that does not exist: MLflow
     would create an empty one, and a mistyped path would look like an empty registry."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
-            raise RegistryError(f"{uri}: no such MLflow database (a mistyped path? reading "
-                                "commands never create one)")
+            raise RegistryError(
+                f"{uri}: no such MLflow database (a mistyped path? reading "
+                "commands never create one)"
+            )
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
@@ -76,9 +85,11 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
     except requests.RequestException as e:
-        raise RegistryError(f"MLflow tracking server {redact(uri)} is unreachable "
-                            f"({type(e).__name__}); start it, or point --tracking-uri / "
-                            "MLFLOW_TRACKING_URI at a running one") from None
+        raise RegistryError(
+            f"MLflow tracking server {redact(uri)} is unreachable "
+            f"({type(e).__name__}); start it, or point --tracking-uri / "
+            "MLFLOW_TRACKING_URI at a running one"
+        ) from None
 
 
 def model_folder(uri: str) -> Location:
@@ -97,7 +108,7 @@ def local_copy(loc: Location) -> Path:
         return Path(loc.path)
     target = Path(tempfile.mkdtemp(prefix="ttte2e-model-"))
     for f in loc.list_files():
-        rel = f.uri[len(loc.uri) + 1:]
+        rel = f.uri[len(loc.uri) + 1 :]
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
         (target / rel).write_bytes(f.read_bytes())
     return target
@@ -122,30 +133,44 @@ def _checkpoint_facts(uri: str) -> tuple[dict, dict, str | None]:
     if not state_file.exists():
         return {}, {}, None
     state = json.loads(state_file.read_bytes())
-    params = {**{f"train.{k}": v for k, v in state.get("train", {}).items()},
-              "train.step": state.get("step")}
+    params = {
+        **{f"train.{k}": v for k, v in state.get("train", {}).items()},
+        "train.step": state.get("step"),
+    }
     final = state["evals"][-1] if state.get("evals") else {}
     metrics = {k: v for k, v in final.items() if k != "step" and v is not None}
     return params, metrics, state.get("mlflow_run_id")
 
 
-def register(source: str, name: str, tracking_uri: str, alias: str = "candidate",
-             weights: str = "auto", max_logged_bytes: int = DEFAULT_MAX_LOGGED_BYTES,
-             description: str = "") -> dict:
+def register(
+    source: str,
+    name: str,
+    tracking_uri: str,
+    alias: str = "candidate",
+    weights: str = "auto",
+    max_logged_bytes: int = DEFAULT_MAX_LOGGED_BYTES,
+    description: str = "",
+) -> dict:
     """See _register. MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI to every later
     subprocess: the caller's setting is put back afterwards."""
     import mlflow
 
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return _register(source, name, tracking_uri, alias, weights, max_logged_bytes,
-                         description)
+        return _register(source, name, tracking_uri, alias, weights, max_logged_bytes, description)
     finally:
         mlflow.set_tracking_uri(previous)
 
 
-def _register(source: str, name: str, tracking_uri: str, alias: str, weights: str,
-              max_logged_bytes: int, description: str) -> dict:
+def _register(
+    source: str,
+    name: str,
+    tracking_uri: str,
+    alias: str,
+    weights: str,
+    max_logged_bytes: int,
+    description: str,
+) -> dict:
     """Register the model of `source` (training checkpoint or model folder, local or s3://) as a
     new version of `name`, and point `alias` at it. weights: 'logged' (copied into MLflow),
     'reference' (the version records source's URI) or 'auto' (logged up to max_logged_bytes)."""
@@ -175,8 +200,13 @@ def _register(source: str, name: str, tracking_uri: str, alias: str, weights: st
         experiment_id = parent.info.experiment_id
     else:
         exp = client.get_experiment_by_name(REGISTRY_EXPERIMENT)
-        experiment_id = exp.experiment_id if exp else client.create_experiment(
-            REGISTRY_EXPERIMENT, artifact_location=artifact_location(tracking_uri))
+        experiment_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(
+                REGISTRY_EXPERIMENT, artifact_location=artifact_location(tracking_uri)
+            )
+        )
     tags = {RUN_NAME_TAG: f"register-{name}", SOURCE_TAG: redact(folder.uri)}
     if parent is not None:
         tags["mlflow.parentRunId"] = parent.info.run_id
@@ -194,10 +224,13 @@ def _register(source: str, name: str, tracking_uri: str, alias: str, weights: st
     mlflow.set_tracking_uri(tracking_uri)  # log_model is fluent-API only (undone in register)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_FILE),
+            name="model",
+            python_model=str(PYFUNC_FILE),
             artifacts={"weights": str(staging)} if logged else None,
             model_config=None if logged else {"weights_uri": folder.uri},
-            signature=_signature(), pip_requirements=_requirements())
+            signature=_signature(),
+            pip_requirements=_requirements(),
+        )
     if staging is not None:
         shutil.rmtree(staging.parent, ignore_errors=True)
 
@@ -205,19 +238,36 @@ def _register(source: str, name: str, tracking_uri: str, alias: str, weights: st
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST
         client.create_registered_model(name, description=description or None)
-    version_tags = {WEIGHTS_TAG: "logged" if logged else "reference",
-                    WEIGHTS_URI_TAG: redact(folder.uri), SOURCE_TAG: redact(source),
-                    "tokenizer": "yes" if has_tokenizer else "no", "bytes": str(size),
-                    **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
-    version = client.create_model_version(name, source=info.model_uri, run_id=run_id,
-                                          tags=version_tags, description=description or None,
-                                          model_id=info.model_id)
+    version_tags = {
+        WEIGHTS_TAG: "logged" if logged else "reference",
+        WEIGHTS_URI_TAG: redact(folder.uri),
+        SOURCE_TAG: redact(source),
+        "tokenizer": "yes" if has_tokenizer else "no",
+        "bytes": str(size),
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+    }
+    version = client.create_model_version(
+        name,
+        source=info.model_uri,
+        run_id=run_id,
+        tags=version_tags,
+        description=description or None,
+        model_id=info.model_id,
+    )
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
-    return dict(name=name, version=version.version, alias=alias or None,
-                uri=f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}",
-                weights=version_tags[WEIGHTS_TAG], weights_uri=redact(folder.uri),
-                tokenizer=has_tokenizer, bytes=size, run_id=run_id, tracking_uri=redact(tracking_uri))
+    return dict(
+        name=name,
+        version=version.version,
+        alias=alias or None,
+        uri=f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}",
+        weights=version_tags[WEIGHTS_TAG],
+        weights_uri=redact(folder.uri),
+        tokenizer=has_tokenizer,
+        bytes=size,
+        run_id=run_id,
+        tracking_uri=redact(tracking_uri),
+    )
 
 
 def _signature():
@@ -245,8 +295,10 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """models:/NAME/VERSION or models:/NAME@ALIAS -> (name, version, alias)."""
     m = _MODEL_URI.match(uri)
     if not m or not (m["version"] or m["alias"]):
-        raise RegistryError(f"{uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS "
-                            "(e.g. models:/tiny@champion)")
+        raise RegistryError(
+            f"{uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS "
+            "(e.g. models:/tiny@champion)"
+        )
     return m["name"], m["version"], m["alias"]
 
 
@@ -261,20 +313,25 @@ def resolve_version(uri: str, tracking_uri: str):
         model = client.get_registered_model(name)
     except MlflowException:
         known = sorted(m.name for m in client.search_registered_models(max_results=50))
-        raise RegistryError(f"{uri}: no registered model {name!r} in {redact(tracking_uri)} "
-                            f"(registered: {', '.join(known) or 'none'})") from None
+        raise RegistryError(
+            f"{uri}: no registered model {name!r} in {redact(tracking_uri)} "
+            f"(registered: {', '.join(known) or 'none'})"
+        ) from None
     if alias:
         aliases = dict(model.aliases or {})
         if alias not in aliases:
-            raise RegistryError(f"{uri}: model {name!r} has no alias {alias!r} (aliases: "
-                                f"{', '.join(f'{a} -> v{v}' for a, v in sorted(aliases.items())) or 'none'})")
+            raise RegistryError(
+                f"{uri}: model {name!r} has no alias {alias!r} (aliases: "
+                f"{', '.join(f'{a} -> v{v}' for a, v in sorted(aliases.items())) or 'none'})"
+            )
         number = aliases[alias]
     try:
         return client.get_model_version(name, str(number))
     except MlflowException:
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        raise RegistryError(f"{uri}: model {name!r} has no version {number} (versions: "
-                            f"{versions or 'none'})") from None
+        raise RegistryError(
+            f"{uri}: model {name!r} has no version {number} (versions: {versions or 'none'})"
+        ) from None
 
 
 def version_weights(version, tracking_uri: str) -> str:
@@ -285,25 +342,30 @@ def version_weights(version, tracking_uri: str) -> str:
     if tags.get(WEIGHTS_TAG) == "logged":
         import mlflow.artifacts
 
-        root = _client(tracking_uri).get_model_version_download_uri(version.name,
-                                                                         version.version)
+        root = _client(tracking_uri).get_model_version_download_uri(version.name, version.version)
         target = tempfile.mkdtemp(prefix="ttte2e-pull-")
         try:
             return mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{root.rstrip('/')}/artifacts/weights", dst_path=target,
-                tracking_uri=tracking_uri)
+                artifact_uri=f"{root.rstrip('/')}/artifacts/weights",
+                dst_path=target,
+                tracking_uri=tracking_uri,
+            )
         except Exception as e:  # noqa: BLE001
-            raise RegistryError(f"{label}: its logged weights cannot be downloaded from "
-                                f"{redact(root)} ({type(e).__name__}: {redact(str(e))[:200]})") from None
+            raise RegistryError(
+                f"{label}: its logged weights cannot be downloaded from "
+                f"{redact(root)} ({type(e).__name__}: {redact(str(e))[:200]})"
+            ) from None
     # by reference; versions registered by earlier releases have the folder as their source
     uri = tags.get(WEIGHTS_URI_TAG) or version.source
-    uri = uri[len("file://"):] if uri.startswith("file://") else uri
+    uri = uri[len("file://") :] if uri.startswith("file://") else uri
     try:
         model_folder(uri)
     except (RegistryError, OSError) as e:
-        raise RegistryError(f"{label} points at {redact(uri)}, which is gone or unreadable "
-                            f"({e}); the checkpoint was deleted or moved: re-register it from "
-                            "where it lives now") from None
+        raise RegistryError(
+            f"{label} points at {redact(uri)}, which is gone or unreadable "
+            f"({e}); the checkpoint was deleted or moved: re-register it from "
+            "where it lives now"
+        ) from None
     return uri
 
 
@@ -324,7 +386,9 @@ def set_alias(name: str, version: str, alias: str, tracking_uri: str) -> tuple[s
     names). Returns (new version, the version the alias named before or None)."""
     if not re.fullmatch(r"[A-Za-z_][\w-]*", alias) or re.fullmatch(r"v\d+", alias):
         raise RegistryError(f"alias {alias!r}: a name like champion or candidate")
-    ref = f"models:/{name}@{version[1:]}" if version.startswith("@") else f"models:/{name}/{version}"
+    ref = (
+        f"models:/{name}@{version[1:]}" if version.startswith("@") else f"models:/{name}/{version}"
+    )
     target = resolve_version(ref, tracking_uri)
     client = _client(tracking_uri)
     before = (client.get_registered_model(name).aliases or {}).get(alias)
@@ -346,8 +410,13 @@ def describe(name: str, tracking_uri: str) -> list[dict]:
     rows = []
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         tags = v.tags or {}
-        rows.append(dict(version=v.version, aliases=sorted(by_version.get(str(v.version), [])),
-                         weights=tags.get(WEIGHTS_TAG, "reference"),
-                         weights_uri=tags.get(WEIGHTS_URI_TAG, v.source),
-                         val_loss=tags.get("metric.val_loss")))
+        rows.append(
+            dict(
+                version=v.version,
+                aliases=sorted(by_version.get(str(v.version), [])),
+                weights=tags.get(WEIGHTS_TAG, "reference"),
+                weights_uri=tags.get(WEIGHTS_URI_TAG, v.source),
+                val_loss=tags.get("metric.val_loss"),
+            )
+        )
     return rows

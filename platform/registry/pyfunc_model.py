@@ -19,10 +19,13 @@ class TTTTextModel(PythonModel):
         from ttte2e.platform.registry.model_registry import load_weights
 
         folder = (context.artifacts or {}).get("weights") or (context.model_config or {}).get(
-            "weights_uri")
+            "weights_uri"
+        )
         if not folder:
-            raise ValueError("pyfunc model without weights: neither a 'weights' artifact nor "
-                             "model_config['weights_uri']")
+            raise ValueError(
+                "pyfunc model without weights: neither a 'weights' artifact nor "
+                "model_config['weights_uri']"
+            )
         self.generator = TextGenerator(*load_weights(folder))
 
     def predict(self, context, model_input, params=None):

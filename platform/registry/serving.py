@@ -12,9 +12,14 @@ from typing import Any
 from ttte2e.model.model_folder import TOKENIZER_FILE
 
 # The pyfunc's parameters (name, MLflow type, default); predict(..., params=...) overrides them.
-GENERATION_PARAMS = (("max_new_tokens", "long", 64), ("temperature", "double", 0.8),
-                     ("top_p", "double", 0.95), ("repetition_penalty", "double", 1.1),
-                     ("mode", "string", "ttt"), ("seed", "long", 0))
+GENERATION_PARAMS = (
+    ("max_new_tokens", "long", 64),
+    ("temperature", "double", 0.8),
+    ("top_p", "double", 0.95),
+    ("repetition_penalty", "double", 1.1),
+    ("mode", "string", "ttt"),
+    ("seed", "long", 0),
+)
 GENERATION_DEFAULTS = {name: default for name, _, default in GENERATION_PARAMS}
 
 
@@ -35,24 +40,41 @@ class TextGenerator:
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
-            raise ValueError(f"this model has no tokenizer attached (no {TOKENIZER_FILE} beside its "
-                             "config.json); register it with --tokenizer, or pass token ids to "
-                             "TTTModel.generate")
+            raise ValueError(
+                f"this model has no tokenizer attached (no {TOKENIZER_FILE} beside its "
+                "config.json); register it with --tokenizer, or pass token ids to "
+                "TTTModel.generate"
+            )
 
     def encode(self, prompt: str) -> list[int]:
         # documents start with BOS in training (prepare_data), so prompts do too
         return [self.model.config.bos_token_id] + self.tokenizer.encode(prompt).ids
 
-    def __call__(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
-                 top_p: float = 0.95, repetition_penalty: float = 1.1, mode: str = "ttt",
-                 seed: int | None = 0, on_token=None) -> list[str]:
+    def __call__(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        repetition_penalty: float = 1.1,
+        mode: str = "ttt",
+        seed: int | None = 0,
+        on_token=None,
+    ) -> list[str]:
         if isinstance(prompts, str):
             prompts = [prompts]
         bos = self.model.config.bos_token_id
-        out = self.model.generate([self.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
-                                  mode=mode, temperature=temperature, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=seed,
-                                  stop_tokens=(bos,), on_token=on_token)
+        out = self.model.generate(
+            [self.encode(p) for p in prompts],
+            max_new_tokens=max_new_tokens,
+            mode=mode,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_tokens=(bos,),
+            on_token=on_token,
+        )
         # BOS would start the next document: the continuation ends there
         return [self.tokenizer.decode([t for t in ids if t != bos]) for ids in out]
 
@@ -62,9 +84,11 @@ def pyfunc_signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
-                          outputs=Schema([ColSpec("string", "text")]),
-                          params=ParamSchema([ParamSpec(n, t, d) for n, t, d in GENERATION_PARAMS]))
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "text")]),
+        params=ParamSchema([ParamSpec(n, t, d) for n, t, d in GENERATION_PARAMS]),
+    )
 
 
 def prompts_of(model_input) -> list[str]:

@@ -19,8 +19,11 @@ RUN_NAME_TAG = "ttte2e.run_name"
 _SECRET_KEYS = re.compile(r"(secret|password|token|access_key|credential)", re.I)
 
 
-CREDENTIAL_ENV_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                       "MLFLOW_TRACKING_TOKEN")
+CREDENTIAL_ENV_VARS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 
 
 def strip_credentials(uri: str) -> str:
@@ -77,7 +80,7 @@ def artifact_location(uri: str) -> str | None:
     """Artifacts of experiments we create on a sqlite store go beside the database (MLflow's
     default is ./mlruns of whatever folder the process runs in); a server decides its own."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     return None
 
 
@@ -88,15 +91,24 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def start_run(uri: str, experiment: str, run_name: str, params: dict,
-              artifact_location: str | None = None, parent_run_id: str | None = None) -> str:
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict,
+    artifact_location: str | None = None,
+    parent_run_id: str | None = None,
+) -> str:
     """The MLflow run of this training run: the existing one with the same run name (a resumed
     run keeps its history), or a new one (a child of parent_run_id when given, e.g. a sweep's
     trial). Raises when the server cannot be reached."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=artifact_location)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(experiment, artifact_location=artifact_location)
+    )
     found = _runs_named(client, exp_id, run_name)
     if found:
         run_id = found[0].info.run_id
@@ -111,8 +123,9 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict,
 
 
 def _runs_named(client, experiment_id: str, run_name: str) -> list:
-    return client.search_runs([experiment_id],
-                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+    )
 
 
 def end_named_run(uri: str, experiment: str, run_name: str, status: str, note: str) -> None:
@@ -131,7 +144,7 @@ def _log_params(client, run_id: str, params: dict) -> None:
 
     items = list(loggable_params(params).items())
     for i in range(0, len(items), 90):
-        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 90]])
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 90]])
 
 
 class RunLogger:
@@ -149,12 +162,17 @@ class RunLogger:
             fn()
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self.failed = True
-            print(f"[tracking] MLflow {what} failed ({type(e).__name__}: {redact(str(e))[:300]}); "
-                  "training continues without tracking", file=sys.stderr, flush=True)
+            print(
+                f"[tracking] MLflow {what} failed ({type(e).__name__}: {redact(str(e))[:300]}); "
+                "training continues without tracking",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def metrics(self, values: dict, step: int) -> None:
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]

@@ -5,10 +5,11 @@ A checkpoint folder (`<storage>/<run name>/checkpoint_<step>`) holds ds/ (DeepSp
 optimizer partitions, lr schedule), model/ (config.json + safetensors + tokenizer.json),
 trainer_state.json (step, data position, metric history, configs, geometry) and rng/rank<r>.pt;
 `write` makes a rank's part of it and `restore` reads it back. Every rank uploads its own files
-(under Ray Train through its report; in one process the trainer copies the folder); after all of them are stored, rank 0 writes COMPLETE.json last:
-every file with its size, and a sha256 for the files of model/. A folder without it (a crash
-mid-save) or whose files differ from it (cut short, damaged) is incomplete: every reader refuses
-it, naming what is wrong, and the choice of the checkpoint to resume skips it.
+(under Ray Train through its report; in one process the trainer copies the folder); after all of
+them are stored, rank 0 writes COMPLETE.json last: every file with its size, and a sha256 for
+the files of model/. A folder without it (a crash mid-save) or whose files differ from it (cut
+short, damaged) is incomplete: every reader refuses it, naming what is wrong, and the choice of
+the checkpoint to resume skips it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import json
 import random
 import re
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -46,8 +47,12 @@ def dir_name(step: int) -> str:
 
 # ---- writing and reading one checkpoint (every rank its part) ----------------------------------
 def _rng_state() -> dict:
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    return dict(
+        torch=torch.get_rng_state(),
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
 
 
 def _set_rng_state(state: dict) -> None:
@@ -58,8 +63,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write(folder: Path, engine, rank: int, state: dict | None, model_config: dict,
-          weights: dict | None, tokenizer: bytes | None) -> dict[str, dict]:
+def write(
+    folder: Path,
+    engine,
+    rank: int,
+    state: dict | None,
+    model_config: dict,
+    weights: dict | None,
+    tokenizer: bytes | None,
+) -> dict[str, dict]:
     """This rank's part of a checkpoint into a local folder: its DeepSpeed partition (ds/) and
     random state (rng/rank<r>.pt); rank 0 (state, weights given) also model/ (the whole weights,
     config, the dataset's tokenizer) and trainer_state.json. Returns file_list of the folder."""
@@ -78,8 +90,9 @@ def restore(folder: Path, engine, rank: int) -> dict:
     """Parameters, optimizer partitions, lr schedule and this rank's random state from a local
     copy of a checkpoint; returns its trainer state."""
     state = read_state(folder)
-    engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
-                           load_lr_scheduler_states=True)
+    engine.load_checkpoint(
+        str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     rng = Path(folder) / RNG_DIR / f"rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
@@ -126,11 +139,13 @@ def _sha256_file(path: Path) -> str:
 def write_complete(checkpoint: Location, files: dict[str, dict], step: int) -> None:
     """The marker, written after every rank's files are stored (the commit point)."""
     checkpoint.join(COMPLETE_FILE).write_bytes(
-        json.dumps(dict(step=step, files=files), indent=1, sort_keys=True).encode())
+        json.dumps(dict(step=step, files=files), indent=1, sort_keys=True).encode()
+    )
 
 
-def problems(checkpoint: Location, parts: tuple[str, ...] = (), checksums: bool = True
-             ) -> list[str]:
+def problems(
+    checkpoint: Location, parts: tuple[str, ...] = (), checksums: bool = True
+) -> list[str]:
     """What makes this checkpoint incomplete (empty: complete). parts limits the check to files
     under those folders (e.g. ("model",) for readers of the weights only); sizes come from one
     listing, checksums are recomputed for model/ files."""
@@ -141,7 +156,7 @@ def problems(checkpoint: Location, parts: tuple[str, ...] = (), checksums: bool 
         files = json.loads(marker.read_bytes())["files"]
     except (ValueError, KeyError):
         return [f"{COMPLETE_FILE} is damaged"]
-    present = {f.uri[len(checkpoint.uri) + 1:]: f for f in checkpoint.list_files()}
+    present = {f.uri[len(checkpoint.uri) + 1 :]: f for f in checkpoint.list_files()}
     out = []
     for rel, entry in files.items():
         if parts and not rel.startswith(tuple(p.rstrip("/") + "/" for p in parts)):
@@ -153,8 +168,11 @@ def problems(checkpoint: Location, parts: tuple[str, ...] = (), checksums: bool 
         size = loc.size()
         if size != entry["bytes"]:
             out.append(f"{rel} has {size} bytes, {entry['bytes']} were written")
-        elif checksums and "sha256" in entry and \
-                hashlib.sha256(loc.read_bytes()).hexdigest() != entry["sha256"]:
+        elif (
+            checksums
+            and "sha256" in entry
+            and hashlib.sha256(loc.read_bytes()).hexdigest() != entry["sha256"]
+        ):
             out.append(f"{rel} does not match its sha256")
     return out
 
@@ -166,8 +184,11 @@ def verify(uri: str, parts: tuple[str, ...] = ()) -> Location:
         raise CheckpointError(f"{uri} is not a training checkpoint (no {STATE_FILE})")
     found = problems(loc, parts)
     if found:
-        raise CheckpointError(f"{uri} is an incomplete checkpoint: " + "; ".join(found[:5])
-                              + (f" (and {len(found) - 5} more)" if len(found) > 5 else ""))
+        raise CheckpointError(
+            f"{uri} is an incomplete checkpoint: "
+            + "; ".join(found[:5])
+            + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
+        )
     return loc
 
 
@@ -188,8 +209,10 @@ def model_folder(uri: str) -> Location:
         return loc
     if not loc.exists():
         raise CheckpointError(f"{uri} does not exist")
-    raise CheckpointError(f"{uri}: neither a model folder ({CONFIG_FILE} + safetensors) nor a "
-                          f"training checkpoint ({MODEL_DIR}/{CONFIG_FILE})")
+    raise CheckpointError(
+        f"{uri}: neither a model folder ({CONFIG_FILE} + safetensors) nor a "
+        f"training checkpoint ({MODEL_DIR}/{CONFIG_FILE})"
+    )
 
 
 def local_model_folder(directory: str | Path) -> Path:
@@ -212,7 +235,7 @@ def checkpoint_names(run_dir: Location) -> list[str]:
     if not run_dir.exists():
         return []
     # checkpoint folders only (Ray Train keeps its own checkpoint_manager_snapshot.json beside)
-    tops = {f.uri[len(run_dir.uri) + 1:].split("/", 1)[0] for f in run_dir.list_files()}
+    tops = {f.uri[len(run_dir.uri) + 1 :].split("/", 1)[0] for f in run_dir.list_files()}
     return sorted((n for n in tops if re.fullmatch(rf"{PREFIX}\d+", n)), reverse=True)
 
 
@@ -228,8 +251,9 @@ def latest_complete(run_dir: Location, log=print, checksums: bool = True) -> Loc
     return None
 
 
-def resume_source(storage: str, name: str, resume_from: str = "", log=print,
-                  checksums: bool = True) -> str | None:
+def resume_source(
+    storage: str, name: str, resume_from: str = "", log=print, checksums: bool = True
+) -> str | None:
     """The checkpoint an invocation continues: the newest complete one of the run (same name
     under storage), else resume_from (which must be complete), else None (a fresh run). The
     driver checks sizes and model/ checksums; workers (checksums=False) sizes only."""
@@ -246,20 +270,42 @@ def resume_source(storage: str, name: str, resume_from: str = "", log=print,
 # ---- which runs may continue from a checkpoint ----------------------------------------------------
 # Fields whose change makes the recorded data position, schedule or optimizer state mean something
 # else: resuming with any of them different would skip or repeat tokens or re-bend the schedule.
-RESUME_FIELDS = ("data_key", "seq_len", "batch_tokens", "sequences", "workers", "seed", "steps",
-                 "lr", "min_lr", "warmup_fraction", "eta_ramp", "zero_stage", "tensor_parallel")
+RESUME_FIELDS = (
+    "data_key",
+    "seq_len",
+    "batch_tokens",
+    "sequences",
+    "workers",
+    "seed",
+    "steps",
+    "lr",
+    "min_lr",
+    "warmup_fraction",
+    "eta_ramp",
+    "zero_stage",
+    "tensor_parallel",
+)
 # what an identity recorded before a field existed meant
 _IDENTITY_DEFAULTS = dict(tensor_parallel=1)
 
 
 def run_identity(train: dict, geometry: dict, data_key: str) -> dict:
     """What a resumed run must share with its checkpoint (recorded in trainer_state.json)."""
-    return dict(data_key=data_key, seq_len=geometry["seq_len"],
-                batch_tokens=train["batch_tokens"], sequences=geometry["sequences"],
-                workers=train["workers"], seed=train["seed"], steps=geometry["steps"],
-                lr=train["lr"], min_lr=train["min_lr"], warmup_fraction=train["warmup_fraction"],
-                eta_ramp=train["eta_ramp"], zero_stage=train["zero_stage"],
-                tensor_parallel=train.get("tensor_parallel", 1))
+    return dict(
+        data_key=data_key,
+        seq_len=geometry["seq_len"],
+        batch_tokens=train["batch_tokens"],
+        sequences=geometry["sequences"],
+        workers=train["workers"],
+        seed=train["seed"],
+        steps=geometry["steps"],
+        lr=train["lr"],
+        min_lr=train["min_lr"],
+        warmup_fraction=train["warmup_fraction"],
+        eta_ramp=train["eta_ramp"],
+        zero_stage=train["zero_stage"],
+        tensor_parallel=train.get("tensor_parallel", 1),
+    )
 
 
 def resume_differences(saved: dict, now: dict, extend_steps: bool = False) -> dict:

@@ -13,7 +13,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -45,7 +45,7 @@ class TrainConfig:
     """Start from this checkpoint's parameters only (fresh optimizer, schedule and data)."""
     workers: int = 1
     """Training workers (one per GPU on GPU clusters)."""
-    tensor_parallel: Union[int, Literal["auto"]] = 1
+    tensor_parallel: int | Literal["auto"] = 1
     """Workers per tensor-parallel group (consecutive ranks on one node): attention heads, MLP
     widths and the vocabulary split over them; workers = data-parallel ranks x this. 'auto' (with
     --plan): the smallest that fits."""
@@ -140,7 +140,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return cls(**data)
 
 
@@ -150,7 +150,7 @@ class BatchGeometry:
     accumulation (the tensor-parallel ranks of a group share their sequences)."""
 
     seq_len: int
-    sequences: int          # per optimizer step, all workers
+    sequences: int  # per optimizer step, all workers
     workers: int
     micro_batch: int
     accumulation: int
@@ -174,26 +174,33 @@ class BatchGeometry:
 def batch_geometry(cfg: TrainConfig, model: TTTConfig) -> BatchGeometry:
     t = model.seq_len
     if cfg.batch_tokens < t or cfg.batch_tokens % t:
-        raise ConfigError(f"batch_tokens {cfg.batch_tokens} is not a positive multiple of "
-                          f"seq_len {t}")
+        raise ConfigError(
+            f"batch_tokens {cfg.batch_tokens} is not a positive multiple of seq_len {t}"
+        )
     sequences = cfg.batch_tokens // t
     if cfg.workers < 1 or cfg.micro_batch < 1:
         raise ConfigError("workers and micro_batch must be >= 1")
     tp = tensor_parallel_size(cfg)
     if cfg.workers % tp:
-        raise ConfigError(f"--tensor-parallel {tp} does not divide --workers {cfg.workers} "
-                          "(workers = data-parallel ranks x tensor-parallel)")
+        raise ConfigError(
+            f"--tensor-parallel {tp} does not divide --workers {cfg.workers} "
+            "(workers = data-parallel ranks x tensor-parallel)"
+        )
     dp = cfg.workers // tp
     if sequences % (dp * cfg.micro_batch):
-        raise ConfigError(f"{sequences} sequences per step (batch_tokens / seq_len) do not split "
-                          f"into {dp} data-parallel ranks ({cfg.workers} workers / tensor-"
-                          f"parallel {tp}) x micro_batch {cfg.micro_batch}")
+        raise ConfigError(
+            f"{sequences} sequences per step (batch_tokens / seq_len) do not split "
+            f"into {dp} data-parallel ranks ({cfg.workers} workers / tensor-"
+            f"parallel {tp}) x micro_batch {cfg.micro_batch}"
+        )
     steps = cfg.steps or cfg.tokens // cfg.batch_tokens
     if steps < 1:
-        raise ConfigError(f"token budget {cfg.tokens} is less than one batch of "
-                          f"{cfg.batch_tokens} tokens")
-    return BatchGeometry(t, sequences, cfg.workers, cfg.micro_batch,
-                         sequences // (dp * cfg.micro_batch), steps, tp)
+        raise ConfigError(
+            f"token budget {cfg.tokens} is less than one batch of {cfg.batch_tokens} tokens"
+        )
+    return BatchGeometry(
+        t, sequences, cfg.workers, cfg.micro_batch, sequences // (dp * cfg.micro_batch), steps, tp
+    )
 
 
 OFFLOAD_MODES = ("none", "carries", "prefix", "all")
@@ -203,8 +210,10 @@ def tensor_parallel_size(cfg: TrainConfig) -> int:
     """The run's tensor-parallel size ('auto' is resolved by --plan, not by a run)."""
     tp = cfg.tensor_parallel
     if tp == "auto":
-        raise ConfigError("--tensor-parallel auto is a --plan choice (the plan prints the size "
-                          "it picks); give a number to train")
+        raise ConfigError(
+            "--tensor-parallel auto is a --plan choice (the plan prints the size "
+            "it picks); give a number to train"
+        )
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise ConfigError(f"--tensor-parallel {tp!r}: a positive integer")
     return tp
@@ -219,39 +228,57 @@ def check_parallel_layout(cfg: TrainConfig, model: TTTConfig) -> None:
     if problems:
         raise ConfigError("; ".join(problems) + f" (preset {cfg.preset})")
     if cfg.offload not in OFFLOAD_MODES:
-        raise ConfigError(f"--offload {cfg.offload!r}: choose one of {OFFLOAD_MODES}"
-                          + (" ('auto' is a --plan choice)" if cfg.offload == "auto" else ""))
+        raise ConfigError(
+            f"--offload {cfg.offload!r}: choose one of {OFFLOAD_MODES}"
+            + (" ('auto' is a --plan choice)" if cfg.offload == "auto" else "")
+        )
     if cfg.offload == "carries" and model.remat == "none":
-        raise ConfigError("--offload carries moves the inner loop's remat carries to host memory: "
-                          "remat 'none' keeps no carries (use --remat chunk or nested)")
+        raise ConfigError(
+            "--offload carries moves the inner loop's remat carries to host memory: "
+            "remat 'none' keeps no carries (use --remat chunk or nested)"
+        )
     if tp > 1 and cfg.placement in ("SPREAD", "STRICT_SPREAD"):
-        raise ConfigError(f"--placement {cfg.placement} spreads workers over nodes; a tensor-"
-                          "parallel group runs within one node: use PACK or STRICT_PACK")
+        raise ConfigError(
+            f"--placement {cfg.placement} spreads workers over nodes; a tensor-"
+            "parallel group runs within one node: use PACK or STRICT_PACK"
+        )
     if cfg.offload == "prefix" and not model.checkpoint_prefix:
-        raise ConfigError("--offload prefix moves the checkpointed prefix block inputs to host "
-                          "memory: it needs --checkpoint-prefix True")
+        raise ConfigError(
+            "--offload prefix moves the checkpointed prefix block inputs to host "
+            "memory: it needs --checkpoint-prefix True"
+        )
 
 
 def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
     """Checks that need no data, storage or cluster."""
     model = cfg.model_config()
     if cfg.zero_stage == 3:
-        with_tp = (" (and tensor parallelism already splits the weights; ZeRO-1/2 shard the "
-                   "optimizer over the data-parallel ranks)" if cfg.tensor_parallel not in (1, "1")
-                   else "")
-        raise ConfigError("ZeRO stage 3 partitions parameters and breaks the repeated/higher-order "
-                          f"backward of the meta-objective; use zero_stage 1 or 2{with_tp}")
+        with_tp = (
+            " (and tensor parallelism already splits the weights; ZeRO-1/2 shard the "
+            "optimizer over the data-parallel ranks)"
+            if cfg.tensor_parallel not in (1, "1")
+            else ""
+        )
+        raise ConfigError(
+            "ZeRO stage 3 partitions parameters and breaks the repeated/higher-order "
+            f"backward of the meta-objective; use zero_stage 1 or 2{with_tp}"
+        )
     if cfg.zero_stage not in (0, 1, 2):
         raise ConfigError(f"zero_stage {cfg.zero_stage}: choose 0, 1 or 2")
-    choices = dict(device=("auto", "cpu", "gpu"), precision=("auto", "fp32", "bf16"),
-                   stream=("ray_data", "in_worker"),
-                   placement=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    choices = dict(
+        device=("auto", "cpu", "gpu"),
+        precision=("auto", "fp32", "bf16"),
+        stream=("ray_data", "in_worker"),
+        placement=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    )
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} {getattr(cfg, name)!r}: choose one of {allowed}")
     if cfg.resume_from and cfg.init_from:
-        raise ConfigError("resume_from and init_from are exclusive (resume continues a run; "
-                          "init_from starts a new one from parameters)")
+        raise ConfigError(
+            "resume_from and init_from are exclusive (resume continues a run; "
+            "init_from starts a new one from parameters)"
+        )
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -261,10 +288,12 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
             raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
     for name in ("min_lr", "weight_decay", "peak_tflops", "steps", "eval_every", "stop_after"):
         if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}"
-                              + (" (0 = tokens / batch_tokens)" if name == "steps" else "")
-                              + (" (0 = only at the end)" if name == "eval_every" else "")
-                              + (" (0 = run to the end)" if name == "stop_after" else ""))
+            raise ConfigError(
+                f"{name} must be >= 0, got {getattr(cfg, name)}"
+                + (" (0 = tokens / batch_tokens)" if name == "steps" else "")
+                + (" (0 = only at the end)" if name == "eval_every" else "")
+                + (" (0 = run to the end)" if name == "stop_after" else "")
+            )
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr {cfg.min_lr} is above the peak lr {cfg.lr}")
     if cfg.tokens < 1:
@@ -274,8 +303,10 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
     for name in ("name", "experiment"):
         value = getattr(cfg, name)
         if value and (not re.fullmatch(r"[A-Za-z0-9][\w.-]*", value) or ".." in value):
-            raise ConfigError(f"{name} {value!r}: a plain name (letters, digits, '_', '-', '.'; "
-                              "no '/' or '..'): runs live in folders under --storage")
+            raise ConfigError(
+                f"{name} {value!r}: a plain name (letters, digits, '_', '-', '.'; "
+                "no '/' or '..'): runs live in folders under --storage"
+            )
     if not 0 <= cfg.warmup_fraction < 1:
         raise ConfigError("warmup_fraction must be in [0, 1)")
     if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1 or cfg.eval_windows < 1:
@@ -284,7 +315,9 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
         if cfg.tracking_uri == "off":
             raise ConfigError("register_as needs MLflow: drop --tracking-uri off")
         if not re.fullmatch(r"[\w.-]+", cfg.register_as):
-            raise ConfigError(f"register_as {cfg.register_as!r}: use letters, digits, '_', '-', '.'")
+            raise ConfigError(
+                f"register_as {cfg.register_as!r}: use letters, digits, '_', '-', '.'"
+            )
         if not re.fullmatch(r"[A-Za-z_][\w-]*", cfg.register_alias or "_"):
             raise ConfigError(f"register_alias {cfg.register_alias!r}: a name like candidate")
     geometry = batch_geometry(cfg, model)
@@ -295,11 +328,13 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
 def check_data(cfg: TrainConfig, model: TTTConfig, geometry: BatchGeometry) -> dict:
     """The dataset exists, its tokenizer fits the model, and it holds a global batch and an
     evaluation's worth of windows. Returns facts for the log."""
-    from ttte2e.platform.data.stream import WindowReader
     from ttte2e.platform.data.manifest import DataError, check_shard_sizes, read_manifest
+    from ttte2e.platform.data.stream import WindowReader
 
     if not cfg.data:
-        raise ConfigError("no dataset given (--data: a folder written by pipelines/prepare_data.py)")
+        raise ConfigError(
+            "no dataset given (--data: a folder written by pipelines/prepare_data.py)"
+        )
     try:
         manifest = read_manifest(cfg.data)
         # every shard the run reads exists with its recorded size (one listing of the folder);
@@ -309,31 +344,43 @@ def check_data(cfg: TrainConfig, model: TTTConfig, geometry: BatchGeometry) -> d
         raise ConfigError(str(e)) from None
     tok = manifest["tokenizer"]
     if tok["vocab_size"] > model.vocab_size:
-        raise ConfigError(f"{cfg.data}: tokenizer has {tok['vocab_size']} tokens, the model's "
-                          f"vocabulary only {model.vocab_size} (preset {cfg.preset}); use a model "
-                          "with vocab_size >= the tokenizer's, or re-tokenize")
+        raise ConfigError(
+            f"{cfg.data}: tokenizer has {tok['vocab_size']} tokens, the model's "
+            f"vocabulary only {model.vocab_size} (preset {cfg.preset}); use a model "
+            "with vocab_size >= the tokenizer's, or re-tokenize"
+        )
     if tok["bos_id"] != model.bos_token_id:
-        raise ConfigError(f"{cfg.data}: tokenizer BOS id {tok['bos_id']} != the model's "
-                          f"bos_token_id {model.bos_token_id}")
+        raise ConfigError(
+            f"{cfg.data}: tokenizer BOS id {tok['bos_id']} != the model's "
+            f"bos_token_id {model.bos_token_id}"
+        )
     train = WindowReader(cfg.data, "train", model.seq_len, cfg.seed)
     if train.windows_per_epoch < geometry.sequences:
-        raise ConfigError(f"{cfg.data}: the train split packs into {train.windows_per_epoch} "
-                          f"windows of T+1 = {model.seq_len + 1} tokens, fewer than one global "
-                          f"batch of {geometry.sequences}")
+        raise ConfigError(
+            f"{cfg.data}: the train split packs into {train.windows_per_epoch} "
+            f"windows of T+1 = {model.seq_len + 1} tokens, fewer than one global "
+            f"batch of {geometry.sequences}"
+        )
     try:
         val = WindowReader(cfg.data, "val", model.seq_len, cfg.seed)
         val_windows = val.windows_per_epoch
     except ValueError:
         val_windows = 0
     if val_windows < 1:
-        raise ConfigError(f"{cfg.data}: the held-out split has no window of T+1 = "
-                          f"{model.seq_len + 1} tokens (prepare with a larger --val-fraction)")
+        raise ConfigError(
+            f"{cfg.data}: the held-out split has no window of T+1 = "
+            f"{model.seq_len + 1} tokens (prepare with a larger --val-fraction)"
+        )
     steps_per_epoch = train.windows_per_epoch // geometry.sequences
-    return dict(dataset_key=manifest["dataset_key"], train_windows=train.windows_per_epoch,
-                val_windows=val_windows,
-                skipped_per_epoch=train.windows_per_epoch - steps_per_epoch * geometry.sequences,
-                steps_per_epoch=steps_per_epoch,
-                epochs=geometry.steps / steps_per_epoch, vocab=tok["vocab_size"])
+    return dict(
+        dataset_key=manifest["dataset_key"],
+        train_windows=train.windows_per_epoch,
+        val_windows=val_windows,
+        skipped_per_epoch=train.windows_per_epoch - steps_per_epoch * geometry.sequences,
+        steps_per_epoch=steps_per_epoch,
+        epochs=geometry.steps / steps_per_epoch,
+        vocab=tok["vocab_size"],
+    )
 
 
 def check_storage(uri: str) -> None:
@@ -357,7 +404,7 @@ class Preflight:
     cfg: TrainConfig
     model: TTTConfig
     geometry: BatchGeometry
-    data: dict                # check_data's facts
+    data: dict  # check_data's facts
     tracking_uri: str | None  # None: MLflow off
 
 
@@ -370,9 +417,14 @@ def preflight(cfg: TrainConfig) -> Preflight:
     from ttte2e.platform.registry.model_registry import check_tracking
 
     model, geometry = check_options(cfg)
-    cfg = dataclasses.replace(cfg, **{k: resolve(getattr(cfg, k)).uri for k in
-                                      ("data", "storage", "resume_from", "init_from")
-                                      if getattr(cfg, k)})
+    cfg = dataclasses.replace(
+        cfg,
+        **{
+            k: resolve(getattr(cfg, k)).uri
+            for k in ("data", "storage", "resume_from", "init_from")
+            if getattr(cfg, k)
+        },
+    )
     facts = check_data(cfg, model, geometry)
     check_storage(cfg.storage)
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.storage)
@@ -380,9 +432,11 @@ def preflight(cfg: TrainConfig) -> Preflight:
         try:  # before Ray starts: a dead server costs seconds, not a cluster start
             check_tracking(uri)
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"MLflow tracking at {tracking.redact(uri)} is unusable "
-                              f"({type(e).__name__}: {tracking.redact(str(e))[:300]}); fix it or "
-                              "pass --tracking-uri off") from None
+            raise ConfigError(
+                f"MLflow tracking at {tracking.redact(uri)} is unusable "
+                f"({type(e).__name__}: {tracking.redact(str(e))[:300]}); fix it or "
+                "pass --tracking-uri off"
+            ) from None
     return Preflight(cfg, model, geometry, facts, uri)
 
 
@@ -401,9 +455,11 @@ def check_group_fits_a_node(cfg: TrainConfig, nodes: list[dict], use_gpu: bool) 
     unit, need = ("GPU", 1.0) if use_gpu else ("CPU", cfg.cpus_per_worker)
     most = max(int(n.get(unit, 0) // need + 1e-9) for n in nodes)
     if most < tp:
-        raise ConfigError(f"--tensor-parallel {tp} is larger than a node holds: the largest node "
-                          f"fits {most} workers ({unit}s per worker {need:g}); a tensor-parallel "
-                          "group runs within one node")
+        raise ConfigError(
+            f"--tensor-parallel {tp} is larger than a node holds: the largest node "
+            f"fits {most} workers ({unit}s per worker {need:g}); a tensor-parallel "
+            "group runs within one node"
+        )
 
 
 def check_resources(cfg: TrainConfig, resources: dict) -> bool:
@@ -415,6 +471,8 @@ def check_resources(cfg: TrainConfig, resources: dict) -> bool:
     data = 0 if cfg.stream == "in_worker" else cfg.data_cpus * cfg.workers
     need = cpus_needed(cfg)
     if need > cpus + 1e-9:
-        raise ConfigError(f"{cfg.workers} workers x {cfg.cpus_per_worker} CPUs + {data:g} CPUs of "
-                          f"data readers = {need:g} CPUs; the cluster has {cpus:g} CPUs")
+        raise ConfigError(
+            f"{cfg.workers} workers x {cfg.cpus_per_worker} CPUs + {data:g} CPUs of "
+            f"data readers = {need:g} CPUs; the cluster has {cpus:g} CPUs"
+        )
     return use_gpu

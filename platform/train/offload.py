@@ -36,9 +36,9 @@ class HostOffload:
 
     def __init__(self, min_bytes: int = MIN_BYTES):
         self.min_bytes = min_bytes
-        self.tensors = 0      # moved so far
+        self.tensors = 0  # moved so far
         self.bytes = 0
-        self.live_bytes = 0   # in host memory now (freed with the graph that saved it)
+        self.live_bytes = 0  # in host memory now (freed with the graph that saved it)
         self.peak_bytes = 0
         self._stream = None
         # a tensor that several ops save (a norm's input, a matmul's) is moved once: id ->

@@ -38,8 +38,13 @@ from ttte2e.model import TTTConfig, count_parameters, estimate_flops
 from ttte2e.platform.train.config import ConfigError, TrainConfig, batch_geometry
 
 GPU_SPECS = {  # dense bf16 TFLOP/s, memory GiB (the one table: plans and the trainer's MFU)
-    "h100": (989.0, 80), "h200": (989.0, 141), "a100": (312.0, 80), "l40s": (362.0, 48),
-    "a10g": (125.0, 24), "l4": (121.0, 24)}
+    "h100": (989.0, 80),
+    "h200": (989.0, 141),
+    "a100": (312.0, 80),
+    "l40s": (362.0, 48),
+    "a10g": (125.0, 24),
+    "l4": (121.0, 24),
+}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -50,6 +55,8 @@ def peak_tflops(device_name: str) -> float | None:
         if key in name:
             return tflops
     return None
+
+
 GIB = 1 << 30
 
 
@@ -62,7 +69,7 @@ class MemoryEstimate:
     prefix_activations: float
     suffix_carries: float
     suffix_working: float
-    host: float = 0.0              # pinned host memory the offload needs, per GPU
+    host: float = 0.0  # pinned host memory the offload needs, per GPU
     tensor_parallel: int = 1
     offload: str = "none"
 
@@ -83,20 +90,37 @@ class MemoryEstimate:
 def _split_parameters(model: TTTConfig) -> tuple[int, int]:
     """(parameters split under tensor parallelism, whole ones: the norm gains)."""
     total = count_parameters(model)
-    whole = model.n_layers * (4 * model.d_model + 2 * model.head_dim) + model.d_model \
+    whole = (
+        model.n_layers * (4 * model.d_model + 2 * model.head_dim)
+        + model.d_model
         + 2 * model.n_ttt_blocks * model.d_model
+    )
     return total - whole, whole
 
 
-def memory_per_gpu(model: TTTConfig, seq_len: int, zero_stage: int, gpus: int, micro_batch: int,
-                   bf16: bool = True, tensor_parallel: int = 1, offload: str = "none"
-                   ) -> MemoryEstimate:
+def memory_per_gpu(
+    model: TTTConfig,
+    seq_len: int,
+    zero_stage: int,
+    gpus: int,
+    micro_batch: int,
+    bf16: bool = True,
+    tensor_parallel: int = 1,
+    offload: str = "none",
+) -> MemoryEstimate:
     """gpus: the data-parallel ranks that share the ZeRO state."""
     m = model.replace(seq_len=seq_len)
     n_tp = tensor_parallel
     split, whole = _split_parameters(m)
     p = split / n_tp + whole
-    d, hidden, t, b, k, v = m.d_model, m.mlp_hidden, seq_len, m.chunk_size, m.attn_window, m.vocab_size
+    d, hidden, t, b, k, v = (
+        m.d_model,
+        m.mlp_hidden,
+        seq_len,
+        m.chunk_size,
+        m.attn_window,
+        m.vocab_size,
+    )
     act = 2 if bf16 else 4
     n_prefix, n_suffix = m.n_prefix_blocks, m.n_ttt_blocks
     # prefix, bytes per token and block: (whole on every rank, split over the ranks)
@@ -121,8 +145,10 @@ def memory_per_gpu(model: TTTConfig, seq_len: int, zero_stage: int, gpus: int, m
     # the fused head keeps one [b, V] float32 buffer (the probabilities) per chunk; its backward
     # adds one more while it runs
     head_kept = head_backward = b * v * 4 / n_tp
-    chunk_graph = n_suffix * 4 * (45 * b * d + (24 * b * hidden + 2.65 * k * d + 3 * d * hidden)
-                                  / n_tp) + head_kept
+    chunk_graph = (
+        n_suffix * 4 * (45 * b * d + (24 * b * hidden + 2.65 * k * d + 3 * d * hidden) / n_tp)
+        + head_kept
+    )
     suffix_in = 2 * t * d * 4  # the prefix output and its gradient, whole on every rank
     kept_carries = micro_batch * carries * carry
     unrolled = micro_batch * n * chunk_graph if m.remat == "none" else 0.0
@@ -140,12 +166,17 @@ def memory_per_gpu(model: TTTConfig, seq_len: int, zero_stage: int, gpus: int, m
         host += prefix_kept
         prefix_kept = micro_batch * t * per_block
     return MemoryEstimate(
-        seq_len=t, weights=4 * p,
+        seq_len=t,
+        weights=4 * p,
         grads=4 * p / (gpus if zero_stage >= 2 else 1),
         optimizer=8 * p / (gpus if zero_stage >= 1 else 1),
         prefix_activations=prefix_kept,
         suffix_carries=kept_carries + unrolled,
-        suffix_working=working, host=host, tensor_parallel=n_tp, offload=offload)
+        suffix_working=working,
+        host=host,
+        tensor_parallel=n_tp,
+        offload=offload,
+    )
 
 
 OFFLOAD_ORDER = ("none", "carries", "prefix", "all")
@@ -158,8 +189,9 @@ def tensor_parallel_choices(model: TTTConfig, gpus_per_node: int) -> list[int]:
     return [n for n in sizes if not layout_problems(model, n)]
 
 
-def communication_bytes(model: TTTConfig, seq_len: int, tensor_parallel: int,
-                        bf16: bool = True) -> float:
+def communication_bytes(
+    model: TTTConfig, seq_len: int, tensor_parallel: int, bf16: bool = True
+) -> float:
     """Bytes a rank sends per sequence for tensor parallelism (ring collectives): the prefix's
     4 gathers / reduce-scatters per block (forward, recompute-free backward) and the suffix's 3
     all-reduces per TTT block and chunk, in the forward, the inner gradient and the outer
@@ -175,9 +207,19 @@ def communication_bytes(model: TTTConfig, seq_len: int, tensor_parallel: int,
     return prefix + suffix
 
 
-def choose_layout(model: TTTConfig, seq_len: int, zero_stage: int, workers: int,
-                  gpus_per_node: int, sequences: int, micro_batch: int, bf16: bool,
-                  gpu_bytes: float, tensor_parallel, offload) -> tuple[int, str, list[dict]]:
+def choose_layout(
+    model: TTTConfig,
+    seq_len: int,
+    zero_stage: int,
+    workers: int,
+    gpus_per_node: int,
+    sequences: int,
+    micro_batch: int,
+    bf16: bool,
+    gpu_bytes: float,
+    tensor_parallel,
+    offload,
+) -> tuple[int, str, list[dict]]:
     """(tensor parallel size, offload mode, the candidates considered): the fitting candidate that
     moves the fewest bytes (tensor-parallel traffic + host copies, both ways), else the smallest."""
     from ttte2e.platform.train.tensor_parallel import layout_problems
@@ -185,14 +227,19 @@ def choose_layout(model: TTTConfig, seq_len: int, zero_stage: int, workers: int,
     if tensor_parallel != "auto":
         problems = layout_problems(model, int(tensor_parallel))
         if int(tensor_parallel) > gpus_per_node:
-            problems.append(f"tensor parallelism {tensor_parallel} is more than the "
-                            f"{gpus_per_node} GPUs of a node")
+            problems.append(
+                f"tensor parallelism {tensor_parallel} is more than the "
+                f"{gpus_per_node} GPUs of a node"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
     if offload != "auto" and offload not in OFFLOAD_ORDER:
         raise ConfigError(f"--offload {offload!r}: choose one of {OFFLOAD_ORDER} or auto")
-    sizes = tensor_parallel_choices(model, gpus_per_node) if tensor_parallel == "auto" \
+    sizes = (
+        tensor_parallel_choices(model, gpus_per_node)
+        if tensor_parallel == "auto"
         else [int(tensor_parallel)]
+    )
     modes = OFFLOAD_ORDER if offload == "auto" else (offload,)
     candidates = []
     for n in sizes:
@@ -200,25 +247,45 @@ def choose_layout(model: TTTConfig, seq_len: int, zero_stage: int, workers: int,
         if tensor_parallel == "auto" and (workers % n or sequences % (dp * micro_batch)):
             continue
         for mode in modes:
-            if offload == "auto" and ((mode == "carries" and model.remat == "none") or
-                                      (mode == "prefix" and not model.checkpoint_prefix)):
+            if offload == "auto" and (
+                (mode == "carries" and model.remat == "none")
+                or (mode == "prefix" and not model.checkpoint_prefix)
+            ):
                 continue
             e = memory_per_gpu(model, seq_len, zero_stage, dp, micro_batch, bf16, n, mode)
             moved = communication_bytes(model, seq_len, n, bf16) * micro_batch + 2 * e.host
-            candidates.append(dict(tensor_parallel=n, offload=mode, total=e.total, moved=moved,
-                                   fits=e.total <= gpu_bytes))
+            candidates.append(
+                dict(
+                    tensor_parallel=n,
+                    offload=mode,
+                    total=e.total,
+                    moved=moved,
+                    fits=e.total <= gpu_bytes,
+                )
+            )
     if not candidates:
-        raise ConfigError(f"--tensor-parallel auto: no size up to a node's {gpus_per_node} GPUs "
-                          f"splits the model and {sequences} sequences per step over {workers} "
-                          "GPUs (data-parallel ranks x tensor-parallel)")
+        raise ConfigError(
+            f"--tensor-parallel auto: no size up to a node's {gpus_per_node} GPUs "
+            f"splits the model and {sequences} sequences per step over {workers} "
+            "GPUs (data-parallel ranks x tensor-parallel)"
+        )
     fitting = [c for c in candidates if c["fits"]]
-    best = min(fitting, key=lambda c: (c["moved"], c["tensor_parallel"])) if fitting \
+    best = (
+        min(fitting, key=lambda c: (c["moved"], c["tensor_parallel"]))
+        if fitting
         else min(candidates, key=lambda c: c["total"])
+    )
     return best["tensor_parallel"], best["offload"], candidates
 
 
-def capacity_plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu: str = "h100",
-                  mfu: float = 0.3, contexts: tuple[int, ...] = (8192, 131072)) -> dict:
+def capacity_plan(
+    cfg: TrainConfig,
+    nodes: int,
+    gpus_per_node: int,
+    gpu: str = "h100",
+    mfu: float = 0.3,
+    contexts: tuple[int, ...] = (8192, 131072),
+) -> dict:
     if gpu.lower() not in GPU_SPECS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPU_SPECS)}")
     if nodes < 1 or gpus_per_node < 1 or not 0 < mfu <= 1:
@@ -235,18 +302,33 @@ def capacity_plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu: str = "
     layouts = {}
     for t in sorted(set(contexts) | {model.seq_len}):
         sequences = max(1, cfg.batch_tokens // t)
-        layouts[t] = choose_layout(model.replace(seq_len=t), t, cfg.zero_stage, gpus,
-                                   gpus_per_node, sequences, cfg.micro_batch, bf16, mem_gib * GIB,
-                                   cfg.tensor_parallel, cfg.offload)
+        layouts[t] = choose_layout(
+            model.replace(seq_len=t),
+            t,
+            cfg.zero_stage,
+            gpus,
+            gpus_per_node,
+            sequences,
+            cfg.micro_batch,
+            bf16,
+            mem_gib * GIB,
+            cfg.tensor_parallel,
+            cfg.offload,
+        )
     tp, offload, _ = layouts[model.seq_len]
-    plan_cfg = TrainConfig(**{**cfg.to_dict(), "workers": gpus, "tensor_parallel": tp,
-                              "offload": offload})
+    plan_cfg = TrainConfig(
+        **{**cfg.to_dict(), "workers": gpus, "tensor_parallel": tp, "offload": offload}
+    )
     try:
         geometry = batch_geometry(plan_cfg, model)
         micro = geometry.micro_batch
         steps, accumulation = geometry.steps, geometry.accumulation
     except ValueError as e:
-        micro, steps, accumulation = cfg.micro_batch, cfg.steps or cfg.tokens // cfg.batch_tokens, None
+        micro, steps, accumulation = (
+            cfg.micro_batch,
+            cfg.steps or cfg.tokens // cfg.batch_tokens,
+            None,
+        )
         geometry_note = str(e)
     else:
         geometry_note = ""
@@ -255,16 +337,33 @@ def capacity_plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu: str = "
     memory = {}
     for t in contexts:
         n, mode, _ = layouts[t]
-        memory[t] = memory_per_gpu(model, t, cfg.zero_stage, max(1, gpus // n), micro, bf16, n,
-                                   mode)
-    return dict(preset=cfg.preset, model=model, parameters=count_parameters(model), gpus=gpus,
-                nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu.lower(), gpu_memory_gib=mem_gib,
-                peak_tflops=peak, mfu=mfu, flops=flops, meta_terms=meta_terms, memory=memory,
-                tokens=tokens, steps=steps,
-                accumulation=accumulation, geometry_note=geometry_note, seconds=seconds,
-                zero_stage=cfg.zero_stage, tensor_parallel=tp, offload=offload,
-                auto=dict(tensor_parallel=cfg.tensor_parallel == "auto",
-                          offload=cfg.offload == "auto"))
+        memory[t] = memory_per_gpu(
+            model, t, cfg.zero_stage, max(1, gpus // n), micro, bf16, n, mode
+        )
+    return dict(
+        preset=cfg.preset,
+        model=model,
+        parameters=count_parameters(model),
+        gpus=gpus,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        gpu=gpu.lower(),
+        gpu_memory_gib=mem_gib,
+        peak_tflops=peak,
+        mfu=mfu,
+        flops=flops,
+        meta_terms=meta_terms,
+        memory=memory,
+        tokens=tokens,
+        steps=steps,
+        accumulation=accumulation,
+        geometry_note=geometry_note,
+        seconds=seconds,
+        zero_stage=cfg.zero_stage,
+        tensor_parallel=tp,
+        offload=offload,
+        auto=dict(tensor_parallel=cfg.tensor_parallel == "auto", offload=cfg.offload == "auto"),
+    )
 
 
 def format_plan(plan: dict) -> str:
@@ -283,28 +382,34 @@ def format_plan(plan: dict) -> str:
         "      T        TTT-E2E meta   SWA step      full attention   meta/full",
     ]
     for t, f in plan["flops"].items():
-        lines.append(f"      {t:<8} {f['meta']:.3e}      {f['swa']:.3e}     {f['full_attention']:.3e}"
-                     f"        {f['meta'] / f['full_attention']:.2f}")
+        lines.append(
+            f"      {t:<8} {f['meta']:.3e}      {f['swa']:.3e}     {f['full_attention']:.3e}"
+            f"        {f['meta'] / f['full_attention']:.2f}"
+        )
     meta = plan["flops"][m.seq_len]["meta"]
     lines.append(f"  meta step at T={m.seq_len} by term (FLOPs per token, share):")
     for name, value in plan["meta_terms"]:
         if value:
             lines.append(f"      {name:<31} {value:.3e}  {value / meta:6.1%}")
     lines.append("  memory per GPU (GiB), micro-batch 1 sequence:")
-    lines.append("      T        TP offload  weights  grads  AdamW  prefix-act  TTT-carries  "
-                 "TTT-work  reserve  total   host")
+    lines.append(
+        "      T        TP offload  weights  grads  AdamW  prefix-act  TTT-carries  "
+        "TTT-work  reserve  total   host"
+    )
     for t, e in plan["memory"].items():
         fits = "fits" if e.total / GIB <= plan["gpu_memory_gib"] else "DOES NOT FIT"
-        lines.append(f"      {t:<8} {e.tensor_parallel:<2} {e.offload:<7} {e.weights / GIB:7.1f}"
-                     f" {e.grads / GIB:6.1f} {e.optimizer / GIB:6.1f}"
-                     f" {e.prefix_activations / GIB:11.1f} {e.suffix_carries / GIB:12.1f}"
-                     f" {e.suffix_working / GIB:9.1f} {e.reserve / GIB:8.1f} {e.total / GIB:6.1f}"
-                     f" {e.host / GIB:6.1f}  ({fits})")
+        lines.append(
+            f"      {t:<8} {e.tensor_parallel:<2} {e.offload:<7} {e.weights / GIB:7.1f}"
+            f" {e.grads / GIB:6.1f} {e.optimizer / GIB:6.1f}"
+            f" {e.prefix_activations / GIB:11.1f} {e.suffix_carries / GIB:12.1f}"
+            f" {e.suffix_working / GIB:9.1f} {e.reserve / GIB:8.1f} {e.total / GIB:6.1f}"
+            f" {e.host / GIB:6.1f}  ({fits})"
+        )
     days = plan["seconds"] / 86400
     lines += [
         f"  token budget      {plan['tokens'] / 1e9:.1f} B tokens = {plan['steps']:,} steps "
-        f"(gradient accumulation {plan['accumulation']})" + (
-            f"  [{plan['geometry_note']}]" if plan["geometry_note"] else ""),
+        f"(gradient accumulation {plan['accumulation']})"
+        + (f"  [{plan['geometry_note']}]" if plan["geometry_note"] else ""),
         f"  wall-clock        {plan['seconds'] / 3600:,.0f} h ({days:.1f} days) at {plan['mfu']:.0%} "
         f"MFU of {plan['peak_tflops']:.0f} TFLOP/s bf16 per GPU (meta step FLOPs at T = {m.seq_len})",
         "  (estimates: see ttte2e/platform/train/plan.py for the memory model and its assumptions;"

@@ -12,11 +12,11 @@ Two collectives carry it, each the other's backward, so any order of differentia
 - sum_over_group: all-reduce forward; backward identity.
 A region is entered through copy_to_group (hooked on the norm before it) and left through
 sum_over_group (hooked on its output projection). In the prefix blocks (the whole sequence at
-once) the sequence is split over the ranks outside the regions instead (sequence parallelism):
-a region is entered by gathering the sequence (backward: reduce-scatter) and left by a
-reduce-scatter (backward: gather), so norms, residuals and what they save are 1/N per rank. The inner clip norm sums squared norms over the
-group (and the step size it gives enters every shard through copy_to_group), and the head is the
-vocabulary-sharded fused op (kernels/lm_head).
+once) the sequence is split over the ranks outside the regions instead (sequence parallelism): a
+region is entered by gathering the sequence (backward: reduce-scatter) and left by a
+reduce-scatter (backward: gather), so norms, residuals and what they save are 1/N per rank. The
+inner clip norm sums squared norms over the group (and the step size it gives enters every shard
+through copy_to_group), and the head is the vocabulary-sharded fused op (kernels/lm_head).
 
 `parallelize(model, group)` shards a whole (identically initialised or loaded) model in place:
 it swaps split linears, norms and the embedding for their parallel versions, hooks the region
@@ -71,8 +71,10 @@ def _own_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    parts = [torch.empty_like(x, memory_format=torch.contiguous_format)
-             for _ in range(dist.get_world_size(group))]
+    parts = [
+        torch.empty_like(x, memory_format=torch.contiguous_format)
+        for _ in range(dist.get_world_size(group))
+    ]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim)
 
@@ -160,8 +162,12 @@ def layout_problems(config: TTTConfig, size: int) -> list[str]:
         return [f"tensor parallelism {size}: must be >= 1"]
     problems = []
     # seq_len: the prefix blocks split the sequence over the ranks between their matmuls
-    for what, value in (("n_heads", config.n_heads), ("mlp_hidden", config.mlp_hidden),
-                        ("vocab_size", config.vocab_size), ("seq_len", config.seq_len)):
+    for what, value in (
+        ("n_heads", config.n_heads),
+        ("mlp_hidden", config.mlp_hidden),
+        ("vocab_size", config.vocab_size),
+        ("seq_len", config.seq_len),
+    ):
         if value % size:
             problems.append(f"tensor parallelism {size} does not divide {what}={value}")
     return problems
@@ -206,24 +212,28 @@ def _split(linear: nn.Linear, dim: int, rank: int, size: int) -> None:
 def _enter(group):
     def hook(_module, _inputs, output):
         return copy_to_group(output, group)
+
     return hook
 
 
 def _leave(group):
     def hook(_module, _inputs, output):
         return sum_over_group(output, group)
+
     return hook
 
 
 def _gather_in(group):
     def hook(_module, _inputs, output):
         return gather_sequence(output, group, into_sharded_region=True)
+
     return hook
 
 
 def _scatter_out(group):
     def hook(_module, _inputs, output):
         return reduce_scatter_sequence(output, group)
+
     return hook
 
 
@@ -259,8 +269,10 @@ class TensorParallel(SingleDevice):
         1/N per rank; only the gathered inputs of the q/k/v and MLP matmuls are whole."""
         seq = input_ids.shape[1]
         if seq % self.layout.size:
-            raise ValueError(f"sequence length {seq} does not split over {self.layout.size} "
-                             "tensor-parallel ranks")
+            raise ValueError(
+                f"sequence length {seq} does not split over {self.layout.size} "
+                "tensor-parallel ranks"
+            )
         h = reduce_scatter_sequence(model.embed.partial(input_ids), self.group)
         h = model.run_blocks(h, model.prefix_blocks, seq_len=seq)
         return gather_sequence(h, self.group, into_sharded_region=False)
@@ -275,10 +287,12 @@ class TensorParallel(SingleDevice):
         nll, _ = self.head_nll_and_grad(model, normed, targets.flatten(), unused)
         return nll.view_as(targets)
 
-    def head_nll_and_grad(self, model: TTTModel, normed: torch.Tensor, targets: torch.Tensor,
-                          weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return nll_and_hidden_grad(normed, model.embed.weight, targets, weights, self.group,
-                                   model.embed.offset)
+    def head_nll_and_grad(
+        self, model: TTTModel, normed: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return nll_and_hidden_grad(
+            normed, model.embed.weight, targets, weights, self.group, model.embed.offset
+        )
 
     def sum_over_shards(self, partial: torch.Tensor) -> torch.Tensor:
         return sum_over_group(partial, self.group)
@@ -324,7 +338,7 @@ def parallelize(model: TTTModel, group) -> TensorParallelLayout:
             norm.register_forward_hook(enter(group))
             mlp.register_forward_hook(leave(group))
     rows = model.config.vocab_size // size
-    table = model.embed.weight.detach()[rank * rows:(rank + 1) * rows].clone()
+    table = model.embed.weight.detach()[rank * rows : (rank + 1) * rows].clone()
     model.embed = VocabShardedEmbedding(table, rank * rows, group)
     layout.split_dims["embed.weight"] = 0
 
@@ -374,8 +388,9 @@ def build_groups(tensor_parallel: int) -> ParallelGroups:
     """Create every group (each rank creates all of them, in the same order, as torch requires)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if tensor_parallel < 1 or world % tensor_parallel:
-        raise ValueError(f"tensor parallelism {tensor_parallel} does not divide the {world} "
-                         "workers")
+        raise ValueError(
+            f"tensor parallelism {tensor_parallel} does not divide the {world} workers"
+        )
     tensor = data = None
     for g in range(world // tensor_parallel):
         ranks = list(range(g * tensor_parallel, (g + 1) * tensor_parallel))
@@ -387,8 +402,14 @@ def build_groups(tensor_parallel: int) -> ParallelGroups:
         group = dist.new_group(ranks)
         if rank in ranks:
             data = group
-    return ParallelGroups(tensor, data, rank % tensor_parallel, tensor_parallel,
-                          rank // tensor_parallel, world // tensor_parallel)
+    return ParallelGroups(
+        tensor,
+        data,
+        rank % tensor_parallel,
+        tensor_parallel,
+        rank // tensor_parallel,
+        world // tensor_parallel,
+    )
 
 
 class DeepSpeedMPU:
@@ -422,8 +443,20 @@ class DeepSpeedMPU:
     get_tensor_model_parallel_group = get_model_parallel_group
 
 
-__all__ = ["DeepSpeedMPU", "ParallelGroups", "SharedGainRMSNorm", "TensorParallel",
-           "TensorParallelLayout",
-           "VocabShardedEmbedding", "build_groups", "copy_to_group", "full_state_dict",
-           "gather_last_dim", "gather_sequence", "layout_problems", "parallelize",
-           "reduce_scatter_sequence", "sum_over_group"]
+__all__ = [
+    "DeepSpeedMPU",
+    "ParallelGroups",
+    "SharedGainRMSNorm",
+    "TensorParallel",
+    "TensorParallelLayout",
+    "VocabShardedEmbedding",
+    "build_groups",
+    "copy_to_group",
+    "full_state_dict",
+    "gather_last_dim",
+    "gather_sequence",
+    "layout_problems",
+    "parallelize",
+    "reduce_scatter_sequence",
+    "sum_over_group",
+]

@@ -25,10 +25,11 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -41,8 +42,13 @@ from ttte2e.platform.registry.tracking import RunLogger
 from ttte2e.platform.train import checkpoint as ckpt
 from ttte2e.platform.train.config import BatchGeometry, ConfigError, TrainConfig, batch_geometry
 from ttte2e.platform.train.offload import apply_offload
-from ttte2e.platform.train.tensor_parallel import (DeepSpeedMPU, ParallelGroups, build_groups,
-                                                   full_state_dict, parallelize)
+from ttte2e.platform.train.tensor_parallel import (
+    DeepSpeedMPU,
+    ParallelGroups,
+    build_groups,
+    full_state_dict,
+    parallelize,
+)
 from ttte2e.platform.train.validation import held_out_metrics
 
 log = logging.getLogger(__name__)
@@ -94,9 +100,16 @@ def deepspeed_config(cfg: TrainConfig, geometry: BatchGeometry) -> dict:
         "gradient_accumulation_steps": geometry.accumulation,
         "gradient_clipping": cfg.grad_clip,
         # torch's AdamW (DeepSpeed's own maps to FusedAdam: a JIT build, and no CPU kernel)
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": cfg.weight_decay,
-                                                  "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.lr,
+                "betas": [0.9, 0.95],
+                "eps": 1e-8,
+                "weight_decay": cfg.weight_decay,
+                "torch_adam": True,
+            },
+        },
         "zero_optimization": {"stage": cfg.zero_stage},
         # bf16 is autocast in MetaObjective: parameters, master weights and grads stay fp32
         "bf16": {"enabled": False},
@@ -110,10 +123,10 @@ def deepspeed_config(cfg: TrainConfig, geometry: BatchGeometry) -> dict:
 class RunSpec:
     """One run, as the driver hands it to every worker (credentials travel separately)."""
 
-    train: TrainConfig       # credentials redacted
+    train: TrainConfig  # credentials redacted
     model: TTTConfig
     run_name: str
-    identity: dict           # what a resumed run must share with its checkpoint
+    identity: dict  # what a resumed run must share with its checkpoint
     tracking_uri: str | None = None
     run_id: str | None = None
     use_gpu: bool = False
@@ -148,8 +161,9 @@ class Placement:
 class Reporter(Protocol):
     """Where a worker's metrics and checkpoints go (Ray Train's report, or LocalReporter)."""
 
-    def report(self, metrics: dict, checkpoint: Path | None = None,
-               name: str | None = None) -> None: ...
+    def report(
+        self, metrics: dict, checkpoint: Path | None = None, name: str | None = None
+    ) -> None: ...
 
 
 @dataclass
@@ -161,13 +175,14 @@ class LocalReporter:
     keep: int
     reports: list[dict] = field(default_factory=list)
 
-    def report(self, metrics: dict, checkpoint: Path | None = None,
-               name: str | None = None) -> None:
+    def report(
+        self, metrics: dict, checkpoint: Path | None = None, name: str | None = None
+    ) -> None:
         self.reports.append(metrics)
         if checkpoint is None:
             return
         self.run_dir.join(name).upload(checkpoint)
-        for old in ckpt.checkpoint_names(self.run_dir)[self.keep:]:
+        for old in ckpt.checkpoint_names(self.run_dir)[self.keep :]:
             self.run_dir.join(old).delete()
 
 
@@ -214,8 +229,13 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc=f"meta-train {name}", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total,
+                initial=start,
+                desc=f"meta-train {name}",
+                unit="step",
+                dynamic_ncols=True,
+            )
 
     def update(self, record: dict) -> None:
         if not self.enabled:
@@ -224,19 +244,32 @@ class Progress:
         done = step - self.start
         left = (time.perf_counter() - self.began) / done * (self.total - step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                 tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False
+            )
             self.bar.update(1)
             return
         every = max(1, self.total // 20)
         if step == 1 or step % every == 0 or step == self.total or done == 1:
-            mfu = "n/a" if record["mfu"] is None else (
-                f"{record['mfu']:.1%} (HFU {record['hfu']:.1%}, with recomputation)")
-            log.info("[train] step %d/%d loss %.4f lr %.2e eta %.2f inner-norm %.3f (clipped "
-                     "%.0f%%) %s tok/s MFU %s; %s left", step, self.total, record["loss"],
-                     record["lr"], record["eta"], record["inner_grad_norm"],
-                     100 * record["inner_clip_fraction"], f"{record['tokens_per_s']:,.0f}", mfu,
-                     _duration(left))
+            mfu = (
+                "n/a"
+                if record["mfu"] is None
+                else (f"{record['mfu']:.1%} (HFU {record['hfu']:.1%}, with recomputation)")
+            )
+            log.info(
+                "[train] step %d/%d loss %.4f lr %.2e eta %.2f inner-norm %.3f (clipped "
+                "%.0f%%) %s tok/s MFU %s; %s left",
+                step,
+                self.total,
+                record["loss"],
+                record["lr"],
+                record["eta"],
+                record["inner_grad_norm"],
+                100 * record["inner_clip_fraction"],
+                f"{record['tokens_per_s']:,.0f}",
+                mfu,
+                _duration(left),
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -260,8 +293,11 @@ class Trainer:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.geometry = batch_geometry(cfg, model_cfg)
         self.device = placement.device
-        precision = cfg.precision if cfg.precision != "auto" else (
-            "bf16" if self.device.type == "cuda" else "fp32")
+        precision = (
+            cfg.precision
+            if cfg.precision != "auto"
+            else ("bf16" if self.device.type == "cuda" else "fp32")
+        )
         groups = placement.groups
 
         torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed broadcasts rank 0's)
@@ -272,19 +308,24 @@ class Trainer:
             parallelize(self.model, groups.tensor)
         apply_offload(self.model, cfg.offload)
         self.objective = MetaObjective(
-            self.model, torch.bfloat16 if precision == "bf16" else None).to(self.device)
+            self.model, torch.bfloat16 if precision == "bf16" else None
+        ).to(self.device)
         self.total = self.geometry.steps
         warmup = warmup_steps(cfg, self.total)
 
         def schedule(optimizer):
             return torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: lr_factor(s, self.total, warmup, cfg.lr, cfg.min_lr))
+                optimizer, lambda s: lr_factor(s, self.total, warmup, cfg.lr, cfg.min_lr)
+            )
 
         # with tensor parallelism ZeRO partitions and all-reduces over the data-parallel group
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.objective, model_parameters=self.objective.parameters(),
-            config=deepspeed_config(cfg, self.geometry), lr_scheduler=schedule,
-            mpu=DeepSpeedMPU(groups) if groups else None)
+            model=self.objective,
+            model_parameters=self.objective.parameters(),
+            config=deepspeed_config(cfg, self.geometry),
+            lr_scheduler=schedule,
+            mpu=DeepSpeedMPU(groups) if groups else None,
+        )
         self.state = dict(step=0, position=StreamPosition().to_dict(), history=[], evals=[])
         lead = placement.rank == 0
         # the dataset's tokenizer goes into every checkpoint's model/ folder: a checkpoint (and a
@@ -292,8 +333,9 @@ class Trainer:
         self.tokenizer = _dataset_tokenizer(cfg.data) if lead else None
         self.logger = RunLogger(spec.tracking_uri, spec.run_id) if lead else RunLogger(None, None)
         # MFU counts the model's FLOPs (no recomputation); HFU what the hardware runs (with it)
-        self.model_flops = estimate_flops(model_cfg.replace(checkpoint_prefix=False),
-                                          remat="none").meta_step
+        self.model_flops = estimate_flops(
+            model_cfg.replace(checkpoint_prefix=False), remat="none"
+        ).meta_step
         self.hardware_flops = estimate_flops(model_cfg).meta_step
         self.peak = _peak_flops(cfg, self.device)
         self._val_windows = None
@@ -309,9 +351,13 @@ class Trainer:
         """Continue from the newest complete checkpoint of the run (after a restart: one this
         run wrote; the driver checked the first one), else --resume-from. False: a fresh run."""
         p = self.placement
-        source = ckpt.resume_source(self.cfg.storage, self.spec.run_name, self.cfg.resume_from,
-                                    log=log.info if p.rank == 0 else lambda *_: None,
-                                    checksums=False)
+        source = ckpt.resume_source(
+            self.cfg.storage,
+            self.spec.run_name,
+            self.cfg.resume_from,
+            log=log.info if p.rank == 0 else lambda *_: None,
+            checksums=False,
+        )
         if not source:
             return False
         tp = self.geometry.tensor_parallel
@@ -319,14 +365,17 @@ class Trainer:
             state = ckpt.read_state(folder)
             saved_tp = state.get("tensor_parallel", 1)
             if state["world_size"] != p.world or saved_tp != tp:  # the driver checked; a guard
-                raise ConfigError(f"checkpoint written by {state['world_size']} workers, tensor-"
-                                  f"parallel {saved_tp}; resume with the same layout (got "
-                                  f"{p.world} workers, tensor-parallel {tp})")
+                raise ConfigError(
+                    f"checkpoint written by {state['world_size']} workers, tensor-"
+                    f"parallel {saved_tp}; resume with the same layout (got "
+                    f"{p.world} workers, tensor-parallel {tp})"
+                )
             ckpt.restore(folder, self.engine, p.rank)
         self.state = state
         if p.rank == 0:
-            log.info("[train] resumed at step %d (data position %s)", state["step"],
-                     state["position"])
+            log.info(
+                "[train] resumed at step %d (data position %s)", state["step"], state["position"]
+            )
         return True
 
     def save(self, metrics: dict) -> None:
@@ -339,17 +388,29 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="ttte2e-ckpt-") as tmp:
             state = None
             if p.rank == 0:
-                state = dict(self.state, world_size=p.world,
-                             tensor_parallel=self.geometry.tensor_parallel, nodes=p.nodes,
-                             mlflow_run_id=self.spec.run_id,
-                             torch_threads=torch.get_num_threads(), train=self.cfg.to_dict(),
-                             model=self.model_cfg.to_dict(),
-                             geometry=dataclasses.asdict(self.geometry),
-                             identity=self.spec.identity)
+                state = dict(
+                    self.state,
+                    world_size=p.world,
+                    tensor_parallel=self.geometry.tensor_parallel,
+                    nodes=p.nodes,
+                    mlflow_run_id=self.spec.run_id,
+                    torch_threads=torch.get_num_threads(),
+                    train=self.cfg.to_dict(),
+                    model=self.model_cfg.to_dict(),
+                    geometry=dataclasses.asdict(self.geometry),
+                    identity=self.spec.identity,
+                )
                 if weights is None:
                     weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            files = ckpt.write(Path(tmp), self.engine, p.rank, state, self.model_cfg.to_dict(),
-                               weights if p.rank == 0 else None, self.tokenizer)
+            files = ckpt.write(
+                Path(tmp),
+                self.engine,
+                p.rank,
+                state,
+                self.model_cfg.to_dict(),
+                weights if p.rank == 0 else None,
+                self.tokenizer,
+            )
             if p.world > 1 and dist.is_initialized():
                 every: list = [None] * p.world
                 dist.all_gather_object(every, files)
@@ -370,21 +431,31 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         sums = np.zeros(5)  # loss, inner-norm sum, inner-norm max, clipped, count
         for mb in range(g.accumulation):
-            x = windows[mb * g.micro_batch:(mb + 1) * g.micro_batch]
+            x = windows[mb * g.micro_batch : (mb + 1) * g.micro_batch]
             loss, chunk_loss, inner_norm = self.engine(x, eta)
-            bad = not (torch.isfinite(loss).item() and torch.isfinite(chunk_loss).all().item()
-                       and torch.isfinite(inner_norm).all().item())
+            bad = not (
+                torch.isfinite(loss).item()
+                and torch.isfinite(chunk_loss).all().item()
+                and torch.isfinite(inner_norm).all().item()
+            )
             # every rank stops together: a rank raising alone would leave the others in a collective
             if _all_reduce([float(bad)], device)[0]:
                 raise NonFiniteLoss(
                     f"non-finite meta-loss, chunk (inner) loss or inner-gradient norm at step "
                     f"{step} (micro-batch {mb}, eta {eta:g}, lr {lr:g}); nothing was applied or "
-                    "checkpointed", step)
+                    "checkpointed",
+                    step,
+                )
             self.engine.backward(loss)
             self.engine.step()
             n = inner_norm.float()
-            sums += [loss.item(), n.sum().item(), 0.0, (n > self.model_cfg.inner_clip).sum().item(),
-                     n.numel()]
+            sums += [
+                loss.item(),
+                n.sum().item(),
+                0.0,
+                (n > self.model_cfg.inner_clip).sum().item(),
+                n.numel(),
+            ]
             sums[2] = max(sums[2], n.max().item())
         totals = _all_reduce([sums[0], sums[1], sums[3], sums[4]], device)
         inner_max = _all_reduce([sums[2]], device, op="max")[0]
@@ -394,13 +465,20 @@ class Trainer:
         world, peak = self.placement.world, self.peak
         # an inner gradient is taken only with more than one chunk
         count = max(totals[3], 1.0)
-        return dict(step=step + 1, loss=totals[0] / (world * g.accumulation), lr=lr, eta=eta,
-                    grad_norm=float(grad_norm) if grad_norm is not None else None,
-                    inner_grad_norm=totals[1] / count, inner_grad_norm_max=inner_max,
-                    inner_clip_fraction=totals[2] / count, tokens_per_s=tokens_per_s,
-                    step_seconds=seconds,
-                    mfu=(tokens_per_s * self.model_flops / (world * peak)) if peak else None,
-                    hfu=(tokens_per_s * self.hardware_flops / (world * peak)) if peak else None)
+        return dict(
+            step=step + 1,
+            loss=totals[0] / (world * g.accumulation),
+            lr=lr,
+            eta=eta,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            inner_grad_norm=totals[1] / count,
+            inner_grad_norm_max=inner_max,
+            inner_clip_fraction=totals[2] / count,
+            tokens_per_s=tokens_per_s,
+            step_seconds=seconds,
+            mfu=(tokens_per_s * self.model_flops / (world * peak)) if peak else None,
+            hfu=(tokens_per_s * self.hardware_flops / (world * peak)) if peak else None,
+        )
 
     def evaluate(self) -> dict:
         """Held-out loss with TTT and with the same weights without it (eta = 0), overall and
@@ -409,13 +487,17 @@ class Trainer:
         if self._val_windows is None:
             val = WindowReader(self.cfg.data, "val", self.model_cfg.seq_len, self.cfg.seed)
             n_val = min(self.cfg.eval_windows, val.windows_per_epoch)
-            windows = val.windows(0, n_val)[p.data_rank::p.data_size]
+            windows = val.windows(0, n_val)[p.data_rank :: p.data_size]
             self._val_windows = torch.from_numpy(windows).to(self.device)
         self.objective.eval()
         try:
-            return held_out_metrics(self.model, self._val_windows, self.model_cfg.inner_lr,
-                                    self.objective.autocast(self.device),
-                                    reduce=lambda v: _all_reduce(v, self.device))
+            return held_out_metrics(
+                self.model,
+                self._val_windows,
+                self.model_cfg.inner_lr,
+                self.objective.autocast(self.device),
+                reduce=lambda v: _all_reduce(v, self.device),
+            )
         finally:
             self.objective.train()
 
@@ -424,12 +506,18 @@ class Trainer:
         """This rank's batches from the restored data position to step `stop` (one stream per
         data-parallel rank: the tensor-parallel ranks of a group read the same windows)."""
         cfg, p = self.cfg, self.placement
-        spec = StreamSpec(cfg.data, self.model_cfg.seq_len, self.geometry.sequences,
-                          p.data_size, cfg.seed)
+        spec = StreamSpec(
+            cfg.data, self.model_cfg.seq_len, self.geometry.sequences, p.data_size, cfg.seed
+        )
         start = StreamPosition.from_dict(self.state["position"])
-        return worker_stream(spec, p.data_rank, start, stop - self.state["step"],
-                             use_ray_data=p.ray_data and cfg.stream == "ray_data",
-                             cpus=cfg.data_cpus)
+        return worker_stream(
+            spec,
+            p.data_rank,
+            start,
+            stop - self.state["step"],
+            use_ray_data=p.ray_data and cfg.stream == "ray_data",
+            cpus=cfg.data_cpus,
+        )
 
     def fit(self) -> dict:
         """Restore, then train to the end (or --stop-after more steps) with evaluations and
@@ -440,8 +528,9 @@ class Trainer:
         resumed_at_end = self.state["step"] >= stop
         progress = Progress(total, self.state["step"], self.spec.run_name, enabled=rank == 0)
         try:
-            for step, (position, windows) in zip(range(self.state["step"], stop),
-                                                 self.stream(stop)):
+            for step, (position, windows) in zip(
+                range(self.state["step"], stop), self.stream(stop)
+            ):
                 record = self.train_step(step, torch.from_numpy(windows).to(self.device))
                 self.state["history"].append(record)
                 self.state["step"], self.state["position"] = step + 1, position.to_dict()
@@ -452,8 +541,9 @@ class Trainer:
                     self.state["evals"].append(dict(step=step + 1, **metrics))
                     if rank == 0:
                         _log_eval(step + 1, metrics)
-                        self.logger.metrics({k: v for k, v in metrics.items() if v is not None},
-                                            step + 1)
+                        self.logger.metrics(
+                            {k: v for k, v in metrics.items() if v is not None}, step + 1
+                        )
                 if rank == 0:
                     self.logger.metrics({k: v for k, v in record.items() if k != "step"}, step + 1)
                 progress.update(record)
@@ -481,10 +571,15 @@ def _log_eval(step: int, metrics: dict) -> None:
     def fmt(v):
         return "n/a" if v is None else f"{v:.4f}"
 
-    log.info("[eval] step %d: held-out loss %s (same weights without TTT %s); beyond the first "
-             "window %s (without TTT %s)", step, fmt(metrics["val_loss"]),
-             fmt(metrics["val_loss_no_ttt"]), fmt(metrics["val_loss_beyond_window"]),
-             fmt(metrics["val_loss_beyond_window_no_ttt"]))
+    log.info(
+        "[eval] step %d: held-out loss %s (same weights without TTT %s); beyond the first "
+        "window %s (without TTT %s)",
+        step,
+        fmt(metrics["val_loss"]),
+        fmt(metrics["val_loss_no_ttt"]),
+        fmt(metrics["val_loss_beyond_window"]),
+        fmt(metrics["val_loss_beyond_window_no_ttt"]),
+    )
 
 
 # ---- one plain process -------------------------------------------------------------------------
@@ -494,8 +589,10 @@ def single_process_group() -> None:
     DeepSpeed caches its groups, so a later run in the same process reuses this one."""
     if dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise ConfigError("--local runs one process, but this process is already one rank "
-                              f"of a group of {dist.get_world_size()}")
+            raise ConfigError(
+                "--local runs one process, but this process is already one rank "
+                f"of a group of {dist.get_world_size()}"
+            )
         return
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         os.environ[key] = "1" if key == "WORLD_SIZE" else "0"
@@ -508,27 +605,49 @@ def run_local(spec: RunSpec) -> dict:
     if spec.train.workers != 1 or spec.train.tensor_parallel != 1:
         raise ConfigError("--local runs one process: give --workers 1 --tensor-parallel 1")
     single_process_group()
-    placement = Placement(0, 1, torch.device("cuda" if spec.use_gpu else "cpu"),
-                          [f"local:{socket.gethostname()}"])
+    placement = Placement(
+        0, 1, torch.device("cuda" if spec.use_gpu else "cpu"), [f"local:{socket.gethostname()}"]
+    )
     reporter = LocalReporter(spec.run_dir, spec.train.keep_checkpoints)
     return Trainer(spec, placement, reporter).fit()
 
 
-def build_placement(rank: int, world: int, device: torch.device, nodes: list[str],
-                    tensor_parallel: int, ray_data: bool = False) -> Placement:
+def build_placement(
+    rank: int,
+    world: int,
+    device: torch.device,
+    nodes: list[str],
+    tensor_parallel: int,
+    ray_data: bool = False,
+) -> Placement:
     """The placement of a rank of an initialised process group; tensor-parallel groups must not
     span nodes."""
     groups = build_groups(tensor_parallel) if tensor_parallel > 1 else None
     if groups:
         tp = tensor_parallel
         for g in range(world // tp):
-            if len(set(nodes[g * tp:(g + 1) * tp])) > 1:
-                raise ConfigError(f"tensor-parallel group {g} (ranks {g * tp}..{g * tp + tp - 1}) "
-                                  "was placed on more than one node; give each node a multiple "
-                                  f"of {tp} workers (--placement PACK)")
+            if len(set(nodes[g * tp : (g + 1) * tp])) > 1:
+                raise ConfigError(
+                    f"tensor-parallel group {g} (ranks {g * tp}..{g * tp + tp - 1}) "
+                    "was placed on more than one node; give each node a multiple "
+                    f"of {tp} workers (--placement PACK)"
+                )
     return Placement(rank, world, device, nodes, groups, ray_data)
 
 
-__all__ = ["LocalReporter", "MetaObjective", "NonFiniteLoss", "Placement", "Reporter",
-           "RunSpec", "Trainer", "build_placement", "deepspeed_config", "eta_at", "lr_factor",
-           "run_local", "single_process_group", "warmup_steps"]
+__all__ = [
+    "LocalReporter",
+    "MetaObjective",
+    "NonFiniteLoss",
+    "Placement",
+    "Reporter",
+    "RunSpec",
+    "Trainer",
+    "build_placement",
+    "deepspeed_config",
+    "eta_at",
+    "lr_factor",
+    "run_local",
+    "single_process_group",
+    "warmup_steps",
+]

@@ -30,15 +30,19 @@ class RayReporter:
     """Metrics and checkpoints through ray.train.report (it uploads the folder to the run's
     storage before it returns)."""
 
-    def report(self, metrics: dict, checkpoint: Path | None = None,
-               name: str | None = None) -> None:
+    def report(
+        self, metrics: dict, checkpoint: Path | None = None, name: str | None = None
+    ) -> None:
         import ray.train
 
         if checkpoint is None:
             ray.train.report(metrics)
         else:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
-                             checkpoint_dir_name=name)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
+                checkpoint_dir_name=name,
+            )
 
 
 def train_loop(config: dict) -> None:
@@ -56,8 +60,12 @@ def train_loop(config: dict) -> None:
         marker = run_dir.join(NON_FINITE_FILE)
         seen = json.loads(marker.read_bytes()).get("step") if marker.exists() else None
         if seen == e.step:
-            _record_fatal(run_dir, FloatingPointError(f"{e} (the same step was non-finite after "
-                                                      "a restart from the last checkpoint)"))
+            _record_fatal(
+                run_dir,
+                FloatingPointError(
+                    f"{e} (the same step was non-finite after a restart from the last checkpoint)"
+                ),
+            )
         else:
             marker.write_bytes(json.dumps(dict(step=e.step, error=str(e))).encode())
         raise
@@ -88,8 +96,9 @@ def _run(spec: RunSpec) -> None:
     if world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    placement = build_placement(rank, world, device, nodes, spec.train.tensor_parallel,
-                                ray_data=True)
+    placement = build_placement(
+        rank, world, device, nodes, spec.train.tensor_parallel, ray_data=True
+    )
     Trainer(spec, placement, RayReporter()).fit()
 
 
@@ -106,5 +115,6 @@ def _unfixable(error: BaseException) -> BaseException | None:
 
 
 def _record_fatal(run_dir, error: Exception) -> None:
-    run_dir.join(FATAL_FILE).write_bytes(json.dumps(
-        dict(error=redact(str(error)), kind=type(error).__name__)).encode())
+    run_dir.join(FATAL_FILE).write_bytes(
+        json.dumps(dict(error=redact(str(error)), kind=type(error).__name__)).encode()
+    )

@@ -35,14 +35,33 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ttte2e.model import TTTConfig
 from ttte2e.platform.cluster.ray_runtime import forwarded_env
 from ttte2e.platform.data.storage import resolve
-from ttte2e.platform.train.config import (ConfigError, TrainConfig, check_parallel_layout,
-                                          cpus_needed)
+from ttte2e.platform.train.config import (
+    ConfigError,
+    TrainConfig,
+    check_parallel_layout,
+    cpus_needed,
+)
 
 KNOBS = ("window", "chunk", "layers")
-KNOB_LABELS = {"window": "sliding-window size k (tokens)", "chunk": "TTT mini-batch size b (tokens)",
-               "layers": "blocks with TTT"}
-TABLE_FIELDS = ("knob", "value", "method", "window", "chunk_size", "n_ttt_blocks", "status",
-                "step", "val_loss", "val_loss_beyond_window", "val_loss_no_ttt", "run")
+KNOB_LABELS = {
+    "window": "sliding-window size k (tokens)",
+    "chunk": "TTT mini-batch size b (tokens)",
+    "layers": "blocks with TTT",
+}
+TABLE_FIELDS = (
+    "knob",
+    "value",
+    "method",
+    "window",
+    "chunk_size",
+    "n_ttt_blocks",
+    "status",
+    "step",
+    "val_loss",
+    "val_loss_beyond_window",
+    "val_loss_no_ttt",
+    "run",
+)
 METRICS = ("val_loss", "val_loss_beyond_window", "val_loss_no_ttt")
 
 
@@ -92,8 +111,12 @@ class SweepPlan:
     rejected: list[tuple[str, str]]  # (what, why)
 
 
-def plan_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]] | None = None,
-               baseline: bool = True) -> SweepPlan:
+def plan_sweep(
+    base: TrainConfig,
+    knobs: list[str],
+    values: dict[str, list[int]] | None = None,
+    baseline: bool = True,
+) -> SweepPlan:
     """The trials of a sweep over `knobs` (paper grids unless `values` gives a knob's values);
     combinations the model refuses are rejected here, with the reason. Raises when none is left."""
     model = base.model_config()
@@ -126,16 +149,18 @@ def plan_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
         for trial in valid:
             ordered.setdefault(trial.name, trial)
     if not ordered:
-        raise ConfigError("no valid trial in this sweep: " + "; ".join(
-            f"{what}: {why}" for what, why in rejected))
+        raise ConfigError(
+            "no valid trial in this sweep: " + "; ".join(f"{what}: {why}" for what, why in rejected)
+        )
     return SweepPlan(list(ordered.values()), by_knob, rejected)
 
 
 def _refusal(base: TrainConfig, trial: Trial) -> str | None:
     if trial.chunk_size > trial.window:
         return f"b={trial.chunk_size} > k={trial.window} (a TTT mini-batch must fit the window)"
-    cfg = dataclasses.replace(base, model_overrides={**base.model_overrides,
-                                                     **trial.model_overrides()})
+    cfg = dataclasses.replace(
+        base, model_overrides={**base.model_overrides, **trial.model_overrides()}
+    )
     try:
         model = cfg.model_config()
         check_parallel_layout(cfg, model)  # a trial's sizes must split over --tensor-parallel
@@ -149,9 +174,14 @@ def _refusal(base: TrainConfig, trial: Trial) -> str | None:
 # ---- the trial ----------------------------------------------------------------------------------
 def trial_config(base: TrainConfig, trial: Trial, sweep: dict) -> TrainConfig:
     return dataclasses.replace(
-        base, name=f"{sweep['name']}-{trial.name}", storage=sweep["trial_storage"],
-        model_overrides={**base.model_overrides, **trial.model_overrides()}, register_as="",
-        resume_from="", stop_after=0)
+        base,
+        name=f"{sweep['name']}-{trial.name}",
+        storage=sweep["trial_storage"],
+        model_overrides={**base.model_overrides, **trial.model_overrides()},
+        register_as="",
+        resume_from="",
+        stop_after=0,
+    )
 
 
 def run_trial(config: dict, base: dict, sweep: dict) -> None:
@@ -161,8 +191,12 @@ def run_trial(config: dict, base: dict, sweep: dict) -> None:
     os.environ.update(sweep["env"])  # storage / MLflow endpoints of the driver, never logged
     trial = Trial(**config["trial"])
     cfg = trial_config(TrainConfig.from_dict(base), trial, sweep)
-    fit(cfg, log=lambda msg: print(f"[{trial.name}] {msg}", flush=True),
-        parent_run_id=sweep.get("parent_run_id"), report_to_tune=True)
+    fit(
+        cfg,
+        log=lambda msg: print(f"[{trial.name}] {msg}", flush=True),
+        parent_run_id=sweep.get("parent_run_id"),
+        report_to_tune=True,
+    )
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
@@ -186,9 +220,16 @@ def max_concurrent(base: TrainConfig, resources: dict) -> int:
     return max(1, by_cpu)
 
 
-def run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]] | None = None,
-              baseline: bool = True, scheduler: str = "none", grace_steps: int = 0,
-              concurrent: int = 0, log=print) -> dict:
+def run_sweep(
+    base: TrainConfig,
+    knobs: list[str],
+    values: dict[str, list[int]] | None = None,
+    baseline: bool = True,
+    scheduler: str = "none",
+    grace_steps: int = 0,
+    concurrent: int = 0,
+    log=print,
+) -> dict:
     """Run (or resume: same base.name) a sweep; returns where its table and plots are.
 
     Outside a cluster (no RAY_ADDRESS) the sweep starts a private Ray head with a dashboard and
@@ -205,16 +246,24 @@ def run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]] 
     with LocalRayCluster(log=lambda m: log(f"[sweep] {m}")) as cluster:
         os.environ["RAY_ADDRESS"] = cluster.gcs_address
         try:
-            return _run_sweep(base, knobs, values, baseline, scheduler, grace_steps, concurrent,
-                              log)
+            return _run_sweep(
+                base, knobs, values, baseline, scheduler, grace_steps, concurrent, log
+            )
         finally:
             ray.shutdown()
             os.environ.pop("RAY_ADDRESS", None)
 
 
-def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]] | None,
-               baseline: bool, scheduler: str, grace_steps: int, concurrent: int,
-               log) -> dict:
+def _run_sweep(
+    base: TrainConfig,
+    knobs: list[str],
+    values: dict[str, list[int]] | None,
+    baseline: bool,
+    scheduler: str,
+    grace_steps: int,
+    concurrent: int,
+    log,
+) -> dict:
     from ray import tune
 
     from ttte2e.platform.cluster.ray_runtime import ensure_ray
@@ -239,66 +288,108 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     storage = resolve(base.storage)
     sweep_dir = storage.join(name)
     n_concurrent = concurrent or max_concurrent(base, ray.cluster_resources())
-    log(f"[sweep] {name}: {len(plan.trials)} trials ({', '.join(t.name for t in plan.trials)}), "
-        f"{geometry.steps} steps each, {n_concurrent} at a time; scheduler {scheduler}")
+    log(
+        f"[sweep] {name}: {len(plan.trials)} trials ({', '.join(t.name for t in plan.trials)}), "
+        f"{geometry.steps} steps each, {n_concurrent} at a time; scheduler {scheduler}"
+    )
 
     parent = None
     if uri:
         artifacts = tracking.artifact_location(uri)  # a server keeps its own artifact store
-        params = {**{f"train.{k}": v for k, v in base.to_dict().items()},
-                  "sweep.knobs": ",".join(knobs), "sweep.trials": len(plan.trials),
-                  "sweep.scheduler": scheduler, "sweep.baseline": baseline,
-                  **{f"sweep.values.{k}": ",".join(str(t.value(k)) for t in v)
-                     for k, v in plan.by_knob.items()}}
+        params = {
+            **{f"train.{k}": v for k, v in base.to_dict().items()},
+            "sweep.knobs": ",".join(knobs),
+            "sweep.trials": len(plan.trials),
+            "sweep.scheduler": scheduler,
+            "sweep.baseline": baseline,
+            **{
+                f"sweep.values.{k}": ",".join(str(t.value(k)) for t in v)
+                for k, v in plan.by_knob.items()
+            },
+        }
         parent = tracking.start_run(uri, base.experiment, name, params, artifacts)
         log(f"[tracking] MLflow sweep run {parent} ({tracking.redact(uri)}); a child run per trial")
 
     # trials log to the sweep's store (their default would be a second sqlite file per folder)
     base = dataclasses.replace(base, tracking_uri=uri or "off")
-    sweep = dict(name=name, trial_storage=storage.join(name, "runs").uri, parent_run_id=parent,
-                 env=forwarded_env())
+    sweep = dict(
+        name=name,
+        trial_storage=storage.join(name, "runs").uri,
+        parent_run_id=parent,
+        env=forwarded_env(),
+    )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), sweep=sweep), {"CPU": 0.01})
+        tune.with_parameters(run_trial, base=base.to_dict(), sweep=sweep), {"CPU": 0.01}
+    )
     asha = None
     if scheduler == "asha":
         # stop_last_trials=False: a trial that reaches the last step ends by itself (with its
         # final checkpoint), it is not stopped at its last report
-        asha = RecordingASHA(sweep_dir.join("stopped.json").uri, time_attr="step",
-                             max_t=geometry.steps, reduction_factor=2,
-                             grace_period=grace_steps or 2 * base.eval_every,
-                             stop_last_trials=False)
+        asha = RecordingASHA(
+            sweep_dir.join("stopped.json").uri,
+            time_attr="step",
+            max_t=geometry.steps,
+            reduction_factor=2,
+            grace_period=grace_steps or 2 * base.eval_every,
+            stop_last_trials=False,
+        )
     experiment = storage.join(name, "tune")
     planned = sweep_dir.join("sweep.json")
     if tune.Tuner.can_restore(experiment.path, storage_filesystem=storage.fs):
         before = json.loads(planned.read_bytes()) if planned.exists() else None
         if before is not None and before["trials"] != [t.name for t in plan.trials]:
-            raise ConfigError(f"sweep {name!r} exists with trials {before['trials']}; this command "
-                              f"asks for {[t.name for t in plan.trials]}: rerun it unchanged to "
-                              "resume, or pick a new --name")
-        log(f"[sweep] resuming {experiment.uri}: finished trials are kept, the others continue "
-            "from their last checkpoint")
-        tuner = tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=storage.fs)
+            raise ConfigError(
+                f"sweep {name!r} exists with trials {before['trials']}; this command "
+                f"asks for {[t.name for t in plan.trials]}: rerun it unchanged to "
+                "resume, or pick a new --name"
+            )
+        log(
+            f"[sweep] resuming {experiment.uri}: finished trials are kept, the others continue "
+            "from their last checkpoint"
+        )
+        tuner = tune.Tuner.restore(
+            experiment.path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage.fs,
+        )
     else:
-        planned.write_bytes(json.dumps(dict(trials=[t.name for t in plan.trials],
-                                            knobs=knobs, base=base.to_dict()), indent=1).encode())
+        planned.write_bytes(
+            json.dumps(
+                dict(trials=[t.name for t in plan.trials], knobs=knobs, base=base.to_dict()),
+                indent=1,
+            ).encode()
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([dataclasses.asdict(t) for t in plan.trials])},
             tune_config=tune.TuneConfig(
-                metric="val_loss", mode="min", scheduler=asha, max_concurrent_trials=n_concurrent,
-                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name="tune", storage_path=storage.join(name).path,
-                                      storage_filesystem=storage.fs,
-                                      failure_config=tune.FailureConfig(max_failures=0)))
+                metric="val_loss",
+                mode="min",
+                scheduler=asha,
+                max_concurrent_trials=n_concurrent,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=storage.join(name).path,
+                storage_filesystem=storage.fs,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
     logger = tracking.RunLogger(uri, parent)
     try:
         grid = tuner.fit()
     except BaseException:
         logger.end("FAILED")
         raise
-    stopped = json.loads(sweep_dir.join("stopped.json").read_bytes()) if sweep_dir.join(
-        "stopped.json").exists() else {}
+    stopped = (
+        json.loads(sweep_dir.join("stopped.json").read_bytes())
+        if sweep_dir.join("stopped.json").exists()
+        else {}
+    )
     rows = table_rows(plan, grid, geometry.steps, name, stopped)
     # Ctrl-C / SIGINT: Tune saves the sweep and returns; what is neither done, failed nor stopped
     # by the scheduler is unfinished
@@ -306,24 +397,38 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
     files = sweep_dir.write_files(lambda folder: write_results(rows, plan, folder, model))
     for f in files:
         logger.artifact(f)
-    best = min((r for r in rows if r["method"] == "ttt" and r["val_loss"] is not None),
-               key=lambda r: r["val_loss"], default=None)
+    best = min(
+        (r for r in rows if r["method"] == "ttt" and r["val_loss"] is not None),
+        key=lambda r: r["val_loss"],
+        default=None,
+    )
     if best:
         logger.metrics({"best_val_loss": best["val_loss"]}, 0)
         logger.tag("best_trial", best["run"])
     if uri:
         for r in rows:
             if r["status"].startswith("stopped early"):
-                logger._do("close stopped trial runs", lambda r=r: tracking.end_named_run(
-                    uri, base.experiment, r["run"], "KILLED", r["status"]))
+                logger._do(
+                    "close stopped trial runs",
+                    lambda r=r: tracking.end_named_run(
+                        uri, base.experiment, r["run"], "KILLED", r["status"]
+                    ),
+                )
     errors = [r for r in rows if r["status"].startswith("error")]
     logger.end("KILLED" if interrupted else "FAILED" if errors else "FINISHED")
     log(next(f for f in files if f.name == "ablation.md").read_text())
-    out = dict(name=name, table=f"{sweep_dir.uri}/ablation.csv",
-               markdown=f"{sweep_dir.uri}/ablation.md",
-               plots=[f"{sweep_dir.uri}/{f.name}" for f in files if f.suffix == ".png"],
-               rows=rows, run_id=parent, tracking_uri=tracking.redact(uri) if uri else None,
-               rejected=plan.rejected, errors=len(errors), interrupted=interrupted)
+    out = dict(
+        name=name,
+        table=f"{sweep_dir.uri}/ablation.csv",
+        markdown=f"{sweep_dir.uri}/ablation.md",
+        plots=[f"{sweep_dir.uri}/{f.name}" for f in files if f.suffix == ".png"],
+        rows=rows,
+        run_id=parent,
+        tracking_uri=tracking.redact(uri) if uri else None,
+        rejected=plan.rejected,
+        errors=len(errors),
+        interrupted=interrupted,
+    )
     log(f"[sweep] table : {out['table']} (+ .md)")
     for p in out["plots"]:
         log(f"[sweep] plot  : {p}")
@@ -331,11 +436,15 @@ def _run_sweep(base: TrainConfig, knobs: list[str], values: dict[str, list[int]]
         log(f"[sweep] MLflow: run {parent} in {out['tracking_uri']}")
     if interrupted:
         unfinished = sum(r["status"].startswith(("unfinished", "not run")) for r in rows)
-        log(f"[sweep] INTERRUPTED with {unfinished} table rows unfinished; rerun the same command "
-            f"(--name {name}) to resume")
+        log(
+            f"[sweep] INTERRUPTED with {unfinished} table rows unfinished; rerun the same command "
+            f"(--name {name}) to resume"
+        )
     else:
-        log(f"[sweep] done: {len(plan.trials)} trials, {len(stopped)} stopped early by ASHA, "
-            f"{len(errors)} failed")
+        log(
+            f"[sweep] done: {len(plan.trials)} trials, {len(stopped)} stopped early by ASHA, "
+            f"{len(errors)} failed"
+        )
     return out
 
 
@@ -362,8 +471,9 @@ def _trial_name(trial) -> str:
 
 
 # ---- results ------------------------------------------------------------------------------------
-def table_rows(plan: SweepPlan, grid, total_steps: int, sweep_name: str,
-               stopped: dict | None = None) -> list[dict]:
+def table_rows(
+    plan: SweepPlan, grid, total_steps: int, sweep_name: str, stopped: dict | None = None
+) -> list[dict]:
     stopped = stopped or {}
     by_name = {}
     for result in grid:
@@ -375,21 +485,32 @@ def table_rows(plan: SweepPlan, grid, total_steps: int, sweep_name: str,
         elif step is None:
             status = "no result"
         elif step < total_steps:
-            status = (f"stopped early (ASHA) at step {step}" if trial.name in stopped
-                      else f"unfinished (sweep interrupted) at step {step}")
+            status = (
+                f"stopped early (ASHA) at step {step}"
+                if trial.name in stopped
+                else f"unfinished (sweep interrupted) at step {step}"
+            )
         else:
             status = "complete"
-        by_name[trial.name] = dict(status=status, step=step,
-                                   **{m: metrics.get(m) for m in METRICS})
+        by_name[trial.name] = dict(status=status, step=step, **{m: metrics.get(m) for m in METRICS})
     rows = []
     for knob, trials in plan.by_knob.items():
         for trial in trials:
-            facts = by_name.get(trial.name, dict(status="not run", step=None,
-                                                 **{m: None for m in METRICS}))
-            rows.append(dict(knob=knob, value=trial.value(knob), method=trial.method,
-                             window=trial.window, chunk_size=trial.chunk_size,
-                             n_ttt_blocks=trial.n_ttt_blocks, run=f"{sweep_name}-{trial.name}",
-                             **facts))
+            facts = by_name.get(
+                trial.name, dict(status="not run", step=None, **{m: None for m in METRICS})
+            )
+            rows.append(
+                dict(
+                    knob=knob,
+                    value=trial.value(knob),
+                    method=trial.method,
+                    window=trial.window,
+                    chunk_size=trial.chunk_size,
+                    n_ttt_blocks=trial.n_ttt_blocks,
+                    run=f"{sweep_name}-{trial.name}",
+                    **facts,
+                )
+            )
     return rows
 
 
@@ -407,15 +528,21 @@ def write_results(rows: list[dict], plan: SweepPlan, out: Path, model: TTTConfig
     csv_path.write_text(buffer.getvalue())
     lines = []
     for knob in plan.by_knob:
-        lines += [f"### {KNOB_LABELS[knob]}", "",
-                  "| value | method | k | b | TTT blocks | val loss | beyond window | "
-                  "no-TTT eval | status |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {KNOB_LABELS[knob]}",
+            "",
+            "| value | method | k | b | TTT blocks | val loss | beyond window | "
+            "no-TTT eval | status |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r["knob"] == knob):
             method = "TTT-E2E" if r["method"] == "ttt" else "SWA"
-            lines.append(f"| {r['value']} | {method} | {r['window']} | {r['chunk_size']} | "
-                         f"{r['n_ttt_blocks']} | {_fmt(r['val_loss'])} | "
-                         f"{_fmt(r['val_loss_beyond_window'])} | {_fmt(r['val_loss_no_ttt'])} | "
-                         f"{r['status']} |")
+            lines.append(
+                f"| {r['value']} | {method} | {r['window']} | {r['chunk_size']} | "
+                f"{r['n_ttt_blocks']} | {_fmt(r['val_loss'])} | "
+                f"{_fmt(r['val_loss_beyond_window'])} | {_fmt(r['val_loss_no_ttt'])} | "
+                f"{r['status']} |"
+            )
         lines.append("")
     if plan.rejected:
         lines += ["Rejected before launch:", ""] + [f"- {w}: {y}" for w, y in plan.rejected] + [""]
@@ -438,16 +565,22 @@ def plot_knob(rows: list[dict], knob: str, path: Path, model: TTTConfig) -> Path
 
     mine = [r for r in rows if r["knob"] == knob]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, title in ((axes[0], "val_loss", "held-out loss"),
-                              (axes[1], "val_loss_beyond_window", "loss beyond the first window")):
+    for ax, metric, title in (
+        (axes[0], "val_loss", "held-out loss"),
+        (axes[1], "val_loss_beyond_window", "loss beyond the first window"),
+    ):
         for method, style, label in (("ttt", "o-", "TTT-E2E"), ("swa", "s--", "SWA")):
-            pts = sorted((r["value"], r[metric]) for r in mine
-                         if r["method"] == method and r[metric] is not None)
+            pts = sorted(
+                (r["value"], r[metric])
+                for r in mine
+                if r["method"] == method and r[metric] is not None
+            )
             if not pts:
                 continue
             if method == "swa" and knob != "window":
-                ax.axhline(pts[0][1], linestyle="--", color="tab:orange",
-                           label=f"SWA (k={model.window})")
+                ax.axhline(
+                    pts[0][1], linestyle="--", color="tab:orange", label=f"SWA (k={model.window})"
+                )
             else:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         if knob in ("window", "chunk"):
