@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import InitVar, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
-ATTENTION_MODES = ("sliding", "full")
-REMAT_MODES = ("none", "chunk", "nested")
+AttentionMode = Literal["sliding", "full"]
+RematMode = Literal["none", "chunk", "nested"]
+ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
+REMAT_MODES: tuple[str, ...] = get_args(RematMode)
 
 
 def ttt_blocks_for_fraction(n_layers: int, fraction: float) -> int:
@@ -44,7 +46,7 @@ class TTTConfig:
     """Sliding-window size k: keys per query, the query's own position included."""
     chunk_size: int = 32
     """TTT mini-batch b: tokens per inner step; seq_len must be a multiple of it."""
-    attention: str = "sliding"
+    attention: AttentionMode = "sliding"
     """'sliding' (window k) or 'full' (causal full attention, the baseline)."""
     inner_lr: float = 1.0
     """Inner-loop learning rate eta (official: training.optimizer_inner.lr); 0 disables TTT."""
@@ -58,7 +60,7 @@ class TTTConfig:
     """BOS id: positions whose target is BOS are masked out of every loss."""
     init_std: float = 0.02
     """Std of the normal init of every linear weight and the embedding."""
-    remat: str = "nested"
+    remat: RematMode = "nested"
     """Rematerialization of the unrolled inner loop: 'none', 'chunk' or 'nested'."""
     remat_group: int = 0
     """Chunks per group under 'nested' remat; 0 means ceil(sqrt(n_chunks))."""

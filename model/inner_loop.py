@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .config import REMAT_MODES
 from .layers import at_least_fp32
 
 if TYPE_CHECKING:
@@ -337,8 +338,8 @@ def run_inner_loop(
     b, window = cfg.chunk_size, cfg.attn_window
     if seq % b:
         raise ValueError(f"sequence length {seq} is not a multiple of chunk_size {b}")
-    if remat not in ("none", "chunk", "nested"):
-        raise ValueError(f"unknown remat mode {remat!r}; choose 'none', 'chunk' or 'nested'")
+    if remat not in REMAT_MODES:
+        raise ValueError(f"unknown remat mode {remat!r}; choose one of {', '.join(REMAT_MODES)}")
     n_chunks = seq // b
     ctx = ChunkContext.build(
         model, targets, eta, window, mask, updates=None if final_update else n_chunks - 1

@@ -27,8 +27,9 @@ import time
 import torch
 
 from ttte2e.model import TTTConfig, TTTModel
+from ttte2e.model.config import REMAT_MODES
 
-MODES = ("none", "chunk", "nested")
+MODES = REMAT_MODES
 # The size at which the official JAX code was measured on this kind of 2-core CPU.
 BENCH = dict(
     vocab_size=4096,

@@ -286,14 +286,14 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
     from ttte2e.model import TTTConfig, TTTModel, preset
 
     try:
-        from ttte2e.platform.train.offload import apply_offload
+        from ttte2e.platform.train.offload import OFFLOAD_MODES, apply_offload
     except ImportError:  # the repo copy without the package: the file is torch-only
         spec = importlib.util.spec_from_file_location(
             "ttte2e_offload", REPO / "platform" / "train" / "offload.py"
         )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        apply_offload = module.apply_offload
+        apply_offload, OFFLOAD_MODES = module.apply_offload, module.OFFLOAD_MODES
 
     if smoke:
         cfg = TTTConfig(
@@ -320,7 +320,7 @@ def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
         tokens = torch.randint(0, c.vocab_size, (1, seq_len + 1), device=device)
         row = dict(seq_len=seq_len, preset="smoke" if smoke else "1B")
         try:
-            for mode in ("none", "carries", "prefix", "all"):
+            for mode in OFFLOAD_MODES:
                 # smoke sizes are below the size worth moving: move everything there
                 counter = (
                     apply_offload(model, mode, min_bytes=0) if smoke else apply_offload(model, mode)

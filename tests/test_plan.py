@@ -138,7 +138,6 @@ def test_the_128k_recipe_plan_fits_80_gib_with_the_layout_it_prints(capsys):
     [
         (["--tensor-parallel", "3"], "tensor parallelism 3 does not divide n_heads=32"),
         (["--tensor-parallel", "16"], "more than the 8 GPUs of a node"),
-        (["--offload", "disk"], "--offload 'disk': choose one of"),
         (
             ["--tensor-parallel", "auto", "--nodes", "64", "--gpus-per-node", "1"],
             "no size up to a node's 1 GPUs splits the model and 16 sequences per step over 64 GPUs",
@@ -153,6 +152,16 @@ def test_a_plan_of_an_impossible_layout_is_one_error_line(capsys, flags, message
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_a_choice_outside_its_list_is_refused_by_the_parser_naming_the_choices(capsys):
+    from ttte2e.platform.cli.train import run_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main("t", recipe="3b_extend_128k", argv=["--plan", "--offload", "disk"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "disk" in err
+    assert all(mode in err for mode in ("none", "carries", "prefix", "all", "auto"))
 
 
 def _count_prefix_on_rank(rank: int, init_file: str, out_file: str) -> None:

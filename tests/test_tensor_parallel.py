@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ttte2e.model import TTTConfig, TTTModel
+from ttte2e.model.config import REMAT_MODES
 from ttte2e.platform.train.tensor_parallel import (
     build_groups,
     full_state_dict,
@@ -24,7 +25,7 @@ from ttte2e.platform.train.tensor_parallel import (
 
 from conftest import SMALL, case_params, load_case, reference_cases
 
-REMATS = ("none", "chunk", "nested")
+REMATS = REMAT_MODES
 # float32, sums in another order (all-reduce of per-shard matmuls): measured worst cases are
 # ~1e-6 (NLL) and ~3e-6 x max|grad|. One run failed a 2e-5 x max|grad| bound at 3.5e-5 on the
 # TTT block's wq gradient (a sum with much cancellation; the one-process reference itself is not

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -81,6 +82,8 @@ def read_recipe(name_or_path: str) -> dict:
 def typed_values(cls, values: dict, where: str) -> dict:
     """values checked against cls's fields: every key a field, every value of its type (an int
     where a float is expected is accepted); a RecipeError names the first that is not."""
+    from ttte2e.platform.train.config import literal_choices
+
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     out = {}
@@ -88,7 +91,15 @@ def typed_values(cls, values: dict, where: str) -> dict:
         if key not in fields:
             raise RecipeError(f"{where}: unknown setting {key!r}; known: {sorted(fields)}")
         kind = hints[key]
-        if typing.get_origin(kind) is typing.Union:  # Optional[x]
+        allowed = literal_choices(kind)
+        if allowed is not None:
+            if value not in allowed:
+                raise RecipeError(
+                    f"{where}: {key} = {value!r}: choose one of {', '.join(map(str, allowed))}"
+                )
+            out[key] = value
+            continue
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[x], int | "auto"
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
             if value is None:
                 out[key] = None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
+import typing
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -18,6 +20,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from ttte2e.model import PRESETS, TTTConfig, preset
+from ttte2e.platform.train.offload import OFFLOAD_MODES, OffloadMode
 
 
 class ConfigError(ValueError):
@@ -49,21 +52,21 @@ class TrainConfig:
     """Workers per tensor-parallel group (consecutive ranks on one node): attention heads, MLP
     widths and the vocabulary split over them; workers = data-parallel ranks x this. 'auto' (with
     --plan): the smallest that fits."""
-    offload: str = "none"
+    offload: OffloadMode | Literal["auto"] = "none"
     """Host offload of what the backward keeps: 'none', 'carries' (the inner loop's remat
     carries), 'prefix' (checkpointed prefix block inputs), 'all' (every saved tensor); 'auto'
     (with --plan): the least offload that fits."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
     """'cpu', 'gpu', or 'auto' (GPUs when the cluster has one per worker)."""
     cpus_per_worker: float = 0.5
     """CPUs reserved per training worker (leave some for Ray Data)."""
-    placement: str = "PACK"
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Placement of the workers: PACK, SPREAD or STRICT_SPREAD (one per node)."""
     data_cpus: float = 0.25
     """CPUs per Ray Data operator of each worker's input stream."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1 or 2 (3 breaks higher-order backward and is refused)."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """'fp32', 'bf16' (autocast; fast weights, inner grads and clip norm stay fp32) or 'auto'
     (bf16 on GPU, fp32 on CPU)."""
     batch_tokens: int = 1 << 20
@@ -103,7 +106,7 @@ class TrainConfig:
     extend_steps: bool = False
     """Allow resuming a run with a larger --steps (the cosine schedule is re-stretched over the
     new total from the checkpoint's step on); any other change of the run refuses to resume."""
-    stream: str = "ray_data"
+    stream: Literal["ray_data", "in_worker"] = "ray_data"
     """Input stream: 'ray_data' (reading in Ray Data actors) or 'in_worker' (no Ray Data)."""
     tracking_uri: str = ""
     """MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite beside local storage; 'off'."""
@@ -203,7 +206,28 @@ def batch_geometry(cfg: TrainConfig, model: TTTConfig) -> BatchGeometry:
     )
 
 
-OFFLOAD_MODES = ("none", "carries", "prefix", "all")
+def literal_choices(kind) -> tuple | None:
+    """The values a Literal type (or a union of Literals) allows; None for any other type."""
+    if typing.get_origin(kind) is Literal:
+        return typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        parts = [literal_choices(a) for a in typing.get_args(kind)]
+        if all(p is not None for p in parts):
+            return tuple(v for p in parts for v in p)
+    return None
+
+
+def check_choices(obj) -> None:
+    """Every field typed as a choice (Literal) of a dataclass holds one of its values: the command
+    line checks them as it parses; this covers configs built in code or read from files."""
+    for name, kind in typing.get_type_hints(type(obj)).items():
+        allowed = literal_choices(kind)
+        value = getattr(obj, name)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {value!r}: choose one of "
+                + ", ".join(map(str, allowed))
+            )
 
 
 def tensor_parallel_size(cfg: TrainConfig) -> int:
@@ -227,10 +251,10 @@ def check_parallel_layout(cfg: TrainConfig, model: TTTConfig) -> None:
     problems = layout_problems(model, tp)
     if problems:
         raise ConfigError("; ".join(problems) + f" (preset {cfg.preset})")
-    if cfg.offload not in OFFLOAD_MODES:
+    if cfg.offload == "auto":
         raise ConfigError(
-            f"--offload {cfg.offload!r}: choose one of {OFFLOAD_MODES}"
-            + (" ('auto' is a --plan choice)" if cfg.offload == "auto" else "")
+            "--offload auto is a --plan choice (the plan prints the mode it picks); "
+            f"give one of {', '.join(OFFLOAD_MODES)} to train"
         )
     if cfg.offload == "carries" and model.remat == "none":
         raise ConfigError(
@@ -265,15 +289,7 @@ def check_options(cfg: TrainConfig) -> tuple[TTTConfig, BatchGeometry]:
         )
     if cfg.zero_stage not in (0, 1, 2):
         raise ConfigError(f"zero_stage {cfg.zero_stage}: choose 0, 1 or 2")
-    choices = dict(
-        device=("auto", "cpu", "gpu"),
-        precision=("auto", "fp32", "bf16"),
-        stream=("ray_data", "in_worker"),
-        placement=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-    )
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"{name} {getattr(cfg, name)!r}: choose one of {allowed}")
+    check_choices(cfg)
     if cfg.resume_from and cfg.init_from:
         raise ConfigError(
             "resume_from and init_from are exclusive (resume continues a run; "

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from ttte2e.model import TTTConfig, count_parameters, estimate_flops
 from ttte2e.platform.train.config import ConfigError, TrainConfig, batch_geometry
+from ttte2e.platform.train.offload import OFFLOAD_MODES
 
 GPU_SPECS = {  # dense bf16 TFLOP/s, memory GiB (the one table: plans and the trainer's MFU)
     "h100": (989.0, 80),
@@ -179,7 +180,7 @@ def memory_per_gpu(
     )
 
 
-OFFLOAD_ORDER = ("none", "carries", "prefix", "all")
+OFFLOAD_ORDER = OFFLOAD_MODES  # by what they move, least first
 
 
 def tensor_parallel_choices(model: TTTConfig, gpus_per_node: int) -> list[int]:
