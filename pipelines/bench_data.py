@@ -55,7 +55,6 @@ def main() -> None:
             tokenizer=f"train:{cfg.vocab_size}",
         ),
         use_ray=False,
-        log=lambda *_: None,
     )
     results = {}
     for mode in ("in-process", "ray"):
@@ -68,7 +67,6 @@ def main() -> None:
                 shard_tokens=1_000_000,
             ),
             use_ray=mode == "ray",
-            log=lambda *_: None,
         )
         seconds = time.perf_counter() - start
         results[f"prepare_{mode}"] = manifest["counts"]["tokens_written"] / seconds
@@ -107,7 +105,6 @@ def main() -> None:
                 row_group_tokens=group,
             ),
             use_ray=False,
-            log=lambda *_: None,
         )
         for ranks in (1, 2, 4, 8):
             spec = StreamSpec(ds, seq_len=args.seq_len, global_batch=8, world_size=ranks)

@@ -41,7 +41,6 @@ def main() -> None:
             shard_tokens=1_000_000,
         ),
         use_ray=False,
-        log=lambda m: print("  " + m, flush=True),
     )
     print(
         f"long documents: {manifest['splits']['train']['documents']} train / "
@@ -67,7 +66,7 @@ def main() -> None:
             max_failures=0,
         )
         print(f"training {label} ({args.steps} steps x {args.batch * 512} tokens)", flush=True)
-        results[label] = fit(cfg, log=lambda *_: None)["evals"][-1]
+        results[label] = fit(cfg)["evals"][-1]
     (out / "quality.json").write_text(json.dumps(results, indent=1))
     print(
         f"\ntiny preset (T = 512, k = 128, b = 64), {args.steps} steps x {args.batch * 512} tokens, "

@@ -63,7 +63,6 @@ def main() -> None:
             shard_tokens=1_000_000,
         ),
         use_ray=False,
-        log=lambda *_: None,
     )
     base = dict(
         preset="tiny",
@@ -81,7 +80,7 @@ def main() -> None:
     rows = {}
     for workers in (1, 2):
         cfg = TrainConfig(**base, workers=workers, name=f"w{workers}")
-        result = fit(cfg, log=lambda *_: None)
+        result = fit(cfg)
         seconds = statistics.median(h["step_seconds"] for h in result["history"][2:])
         rows[workers] = dict(
             seconds=seconds,

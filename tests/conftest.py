@@ -63,7 +63,6 @@ def train_data(tmp_path_factory):
             shard_tokens=50_000,
         ),
         use_ray=False,
-        log=lambda *_: None,
     )
     return str(root / "data"), manifest["tokenizer"]["bos_id"]
 
@@ -132,7 +131,7 @@ def ray_head():
     test session; stopped by PID at the end."""
     from ttte2e.platform.cluster.local_head import LocalRayCluster
 
-    with LocalRayCluster(num_cpus=2, log=lambda *_: None) as head:
+    with LocalRayCluster(num_cpus=2) as head:
         yield head
 
 

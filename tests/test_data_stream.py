@@ -36,7 +36,6 @@ def dataset(tmp_path_factory):
             row_group_tokens=8,
         ),
         use_ray=False,
-        log=lambda *_: None,
     )
     return str(out)
 

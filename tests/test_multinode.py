@@ -29,7 +29,7 @@ def test_training_spreads_over_two_nodes(train_data, tmp_path):
             placement="STRICT_SPREAD",
             checkpoint_every=2,
         )
-        result = fit(cfg, log=lambda *_: None)
+        result = fit(cfg)
         nodes = read_state(result["checkpoint"])["nodes"]
         assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}

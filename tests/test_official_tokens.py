@@ -101,8 +101,8 @@ def test_the_token_stream_comes_through_unchanged(tokenizer, tmp_path, driver, m
     store = write_store(tmp_path / "store", {"train": train, "val": val}, driver)
     monkeypatch.setattr(official_zarr, "READ_BLOCK", 100)  # documents cross every read
     out = tmp_path / "ds"
-    manifest = prepare(_options(store, out, path), use_ray=False, log=lambda *_: None)
-    assert verify_dataset(str(out), log=lambda *_: None) == []
+    manifest = prepare(_options(store, out, path), use_ray=False)
+    assert verify_dataset(str(out)) == []
     for split, data in (("train", train), ("val", val)):
         assert np.array_equal(_split_tokens(out, split), data)  # nothing lost, repeated, moved
         assert manifest["splits"][split]["documents"] == int((data == bos).sum())
@@ -125,8 +125,7 @@ def test_the_token_stream_comes_through_unchanged(tokenizer, tmp_path, driver, m
         assert first_row["tokens"][0].as_py()[0] == bos and first_row["piece"][0].as_py() == 0
     # a rerun finds the same dataset
     assert (
-        prepare(_options(store, out, path), use_ray=False, log=lambda *_: None)["dataset_key"]
-        == manifest["dataset_key"]
+        prepare(_options(store, out, path), use_ray=False)["dataset_key"] == manifest["dataset_key"]
     )
 
 
@@ -138,8 +137,8 @@ def test_ray_conversion_equals_the_local_one(tokenizer, tmp_path):
         tmp_path / "store",
         {"train": _stream(rng, 40, bos, vocab), "val": _stream(rng, 8, bos, vocab)},
     )
-    local = prepare(_options(store, tmp_path / "a", path), use_ray=False, log=lambda *_: None)
-    ray = prepare(_options(store, tmp_path / "b", path), use_ray=True, log=lambda *_: None)
+    local = prepare(_options(store, tmp_path / "a", path), use_ray=False)
+    ray = prepare(_options(store, tmp_path / "b", path), use_ray=True)
     assert [(s["path"], s["sha256"]) for s in local["shards"]] == [
         (s["path"], s["sha256"]) for s in ray["shards"]
     ]
@@ -150,9 +149,7 @@ def test_min_tokens_counts_what_it_drops(tokenizer, tmp_path):
     rng = np.random.default_rng(2)
     train = _stream(rng, 30, bos, vocab)
     store = write_store(tmp_path / "store", {"train": train, "val": _stream(rng, 5, bos, vocab)})
-    manifest = prepare(
-        _options(store, tmp_path / "ds", path, min_tokens=100), use_ray=False, log=lambda *_: None
-    )
+    manifest = prepare(_options(store, tmp_path / "ds", path, min_tokens=100), use_ray=False)
     starts = np.flatnonzero(train == bos)
     sizes = np.diff(np.append(starts, len(train))) - 1
     counts = manifest["counts"]
@@ -176,9 +173,7 @@ def test_bad_stores_are_named_before_any_work(tokenizer, tmp_path, monkeypatch):
     for name, (arrays, kwargs, message) in cases.items():
         store = write_store(tmp_path / name, arrays, **kwargs)
         with pytest.raises(DataError, match=message):
-            prepare(
-                _options(store, tmp_path / f"out-{name}", path), use_ray=False, log=lambda *_: None
-            )
+            prepare(_options(store, tmp_path / f"out-{name}", path), use_ray=False)
         assert not (tmp_path / f"out-{name}").exists()  # refused before anything was written
     # ids of another tokenizer: in the first block, refused up front; further in, the task
     # that reads them stops the job and no manifest is written
@@ -186,25 +181,23 @@ def test_bad_stores_are_named_before_any_work(tokenizer, tmp_path, monkeypatch):
     above[5] = vocab + 10
     store = write_store(tmp_path / "above", {"train": above, "val": good})
     with pytest.raises(DataError, match=f"token {vocab + 10} at position 5 is outside"):
-        prepare(_options(store, tmp_path / "out-above", path), use_ray=False, log=lambda *_: None)
+        prepare(_options(store, tmp_path / "out-above", path), use_ray=False)
     late = good.copy()
     late[-3] = vocab
     store = write_store(tmp_path / "late", {"train": late, "val": good})
     monkeypatch.setattr(official_zarr, "READ_BLOCK", 64)
     with pytest.raises(DataError, match=f"position {len(late) - 3} is outside"):
-        prepare(_options(store, tmp_path / "out-late", path), use_ray=False, log=lambda *_: None)
+        prepare(_options(store, tmp_path / "out-late", path), use_ray=False)
     assert not (tmp_path / "out-late" / "manifest.json").exists()
     with pytest.raises(ValueError, match="keeps the store's own train/val split"):
         prepare(
             _options(tmp_path / "late", tmp_path / "x", path, val_fraction=0.1),
             use_ray=False,
-            log=lambda *_: None,
         )
     with pytest.raises(ValueError, match="already tokenized"):
         prepare(
             _options(tmp_path / "late", tmp_path / "x", "train:300"),
             use_ray=False,
-            log=lambda *_: None,
         )
 
 

@@ -42,7 +42,6 @@ def tokenizer_file(tmp_path_factory):
     prepare(
         PrepareOptions(input=str(folder / "docs.jsonl"), output=str(out), tokenizer="train:300"),
         use_ray=False,
-        log=lambda *_: None,
     )
     return str(out / "tokenizer.json")
 
@@ -54,7 +53,7 @@ def run(tmp_path, tokenizer, input_path=None, **kw):
         tokenizer=tokenizer,
         **kw,
     )
-    return prepare(opts, use_ray=False, log=lambda *_: None)
+    return prepare(opts, use_ray=False)
 
 
 def read_shards(out, manifest):
@@ -110,7 +109,6 @@ def test_all_formats_round_trip_with_bos_and_counts(tmp_path, tokenizer_file):
             shard_tokens=300,
         ),
         use_ray=False,
-        log=lambda *_: None,
     )
     assert elsewhere["splits"] == manifest["splits"]
     assert [(s["path"], s["rows"], s["tokens"]) for s in elsewhere["shards"]] == [
@@ -238,7 +236,6 @@ def test_output_holding_another_dataset_needs_overwrite(tmp_path, tokenizer_file
         prepare(
             PrepareOptions(input=str(tmp_path / "in"), output=str(other), tokenizer=tokenizer_file),
             use_ray=False,
-            log=lambda *_: None,
         )
     assert (other / "precious.csv").exists()
 
@@ -268,7 +265,7 @@ def test_ray_data_path_writes_the_same_shards(tmp_path, tokenizer_file):
         tokenizer=tokenizer_file,
         val_fraction=0.2,
     )
-    with_ray = prepare(opts, use_ray=True, log=lambda *_: None)
+    with_ray = prepare(opts, use_ray=True)
     assert [s["sha256"] for s in with_ray["shards"]] == [s["sha256"] for s in local["shards"]]
     assert with_ray["counts"] == local["counts"]
 
@@ -315,7 +312,7 @@ def test_prepare_from_s3_to_s3(s3_env, tokenizer_file):
         tokenizer="s3://raw/tokenizer.json",
         val_fraction=0.1,
     )
-    manifest = prepare(opts, use_ray=True, log=lambda *_: None)
+    manifest = prepare(opts, use_ray=True)
     assert manifest["counts"]["documents_written"] == 40
     assert read_manifest("s3://tokens/dclm") == manifest
     for shard in manifest["shards"]:
@@ -348,7 +345,6 @@ def test_s3_wrong_credentials_and_missing_bucket(s3_env, monkeypatch, tokenizer_
                 input="s3://no-such-bucket/x", output="s3://creds/out", tokenizer=tokenizer_file
             ),
             use_ray=False,
-            log=lambda *_: None,
         )
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(StorageError, match=r"s3://creds/a.jsonl.*check the endpoint") as err:
@@ -357,7 +353,6 @@ def test_s3_wrong_credentials_and_missing_bucket(s3_env, monkeypatch, tokenizer_
                 input="s3://creds/a.jsonl", output="s3://creds/out", tokenizer=tokenizer_file
             ),
             use_ray=False,
-            log=lambda *_: None,
         )
     assert "wrong-secret" not in str(err.value)
 
@@ -457,7 +452,7 @@ def test_damaged_shards_are_named_by_every_reader(
     with pytest.raises((DataError, FileNotFoundError), match=name):
         reader.read(np.arange(reader.windows_per_epoch))
     # --verify: a report and exit 1; prepare over it refuses to say "nothing to do"
-    assert verify_dataset(str(out), log=lambda *_: None)
+    assert verify_dataset(str(out))
     with pytest.raises(SystemExit) as code:
         main(["--verify", str(out)])
     assert code.value.code == 1 and f"DAMAGED {out / name}" in capsys.readouterr().out

@@ -217,7 +217,7 @@ def local_config(dataset, storage, **changes):
 def local_fit(cfg):
     from ttte2e.platform.train.driver import fit
 
-    return fit(cfg, log=lambda *_: None, local=True)
+    return fit(cfg, local=True)
 
 
 @pytest.fixture(scope="module")
@@ -538,7 +538,7 @@ def two_workers(train_data, tmp_path_factory, ray_cluster):
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = small_config(train_data, storage, name="two")
-    return cfg, fit(cfg, log=lambda *_: None)
+    return cfg, fit(cfg)
 
 
 @pytest.mark.slow
@@ -586,9 +586,7 @@ def test_a_killed_worker_recovers_from_the_last_checkpoint(
     _, reference = two_workers
     cfg = small_config(train_data, tmp_path, name="killed", max_failures=2)
     out: dict = {}
-    thread = threading.Thread(
-        target=lambda: out.update(result=fit(cfg, log=lambda *_: None)), daemon=True
-    )
+    thread = threading.Thread(target=lambda: out.update(result=fit(cfg)), daemon=True)
     thread.start()
     first_ckpt = tmp_path / "killed" / "checkpoint_00000002"
     deadline = time.time() + 300

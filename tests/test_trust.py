@@ -4,6 +4,7 @@ printed, reading commands never invent an empty MLflow store."""
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -82,7 +83,7 @@ def test_tracking_server_is_checked_before_ray_starts(train_data, tmp_path):
 
     cfg = small_config(train_data, tmp_path, tracking_uri="http://127.0.0.1:9")
     with pytest.raises(ConfigError, match="127.0.0.1:9 is unreachable"):
-        fit(cfg, log=lambda *_: None)
+        fit(cfg)
     assert not ray.is_initialized()
 
 
@@ -149,7 +150,7 @@ def test_resume_of_another_run_is_refused_before_workers_start(
         changes["model_overrides"]["bos_token_id"] = bos
     fake_checkpoint(Path(run_cfg.storage), run_cfg, model_folder)
     with pytest.raises(ConfigError, match="cannot resume .* with a different run") as err:
-        fit(dataclasses.replace(run_cfg, **changes), log=lambda *_: None)
+        fit(dataclasses.replace(run_cfg, **changes))
     for name in fields:
         assert f"{name} (checkpoint" in str(err.value)
     assert not ray.is_initialized()
@@ -158,7 +159,6 @@ def test_resume_of_another_run_is_refused_before_workers_start(
     with pytest.raises(ConfigError, match="with a different run"):
         fit(
             dataclasses.replace(run_cfg, name="other", resume_from=source, **changes),
-            log=lambda *_: None,
         )
 
 
@@ -185,7 +185,7 @@ def test_another_dataset_is_refused_and_extend_steps_is_explicit(run_cfg, model_
 
 @pytest.mark.parametrize("damage", ["marker", "truncated", "flipped", "missing"])
 def test_incomplete_checkpoints_are_refused_by_every_reader(
-    run_cfg, model_folder, damage, tmp_path, capsys
+    run_cfg, model_folder, damage, tmp_path, capsys, caplog
 ):
     from ttte2e.platform.cli.registry import pull_main
     from ttte2e.platform.registry.model_registry import RegistryError, load_model, register
@@ -209,14 +209,12 @@ def test_incomplete_checkpoints_are_refused_by_every_reader(
         (folder / "ds" / "mp_rank_00_model_states.pt").unlink()
         reason = "ds/mp_rank_00_model_states.pt missing"
     # resume by name skips it (naming it) and takes the older complete one
-    lines = []
-    assert ckpt.resume_source(run_cfg.storage, "run", log=lines.append) == str(older)
-    assert str(folder) in lines[0]
+    with caplog.at_level(logging.INFO, logger="ttte2e"):
+        assert ckpt.resume_source(run_cfg.storage, "run") == str(older)
+    assert str(folder) in caplog.records[0].getMessage()
     # --resume-from names what is wrong; fit refuses before workers start
     with pytest.raises(ConfigError, match=rf"incomplete checkpoint: .*{reason}"):
-        fit(
-            dataclasses.replace(run_cfg, name="other", resume_from=str(folder)), log=lambda *_: None
-        )
+        fit(dataclasses.replace(run_cfg, name="other", resume_from=str(folder)))
     if damage == "missing":  # readers of the weights only need model/
         return
     with pytest.raises(ConfigError, match=reason):
@@ -415,4 +413,4 @@ def test_damage_found_mid_run_ends_the_run_without_retries(train_data, tmp_path)
         (str(data), train_data[1]), tmp_path / "runs", name="damaged", max_failures=-1
     )
     with pytest.raises(ConfigError, match=r"training stopped \(DataError\): .*train/part-"):
-        fit(cfg, log=lambda *_: None)
+        fit(cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import types
 import typing
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import tyro
+
+from ttte2e.platform.logs import setup_logging
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +42,7 @@ def cli(
     script's own name."""
     if argv is None:
         argv, prog = sys.argv[1:], Path(sys.argv[0]).name
-    # the commands' progress and results are INFO records of the module loggers
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()  # the commands' progress and results: INFO records of our module loggers
     options = {} if default is None else dict(default=default)
     return tyro.cli(cls, args=argv, description=description, prog=prog, **options)
 

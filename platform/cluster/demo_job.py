@@ -41,7 +41,7 @@ def run_demo(
 
     say(f"1/5 corpus: the Python standard library as jsonl -> {out / 'raw'}")
     raw = write_demo_corpus(out / "raw", max_docs or None)
-    with LocalRayCluster(num_cpus=2, log=say) as cluster:
+    with LocalRayCluster(num_cpus=2) as cluster:
         say(
             f"2/5 ray job submit -- python pipelines/prepare_data.py  (BPE 4096, Ray Data) -> "
             f"{out / 'data'}"

@@ -6,6 +6,7 @@ Ray cluster of this user on a shared machine.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -29,9 +32,8 @@ def _free_ports(n: int) -> list[int]:
 
 
 class LocalRayCluster:
-    def __init__(self, num_cpus: int | None = None, log=print):
+    def __init__(self, num_cpus: int | None = None):
         self.num_cpus = num_cpus
-        self.log = log
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # sockets: keep the path short
         self.gcs_port, self.dashboard_port, *self._more = _free_ports(7)
         self.env = {
@@ -78,7 +80,7 @@ class LocalRayCluster:
         ]
         if self.num_cpus:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        self.log(
+        log.info(
             f"starting a private Ray head (dashboard {self.address}, temp dir {self.temp_dir})"
         )
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
@@ -160,7 +162,7 @@ class LocalRayCluster:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        self.log(f"stopped the private Ray head ({len(pids)} processes)")
+        log.info(f"stopped the private Ray head ({len(pids)} processes)")
 
     def __enter__(self) -> LocalRayCluster:
         return self.start()

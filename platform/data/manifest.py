@@ -15,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ttte2e.platform.data.storage import Location, resolve
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -139,7 +142,7 @@ def row_group_digests(parquet_file, shard: dict, where: str) -> list[str]:
     return digests
 
 
-def verify_dataset(uri: str, log=print) -> list[str]:
+def verify_dataset(uri: str) -> list[str]:
     """Every shard's size and sha256 and its footer's checksum list, and the tokenizer file,
     against the manifest. Returns the problems (empty: the dataset is intact)."""
     manifest = read_manifest(uri)
@@ -165,11 +168,11 @@ def verify_dataset(uri: str, log=print) -> list[str]:
         problems.append(f"{tok.uri}: missing")
     elif hashlib.sha256(tok.read_bytes()).hexdigest() != manifest["tokenizer"]["sha256"]:
         problems.append(f"{tok.uri}: sha256 differs from the manifest")
-    log(
+    log.info(
         f"{uri}: {len(manifest['shards'])} shard(s), "
         f"{sum(s['bytes'] for s in manifest['shards']):,} bytes checked: "
         + ("intact" if not problems else f"{len(problems)} problem(s)")
     )
     for line in problems:
-        log(f"  DAMAGED {line}")
+        log.info(f"  DAMAGED {line}")
     return problems

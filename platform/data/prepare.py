@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -57,6 +58,8 @@ from ttte2e.platform.data.manifest import (
     write_manifest,
 )
 from ttte2e.platform.data.storage import Location, resolve
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt", ".txt.gz", ".txt.zst")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
@@ -546,7 +549,7 @@ def _dataset_key(opts: PrepareOptions, tok: TokenizerInfo, inputs: list[tuple[st
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
+def _prepare_output(out: Location, key: str, overwrite: bool) -> bool:
     """True when this exact dataset already exists (nothing to do)."""
     out.ensure_bucket()
     if not out.exists():
@@ -555,7 +558,7 @@ def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
     if manifest.exists():
         existing = json.loads(manifest.read_bytes())
         if existing.get("dataset_key") == key and not overwrite:
-            problems = verify_dataset(out.uri, log=lambda *_: None)
+            problems = verify_dataset(out.uri)
             if problems:
                 raise DataError(
                     f"{out.uri} holds this dataset but it is damaged ("
@@ -568,7 +571,7 @@ def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
                 f"{out.uri} already holds a different dataset (dataset_key "
                 f"{existing.get('dataset_key')} != {key}); pass --overwrite to replace it"
             )
-        log(f"--overwrite: deleting the dataset in {out.uri}")
+        log.info(f"--overwrite: deleting the dataset in {out.uri}")
         out.delete()
         return False
     ours = ("train/", "val/", TOKENIZER_FILE)
@@ -580,26 +583,26 @@ def _prepare_output(out: Location, key: str, overwrite: bool, log) -> bool:
             f"{foreign[:3]}); pass --overwrite to replace it"
         )
     if files:
-        log(f"{out.uri}: removing {len(files)} file(s) left by an unfinished run")
+        log.info(f"{out.uri}: removing {len(files)} file(s) left by an unfinished run")
         out.delete()
     return False
 
 
-def _log_tokenizer(tok: TokenizerInfo, log) -> None:
-    log(
+def _log_tokenizer(tok: TokenizerInfo) -> None:
+    log.info(
         f"tokenizer: {'trained BPE' if tok.trained else tok.source}, vocab {tok.vocab_size}, "
         f"BOS {tok.bos_token!r} = {tok.bos_id}, sha256 {tok.sha256[:12]}"
     )
 
 
 def _start_output(
-    opts: PrepareOptions, tok: TokenizerInfo, identity: list, log
+    opts: PrepareOptions, tok: TokenizerInfo, identity: list
 ) -> tuple[str, dict | None]:
     """(dataset key, the manifest when the output already holds this dataset, else None)."""
     out = resolve(opts.output)
     key = _dataset_key(opts, tok, identity)
-    if _prepare_output(out, key, opts.overwrite, log):
-        log(f"{opts.output} already holds this dataset ({key}); nothing to do")
+    if _prepare_output(out, key, opts.overwrite):
+        log.info(f"{opts.output} already holds this dataset ({key}); nothing to do")
         return key, read_manifest(opts.output)
     out.join(TOKENIZER_FILE).write_bytes(tok.json.encode())
     return key, None
@@ -611,17 +614,17 @@ def _text_task(
     return process_file(index, uri, output, opts, tok, relative_name=rel)
 
 
-def _text_jobs(opts: PrepareOptions, use_ray: bool, log):
+def _text_jobs(opts: PrepareOptions, use_ray: bool):
     inputs, skipped_files = discover_inputs(opts.input)
-    log(
+    log.info(
         f"input: {len(inputs)} file(s) under {opts.input}"
         + (f"; {len(skipped_files)} skipped (unsupported type)" if skipped_files else "")
     )
     for uri in skipped_files:
-        log(f"  skipped (unsupported type): {uri}")
+        log.info(f"  skipped (unsupported type): {uri}")
     tok = load_tokenizer(opts.tokenizer, opts, inputs)
-    _log_tokenizer(tok, log)
-    key, done = _start_output(opts, tok, [(f.uri, f.size()) for f in inputs], log)
+    _log_tokenizer(tok)
+    key, done = _start_output(opts, tok, [(f.uri, f.size()) for f in inputs])
     if done is not None:
         return done
     root = resolve(opts.input).uri
@@ -633,7 +636,7 @@ def _text_jobs(opts: PrepareOptions, use_ray: bool, log):
     return records, dict(files=len(inputs), skipped_unsupported=skipped_files), tok, key
 
 
-def _official_zarr_jobs(opts: PrepareOptions, use_ray: bool, log):
+def _official_zarr_jobs(opts: PrepareOptions, use_ray: bool):
     from ttte2e.platform.data import official_zarr
 
     if opts.tokenizer.startswith("train:"):
@@ -652,14 +655,14 @@ def _official_zarr_jobs(opts: PrepareOptions, use_ray: bool, log):
             "token stream (it has BOS before every document and no EOS)"
         )
     tok = load_tokenizer(opts.tokenizer, opts, [])
-    _log_tokenizer(tok, log)
+    _log_tokenizer(tok)
     lengths = official_zarr.check_store(opts.input, tok.bos_id, tok.vocab_size)
-    log(
+    log.info(
         f"input: official token store {opts.input}: "
         + ", ".join(f"{s} {n:,} tokens" for s, n in lengths.items())
         + "; documents cut at BOS, ids kept"
     )
-    key, done = _start_output(opts, tok, official_zarr.store_identity(opts.input, lengths), log)
+    key, done = _start_output(opts, tok, official_zarr.store_identity(opts.input, lengths))
     if done is not None:
         return done
     jobs = [(i, *r) for i, r in enumerate(official_zarr.ranges(lengths, opts.shard_tokens))]
@@ -667,7 +670,7 @@ def _official_zarr_jobs(opts: PrepareOptions, use_ray: bool, log):
     return (records, dict(format="official-zarr", tasks=len(jobs), tokens=lengths), tok, key)
 
 
-def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
+def prepare(opts: PrepareOptions, use_ray: bool = True) -> dict:
     """Run the whole job; returns the manifest."""
     if not 0.0 <= opts.val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {opts.val_fraction}")
@@ -675,7 +678,7 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
         raise ValueError("min_tokens must be >= 0, shard_tokens and row_group_tokens > 0")
     start = time.time()
     jobs = _official_zarr_jobs if opts.input_format == "official-zarr" else _text_jobs
-    result = jobs(opts, use_ray, log)
+    result = jobs(opts, use_ray)
     if isinstance(result, dict):  # the output already holds this dataset
         return result
     records, inputs_facts, tok, key = result
@@ -720,7 +723,7 @@ def prepare(opts: PrepareOptions, use_ray: bool = True, log=print) -> dict:
         seconds=round(time.time() - start, 2),
     )
     write_manifest(out, manifest)  # the commit point
-    log(
+    log.info(
         f"done: {splits['train']['documents']} train / {splits['val']['documents']} held-out "
         f"documents, {totals.tokens_written} tokens in {len(shards)} shard(s); skipped: "
         f"{totals.empty_documents} empty, {totals.short_documents} under {opts.min_tokens} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import re
 import tempfile
@@ -28,6 +29,8 @@ import torch
 
 from ttte2e.model.model_folder import CONFIG_FILE, write_model_folder, write_tokenizer
 from ttte2e.platform.data.storage import Location, resolve
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE.json"
@@ -239,7 +242,7 @@ def checkpoint_names(run_dir: Location) -> list[str]:
     return sorted((n for n in tops if re.fullmatch(rf"{PREFIX}\d+", n)), reverse=True)
 
 
-def latest_complete(run_dir: Location, log=print, checksums: bool = True) -> Location | None:
+def latest_complete(run_dir: Location, checksums: bool = True) -> Location | None:
     """The newest complete checkpoint of a run folder; incomplete newer ones are skipped, each
     named in the log. checksums=False: sizes only (workers after the driver checked)."""
     for name in checkpoint_names(run_dir):
@@ -247,17 +250,17 @@ def latest_complete(run_dir: Location, log=print, checksums: bool = True) -> Loc
         found = problems(loc, checksums=checksums)
         if not found:
             return loc
-        log(f"[checkpoint] skipping {loc.uri}: {'; '.join(found[:3])}")
+        log.info(f"[checkpoint] skipping {loc.uri}: {'; '.join(found[:3])}")
     return None
 
 
 def resume_source(
-    storage: str, name: str, resume_from: str = "", log=print, checksums: bool = True
+    storage: str, name: str, resume_from: str = "", checksums: bool = True
 ) -> str | None:
     """The checkpoint an invocation continues: the newest complete one of the run (same name
     under storage), else resume_from (which must be complete), else None (a fresh run). The
     driver checks sizes and model/ checksums; workers (checksums=False) sizes only."""
-    latest = latest_complete(resolve(storage).join(name), log, checksums)
+    latest = latest_complete(resolve(storage).join(name), checksums)
     if latest is not None:
         return latest.uri
     if resume_from:

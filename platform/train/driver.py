@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from ttte2e.model import TTTConfig, count_parameters
@@ -31,6 +32,8 @@ from ttte2e.platform.train.config import (
 )
 from ttte2e.platform.train.trainer import NonFiniteLoss, RunSpec, run_local
 from ttte2e.platform.train.worker import FATAL_FILE, NON_FINITE_FILE, train_loop
+
+log = logging.getLogger(__name__)
 
 
 def check_resume(uri: str, identity: dict, cfg: TrainConfig) -> dict:
@@ -101,7 +104,7 @@ def plot_run(state: dict, path: Path) -> Path:
     return path
 
 
-def _register_final(checkpoint: str, cfg: TrainConfig, uri: str, log) -> dict:
+def _register_final(checkpoint: str, cfg: TrainConfig, uri: str) -> dict:
     """Register the final checkpoint. A failure here ends the job with an error (exit status 2)
     that says the checkpoint is safe and gives the command that registers it later."""
     from ttte2e.platform.registry.model_registry import register
@@ -115,7 +118,7 @@ def _register_final(checkpoint: str, cfg: TrainConfig, uri: str, log) -> dict:
             f"it with: python pipelines/registry.py register {checkpoint} --name "
             f"{cfg.register_as} --alias {cfg.register_alias} --tracking-uri {redact(uri)}"
         ) from None
-    log(f"[registry] {out['uri']} -> version {out['version']} ({out['weights']} weights)")
+    log.info(f"[registry] {out['uri']} -> version {out['version']} ({out['weights']} weights)")
     return out
 
 
@@ -177,7 +180,6 @@ def _launch_ray(spec: RunSpec, cfg: TrainConfig, report_to_tune: bool) -> None:
 
 def fit(
     cfg: TrainConfig,
-    log=print,
     parent_run_id: str | None = None,
     report_to_tune: bool = False,
     local: bool = False,
@@ -195,12 +197,12 @@ def fit(
     storage = resolve(cfg.storage)
     identity = ckpt.run_identity(cfg.to_dict(), dataclasses.asdict(geometry), facts["dataset_key"])
     try:
-        source = ckpt.resume_source(cfg.storage, name, cfg.resume_from, log)
+        source = ckpt.resume_source(cfg.storage, name, cfg.resume_from)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     if source:
         resumed = check_resume(source, identity, cfg)
-        log(f"[resume] {redact(source)} (step {resumed['step']} of {geometry.steps})")
+        log.info(f"[resume] {redact(source)} (step {resumed['step']} of {geometry.steps})")
     if cfg.init_from:
         check_init_from(cfg.init_from, model_cfg)
     if local:
@@ -220,7 +222,7 @@ def fit(
         if local
         else f"{cfg.workers} {'GPU' if use_gpu else 'CPU'} workers"
     )
-    log(
+    log.info(
         f"[plan] {cfg.preset}: {count_parameters(model_cfg) / 1e6:.1f}M parameters, "
         f"T={model_cfg.seq_len} k={model_cfg.window} b={model_cfg.chunk_size}, "
         f"{model_cfg.n_ttt_blocks}/{model_cfg.n_layers} TTT blocks; {geometry.steps} steps x "
@@ -255,7 +257,7 @@ def fit(
                 f"MLflow tracking at {redact(uri)} is unusable ({type(e).__name__}: "
                 f"{redact(str(e))[:300]}); fix it or pass --tracking-uri off"
             ) from None
-        log(f"[tracking] MLflow run {run_id} ({redact(uri)})")
+        log.info(f"[tracking] MLflow run {run_id} ({redact(uri)})")
 
     spec = RunSpec(
         train=TrainConfig.from_dict(redact_config(cfg.to_dict())),
@@ -288,7 +290,7 @@ def fit(
         _raise_fatal(run_dir)
     # the run's newest complete checkpoint, by this format's own marker: Ray Train's record of
     # its checkpoints can lag behind (a process stopped right after the last save)
-    final = ckpt.latest_complete(run_dir, log, checksums=False)
+    final = ckpt.latest_complete(run_dir, checksums=False)
     if final is None:
         raise ConfigError(
             f"training of {name} ended without a complete checkpoint in {redact(run_dir.uri)}"
@@ -309,7 +311,7 @@ def fit(
     if finished:
         logger.end()
     else:
-        log(
+        log.info(
             f"[paused] at step {state['step']} of {geometry.steps} (--stop-after); run the same "
             f"command again (--name {name}) to continue"
         )
@@ -326,21 +328,21 @@ def fit(
     run_dir.join("result.json").write_bytes(json.dumps(summary, indent=1).encode())
     registered = None
     if finished and cfg.register_as and uri:
-        registered = _register_final(ckpt_uri, cfg, uri, log)
+        registered = _register_final(ckpt_uri, cfg, uri)
         summary["registered"] = registered
         run_dir.join("result.json").write_bytes(json.dumps(summary, indent=1).encode())
     final = state["evals"][-1] if state["evals"] else {}
-    log(
+    log.info(
         f"[done] {state['step']} steps; final train loss {state['history'][-1]['loss']:.4f}; "
         f"held-out {final.get('val_loss', float('nan')):.4f} (no TTT "
         f"{final.get('val_loss_no_ttt', float('nan')):.4f})"
     )
-    log(f"  checkpoint : {ckpt_uri}  (model: TTTModel.from_pretrained('<checkpoint>/model'))")
-    log(f"  plots      : {run_dir.uri}/curves.png")
+    log.info(f"  checkpoint : {ckpt_uri}  (model: TTTModel.from_pretrained('<checkpoint>/model'))")
+    log.info(f"  plots      : {run_dir.uri}/curves.png")
     if run_id:
-        log(f"  MLflow run : {run_id} in {redact(uri)}")
+        log.info(f"  MLflow run : {run_id} in {redact(uri)}")
     if registered:
-        log(
+        log.info(
             f"  registered : {registered['uri']} (version {registered['version']}, weights "
             f"{registered['weights']})"
         )

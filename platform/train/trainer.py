@@ -355,7 +355,6 @@ class Trainer:
             self.cfg.storage,
             self.spec.run_name,
             self.cfg.resume_from,
-            log=log.info if p.rank == 0 else lambda *_: None,
             checksums=False,
         )
         if not source:

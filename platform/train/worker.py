@@ -9,13 +9,13 @@ workers of a restarted group return at once and the driver reports the error.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
 import torch
 
 from ttte2e.platform.data.manifest import DataError
+from ttte2e.platform.logs import setup_logging
 from ttte2e.platform.redact import redact
 from ttte2e.platform.train.checkpoint import CheckpointError
 from ttte2e.platform.train.config import ConfigError
@@ -50,7 +50,7 @@ def train_loop(config: dict) -> None:
     RunSpec and the driver's storage/tracking credentials (never logged)."""
     spec: RunSpec = config["spec"]
     os.environ.update(config["env"])
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     run_dir = spec.run_dir
     if run_dir.join(FATAL_FILE).exists():
         return  # a restart after an error no restart can fix: nothing to do, the driver reports

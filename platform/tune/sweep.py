@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -41,6 +42,8 @@ from ttte2e.platform.train.config import (
     check_parallel_layout,
     cpus_needed,
 )
+
+log = logging.getLogger(__name__)
 
 KNOBS = ("window", "chunk", "layers")
 KNOB_LABELS = {
@@ -186,14 +189,15 @@ def trial_config(base: TrainConfig, trial: Trial, sweep: dict) -> TrainConfig:
 
 def run_trial(config: dict, base: dict, sweep: dict) -> None:
     """The Tune function trainable: one training run (a TorchTrainer) of the sweep."""
+    from ttte2e.platform.logs import setup_logging
     from ttte2e.platform.train.driver import fit
 
     os.environ.update(sweep["env"])  # storage / MLflow endpoints of the driver, never logged
     trial = Trial(**config["trial"])
     cfg = trial_config(TrainConfig.from_dict(base), trial, sweep)
+    setup_logging(prefix=f"[{trial.name}] ")  # a trial's lines in the sweep's log
     fit(
         cfg,
-        log=lambda msg: print(f"[{trial.name}] {msg}", flush=True),
         parent_run_id=sweep.get("parent_run_id"),
         report_to_tune=True,
     )
@@ -228,7 +232,6 @@ def run_sweep(
     scheduler: str = "none",
     grace_steps: int = 0,
     concurrent: int = 0,
-    log=print,
 ) -> dict:
     """Run (or resume: same base.name) a sweep; returns where its table and plots are.
 
@@ -240,15 +243,13 @@ def run_sweep(
     import ray
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return _run_sweep(base, knobs, values, baseline, scheduler, grace_steps, concurrent, log)
+        return _run_sweep(base, knobs, values, baseline, scheduler, grace_steps, concurrent)
     from ttte2e.platform.cluster.local_head import LocalRayCluster
 
-    with LocalRayCluster(log=lambda m: log(f"[sweep] {m}")) as cluster:
+    with LocalRayCluster() as cluster:
         os.environ["RAY_ADDRESS"] = cluster.gcs_address
         try:
-            return _run_sweep(
-                base, knobs, values, baseline, scheduler, grace_steps, concurrent, log
-            )
+            return _run_sweep(base, knobs, values, baseline, scheduler, grace_steps, concurrent)
         finally:
             ray.shutdown()
             os.environ.pop("RAY_ADDRESS", None)
@@ -262,7 +263,6 @@ def _run_sweep(
     scheduler: str,
     grace_steps: int,
     concurrent: int,
-    log,
 ) -> dict:
     from ray import tune
 
@@ -275,7 +275,7 @@ def _run_sweep(
     base = sweep_base(base)
     plan = plan_sweep(base, knobs, values, baseline)
     for what, why in plan.rejected:
-        log(f"[sweep] rejected {what}: {why}")
+        log.info(f"[sweep] rejected {what}: {why}")
     # pre-flight once, for the base config: every trial shares data, storage, MLflow and
     # resources (each trial's model was checked by plan_sweep)
     checked = preflight(base)
@@ -288,7 +288,7 @@ def _run_sweep(
     storage = resolve(base.storage)
     sweep_dir = storage.join(name)
     n_concurrent = concurrent or max_concurrent(base, ray.cluster_resources())
-    log(
+    log.info(
         f"[sweep] {name}: {len(plan.trials)} trials ({', '.join(t.name for t in plan.trials)}), "
         f"{geometry.steps} steps each, {n_concurrent} at a time; scheduler {scheduler}"
     )
@@ -308,7 +308,9 @@ def _run_sweep(
             },
         }
         parent = tracking.start_run(uri, base.experiment, name, params, artifacts)
-        log(f"[tracking] MLflow sweep run {parent} ({tracking.redact(uri)}); a child run per trial")
+        log.info(
+            f"[tracking] MLflow sweep run {parent} ({tracking.redact(uri)}); a child run per trial"
+        )
 
     # trials log to the sweep's store (their default would be a second sqlite file per folder)
     base = dataclasses.replace(base, tracking_uri=uri or "off")
@@ -343,7 +345,7 @@ def _run_sweep(
                 f"asks for {[t.name for t in plan.trials]}: rerun it unchanged to "
                 "resume, or pick a new --name"
             )
-        log(
+        log.info(
             f"[sweep] resuming {experiment.uri}: finished trials are kept, the others continue "
             "from their last checkpoint"
         )
@@ -416,7 +418,7 @@ def _run_sweep(
                 )
     errors = [r for r in rows if r["status"].startswith("error")]
     logger.end("KILLED" if interrupted else "FAILED" if errors else "FINISHED")
-    log(next(f for f in files if f.name == "ablation.md").read_text())
+    log.info(next(f for f in files if f.name == "ablation.md").read_text())
     out = dict(
         name=name,
         table=f"{sweep_dir.uri}/ablation.csv",
@@ -429,19 +431,19 @@ def _run_sweep(
         errors=len(errors),
         interrupted=interrupted,
     )
-    log(f"[sweep] table : {out['table']} (+ .md)")
+    log.info(f"[sweep] table : {out['table']} (+ .md)")
     for p in out["plots"]:
-        log(f"[sweep] plot  : {p}")
+        log.info(f"[sweep] plot  : {p}")
     if parent:
-        log(f"[sweep] MLflow: run {parent} in {out['tracking_uri']}")
+        log.info(f"[sweep] MLflow: run {parent} in {out['tracking_uri']}")
     if interrupted:
         unfinished = sum(r["status"].startswith(("unfinished", "not run")) for r in rows)
-        log(
+        log.info(
             f"[sweep] INTERRUPTED with {unfinished} table rows unfinished; rerun the same command "
             f"(--name {name}) to resume"
         )
     else:
-        log(
+        log.info(
             f"[sweep] done: {len(plan.trials)} trials, {len(stopped)} stopped early by ASHA, "
             f"{len(errors)} failed"
         )
