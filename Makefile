@@ -27,8 +27,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
-	$(PY) pipelines/bench_meta_step.py
-	$(PY) pipelines/bench_attention.py
+	$(PY) pipelines/bench/bench_meta_step.py
+	$(PY) pipelines/bench/bench_attention.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -2,7 +2,7 @@
 
 What the forward keeps for the backward is counted with saved-tensor hooks (unique storages,
 parameters excluded) at small shapes and compared with the plan's terms; the whole step's peak is
-compared by pipelines/bench_parallel.py (README, benchmarks)."""
+compared by pipelines/bench/bench_parallel.py (README, benchmarks)."""
 
 from __future__ import annotations
 

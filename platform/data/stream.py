@@ -463,7 +463,7 @@ def worker_stream(
         _StepReader,
         fn_constructor_args=(spec, rank, start, storage_env),
         batch_size=1,
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),  # one reader actor, in order
         num_cpus=cpus,
     )
     dataset.context.execution_options.preserve_order = True

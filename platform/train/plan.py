@@ -25,7 +25,7 @@ hooks (tests/test_plan.py counts it again at small shapes and compares), not ass
   checkpointed block inputs, 'all' both plus every stored prefix activation and the suffix input;
   the host needs that much per GPU (printed).
 - reserve: 1 GiB (CUDA context, NCCL buffers) + 5% of the rest (allocator fragmentation).
-Validated on CPU (pipelines/bench_parallel.py): the measured peak of one meta step per rank at
+Validated on CPU (pipelines/bench/bench_parallel.py): the measured peak of one meta step per rank at
 TP=1 and TP=2 against `step` below.
 """
 

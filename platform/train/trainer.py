@@ -530,6 +530,8 @@ class Trainer:
             for step, (position, windows) in zip(
                 range(self.state["step"], stop), self.stream(stop)
             ):
+                # a Ray Data batch may be read-only: torch needs a writable array to share it
+                windows = np.require(windows, requirements="W")
                 record = self.train_step(step, torch.from_numpy(windows).to(self.device))
                 self.state["history"].append(record)
                 self.state["step"], self.state["position"] = step + 1, position.to_dict()

@@ -1,7 +1,7 @@
 """Benchmark: tokenization throughput of prepare_data and the training stream's throughput,
 against the tiny preset's consumption (meta-train tokens/s) on this machine.
 
-    python pipelines/bench_data.py [--docs 800] [--steps 6] [--seq-len 512]
+    python pipelines/bench/bench_data.py [--docs 800] [--steps 6] [--seq-len 512]
 
 Target: the stream delivers >= 10x what training consumes. Also the read amplification of the
 shuffled training stream (tokens decoded / tokens used) with 1..8 ranks, each reading its own
@@ -48,14 +48,14 @@ def main() -> None:
                 out.write(json.dumps({"text": text}) + "\n")
     # the tokenizer is trained once, outside the timed runs
     tok_ds = work / "tok"
-    prepare(
+    tokenizer = prepare(
         PrepareOptions(
             input=str(raw / "part000.jsonl"),
             output=str(tok_ds),
             tokenizer=f"train:{cfg.vocab_size}",
         ),
         use_ray=False,
-    )
+    )["tokenizer"]["file"]
     results = {}
     for mode in ("in-process", "ray"):
         start = time.perf_counter()
@@ -63,7 +63,7 @@ def main() -> None:
             PrepareOptions(
                 input=str(raw),
                 output=str(work / f"ds-{mode}"),
-                tokenizer=str(tok_ds / "tokenizer.json"),
+                tokenizer=str(tok_ds / tokenizer),
                 shard_tokens=1_000_000,
             ),
             use_ray=mode == "ray",
@@ -100,7 +100,7 @@ def main() -> None:
             PrepareOptions(
                 input=str(raw),
                 output=ds,
-                tokenizer=str(tok_ds / "tokenizer.json"),
+                tokenizer=str(tok_ds / tokenizer),
                 shard_tokens=1_000_000,
                 row_group_tokens=group,
             ),

@@ -1,8 +1,8 @@
 """Memory per rank and time of one meta step under tensor parallelism and host offload, beside the
 capacity plan's prediction for the same shapes (platform/train/plan.py).
 
-    python pipelines/bench_parallel.py            # the cells below, ~3 min on 2 CPU cores
-    python pipelines/bench_parallel.py --seq-len 4096
+    python pipelines/bench/bench_parallel.py            # the cells below, ~3 min on 2 CPU cores
+    python pipelines/bench/bench_parallel.py --seq-len 4096
 
 Each cell runs in a fresh process (TP=2: two processes over gloo, the cores split between them):
 a short warm-up step, then one meta step of the benchmark shapes; memory is the rank's peak
@@ -26,7 +26,7 @@ import sys
 import time
 
 import torch
-from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
+from bench_common import read_status, reset_peak  # this folder is on sys.path
 
 from ttte2e.model import TTTConfig, TTTModel
 
@@ -79,14 +79,13 @@ def _measure_rank(
     model.zero_grad(set_to_none=True)
     tokens = _tokens(config, config.seq_len)
     counter.bytes = counter.tensors = 0
-    before = _read_status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
+    before = read_status("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     _step(model, tokens)
     seconds = time.perf_counter() - start
     out = dict(
-        peak_bytes=_read_status("VmHWM") - before,
+        peak_bytes=read_status("VmHWM") - before,
         seconds=seconds,
         offloaded_bytes=counter.peak_bytes,
     )

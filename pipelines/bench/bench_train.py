@@ -2,7 +2,7 @@
 Ray Train workers (same global batch), and the meta-step overhead under DeepSpeed (1 worker,
 ZeRO-2) against a plain single-process torch step on the same batch with the same thread count.
 
-    python pipelines/bench_train.py [--steps 12] [--docs 300]
+    python pipelines/bench/bench_train.py [--steps 12] [--docs 300]
 
 Step times are medians over the steps after the first 2 (warm-up), all measured in one run.
 """

@@ -1,8 +1,8 @@
 """The fused LM-head op (kernels/lm_head) against its autograd reference: what each keeps for the
 backward, peak memory and time of forward + backward, in one run.
 
-    python pipelines/bench_lm_head.py                  # N 1024, d 512, V 32768, fp32, ~1 min
-    python pipelines/bench_lm_head.py --vocab 131072   # the paper's vocabulary size (more memory)
+    python pipelines/bench/bench_lm_head.py                  # N 1024, d 512, V 32768, fp32, ~1 min
+    python pipelines/bench/bench_lm_head.py --vocab 131072   # the paper's vocabulary size (more memory)
 
 One inner-loop chunk's head: nll and dl/dh of N rows, then a backward through both (what the outer
 backward does). "kept" is counted with saved-tensor hooks (unique storages); "peak" is the step's
@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
+from bench_common import read_status, reset_peak  # this folder is on sys.path
 
 
 def _inputs(rows: int, dim: int, vocab: int):
@@ -64,11 +64,10 @@ def probe(path: str, rows: int, dim: int, vocab: int) -> dict:
     op = _op(path)
     _step(op, *_inputs(8, dim, vocab))
     inputs = _inputs(rows, dim, vocab)
-    before = _read_status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = read_status("VmRSS")
+    reset_peak()
     _step(op, *inputs)
-    return dict(peak=_read_status("VmHWM") - before)
+    return dict(peak=read_status("VmHWM") - before)
 
 
 def run_probe(path: str, rows: int, dim: int, vocab: int) -> dict:

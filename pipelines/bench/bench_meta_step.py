@@ -1,7 +1,7 @@
 """Benchmark: TTT-E2E meta-train step vs the SWA-only training step (time, FLOPs, peak memory).
 
-    python pipelines/bench_meta_step.py                 # time ratios + both memory tables
-    python pipelines/bench_meta_step.py --only time     # or: memory, heavy, profile
+    python pipelines/bench/bench_meta_step.py                 # time ratios + both memory tables
+    python pipelines/bench/bench_meta_step.py --only time     # or: memory, heavy, profile
 
 Time: one step = loss forward + backward (no optimizer), float32, the benchmark config below.
 The modes run interleaved for several rounds and the median per mode is used, so machine noise
@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from bench_common import read_status, reset_peak  # this folder is on sys.path
 
 from ttte2e.model import TTTConfig, TTTModel
 from ttte2e.model.config import REMAT_MODES
@@ -139,24 +140,15 @@ def time_ratios(rounds: int, steps: int) -> list[dict]:
     return rows
 
 
-def _read_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_probe(cfg_fields: dict, batch: int, mode: str) -> dict:
     """Runs in a fresh process: peak RSS during one step minus RSS just before it."""
     model, tokens = make(cfg_fields, batch)
-    before = _read_status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
+    before = read_status("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     step(model, tokens, mode)
     seconds = time.perf_counter() - start
-    return dict(peak_bytes=_read_status("VmHWM") - before, seconds=seconds)
+    return dict(peak_bytes=read_status("VmHWM") - before, seconds=seconds)
 
 
 def run_probe(cfg_fields: dict, batch: int, mode: str) -> dict:

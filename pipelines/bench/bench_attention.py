@@ -1,7 +1,7 @@
 """Benchmark the attention ops on the CPU: the suffix op in the meta-train step, the prefix op's memory.
 
-    python pipelines/bench_attention.py                  # everything (~3 min on 2 cores)
-    python pipelines/bench_attention.py --only step      # or: memory, prefix
+    python pipelines/bench/bench_attention.py                  # everything (~3 min on 2 cores)
+    python pipelines/bench/bench_attention.py --only step      # or: memory, prefix
 
 step:   meta-train step (loss forward + backward, float32, remat 'chunk') with the suffix chunk
         attention 'fused' (registered ops, hand-written double backward) vs 'math' (matmul +
@@ -26,7 +26,7 @@ import sys
 import time
 
 import torch
-from bench_meta_step import _read_status  # same folder: the script's own path is on sys.path
+from bench_common import read_status, reset_peak  # this folder is on sys.path
 
 from ttte2e.kernels.attention import chunk_attention, chunk_backend, reference
 from ttte2e.model import TTTConfig, TTTModel
@@ -92,13 +92,12 @@ SUFFIX = dict(heads=4, chunk=512, window=4096, head_dim=64)
 
 
 def _measure(work) -> dict:
-    before = _read_status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
+    before = read_status("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     work()
     seconds = time.perf_counter() - start
-    return dict(peak_mb=(_read_status("VmHWM") - before) / 2**20, seconds=seconds)
+    return dict(peak_mb=(read_status("VmHWM") - before) / 2**20, seconds=seconds)
 
 
 def _make(fields: dict, batch: int):

@@ -3,7 +3,7 @@ the same model with TTT off (eta = 0: sliding-window attention only, same parame
 same token budget), trained on long documents; validation loss overall and on the positions
 beyond the first window (where only TTT can carry the earlier context).
 
-    python pipelines/bench_quality.py [--steps 300] [--workers 2] [--out runs/quality]
+    python pipelines/bench/bench_quality.py [--steps 300] [--workers 2] [--out runs/quality]
 
 Paper's ordering: TTT-E2E below SWA beyond the window. Honest either way: the script prints what
 it measures.

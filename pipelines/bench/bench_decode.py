@@ -1,7 +1,7 @@
 """Benchmark: per-token decode latency vs context length (TTT-E2E, full attention, SWA without
 TTT), the decode state's size, and prefill time per token vs context (TTT-E2E vs full attention).
 
-    python pipelines/bench_decode.py [--contexts 1024,4096,16384,32768] [--repeats 5] [--png out.png]
+    python pipelines/bench/bench_decode.py [--contexts 1024,4096,16384,32768] [--repeats 5] [--png out.png]
         [--batch-prompts 8]
 
 
