@@ -28,6 +28,8 @@ def setup_logging(prefix: str = "") -> None:
     calling it again replaces the handler it installed before."""
     logger = logging.getLogger("ttte2e")
     logger.setLevel(logging.INFO)
+    # not again through the root logger: a Ray worker's root handler would print every line twice
+    logger.propagate = False
     for handler in [h for h in logger.handlers if isinstance(h, _CurrentStdout)]:
         logger.removeHandler(handler)
     handler = _CurrentStdout()

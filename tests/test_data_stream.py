@@ -161,13 +161,11 @@ def test_bad_streams_are_refused(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_data_stream_matches_the_plain_reader(dataset):
+def test_ray_data_stream_matches_the_plain_reader(dataset, ray_cluster):
     """worker_stream with Ray Data (what training workers run) == the stream without Ray, for
     each rank, from a resume position."""
-    from ttte2e.platform.cluster.ray_runtime import ensure_ray
     from ttte2e.platform.data.stream import worker_stream
 
-    ensure_ray()
     spec = StreamSpec(dataset, seq_len=16, global_batch=4, world_size=2, seed=3)
     start = StreamPosition(0, 2)
     expected, _ = run(spec, start=start)

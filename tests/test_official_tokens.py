@@ -130,7 +130,7 @@ def test_the_token_stream_comes_through_unchanged(tokenizer, tmp_path, driver, m
 
 
 @pytest.mark.slow
-def test_ray_conversion_equals_the_local_one(tokenizer, tmp_path):
+def test_ray_conversion_equals_the_local_one(tokenizer, tmp_path, ray_cluster):
     path, bos, vocab = tokenizer
     rng = np.random.default_rng(1)
     store = write_store(

@@ -254,7 +254,7 @@ def test_unfinished_run_is_not_a_dataset_and_is_cleaned(tmp_path, tokenizer_file
 
 
 @pytest.mark.slow
-def test_ray_data_path_writes_the_same_shards(tmp_path, tokenizer_file):
+def test_ray_data_path_writes_the_same_shards(tmp_path, tokenizer_file, ray_cluster):
     (tmp_path / "in").mkdir()
     for i in range(3):
         write_jsonl(tmp_path / "in" / f"part{i}.jsonl", DOCS[i * 10 : (i + 1) * 10])
@@ -290,7 +290,7 @@ def s3_fs(env, secret=None):
 
 
 @pytest.mark.slow
-def test_prepare_from_s3_to_s3(s3_env, tokenizer_file):
+def test_prepare_from_s3_to_s3(s3_env, tokenizer_file, ray_cluster):
     fs = s3_fs(s3_env)
     fs.create_dir("raw")
     fs.create_dir("tokens")

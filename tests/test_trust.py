@@ -209,8 +209,13 @@ def test_incomplete_checkpoints_are_refused_by_every_reader(
         (folder / "ds" / "mp_rank_00_model_states.pt").unlink()
         reason = "ds/mp_rank_00_model_states.pt missing"
     # resume by name skips it (naming it) and takes the older complete one
-    with caplog.at_level(logging.INFO, logger="ttte2e"):
-        assert ckpt.resume_source(run_cfg.storage, "run") == str(older)
+    ours = logging.getLogger("ttte2e")  # records of ours do not reach the root logger
+    ours.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="ttte2e"):
+            assert ckpt.resume_source(run_cfg.storage, "run") == str(older)
+    finally:
+        ours.removeHandler(caplog.handler)
     assert str(folder) in caplog.records[0].getMessage()
     # --resume-from names what is wrong; fit refuses before workers start
     with pytest.raises(ConfigError, match=rf"incomplete checkpoint: .*{reason}"):

@@ -25,6 +25,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -282,11 +283,26 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def import_deepspeed(device: torch.device):
+    """deepspeed, told the accelerator instead of detecting it (it warns when it falls back to
+    the CPU), and without torch's deprecation notice for a collective its ZeRO code calls."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        category=FutureWarning,
+    )
+    import deepspeed
+
+    return deepspeed
+
+
 class Trainer:
     """One worker's meta-training (one process, or one rank of a group)."""
 
     def __init__(self, spec: RunSpec, placement: Placement, reporter: Reporter):
-        import deepspeed
+        deepspeed = import_deepspeed(placement.device)
 
         self.spec, self.placement, self.reporter = spec, placement, reporter
         cfg, model_cfg = spec.train, spec.model

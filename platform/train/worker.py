@@ -9,6 +9,7 @@ workers of a restarted group return at once and the driver reports the error.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from ttte2e.platform.logs import setup_logging
 from ttte2e.platform.redact import redact
 from ttte2e.platform.train.checkpoint import CheckpointError
 from ttte2e.platform.train.config import ConfigError
-from ttte2e.platform.train.trainer import NonFiniteLoss, RunSpec, Trainer, build_placement
+from ttte2e.platform.train.trainer import (
+    NonFiniteLoss,
+    RunSpec,
+    Trainer,
+    build_placement,
+    import_deepspeed,
+)
 
 # Ray Train retries every worker error (FailureConfig); these records end the group for good.
 FATAL_FILE = "FATAL.json"
@@ -51,6 +58,8 @@ def train_loop(config: dict) -> None:
     spec: RunSpec = config["spec"]
     os.environ.update(config["env"])
     setup_logging()
+    # Ray Train logs every rank's every report and checkpoint at INFO; our lines say the step
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     run_dir = spec.run_dir
     if run_dir.join(FATAL_FILE).exists():
         return  # a restart after an error no restart can fix: nothing to do, the driver reports
@@ -77,7 +86,6 @@ def train_loop(config: dict) -> None:
 
 
 def _run(spec: RunSpec) -> None:
-    import deepspeed
     import ray
     import ray.train
     import torch.distributed as dist
@@ -90,7 +98,9 @@ def _run(spec: RunSpec) -> None:
         device = get_device()
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    import_deepspeed(device).init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo"
+    )
     # the Ray node id of every rank (recorded in checkpoints: where the run actually ran)
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
