@@ -106,6 +106,8 @@ class LocalRayCluster:
         """`ray job submit` (waits, streaming the job's output); returns its exit status."""
         import json
 
+        # our own excludes name .venv and .git; Ray's defaults (the same two) only add a notice
+        # per job that it now skips them
         runtime_env = {"excludes": [".venv", "runs", ".git", "*.egg-info", "__pycache__"]}
         if env_vars:
             runtime_env["env_vars"] = env_vars
@@ -122,7 +124,8 @@ class LocalRayCluster:
             "--",
             *entrypoint,
         ]
-        return subprocess.run(cmd, env=self.env).returncode
+        env = {**self.env, "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": ""}
+        return subprocess.run(cmd, env=env).returncode
 
     def pids(self) -> list[int]:
         """Processes of this cluster: their command line names its private temp dir or its GCS

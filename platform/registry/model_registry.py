@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -222,7 +223,11 @@ def _register(
     if staging is not None:
         shutil.copytree(local_copy(folder), staging)
     mlflow.set_tracking_uri(tracking_uri)  # log_model is fluent-API only (undone in register)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the signature is given: MLflow's notices about inferring one (type hints on predict,
+        # an input example it would run the model on) do not apply
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
