@@ -83,7 +83,7 @@ def test_cli_bad_input_exits_2_before_anything_starts(capsys):
         assert message in capsys.readouterr().err
 
 
-# ---- real sweeps (subprocesses: each starts and stops its own private Ray head) ----------------
+# ---- real sweeps (subprocesses joining the session's private Ray head) ---------------------------
 def sweep_command(data: str, storage: Path, name: str, *extra: str) -> list[str]:
     model = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
     return [
@@ -110,9 +110,15 @@ def sweep_command(data: str, storage: Path, name: str, *extra: str) -> list[str]
     ]
 
 
-def env_with(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
+def env_with(head, **extra) -> dict:
+    """The environment of a sweep subprocess: it joins the session's Ray head (RAY_ADDRESS)."""
+    return {
+        **os.environ,
+        "RAY_ADDRESS": head.gcs_address,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        **extra,
+    }
 
 
 def read_table(path: Path) -> dict:
@@ -130,65 +136,17 @@ def sweep_lines(out: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_trial_whose_run_already_ended_still_reports_its_final_step(train_data, tmp_path):
-    """A sweep stopped after a trial's final checkpoint but before Tune saw its last report: the
-    rerun's trial finds its training run finished, trains nothing, and reports the final step
-    again, so the table says complete (not unfinished at an older step), the trial's MLflow run
-    is ended, and the command exits 0."""
-    import shutil
-
-    data, _ = train_data
-    cmd = sweep_command(
-        data,
-        tmp_path,
-        "ended",
-        "--grid",
-        "chunk",
-        "--values",
-        "8",
-        "--no-baseline",
-        "--steps",
-        "4",
-        "--eval-every",
-        "2",
-        "--checkpoint-every",
-        "2",
-        "--max-concurrent",
-        "1",
-    )
-    first = subprocess.run(
-        cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path, timeout=600
-    )
-    assert first.returncode == 0, sweep_lines(first.stdout + first.stderr)
-    shutil.rmtree(tmp_path / "ended" / "tune")  # Tune forgets the trial; its training run stays
-    # and Ray Train's own record of the run's checkpoints is lost too (it can lag behind the last
-    # save when a process stops right after it): the run's complete checkpoints still decide
-    (
-        tmp_path / "ended" / "runs" / "ended-ttt-k32-b8-l1" / "checkpoint_manager_snapshot.json"
-    ).unlink()
-    second = subprocess.run(
-        cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path, timeout=600
-    )
-    out = second.stdout + second.stderr
-    assert second.returncode == 0, sweep_lines(out)
-    assert "resumed at step 4" in out
-    row = read_table(tmp_path / "ended" / "ablation.csv")[("chunk", "ttt", "8")]
-    assert row["status"] == "complete" and row["step"] == "4", row
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("ttte2e").experiment_id])
-    assert {r.info.run_name: r.info.status for r in runs} == {
-        "ended": "FINISHED",
-        "ended-ttt-k32-b8-l1": "FINISHED",
-    }
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_data, tmp_path):
+def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(
+    train_data, tmp_path, ray_head
+):
     """Ctrl-C while the first trial trains, then the same command: finished work is kept, the
     interrupted trial continues from its checkpoint, the others run; then the table (CSV + MD),
-    the plot and the MLflow parent/child runs are all there."""
+    the plot and the MLflow parent/child runs are all there. Then a sweep stopped after a trial's
+    final checkpoint but before Tune saw its last report: its rerun finds the training run
+    finished, trains nothing, and reports the final step again (the table says complete, not
+    unfinished at an older step; the MLflow runs end FINISHED)."""
+    import shutil
+
     from mlflow.tracking import MlflowClient
 
     data, _ = train_data
@@ -211,7 +169,7 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     )
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(
-        cmd, env=env_with(), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+        cmd, env=env_with(ray_head), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
     )
     checkpoint = None
     deadline = time.time() + 300
@@ -225,7 +183,7 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     assert "INTERRUPTED" in (tmp_path / "first.log").read_text()
 
     second = subprocess.run(
-        cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path, timeout=600
+        cmd, env=env_with(ray_head), capture_output=True, text=True, cwd=tmp_path, timeout=600
     )
     out = second.stdout + second.stderr
     (tmp_path / "second.log").write_text(out)
@@ -264,6 +222,35 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(train_d
     history = client.get_metric_history(children[0].info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 7))
 
+    # Tune forgets the trial; its training run stays, and Ray Train's own record of the run's
+    # checkpoints is lost too (it can lag behind the last save when a process stops right after
+    # it): the run's complete checkpoints still decide
+    shutil.rmtree(tmp_path / "sweep" / "tune")
+    (
+        tmp_path / "sweep" / "runs" / "sweep-ttt-k32-b8-l1" / "checkpoint_manager_snapshot.json"
+    ).unlink()
+    again = subprocess.run(
+        [
+            *cmd[: cmd.index("--values") + 1],
+            "8",
+            *cmd[cmd.index("--values") + 2 :],
+            "--no-baseline",
+        ],
+        env=env_with(ray_head),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, sweep_lines(out)
+    assert "resumed at step 6" in out
+    row = read_table(tmp_path / "sweep" / "ablation.csv")[("chunk", "ttt", "8")]
+    assert row["status"] == "complete" and row["step"] == "6", row
+    runs = client.search_runs([client.get_experiment_by_name("ttte2e").experiment_id])
+    statuses = {r.info.run_name: r.info.status for r in runs}
+    assert statuses["sweep"] == statuses["sweep-ttt-k32-b8-l1"] == "FINISHED", statuses
+
 
 def s3_filesystem(s3_env: dict):
     import pyarrow.fs as pafs
@@ -287,14 +274,19 @@ def mlflow_server_on_s3(s3_server, tmp_path):
     """An MLflow tracking server on 127.0.0.1 whose artifact store is a bucket of the SeaweedFS
     S3 server (artifacts proxied: clients need no S3 credentials). Stopped at the end."""
     s3_filesystem(s3_server).create_dir("mlflow")
-    env = env_with(**s3_server, MLFLOW_S3_ENDPOINT_URL=s3_server["TTTE2E_S3_ENDPOINT"])
+    env = {
+        **os.environ,
+        **s3_server,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server["TTTE2E_S3_ENDPOINT"],
+    }
     with mlflow_server(tmp_path, env, "s3://mlflow/artifacts") as uri:
         yield uri, s3_server
 
 
 @pytest.mark.slow
 def test_asha_sweep_tracked_on_a_server_with_s3_artifacts_then_register_and_pull(
-    train_data, tmp_path, mlflow_server_on_s3
+    train_data, tmp_path, mlflow_server_on_s3, ray_head
 ):
     """ASHA stops trailing trials (their workers are freed: later trials still start); the sweep's
     table/plot and each trial's curves land in the S3 bucket through the tracking server; the best
@@ -333,7 +325,7 @@ def test_asha_sweep_tracked_on_a_server_with_s3_artifacts_then_register_and_pull
         uri,
     )
     done = subprocess.run(
-        cmd, env=env_with(), capture_output=True, text=True, cwd=tmp_path, timeout=900
+        cmd, env=env_with(ray_head), capture_output=True, text=True, cwd=tmp_path, timeout=900
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]

@@ -111,7 +111,12 @@ def test_tiny_preset_is_small_and_long_enough_for_ttt_to_matter():
 
 
 def test_every_preset_validates_and_builds():
+    from ttte2e.model import count_parameters
+
     for name in PRESETS:
         cfg = preset(name)
         with torch.device("meta"):
-            TTTModel(cfg)
+            model = TTTModel(cfg)
+        # the model built has the parameters the FLOPs and memory plans count
+        assert model.num_parameters() == count_parameters(cfg), name
+        assert len(model.ttt_blocks) == cfg.n_ttt_blocks >= 1, name

@@ -44,46 +44,6 @@ def test_batch_geometry_splits_the_global_batch():
     )
 
 
-@pytest.mark.parametrize(
-    "changes, message",
-    [
-        (dict(preset="7B"), "unknown preset"),
-        (dict(zero_stage=3), "ZeRO stage 3"),
-        (dict(batch_tokens=1000), "not a positive multiple of seq_len"),
-        (dict(batch_tokens=3 * 512, workers=2), "do not split"),
-        (dict(tokens=100), "less than one batch"),
-        (dict(precision="fp8"), "precision"),
-        (dict(resume_from="a", init_from="b"), "exclusive"),
-        (dict(model_overrides={"windw": 3}), "windw"),
-        # tensor parallelism and offload (tiny: 4 heads, MLP 512, vocab 4096)
-        (dict(tensor_parallel=3, workers=3, batch_tokens=3 * 512), "does not divide n_heads=4"),
-        (
-            dict(
-                tensor_parallel=8,
-                workers=8,
-                batch_tokens=8 * 512,
-                model_overrides={"n_heads": 8, "d_model": 256, "mlp_hidden": 516},
-            ),
-            "does not divide mlp_hidden=516",
-        ),
-        (
-            dict(tensor_parallel=2, workers=2, model_overrides={"vocab_size": 4097}),
-            "does not divide vocab_size=4097",
-        ),
-        (dict(tensor_parallel=2, workers=3, batch_tokens=3 * 512), "does not divide --workers 3"),
-        (dict(tensor_parallel=2, workers=2, zero_stage=3), "tensor parallelism already splits"),
-        (dict(tensor_parallel=2, workers=2, placement="SPREAD"), "within one node"),
-        (dict(tensor_parallel="auto", workers=2), "a --plan choice"),
-        (dict(offload="disk"), "--offload 'disk'"),
-        (dict(offload="prefix"), "needs --checkpoint-prefix True"),
-        (dict(offload="carries", model_overrides={"remat": "none"}), "keeps no carries"),
-    ],
-)
-def test_bad_options_are_refused_before_any_worker(changes, message):
-    with pytest.raises(ConfigError, match=message):
-        check_options(TrainConfig(**{**dict(preset="tiny", batch_tokens=2048), **changes}))
-
-
 def test_bad_data_is_refused_with_the_reason(train_data, tmp_path):
     cfg = small_config(train_data, tmp_path)
     model, geometry = check_options(cfg)

@@ -69,6 +69,47 @@ def test_bad_settings_are_one_error_line_before_anything_starts(flags, message, 
     assert not ray.is_initialized()
 
 
+# the same kind of mistakes given as a TrainConfig in code (sweeps, notebooks): check_options
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(preset="7B"), "unknown preset"),
+        (dict(zero_stage=3), "ZeRO stage 3"),
+        (dict(batch_tokens=1000), "not a positive multiple of seq_len"),
+        (dict(batch_tokens=3 * 512, workers=2), "do not split"),
+        (dict(tokens=100), "less than one batch"),
+        (dict(precision="fp8"), "precision"),
+        (dict(resume_from="a", init_from="b"), "exclusive"),
+        (dict(model_overrides={"windw": 3}), "windw"),
+        # tensor parallelism and offload (tiny: 4 heads, MLP 512, vocab 4096)
+        (dict(tensor_parallel=3, workers=3, batch_tokens=3 * 512), "does not divide n_heads=4"),
+        (
+            dict(
+                tensor_parallel=8,
+                workers=8,
+                batch_tokens=8 * 512,
+                model_overrides={"n_heads": 8, "d_model": 256, "mlp_hidden": 516},
+            ),
+            "does not divide mlp_hidden=516",
+        ),
+        (
+            dict(tensor_parallel=2, workers=2, model_overrides={"vocab_size": 4097}),
+            "does not divide vocab_size=4097",
+        ),
+        (dict(tensor_parallel=2, workers=3, batch_tokens=3 * 512), "does not divide --workers 3"),
+        (dict(tensor_parallel=2, workers=2, zero_stage=3), "tensor parallelism already splits"),
+        (dict(tensor_parallel=2, workers=2, placement="SPREAD"), "within one node"),
+        (dict(tensor_parallel="auto", workers=2), "a --plan choice"),
+        (dict(offload="disk"), "--offload 'disk'"),
+        (dict(offload="prefix"), "needs --checkpoint-prefix True"),
+        (dict(offload="carries", model_overrides={"remat": "none"}), "keeps no carries"),
+    ],
+)
+def test_bad_options_are_refused_before_any_worker(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        check_options(TrainConfig(**{**dict(preset="tiny", batch_tokens=2048), **changes}))
+
+
 def test_ttt_fraction_is_a_flag():
     from ttte2e.platform.cli.train import parse
 
@@ -292,7 +333,7 @@ def test_credentials_leave_the_uri_and_every_message():
 
 @pytest.mark.slow
 def test_no_secret_reaches_output_checkpoints_runs_or_the_tracking_server(
-    train_data, tmp_path, model_folder
+    train_data, tmp_path, model_folder, ray_head
 ):
     """Sentinel credentials in the tracking URI and in the environment; a real `mlflow server`;
     a training job (2 workers, registers its model) and an evaluation logging to it. Everything
@@ -308,6 +349,7 @@ def test_no_secret_reaches_output_checkpoints_runs_or_the_tracking_server(
         AWS_ACCESS_KEY_ID="SENTINELkey4",
     )
     server_dir = tmp_path / "server"
+    job_env = {**env, "RAY_ADDRESS": ray_head.gcs_address}  # the training job joins the head
     server_dir.mkdir()
     data, bos = train_data
     with mlflow_server(
@@ -349,7 +391,7 @@ def test_no_secret_reaches_output_checkpoints_runs_or_the_tracking_server(
                 "secret-m",
             ],
             cwd=REPO,
-            env=env,
+            env=job_env,
             capture_output=True,
             text=True,
             timeout=900,
@@ -392,7 +434,7 @@ def test_no_secret_reaches_output_checkpoints_runs_or_the_tracking_server(
 
 
 @pytest.mark.slow
-def test_damage_found_mid_run_ends_the_run_without_retries(train_data, tmp_path):
+def test_damage_found_mid_run_ends_the_run_without_retries(train_data, tmp_path, ray_cluster):
     """Same-size damage passes the pre-flight listing; the first read of a damaged row group in
     a worker's Ray Data reader fails naming the shard, and with unlimited restarts (-1) the run
     still ends at once with that error (a damaged shard does not heal)."""
