@@ -224,9 +224,8 @@ def _register(
         shutil.copytree(local_copy(folder), staging)
     mlflow.set_tracking_uri(tracking_uri)  # log_model is fluent-API only (undone in register)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # the signature is given: MLflow's notices about inferring one (type hints on predict,
-        # an input example it would run the model on) do not apply
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+        # the signature is given: MLflow's notice about an input example to infer one from does
+        # not apply (the one about type hints is silenced where the model class is defined)
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -7,9 +7,15 @@ model_config["weights_uri"] (large models, registered by reference: a model fold
 local or s3://).
 """
 
+import warnings
+
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
+
+# the model is logged with an explicit signature (serving.pyfunc_signature): MLflow's notice,
+# given when this class is defined, about inferring one from type hints does not apply
+warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
 
 from ttte2e.platform.registry.serving import GENERATION_DEFAULTS, TextGenerator, prompts_of
 
