@@ -13,11 +13,11 @@ import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
+from ttte2e.platform.registry.serving import GENERATION_DEFAULTS, TextGenerator, prompts_of
+
 # the model is logged with an explicit signature (serving.pyfunc_signature): MLflow's notice,
 # given when this class is defined, about inferring one from type hints does not apply
 warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-
-from ttte2e.platform.registry.serving import GENERATION_DEFAULTS, TextGenerator, prompts_of
 
 
 class TTTTextModel(PythonModel):
