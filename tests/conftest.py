@@ -125,6 +125,16 @@ def load_case(path):
     return data, model
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests on the session's Ray head (and the modules whose fixtures feed them) run in one
+    xdist worker, so the session starts one head; the rest of the suite runs beside them."""
+    shared = {"test_trainer", "test_ablation"}
+    for item in items:
+        uses_head = {"ray_head", "ray_cluster"} & set(item.fixturenames)
+        if uses_head or item.module.__name__ in shared:
+            item.add_marker(pytest.mark.xdist_group("ray-head"))
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     """One private Ray head (with its dashboard, which Tune's trial cleanup needs) for the whole

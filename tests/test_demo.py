@@ -56,10 +56,13 @@ def test_demo_job_submits_prepare_and_training_to_a_private_head(tmp_path, capfd
         "champion": result["registered"]["version"],
     }
     assert "pulled models:/ttte2e-demo-tiny@champion" in out and "--- prompt:" in out
-    # the head and all its processes are gone; nothing else was touched
+    # the head and all its processes are gone; nothing else was touched (the demo's processes
+    # name its private temp dir, /tmp/ray-*, or its GCS port; another test's cluster may be up
+    # beside it)
+    marks = (result["ray_temp_dir"], f":{result['ray_gcs_port']} ")
     left = [
         p
         for p in psutil.process_iter(["cmdline"])
-        if p.pid not in before and "ray" in " ".join(p.info["cmdline"] or []).lower()
+        if p.pid not in before and any(m in " ".join(p.info["cmdline"] or []) + " " for m in marks)
     ]
     assert not left, [p.info["cmdline"][:3] for p in left]

@@ -53,6 +53,11 @@ def _override(text: str) -> tuple[str, object]:
     kind = hints[key]
     if kind is bool:
         return key, value.lower() in ("1", "true", "yes")
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"--set {text!r}: {key} is one of {', '.join(choices)}")
+        return key, value
     try:
         return key, kind(value)
     except ValueError:

@@ -107,6 +107,8 @@ def run_demo(
         if rc:
             raise SystemExit(f"[demo] the training job failed (exit status {rc})")
     result = json.loads((out / "runs" / name / "result.json").read_text())
+    # which head it was (stopped above): its processes named its temp dir or GCS port
+    result.update(ray_temp_dir=cluster.temp_dir, ray_gcs_port=cluster.gcs_port)
     final = (result.get("final_eval") or [{}])[0]
     uri = result["tracking_uri"]
     say(f"4/5 python pipelines/registry.py promote {MODEL_NAME} @candidate --to champion")

@@ -38,6 +38,7 @@ from ttte2e.platform.cluster.ray_runtime import forwarded_env
 from ttte2e.platform.data.storage import resolve
 from ttte2e.platform.train.config import (
     ConfigError,
+    Preflight,
     TrainConfig,
     check_parallel_layout,
     cpus_needed,
@@ -242,34 +243,9 @@ def run_sweep(
     later trials wait forever)."""
     import ray
 
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return _run_sweep(base, knobs, values, baseline, scheduler, grace_steps, concurrent)
-    from ttte2e.platform.cluster.local_head import LocalRayCluster
+    from ttte2e.platform.train.config import preflight
 
-    with LocalRayCluster() as cluster:
-        os.environ["RAY_ADDRESS"] = cluster.gcs_address
-        try:
-            return _run_sweep(base, knobs, values, baseline, scheduler, grace_steps, concurrent)
-        finally:
-            ray.shutdown()
-            os.environ.pop("RAY_ADDRESS", None)
-
-
-def _run_sweep(
-    base: TrainConfig,
-    knobs: list[str],
-    values: dict[str, list[int]] | None,
-    baseline: bool,
-    scheduler: str,
-    grace_steps: int,
-    concurrent: int,
-) -> dict:
-    from ray import tune
-
-    from ttte2e.platform.cluster.ray_runtime import ensure_ray
-    from ttte2e.platform.registry import tracking
-    from ttte2e.platform.train.config import check_resources, preflight
-
+    # everything that can be refused is refused before a head starts
     if scheduler not in ("none", "asha"):
         raise ConfigError(f"scheduler {scheduler!r}: choose none or asha")
     base = sweep_base(base)
@@ -279,6 +255,35 @@ def _run_sweep(
     # pre-flight once, for the base config: every trial shares data, storage, MLflow and
     # resources (each trial's model was checked by plan_sweep)
     checked = preflight(base)
+    args = (checked, plan, knobs, baseline, scheduler, grace_steps, concurrent)
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return _run_sweep(*args)
+    from ttte2e.platform.cluster.local_head import LocalRayCluster
+
+    with LocalRayCluster() as cluster:
+        os.environ["RAY_ADDRESS"] = cluster.gcs_address
+        try:
+            return _run_sweep(*args)
+        finally:
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)
+
+
+def _run_sweep(
+    checked: Preflight,
+    plan: SweepPlan,
+    knobs: list[str],
+    baseline: bool,
+    scheduler: str,
+    grace_steps: int,
+    concurrent: int,
+) -> dict:
+    from ray import tune
+
+    from ttte2e.platform.cluster.ray_runtime import ensure_ray
+    from ttte2e.platform.registry import tracking
+    from ttte2e.platform.train.config import check_resources
+
     base, model, geometry, uri = checked.cfg, checked.model, checked.geometry, checked.tracking_uri
     ensure_ray()
     import ray
