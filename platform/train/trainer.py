@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ttte2e.model import TTTConfig, TTTModel, estimate_flops, inner_lr_at
+from ttte2e.model.model_folder import CONFIG_FILE
 from ttte2e.platform.data.storage import Location, resolve
 from ttte2e.platform.data.stream import StreamPosition, StreamSpec, WindowReader, worker_stream
 from ttte2e.platform.registry.tracking import RunLogger
@@ -358,7 +359,10 @@ class Trainer:
 
     def _load_parameters(self, uri: str) -> None:
         source = resolve(uri)
-        with ckpt.local_copy(source, parts=(ckpt.MODEL_DIR,)) as folder:
+        # a training checkpoint: only its model/ is read; a plain model folder: all of it
+        in_checkpoint = source.join(ckpt.MODEL_DIR, CONFIG_FILE).exists()
+        parts = (ckpt.MODEL_DIR,) if in_checkpoint else ()
+        with ckpt.local_copy(source, parts=parts) as folder:
             loaded = TTTModel.from_pretrained(ckpt.local_model_folder(folder))
         self.model.load_state_dict(loaded.state_dict())
 
