@@ -465,9 +465,6 @@ def worker_stream(
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=1),  # one reader actor, in order
         num_cpus=cpus,
-        # a reader that dies ends the stream (the worker group restarts from a checkpoint,
-        # which holds the data position); a restarted actor could not resume it anyway
-        max_restarts=0,
     )
     dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = False  # the trainer's bar is the one users watch

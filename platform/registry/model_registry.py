@@ -225,7 +225,7 @@ def _register(
     mlflow.set_tracking_uri(tracking_uri)  # log_model is fluent-API only (undone in register)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature is given: MLflow's notice about an input example to infer one from does
-        # not apply (the one about type hints is silenced where the model class is defined)
+        # not apply
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -7,17 +7,11 @@ model_config["weights_uri"] (large models, registered by reference: a model fold
 local or s3://).
 """
 
-import warnings
-
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 from ttte2e.platform.registry.serving import GENERATION_DEFAULTS, TextGenerator, prompts_of
-
-# the model is logged with an explicit signature (serving.pyfunc_signature): MLflow's notice,
-# given when this class is defined, about inferring one from type hints does not apply
-warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
 
 
 class TTTTextModel(PythonModel):
@@ -34,7 +28,9 @@ class TTTTextModel(PythonModel):
             )
         self.generator = TextGenerator(*load_weights(folder))
 
-    def predict(self, context, model_input, params=None):
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         options = dict(GENERATION_DEFAULTS)
         options.update(params or {})
         return pd.DataFrame({"text": self.generator(prompts_of(model_input), **options)})
