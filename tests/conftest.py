@@ -126,12 +126,10 @@ def load_case(path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests on the session's Ray head (and the modules whose fixtures feed them) run in one
-    xdist worker, so the session starts one head; the rest of the suite runs beside them."""
-    shared = {"test_trainer", "test_ablation"}
+    """The tests on the session's Ray head (through any fixture) run in one xdist worker, so the
+    session starts one head; the rest of the suite runs beside them."""
     for item in items:
-        uses_head = {"ray_head", "ray_cluster"} & set(item.fixturenames)
-        if uses_head or item.module.__name__ in shared:
+        if {"ray_head", "ray_cluster"} & set(item.fixturenames):
             item.add_marker(pytest.mark.xdist_group("ray-head"))
 
 

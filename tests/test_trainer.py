@@ -180,7 +180,7 @@ def local_fit(cfg):
     return fit(cfg, local=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: tests of this module may run in both xdist workers
 def whole(train_data, tmp_path_factory):
     """10 steps in one process, checkpoints every 2, MLflow on sqlite, the model registered."""
     storage = tmp_path_factory.mktemp("runs")
@@ -601,7 +601,7 @@ def _cli_run(train_data, storage, name: str, *flags: str) -> list[str]:
     return argv
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_process(train_data, tmp_path_factory):
     """pretrain_3b.py --local, 3 steps: the reference of the command-line runs below."""
     from ttte2e.platform.cli.train import run_main
