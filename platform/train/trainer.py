@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -175,13 +175,11 @@ class LocalReporter:
 
     run_dir: Location
     keep: int
-    reports: list[dict] = field(default_factory=list)
 
     def report(
         self, metrics: dict, checkpoint: Path | None = None, name: str | None = None
     ) -> None:
-        self.reports.append(metrics)
-        if checkpoint is None:
+        if checkpoint is None:  # metrics go to MLflow and the trainer state already
             return
         self.run_dir.join(name).upload(checkpoint)
         for old in ckpt.checkpoint_names(self.run_dir)[self.keep :]:
