@@ -108,27 +108,6 @@ def test_model_flags_override_the_preset():
     assert cfg.lr == 8e-4 and cfg.tokens == 54_000_000_000  # the rest from the recipe
 
 
-def test_pretrain_entry_reports_bad_input_as_one_line(tmp_path, capsys):
-    from ttte2e.platform.cli.train import run_main
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(
-            "t",
-            argv=[
-                "--preset",
-                "tiny",
-                "--data",
-                str(tmp_path),
-                "--steps",
-                "1",
-                "--batch-tokens",
-                "512",
-            ],
-        )
-    assert exit_info.value.code == 2
-    assert "no manifest.json" in capsys.readouterr().err
-
-
 def test_bf16_keeps_fast_weights_inner_grads_and_clip_norm_fp32():
     from ttte2e.model import preset
     from ttte2e.platform.train.trainer import MetaObjective

@@ -23,6 +23,7 @@ from conftest import REPO, SMALL, mlflow_server, small_config
 @pytest.mark.parametrize(
     "flags, message",
     [
+        ([], "no manifest.json"),  # the data folder holds no prepared dataset
         (["--window", "32", "--chunk-size", "64"], "chunk_size=64 > window=32"),
         (["--seq-len", "500"], "seq_len=500 is not a multiple"),
         (["--n-ttt-blocks", "9"], "n_ttt_blocks must be in"),
