@@ -58,8 +58,7 @@ def train_loop(config: dict) -> None:
     spec: RunSpec = config["spec"]
     os.environ.update(config["env"])
     setup_logging()
-    # Ray Train logs every rank's every report and checkpoint at INFO; our lines say the step
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_ray_train_reports()
     run_dir = spec.run_dir
     if run_dir.join(FATAL_FILE).exists():
         return  # a restart after an error no restart can fix: nothing to do, the driver reports
@@ -83,6 +82,24 @@ def train_loop(config: dict) -> None:
         if unfixable is not None:
             _record_fatal(run_dir, unfixable)
         raise
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every rank's every report and checkpoint at INFO (two long lines per rank
+    and report); our own lines say the step. Its modules name their loggers by file path."""
+    import importlib
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in (
+        "ray.train.v2._internal.execution.context",
+        "ray.train.v2._internal.execution.storage",
+    ):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # another Ray version: its lines stay
+            continue
+        for logger_name in (module.__name__, module.__file__):
+            logging.getLogger(logger_name).setLevel(logging.WARNING)
 
 
 def _run(spec: RunSpec) -> None:
