@@ -30,7 +30,7 @@ from ttte2e.platform.train.config import (
     check_resources,
     preflight,
 )
-from ttte2e.platform.train.trainer import NonFiniteLoss, RunSpec, run_local
+from ttte2e.platform.train.trainer import NonFiniteLoss, RunSpec, check_local_layout, run_local
 from ttte2e.platform.train.worker import FATAL_FILE, NON_FINITE_FILE, train_loop
 
 log = logging.getLogger(__name__)
@@ -140,11 +140,7 @@ def _local_device(cfg: TrainConfig) -> bool:
     """Whether a --local run uses this machine's GPU; refuses layouts one process cannot run."""
     import torch
 
-    if cfg.workers != 1 or cfg.tensor_parallel != 1:
-        raise ConfigError(
-            f"--local runs one process: --workers {cfg.workers} --tensor-parallel "
-            f"{cfg.tensor_parallel} needs Ray (drop --local), or use --workers 1"
-        )
+    check_local_layout(cfg)
     if cfg.device == "gpu" and not torch.cuda.is_available():
         raise ConfigError("--device gpu: this machine has no CUDA device")
     return cfg.device == "gpu" or (cfg.device == "auto" and torch.cuda.is_available())

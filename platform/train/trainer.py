@@ -618,11 +618,19 @@ def single_process_group() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
+def check_local_layout(cfg: TrainConfig) -> None:
+    """One process runs one worker without tensor parallelism."""
+    if cfg.workers != 1 or cfg.tensor_parallel != 1:
+        raise ConfigError(
+            f"--local runs one process: --workers {cfg.workers} --tensor-parallel "
+            f"{cfg.tensor_parallel} needs Ray (drop --local), or use --workers 1"
+        )
+
+
 def run_local(spec: RunSpec) -> dict:
     """The whole run in this process (no Ray): one worker on this machine's first GPU, or the
     CPU. Returns the trainer state."""
-    if spec.train.workers != 1 or spec.train.tensor_parallel != 1:
-        raise ConfigError("--local runs one process: give --workers 1 --tensor-parallel 1")
+    check_local_layout(spec.train)
     single_process_group()
     placement = Placement(
         0, 1, torch.device("cuda" if spec.use_gpu else "cpu"), [f"local:{socket.gethostname()}"]
