@@ -62,6 +62,8 @@ class TTTConfig:
     """Std of the normal init of every linear weight and the embedding."""
     remat: RematMode = "nested"
     """Rematerialization of the unrolled inner loop: 'none', 'chunk' or 'nested'."""
+    compile: bool = False
+    """Run the inner loop's chunk step compiled (torch.compile; inner gradient by torch.func)."""
     remat_group: int = 0
     """Chunks per group under 'nested' remat; 0 means ceil(sqrt(n_chunks))."""
     checkpoint_prefix: bool = False

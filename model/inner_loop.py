@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from . import compiled
 from .config import REMAT_MODES
 from .layers import at_least_fp32
 
@@ -147,6 +149,10 @@ def chunk_step(
     [B], [B, 1] ([B, 0] when the chunk takes no step: c >= ctx.updates). With create_graph=False
     nothing is kept for an outer backward (forward-only / remat forward)."""
     fast, caches = carry.fast, carry.caches
+    if model.config.compile:
+        out = compiled.chunk_step(model, ctx, c, fast, caches, x, create_graph)
+        if out is not None:  # None: compilation failed (warned once); run eager
+            return out
     if not create_graph:
         fast = [t.detach().requires_grad_() for t in fast]
         caches = [t.detach() for t in caches]
@@ -226,7 +232,9 @@ def run_chunks(
     for i, xs in enumerate(torch.split(x, ctx.chunk, dim=1)):
         if remat_chunks:
             run = functools.partial(_flat_chunk_step, model, ctx, first_chunk + i, n_blocks)
-            flat = _Remat.apply(run, 5 * n_blocks + 1, *carry.tensors(), xs, *params)
+            flat = _Remat.apply(
+                run, 5 * n_blocks + 1, model.config.compile, *carry.tensors(), xs, *params
+            )
             out = ChunkOutput(Carry.from_tensors(flat, n_blocks), *flat[-3:])
         else:
             out = chunk_step(model, ctx, first_chunk + i, carry, xs, create_graph)
@@ -277,7 +285,7 @@ class _Remat(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run: Callable, n_tensors: int, *args: torch.Tensor):
+    def forward(ctx, run: Callable, n_tensors: int, compiled: bool, *args: torch.Tensor):
         tensors, params = args[:n_tensors], args[n_tensors:]
         ctx.run, ctx.params = run, params
         # the recompute in backward must see the same autocast state as this forward
@@ -287,8 +295,14 @@ class _Remat(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)
         # only the carry is kept: what the run saves internally is dropped at once, so no saved-
-        # tensor hook (host offload) may move it
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _unpacked):
+        # tensor hook (host offload) may move it. The compiled step runs this forward under
+        # no_grad: it saves nothing (and torch.func refuses saved-tensor hooks).
+        hooks = (
+            nullcontext()
+            if compiled
+            else torch.autograd.graph.saved_tensors_hooks(_kept, _unpacked)
+        )
+        with torch.enable_grad(), hooks:
             out = tuple(t.detach() for t in run(False, *tensors))
         ctx.mark_non_differentiable(out[-1])
         return out
@@ -296,7 +310,7 @@ class _Remat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_out: torch.Tensor | None):
         tensors = [t.detach().requires_grad_(r) for t, r in zip(ctx.saved_tensors, ctx.requires)]
-        nones = (None, None) + (None,) * (len(tensors) + len(ctx.params))
+        nones = (None, None, None) + (None,) * (len(tensors) + len(ctx.params))
         device, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             out = ctx.run(True, *tensors)
@@ -311,7 +325,7 @@ class _Remat(torch.autograd.Function):
         )
         t_grads = [next(grads) if t.requires_grad else None for t in tensors]
         p_grads = [next(grads) if p.requires_grad else None for p in ctx.params]
-        return (None, None, *t_grads, *p_grads)
+        return (None, None, None, *t_grads, *p_grads)
 
 
 def run_inner_loop(
@@ -362,7 +376,9 @@ def run_inner_loop(
         for g, x_group in enumerate(torch.split(suffix_in, group * b, dim=1)):
             run = functools.partial(_flat_group, model, ctx, g * group, remat == "nested", n_blocks)
             with model.offload.carries():
-                flat = _Remat.apply(run, 5 * n_blocks + 1, *carry.tensors(), x_group, *params)
+                flat = _Remat.apply(
+                    run, 5 * n_blocks + 1, model.config.compile, *carry.tensors(), x_group, *params
+                )
             carry = Carry.from_tensors(flat, n_blocks)
             outs.append(ChunkOutput(carry, *flat[-3:]))
     return InnerLoopOutput(

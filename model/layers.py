@@ -58,8 +58,15 @@ def rope_angles(
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) as complex numbers (interleaved convention, not rotate-half);
-    x: [B, H, P, dh], rotation: complex [P, dh/2]. One complex multiply: few ops under
-    double backward."""
+    x: [B, H, P, dh], rotation: complex [P, dh/2] (one complex multiply: few ops under double
+    backward) or its real view [P, dh/2, 2]."""
+    if not rotation.is_complex():
+        # [P, dh/2, 2] (cos, sin): the compiled path's form, as Inductor generates no code for
+        # complex operators; the same rotation in real arithmetic
+        pairs = at_least_fp32(x).unflatten(-1, (-1, 2))
+        cos_sin = rotation.to(pairs.dtype)
+        x0, x1, cos, sin = pairs[..., 0], pairs[..., 1], cos_sin[..., 0], cos_sin[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(at_least_fp32(x).unflatten(-1, (-1, 2)).contiguous())
     if xc.dtype != rotation.dtype:
         rotation = rotation.to(xc.dtype)

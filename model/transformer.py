@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from . import compiled
 from .config import TTTConfig
 from .flops import FlopsEstimate, estimate_flops
 from .inner_loop import run_inner_loop
@@ -48,6 +49,10 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, name: str) -> None:
             f"{name} holds token id {low if low < 0 else high}, outside the "
             f"vocabulary 0..{vocab_size - 1}"
         )
+
+
+def block_forward(block: Block, h: torch.Tensor, rope: torch.Tensor, window: int) -> torch.Tensor:
+    return block(h, rope, window)
 
 
 @dataclass
@@ -153,12 +158,15 @@ class TTTModel(nn.Module):
         positions = torch.arange(h.shape[1] if seq_len is None else seq_len, device=h.device)
         rope, window = self.rope(positions), self.config.attn_window
         remat = self.config.checkpoint_prefix and torch.is_grad_enabled()
+        run = block_forward
+        if self.config.compile:
+            run, rope = compiled.run_block, torch.view_as_real(rope)
         with self.offload.prefix() if remat else nullcontext():
             for block in blocks:
                 if remat:  # keeps the block's input (through saved-tensor hooks) only
-                    h = checkpoint(block, h, rope, window, use_reentrant=False)
+                    h = checkpoint(run, block, h, rope, window, use_reentrant=False)
                 else:
-                    h = block(h, rope, window)
+                    h = run(block, h, rope, window)
         return h
 
     def prefix(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,11 @@ def sliding_window_attention(
         backend = prefix_backend(q.device.type, q.dtype)
         if self_check.forced() and triton_swa.usable(q):
             backend = "triton"  # TTTE2E_ATTENTION=triton: ours, even where flash-attn is
-        if backend == "triton" and not self_check.triton_allowed(q):
+        if backend == "triton" and (
+            torch.compiler.is_compiling() or not self_check.triton_allowed(q)
+        ):
+            # compiled: SDPA per block, which torch.compile traces (the registered Triton ops
+            # have no fake implementation)
             backend = "blocked"
     if backend == "flash":
         return flash.sliding_window_attention(q, k, v, window)

@@ -1,0 +1,190 @@
+"""The compiled chunk step: one inner step of the suffix as a pure function of tensors, whose
+inner gradient comes from torch.func, compiled with torch.compile.
+
+torch.compile cannot differentiate compiled code twice (pytorch issue 91469). The inner gradient
+is therefore taken INSIDE the compiled function with `torch.func.grad_and_value`: AOTAutograd
+traces it as ordinary forward operations, and the outer (meta) gradient through the compiled
+graph is first order. Inside the region everything is plain math that Inductor fuses: the chunk
+attention is the masked softmax of `kernels.attention.reference`, the tied head the plain
+cross-entropy (its double backward fused by Inductor: no [N, V] pass per elementwise op).
+
+What stays fixed across chunks and steps, so that one graph serves them all:
+- the cache rows before the sequence start are masked by a tensor position (`first_valid`), not
+  cut off (a cut changes the shapes of the first W/b chunks);
+- the inner step size is a 0-d tensor (it ramps every step of the warm-up);
+- the chunk's targets and mask are sliced outside.
+Graphs: one per (grad mode, whether the chunk takes its inner step, autocast state, shapes).
+
+Known torch bugs return silently wrong gradients for some torch.func-in-compile patterns
+(pytorch issues 136662, 154284): tests/test_compiled.py compares every output and gradient of
+this path with the eager one.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ttte2e.kernels.attention import reference
+
+from .layers import apply_rope, at_least_fp32
+
+if TYPE_CHECKING:
+    from .inner_loop import ChunkContext, ChunkOutput
+    from .transformer import TTTModel
+
+
+# TTTE2E_COMPILE=force: a compile failure raises (tests); otherwise it warns once and runs eager
+FORCE_ENV = "TTTE2E_COMPILE"
+
+
+def forced() -> bool:
+    return os.environ.get(FORCE_ENV, "").lower() == "force"
+
+
+def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
+    return torch.where(norm < clip, torch.ones_like(norm), clip / norm.clamp_min(clip))
+
+
+def _block_chunk(block, h, cache_k, cache_v, rope, window, first_valid, fast):
+    """A TTT block on one chunk over [cache; chunk] with every cache row kept and the rows before
+    the sequence start masked (eager cuts them off: same values, fixed shapes here)."""
+    attn = block.attn
+    q, k, v = attn.project(block.attn_norm(h))
+    keys = torch.cat((cache_k, k), dim=2)
+    values = torch.cat((cache_v, v), dim=2)
+    visible = reference.chunk_visibility(q.shape[2], keys.shape[2], window, 0, q.device)
+    visible = visible & (torch.arange(keys.shape[2], device=q.device) >= first_valid)[None, :]
+    o = reference.masked_attention(
+        apply_rope(q, rope[-q.shape[2] :]), apply_rope(keys, rope), values, visible
+    )
+    a = h + block.attn_post_norm(attn._out(o))
+    return block._mlps(a, fast), keys[:, :, -window:], values[:, :, -window:]
+
+
+def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, update):
+    """fast: 3 per TTT block [B, out, in]; caches: 2 per block [B, H, W, dh]; x [B, b, d];
+    targets/mask [B, b]; first_valid, eta: 0-d tensors. Returns (new fast, new caches, nll [B, b],
+    loss [B], grad norm [B, 1] or [B, 0])."""
+    cfg = model.config
+    window = caches[0].shape[2]
+    weights = mask / mask.sum(-1, keepdim=True).clamp_min(1e-10)
+
+    def suffix(fast):
+        h, new_caches = x, []
+        for s, block in enumerate(model.ttt_blocks):
+            h, k, v = _block_chunk(
+                block,
+                h,
+                caches[2 * s],
+                caches[2 * s + 1],
+                rope,
+                window,
+                first_valid,
+                tuple(fast[3 * s : 3 * s + 3]),
+            )
+            new_caches += [k, v]
+        logits = at_least_fp32(F.linear(model.final_norm(h), model.embed.weight))
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(
+            weights
+        )
+        loss = (nll * weights).sum(-1)
+        return loss.sum(), (loss, nll, new_caches)
+
+    if not update:
+        _, (loss, nll, new_caches) = suffix(fast)
+        return list(fast), new_caches, nll, loss, loss.new_zeros(loss.shape[0], 0)
+    # sum over sequences: each sequence's loss depends only on its own theta
+    grads, (_, (loss, nll, new_caches)) = torch.func.grad_and_value(suffix, has_aux=True)(fast)
+    norm = torch.sqrt(
+        model.parallel.sum_over_shards(
+            sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)
+        )
+    )
+    step = eta * _clip_scale(norm, cfg.inner_clip)
+    scale = model.parallel.copy_to_shards(step.view(-1, 1, 1))
+    new_fast = [t - scale * at_least_fp32(g) for t, g in zip(fast, grads)]
+    return new_fast, new_caches, nll, loss, norm[:, None].detach()
+
+
+def _block_forward(block, h, rope, window):
+    return block(h, rope, window)
+
+
+_compiled: dict[str, object] = {}
+_failed: str | None = None  # the first compile error: everything runs eager after it
+
+
+def _call(name: str, fn, *args):
+    """fn compiled (once per name) called on args; None once compilation has failed."""
+    global _failed
+    if _failed is not None:
+        return None
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, fullgraph=True)
+    try:
+        return _compiled[name](*args)
+    except torch._dynamo.exc.TorchDynamoException as error:  # tracing or code generation
+        if forced():
+            raise
+        _failed = f"{type(error).__name__}: {error}".splitlines()[0]
+        warnings.warn(
+            f"torch.compile failed ({_failed}); the TTT model runs eager from now on "
+            f"(set {FORCE_ENV}=force to raise instead)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def run_block(block, h: torch.Tensor, rope: torch.Tensor, window: int) -> torch.Tensor:
+    """A whole-sequence block (prefix, or the plain pass) compiled; first order only, so the
+    attention there may be any fused kernel. rope: the real view [P, dh/2, 2]."""
+    out = _call("block", _block_forward, block, h, rope, window)
+    return block(h, rope, window) if out is None else out
+
+
+def chunk_step(
+    model: TTTModel, ctx: ChunkContext, c: int, fast, caches, x, create_graph: bool
+) -> ChunkOutput | None:
+    """inner_loop.chunk_step through the compiled function; None when compilation failed
+    (warned once) and the caller runs eager."""
+    from .inner_loop import Carry, ChunkOutput
+
+    b, window = ctx.chunk, ctx.window
+    span = slice(c * b - ctx.offset, (c + 1) * b - ctx.offset)
+    update = not (ctx.updates is not None and c >= ctx.updates)
+    zero_eta = isinstance(ctx.eta, (int, float)) and ctx.eta == 0
+    device = x.device
+    eta = (
+        ctx.eta
+        if isinstance(ctx.eta, torch.Tensor)
+        else torch.tensor(float(ctx.eta), device=device)
+    )
+    first_valid = torch.tensor(max(0, window - c * b), device=device)
+    args = (
+        model,
+        list(fast),
+        list(caches),
+        x,
+        ctx.targets[:, span],
+        ctx.mask[:, span],
+        first_valid,
+        eta,
+        torch.view_as_real(ctx.rope),
+        update and not zero_eta,
+    )
+    with torch.no_grad() if not create_graph else nullcontext():
+        out = _call("chunk_step", _chunk_step, *args)
+    if out is None:
+        return None
+    new_fast, new_caches, nll, loss, norm = out
+    if update and zero_eta:
+        new_fast = [t.clone() for t in new_fast]
+        norm = torch.zeros_like(loss)[:, None]
+    return ChunkOutput(Carry(list(new_fast), list(new_caches)), nll, loss, norm)
