@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,7 +64,12 @@ def _block_chunk(block, h, cache_k, cache_v, rope, window, first_valid, fast):
         apply_rope(q, rope[-q.shape[2] :]), apply_rope(keys, rope), values, visible
     )
     a = h + block.attn_post_norm(attn._out(o))
-    return block._mlps(a, fast), keys[:, :, -window:], values[:, :, -window:]
+    # contiguous: the next chunk's input layout must not depend on this one's buffer
+    return (
+        block._mlps(a, fast),
+        keys[:, :, -window:].contiguous(),
+        values[:, :, -window:].contiguous(),
+    )
 
 
 def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, update):
@@ -112,7 +117,23 @@ def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, u
     return new_fast, new_caches, nll, loss, norm[:, None].detach()
 
 
-def _block_forward(block, h, rope, window):
+@contextmanager
+def _saved_tensor_hooks_set_aside():
+    """No saved-tensor hooks while the chunk step runs: torch.func refuses to trace under them
+    ("torch.func.{grad, vjp, ...} don't yet support saved tensor hooks"). So host offload moves
+    the remat carries (saved outside this call) but not what the compiled step itself saves."""
+    stack = []
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(False)) is not None:
+        stack.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(stack):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def _block_forward(model, block, h, rope, window):
     return block(h, rope, window)
 
 
@@ -120,15 +141,33 @@ _compiled: dict[str, object] = {}
 _failed: str | None = None  # the first compile error: everything runs eager after it
 
 
-def _call(name: str, fn, *args):
-    """fn compiled (once per name) called on args; None once compilation has failed."""
-    global _failed
+_warned_plan = False
+
+
+def _call(name: str, fn, model, *args):
+    """fn compiled (once per name) called on (model, *args); None when the model runs eager:
+    once compilation has failed, or under a parallel plan that does not compile."""
+    global _failed, _warned_plan
     if _failed is not None:
         return None
+    if not model.parallel.compiles:
+        if not _warned_plan:
+            _warned_plan = True
+            warnings.warn(
+                f"TTTConfig.compile is set, but the model's parallel plan "
+                f"({type(model.parallel).__name__}) runs eager",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
     if name not in _compiled:
+        # graphs per function: grad mode x inner step taken or not x first chunk (its zero
+        # caches need no gradient) x batch 1 / other batch sizes (then symbolic) x autocast:
+        # more than Dynamo's default limit of 8, after which it would run eager unannounced
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled[name] = torch.compile(fn, fullgraph=True)
     try:
-        return _compiled[name](*args)
+        return _compiled[name](model, *args)
     except torch._dynamo.exc.TorchDynamoException as error:  # tracing or code generation
         if forced():
             raise
@@ -142,10 +181,10 @@ def _call(name: str, fn, *args):
         return None
 
 
-def run_block(block, h: torch.Tensor, rope: torch.Tensor, window: int) -> torch.Tensor:
+def run_block(model, block, h: torch.Tensor, rope: torch.Tensor, window: int) -> torch.Tensor:
     """A whole-sequence block (prefix, or the plain pass) compiled; first order only, so the
     attention there may be any fused kernel. rope: the real view [P, dh/2, 2]."""
-    out = _call("block", _block_forward, block, h, rope, window)
+    out = _call("block", _block_forward, model, block, h, rope, window)
     return block(h, rope, window) if out is None else out
 
 
@@ -167,9 +206,13 @@ def chunk_step(
         else torch.tensor(float(ctx.eta), device=device)
     )
     first_valid = torch.tensor(max(0, window - c * b), device=device)
+    # theta_0 arrives as a stride-0 view over the batch, later theta contiguous: one layout
+    fast = [t.contiguous() for t in fast]
+    if not create_graph:  # one requires_grad pattern for every forward-only call
+        fast, caches, x = [t.detach() for t in fast], [t.detach() for t in caches], x.detach()
     args = (
         model,
-        list(fast),
+        fast,
         list(caches),
         x,
         ctx.targets[:, span],
@@ -179,8 +222,8 @@ def chunk_step(
         torch.view_as_real(ctx.rope),
         update and not zero_eta,
     )
-    with torch.no_grad() if not create_graph else nullcontext():
-        out = _call("chunk_step", _chunk_step, *args)
+    with torch.no_grad() if not create_graph else nullcontext(), _saved_tensor_hooks_set_aside():
+        out = _call("chunk_step", _chunk_step, *args)  # args[0] is the model
     if out is None:
         return None
     new_fast, new_caches, nll, loss, norm = out

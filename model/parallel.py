@@ -38,6 +38,9 @@ def nll_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class SingleDevice:
     """The whole model on one device: every operation is the plain one."""
 
+    # whether TTTConfig(compile=True) compiles the model under this plan (compiled.py)
+    compiles = True
+
     def prefix(self, model: TTTModel, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding + the prefix blocks over the whole sequence."""
         return model.run_blocks(model.embed(input_ids), model.prefix_blocks)

@@ -15,6 +15,7 @@ mean of the per-chunk losses, and its backward is the full second-order meta-gra
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,7 @@ class TTTModel(nn.Module):
         remat = self.config.checkpoint_prefix and torch.is_grad_enabled()
         run = block_forward
         if self.config.compile:
-            run, rope = compiled.run_block, torch.view_as_real(rope)
+            run, rope = functools.partial(compiled.run_block, self), torch.view_as_real(rope)
         with self.offload.prefix() if remat else nullcontext():
             for block in blocks:
                 if remat:  # keeps the block's input (through saved-tensor hooks) only

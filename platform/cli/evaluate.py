@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ttte2e.model.decode import MODES
 from ttte2e.platform.cli.parsing import cli, fail
+from ttte2e.platform.train.config import CompileSetting, compile_enabled
 
 
 @dataclass
@@ -42,6 +43,9 @@ class EvaluateOptions:
     """JSON metadata for the tasks, e.g. {"max_seq_lengths": [4096, 8192]} for RULER."""
     harness_limit: int = 0
     """Documents per harness task (0: all)."""
+    compile: CompileSetting = "auto"
+    """Compile the inner loop's chunk step (prefill, decode's TTT steps): 'on', 'off', or 'auto'
+    = on for CUDA, off on CPU. --compile / --no-compile are short for on / off."""
 
 
 def _ints(text: str) -> list[int]:
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         loaded = load_with_tokenizer(args.model, args.tracking_uri or None)
         model = loaded.model
+        model.config.compile = compile_enabled(args.compile, next(model.parameters()).device.type)
         contexts = _ints(args.contexts)
         modes = tuple(m.strip() for m in args.modes.split(","))
         unknown = [m for m in modes if m not in MODES]

@@ -44,7 +44,28 @@ def cli(
         argv, prog = sys.argv[1:], Path(sys.argv[0]).name
     setup_logging()  # the commands' progress and results: INFO records of our module loggers
     options = {} if default is None else dict(default=default)
-    return tyro.cli(cls, args=argv, description=description, prog=prog, **options)
+    return tyro.cli(cls, args=switch_aliases(argv), description=description, prog=prog, **options)
+
+
+# --compile / --no-compile: the usual spelling of a switch whose default ('auto') depends on
+# the device, which tyro's flag pairs cannot express
+SWITCH_ALIASES = {"compile": ("auto", "on", "off")}
+
+
+def switch_aliases(argv: list[str]) -> list[str]:
+    """`--NAME` alone -> `--NAME on`, `--no-NAME` -> `--NAME off`, for the switches above."""
+    out = []
+    for i, token in enumerate(argv):
+        name = token[2:]
+        if token.startswith("--no-") and token[5:] in SWITCH_ALIASES:
+            out += [f"--{token[5:]}", "off"]
+        elif name in SWITCH_ALIASES and (
+            i + 1 == len(argv) or argv[i + 1] not in SWITCH_ALIASES[name]
+        ):
+            out += [token, "on"]
+        else:
+            out.append(token)
+    return out
 
 
 # ---- recipes ------------------------------------------------------------------------------------

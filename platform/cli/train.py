@@ -24,7 +24,10 @@ from ttte2e.platform.cli.parsing import (
 )
 from ttte2e.platform.train.config import ConfigError, TrainConfig
 
-ModelFlags = overrides_class(TTTConfig, "ModelFlags", note="(default: the preset's)")
+# compile is a setting of the run (TrainConfig.compile, whose default depends on the device)
+ModelFlags = overrides_class(
+    TTTConfig, "ModelFlags", skip={"compile"}, note="(default: the preset's)"
+)
 
 
 @dataclass

@@ -22,6 +22,14 @@ import tyro
 from ttte2e.model import PRESETS, TTTConfig, preset
 from ttte2e.platform.train.offload import OFFLOAD_MODES, OffloadMode
 
+CompileSetting = Literal["auto", "on", "off"]
+
+
+def compile_enabled(setting: CompileSetting, device_type: str) -> bool:
+    """Whether a run compiles the model: 'auto' compiles on CUDA only (on a CPU the first
+    compile takes longer than a short run saves)."""
+    return setting == "on" or (setting == "auto" and device_type == "cuda")
+
 
 class ConfigError(ValueError):
     """A training run's configuration or inputs are unusable; the message says which and why."""
@@ -66,6 +74,9 @@ class TrainConfig:
     """CPUs per Ray Data operator of each worker's input stream."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1 or 2 (3 breaks higher-order backward and is refused)."""
+    compile: CompileSetting = "auto"
+    """Compile the meta step (torch.compile; the inner gradient by torch.func): 'on', 'off', or
+    'auto' = on for CUDA, off on CPU. --compile / --no-compile are short for on / off."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """'fp32', 'bf16' (autocast; fast weights, inner grads and clip norm stay fp32) or 'auto'
     (bf16 on GPU, fp32 on CPU)."""

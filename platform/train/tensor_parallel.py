@@ -259,6 +259,10 @@ def _share_gain(owner: nn.Module, name: str, group) -> RMSNorm:
 class TensorParallel(SingleDevice):
     """The model's parallel plan over a tensor-parallel group (see the module docstring)."""
 
+    # The collectives sit in autograd.Functions inside the inner gradient, which torch.func
+    # (the compiled chunk step's inner gradient) cannot transform: a tensor-parallel run is eager
+    compiles = False
+
     def __init__(self, layout: TensorParallelLayout):
         self.layout = layout
         self.group = layout.group

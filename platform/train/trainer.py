@@ -42,7 +42,13 @@ from ttte2e.platform.data.storage import Location, resolve
 from ttte2e.platform.data.stream import StreamPosition, StreamSpec, WindowReader, worker_stream
 from ttte2e.platform.registry.tracking import RunLogger
 from ttte2e.platform.train import checkpoint as ckpt
-from ttte2e.platform.train.config import BatchGeometry, ConfigError, TrainConfig, batch_geometry
+from ttte2e.platform.train.config import (
+    BatchGeometry,
+    ConfigError,
+    TrainConfig,
+    batch_geometry,
+    compile_enabled,
+)
 from ttte2e.platform.train.offload import apply_offload
 from ttte2e.platform.train.tensor_parallel import (
     DeepSpeedMPU,
@@ -316,7 +322,10 @@ class Trainer:
         groups = placement.groups
 
         torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed broadcasts rank 0's)
-        self.model = TTTModel(model_cfg)
+        # the checkpoints keep model_cfg: whether to compile is this run's choice, not the model's
+        self.model = TTTModel(
+            model_cfg.replace(compile=compile_enabled(cfg.compile, self.device.type))
+        )
         if cfg.init_from:
             self._load_parameters(cfg.init_from)
         if groups:  # the whole model (initialised or loaded) is split in place
