@@ -72,6 +72,15 @@ def _block_chunk(block, h, cache_k, cache_v, rope, window, first_valid, fast):
     )
 
 
+# How the compiled step takes the head's part of the inner gradient (both plain math):
+# - "autograd": torch.func differentiates the cross-entropy; Inductor fuses its double backward.
+# - "closed_form": dl/dh = w (softmax(h E^T) E - E[y]) written out (the fused head's formula),
+#   and torch.func.vjp carries it through the suffix blocks.
+# benchmarks/docs: bench_meta_step.py --compile measures both; "autograd" is used.
+HEAD_FORMS = ("autograd", "closed_form")
+head_form = "autograd"
+
+
 def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, update):
     """fast: 3 per TTT block [B, out, in]; caches: 2 per block [B, H, W, dh]; x [B, b, d];
     targets/mask [B, b]; first_valid, eta: 0-d tensors. Returns (new fast, new caches, nll [B, b],
@@ -79,8 +88,9 @@ def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, u
     cfg = model.config
     window = caches[0].shape[2]
     weights = mask / mask.sum(-1, keepdim=True).clamp_min(1e-10)
+    embed = model.embed.weight
 
-    def suffix(fast):
+    def normed_out(fast):
         h, new_caches = x, []
         for s, block in enumerate(model.ttt_blocks):
             h, k, v = _block_chunk(
@@ -94,18 +104,34 @@ def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, u
                 tuple(fast[3 * s : 3 * s + 3]),
             )
             new_caches += [k, v]
-        logits = at_least_fp32(F.linear(model.final_norm(h), model.embed.weight))
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(
-            weights
-        )
+        return model.final_norm(h), new_caches
+
+    def head(normed):
+        logits = at_least_fp32(F.linear(normed, embed))
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return logits, nll.view_as(weights)
+
+    def loss_of(fast):
+        normed, new_caches = normed_out(fast)
+        nll = head(normed)[1]
         loss = (nll * weights).sum(-1)
+        # summed over sequences: each sequence's loss depends only on its own theta
         return loss.sum(), (loss, nll, new_caches)
 
     if not update:
-        _, (loss, nll, new_caches) = suffix(fast)
+        _, (loss, nll, new_caches) = loss_of(fast)
         return list(fast), new_caches, nll, loss, loss.new_zeros(loss.shape[0], 0)
-    # sum over sequences: each sequence's loss depends only on its own theta
-    grads, (_, (loss, nll, new_caches)) = torch.func.grad_and_value(suffix, has_aux=True)(fast)
+    if head_form == "autograd":
+        grads, (_, (loss, nll, new_caches)) = torch.func.grad_and_value(loss_of, has_aux=True)(fast)
+    else:
+        normed, pullback, new_caches = torch.func.vjp(normed_out, fast, has_aux=True)
+        logits, nll = head(normed)
+        loss = (nll * weights).sum(-1)
+        probs = torch.softmax(logits, -1)
+        grad_normed = weights[..., None] * (
+            torch.matmul(probs.to(embed.dtype), embed) - embed[targets]
+        )
+        (grads,) = pullback(grad_normed.to(normed.dtype))
     norm = torch.sqrt(
         model.parallel.sum_over_shards(
             sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)

@@ -19,7 +19,9 @@ it here, so `PYTHONPATH` or `pip install` are not needed.
    backward) vs math: time and peak memory.
 4. meta-train step (loss forward + backward, bf16 autocast, remat 'chunk') with the suffix chunk
    attention fused (Triton forward, backward, double backward) vs math: time and peak memory.
-5. host offload (none / carries / prefix / all) of a 1B meta step at the longest T that fits:
+5. the meta step eager against compiled (TTTConfig.compile; bf16 autocast, remat 'chunk') at the
+   125M and 760M presets' shapes (T 8K): time, MFU, the first (compiling) step, the losses.
+6. host offload (none / carries / prefix / all) of a 1B meta step at the longest T that fits:
    peak GPU memory, time, host bytes held, the same loss.
 """
 
@@ -280,6 +282,51 @@ def meta_step(device: str, smoke: bool, repeats: int) -> dict:
     return result
 
 
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM, for MFU
+
+
+def compiled_meta_step(device: str, smoke: bool, repeats: int) -> list[dict]:
+    """The meta step (bf16 autocast, remat 'chunk') eager against compiled (TTTConfig.compile):
+    time, MFU (estimate_flops without recomputation over the bf16 peak), the loss of each, and
+    the first compiled step's time (compilation), at the 125M and 760M presets' shapes."""
+    from ttte2e.model import TTTModel, preset
+
+    if smoke:
+        shapes = {"tiny": preset("tiny", seq_len=128, window=64, chunk_size=32)}
+    else:
+        shapes = {name: preset(name) for name in ("125M", "760M")}
+    rows = []
+    for name, cfg in shapes.items():
+        torch.manual_seed(0)
+        model = TTTModel(cfg).to(device)
+        tokens = torch.randint(0, cfg.vocab_size, (1, cfg.seq_len + 1), device=device)
+        flops = model.estimate_flops(remat="chunk").meta_step
+        row = dict(preset=name, seq_len=cfg.seq_len, model_tflop_per_step=flops / 1e12)
+        for compiled in (False, True):
+            model.config.compile = compiled
+            losses = []
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    out = model.meta_loss(tokens, remat="chunk", final_update=False)
+                out.loss.backward()
+                losses.append(out.loss.item())
+
+            key = "compiled" if compiled else "eager"
+            start = time.perf_counter()
+            step()
+            row[f"{key}_first_step_s"] = time.perf_counter() - start
+            row[f"{key}_step_s"] = seconds = timed(step, device, repeats)
+            row[f"{key}_loss"] = losses[-1]
+            if device == "cuda":
+                row[f"{key}_mfu"] = flops / seconds / (H100_BF16_TFLOPS * 1e12)
+        row["eager_over_compiled_time"] = row["eager_step_s"] / row["compiled_step_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def offload(device: str, smoke: bool, repeats: int) -> list[dict]:
     """The meta step of a 1B-class model (bf16 autocast) at a long T, with and without host
     offload of what the backward keeps: peak GPU memory, time, host bytes, the same loss."""
@@ -361,7 +408,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--only", choices=["correctness", "timings", "suffix", "meta", "offload"], default=None
+        "--only",
+        choices=["correctness", "timings", "suffix", "meta", "compiled", "offload"],
+        default=None,
     )
     args = parser.parse_args()
     import_ttte2e()
@@ -381,6 +430,7 @@ def main() -> None:
         ("timings", lambda: timings(device, args.smoke, repeats)),
         ("suffix_second_order", lambda: suffix_second_order(device, args.smoke, repeats)),
         ("meta_step", lambda: meta_step(device, args.smoke, repeats)),
+        ("compiled_meta_step", lambda: compiled_meta_step(device, args.smoke, repeats)),
         ("offload", lambda: offload(device, args.smoke, repeats)),
     ):
         if args.only and not name.startswith(args.only):

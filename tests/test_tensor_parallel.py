@@ -163,17 +163,18 @@ def _assert_close(got: dict, expected: dict, what: str) -> dict:
 
 @pytest.mark.parametrize(
     "world, tp, changes",
-    [(2, 2, {}), (4, 2, {}), (2, 2, dict(checkpoint_prefix=True))],
-    ids=["tp2", "dp2xtp2", "tp2-checkpoint-prefix"],
+    [(2, 2, {}), (4, 2, {}), (2, 2, dict(checkpoint_prefix=True)), (2, 2, dict(compile=True))],
+    ids=["tp2", "dp2xtp2", "tp2-checkpoint-prefix", "tp2-compile"],
 )
 def test_meta_gradient_under_tensor_parallelism_equals_one_process(tmp_path, world, tp, changes):
     """The prefix blocks run sequence-parallel (recomputed in the backward with
-    checkpoint_prefix), the suffix tensor-parallel: both exact."""
+    checkpoint_prefix), the suffix tensor-parallel: both exact. With compile=True the plan runs
+    eager (compiled.py: the collectives sit inside the inner gradient) and says so."""
     config = _config(**changes)
     tokens = _batch(config)
     assert (tokens[:, 1:] == config.bos_token_id).any()
     got = _run(tmp_path, world, tp, changes=changes)
-    reference = _model(config)
+    reference = _model(config.replace(compile=False))
     for remat in REMATS:
         worst = _assert_close(
             got["out"][("", remat)],

@@ -2,6 +2,7 @@
 
     python pipelines/bench/bench_meta_step.py                 # time ratios + both memory tables
     python pipelines/bench/bench_meta_step.py --only time     # or: memory, heavy, profile
+    python pipelines/bench/bench_meta_step.py --compile       # eager vs compiled side by side
 
 Time: one step = loss forward + backward (no optimizer), float32, the benchmark config below.
 The modes run interleaved for several rounds and the median per mode is used, so machine noise
@@ -22,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -140,9 +142,192 @@ def time_ratios(rounds: int, steps: int) -> list[dict]:
     return rows
 
 
-def memory_probe(cfg_fields: dict, batch: int, mode: str) -> dict:
-    """Runs in a fresh process: peak RSS during one step minus RSS just before it."""
+# The 3B preset's structure (32 layers, 8 TTT blocks, T 8192, k 8192, b 1024) with tiny widths:
+# the number of host-side calls depends on the structure, not on the widths.
+STRUCTURE_3B = dict(
+    vocab_size=256,
+    d_model=64,
+    n_layers=32,
+    n_ttt_blocks=8,
+    n_heads=1,  # the compiled step keeps b x (k + b) attention tensors per head: memory
+    mlp_hidden=64,
+    seq_len=8192,
+    window=8192,
+    chunk_size=1024,
+)
+
+
+def host_calls(model: TTTModel, tokens: torch.Tensor, mode: str) -> int:
+    """Host-side calls of one meta step (torch.profiler events): eager, every aten call; compiled,
+    every compiled-graph launch, every generated kernel and every aten call left (extern
+    matmuls, allocations, the eager glue between graphs)."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    inductor_config.cpp.enable_kernel_profile = True  # each generated kernel is an event
+    step(model, tokens, mode)  # warm-up (and compilation)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(model, tokens, mode)
+    counted = 0
+    for event in prof.key_averages():
+        name = event.key
+        if (
+            name.startswith("aten::")
+            or "CompiledFxGraph" in name
+            or name.startswith(("cpp_fused", "cpp_kernel", "triton_"))
+        ):
+            counted += event.count
+    return counted
+
+
+def compiled_report(rounds: int, steps: int, parts: tuple[str, ...]) -> dict:
+    """Eager and compiled meta steps side by side: compile time and graphs, time/FLOPs per remat
+    mode at the bench config, host-side calls per step at the 3B structure, and the first step
+    of a second process (the Inductor cache)."""
+
+    out: dict = dict(first_step_s={}, time=[], calls=[])
+    if "time" in parts:
+        _compiled_times(rounds, steps, out)
+    if "calls" in parts:
+        _compiled_calls(out)
+    if "memory" in parts:
+        _compiled_memory(out)
+    return out
+
+
+def _compiled_memory(out: dict) -> None:
+    print(
+        "\npeak step memory, eager vs compiled (MB above the pre-step RSS; a fresh process per "
+        "cell, measured on its second step: the first compiles)"
+    )
+    print("| n | T | remat | eager | compiled | compiled / eager |")
+    print("|---|---|---|---|---|---|")
+    out["memory"] = []
+    for n in (8, 16):
+        fields = dict(BENCH, seq_len=n * BENCH["chunk_size"])
+        for mode in MODES:
+            eager = run_probe(fields, BENCH_BATCH, mode, warm=True)["peak_bytes"] / 2**20
+            compiled = (
+                run_probe(dict(fields, compile=True), BENCH_BATCH, mode, warm=True)["peak_bytes"]
+                / 2**20
+            )
+            out["memory"].append(dict(n=n, mode=mode, eager_mb=eager, compiled_mb=compiled))
+            print(
+                f"| {n} | {fields['seq_len']} | {mode} | {eager:.0f} | {compiled:.0f} | "
+                f"{compiled / eager:.2f} |"
+            )
+
+
+def _compiled_times(rounds: int, steps: int, out: dict) -> None:
+    import torch._dynamo.utils as dynamo_utils
+
+    model, tokens = make(BENCH, BENCH_BATCH)
+    print("\ncompile (bench config): the first compiled step of each remat mode, this process")
+    for mode in MODES:
+        model.config.compile = True
+        start = time.perf_counter()
+        step(model, tokens, mode)
+        out["first_step_s"][mode] = time.perf_counter() - start
+        print(f"  first compiled step (remat {mode}): {out['first_step_s'][mode]:.1f} s")
+    model.config.compile = True
+    step(model, tokens, "swa")  # the compiled SWA step's graphs too
+    out["graphs"] = dynamo_utils.counters["stats"]["unique_graphs"]
+    print(f"  graphs compiled (3 remat modes + the SWA step): {out['graphs']}")
+    # a fresh process with an empty Inductor cache, then another one reading that cache
+    with tempfile.TemporaryDirectory(prefix="ttte2e-inductor-") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        for key in ("cold", "warm"):
+            probe = subprocess.run(
+                [sys.executable, __file__, "--_compile_probe"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=1800,
+                env=env,
+            )
+            out[f"{key}_process_first_step_s"] = float(probe.stdout.strip().splitlines()[-1])
+    print(
+        f"  a new process, first compiled step (remat chunk): empty Inductor cache "
+        f"{out['cold_process_first_step_s']:.1f} s, cache from the process before "
+        f"{out['warm_process_first_step_s']:.1f} s"
+    )
+
+    variants = [("swa", False), ("swa", True)] + [(m, c) for m in MODES for c in (False, True)]
+    samples: dict = {v: [] for v in variants}
+    for _ in range(rounds):
+        for mode, compiled in variants:
+            model.config.compile = compiled
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(model, tokens, mode)
+            samples[(mode, compiled)].append((time.perf_counter() - start) / steps)
+    median = {v: statistics.median(t) for v, t in samples.items()}
+    print(
+        f"\ntime/FLOPs: (meta step s / eager SWA step s) / FLOPs ratio, {BENCH} batch "
+        f"{BENCH_BATCH}, median of {rounds} interleaved rounds"
+    )
+    for mode in MODES:
+        flops = model.estimate_flops(remat=mode).meta_over_swa
+        eager = median[(mode, False)] / median[("swa", False)] / flops
+        compiled = median[(mode, True)] / median[("swa", False)] / flops
+        against_compiled_swa = median[(mode, True)] / median[("swa", True)] / flops
+        out["time"].append(
+            dict(
+                mode=mode,
+                eager=eager,
+                compiled=compiled,
+                compiled_vs_compiled_swa=against_compiled_swa,
+                eager_s=median[(mode, False)],
+                compiled_s=median[(mode, True)],
+            )
+        )
+        print(
+            f"time/FLOPs (bench config, remat {mode}): eager {eager:.2f}, compiled "
+            f"{compiled:.2f}   (steps {median[(mode, False)]:.3f} s -> "
+            f"{median[(mode, True)]:.3f} s; against the compiled SWA step: "
+            f"{against_compiled_swa:.2f})"
+        )
+    print(
+        f"  SWA step: eager {median[('swa', False)]:.3f} s, compiled {median[('swa', True)]:.3f} s"
+    )
+
+
+def _compiled_calls(out: dict) -> None:
+    big, big_tokens = make(STRUCTURE_3B, 1)
+    print(f"\nhost-side calls per meta step, {STRUCTURE_3B} batch 1")
+    for mode in reversed(MODES):  # 'none' (the whole unrolled loop kept) last: the most memory
+        big.config.compile = False
+        eager = host_calls(big, big_tokens, mode)
+        big.config.compile = True
+        compiled = host_calls(big, big_tokens, mode)
+        out["calls"].append(dict(mode=mode, eager=eager, compiled=compiled))
+        print(
+            f"calls per meta step (3B structure, remat {mode}): eager {eager:,}, "
+            f"compiled {compiled:,}   (ratio {eager / compiled:.1f})"
+        )
+
+
+def compile_probe() -> float:
+    """In a fresh process: the first compiled step (remat chunk) at the bench config."""
+    model, tokens = make(BENCH, BENCH_BATCH)
+    model.config.compile = True
+    start = time.perf_counter()
+    step(model, tokens, "chunk")
+    return time.perf_counter() - start
+
+
+def memory_probe(cfg_fields: dict, batch: int, mode: str, warm: bool = False) -> dict:
+    """Runs in a fresh process: peak RSS during one step minus RSS just before it. warm: after
+    one step first (compilation), its memory handed back to the system (malloc_trim)."""
     model, tokens = make(cfg_fields, batch)
+    if warm:
+        import ctypes
+        import gc
+
+        step(model, tokens, mode)
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = read_status("VmRSS")
     reset_peak()
     start = time.perf_counter()
@@ -151,8 +336,8 @@ def memory_probe(cfg_fields: dict, batch: int, mode: str) -> dict:
     return dict(peak_bytes=read_status("VmHWM") - before, seconds=seconds)
 
 
-def run_probe(cfg_fields: dict, batch: int, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--_probe", json.dumps([cfg_fields, batch, mode])]
+def run_probe(cfg_fields: dict, batch: int, mode: str, warm: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--_probe", json.dumps([cfg_fields, batch, mode, warm])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -188,17 +373,42 @@ def heavy_table(repeats: int, checkpoint_prefix: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["time", "memory", "heavy", "profile"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["time", "memory", "heavy", "profile", "calls"],
+        default=None,
+        help="one table; with --compile: time, calls or memory",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps per mode per round")
     parser.add_argument("--chunks", default="8,16,32", help="chunk counts n for the memory table")
     parser.add_argument("--heavy-repeats", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write all results to this file")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="eager and compiled meta steps side by side (time/FLOPs, host calls, compile time) "
+        "instead of the eager tables; on CPU the default is eager, as in training",
+    )
     parser.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_compile_probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._compile_probe:
+        print(compile_probe())
+        return
+    if args.compile:
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+        )
+        parts = ("time", "calls", "memory") if args.only is None else (args.only,)
+        results = compiled_report(args.rounds, args.steps, parts)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     if args._probe:
-        cfg_fields, batch, mode = json.loads(args._probe)
-        print(json.dumps(memory_probe(cfg_fields, batch, mode)))
+        print(json.dumps(memory_probe(*json.loads(args._probe))))
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
