@@ -290,6 +290,27 @@ def _compiled_times(rounds: int, steps: int, out: dict) -> None:
     print(
         f"  SWA step: eager {median[('swa', False)]:.3f} s, compiled {median[('swa', True)]:.3f} s"
     )
+    # the head's part of the inner gradient inside the compiled step: autograd or closed form
+    from ttte2e.model import compiled as compiled_step
+
+    model.config.compile = True
+    forms = {form: [] for form in compiled_step.HEAD_FORMS}
+    for form in forms:  # warm-up: each form is its own set of graphs
+        compiled_step.head_form = form
+        step(model, tokens, "chunk")
+    for _ in range(rounds):
+        for form, samples_ in forms.items():
+            compiled_step.head_form = form
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(model, tokens, "chunk")
+            samples_.append((time.perf_counter() - start) / steps)
+    compiled_step.head_form = "autograd"
+    out["head_forms_s"] = {form: statistics.median(t) for form, t in forms.items()}
+    print(
+        "  compiled step's head (remat chunk): "
+        + ", ".join(f"{form} {t:.3f} s" for form, t in out["head_forms_s"].items())
+    )
 
 
 def _compiled_calls(out: dict) -> None:
