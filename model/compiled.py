@@ -8,16 +8,12 @@ graph is first order. Inside the region everything is plain math that Inductor f
 attention is the masked softmax of `kernels.attention.reference`, the tied head the plain
 cross-entropy (its double backward fused by Inductor: no [N, V] pass per elementwise op).
 
-What keeps the graphs few across chunks and steps:
-- the cache rows before the sequence start are cut off, as eager does (no attention to rows
-  that are masked anyway: with a window as long as the sequence, the 8K recipes, that is half
-  the suffix's attention); Dynamo makes their count (`first_valid`) symbolic after its second
-  value, so the first W/b chunks share one graph, beside the first chunk's and the steady one's;
+What stays fixed across chunks and steps, so that one graph serves them all:
+- the cache rows before the sequence start are masked by a tensor position (`first_valid`), not
+  cut off (a cut changes the shapes of the first W/b chunks);
 - the inner step size is a 0-d tensor (it ramps every step of the warm-up);
-- theta and the caches have one layout (contiguous), forward-only calls detached inputs;
 - the chunk's targets and mask are sliced outside.
-Graphs: per grad mode x whether the chunk takes its inner step x first / early / steady chunk,
-x autocast state, and a batch of one besides the (symbolic) others.
+Graphs: one per (grad mode, whether the chunk takes its inner step, autocast state, shapes).
 
 Known torch bugs return silently wrong gradients for some torch.func-in-compile patterns
 (pytorch issues 136662, 154284): tests/test_compiled.py compares every output and gradient of
@@ -56,22 +52,23 @@ def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 def _block_chunk(block, h, cache_k, cache_v, rope, window, first_valid, fast):
-    """A TTT block on one chunk over [cache rows from first_valid on; chunk] (the rows before
-    are before the sequence start); returns its output and the next chunk's caches."""
+    """A TTT block on one chunk over [cache; chunk] with every cache row kept and the rows before
+    the sequence start masked (eager cuts them off: same values, fixed shapes here)."""
     attn = block.attn
     q, k, v = attn.project(block.attn_norm(h))
-    keys = torch.cat((cache_k[:, :, first_valid:], k), dim=2)
-    values = torch.cat((cache_v[:, :, first_valid:], v), dim=2)
+    keys = torch.cat((cache_k, k), dim=2)
+    values = torch.cat((cache_v, v), dim=2)
     visible = reference.chunk_visibility(q.shape[2], keys.shape[2], window, 0, q.device)
+    visible = visible & (torch.arange(keys.shape[2], device=q.device) >= first_valid)[None, :]
     o = reference.masked_attention(
-        apply_rope(q, rope[-q.shape[2] :]), apply_rope(keys, rope[first_valid:]), values, visible
+        apply_rope(q, rope[-q.shape[2] :]), apply_rope(keys, rope), values, visible
     )
     a = h + block.attn_post_norm(attn._out(o))
     # contiguous: the next chunk's input layout must not depend on this one's buffer
     return (
         block._mlps(a, fast),
-        torch.cat((cache_k, k), dim=2)[:, :, -window:].contiguous(),
-        torch.cat((cache_v, v), dim=2)[:, :, -window:].contiguous(),
+        keys[:, :, -window:].contiguous(),
+        values[:, :, -window:].contiguous(),
     )
 
 
@@ -86,8 +83,7 @@ head_form = "autograd"
 
 def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, update):
     """fast: 3 per TTT block [B, out, in]; caches: 2 per block [B, H, W, dh]; x [B, b, d];
-    targets/mask [B, b]; first_valid: the first cache row inside the sequence; eta: a 0-d
-    tensor. Returns (new fast, new caches, nll [B, b],
+    targets/mask [B, b]; first_valid, eta: 0-d tensors. Returns (new fast, new caches, nll [B, b],
     loss [B], grad norm [B, 1] or [B, 0])."""
     cfg = model.config
     window = caches[0].shape[2]
@@ -235,7 +231,7 @@ def chunk_step(
         if isinstance(ctx.eta, torch.Tensor)
         else torch.tensor(float(ctx.eta), device=device)
     )
-    first_valid = max(0, window - c * b)
+    first_valid = torch.tensor(max(0, window - c * b), device=device)
     # theta_0 arrives as a stride-0 view over the batch, later theta contiguous: one layout
     fast = [t.contiguous() for t in fast]
     if not create_graph:  # one requires_grad pattern for every forward-only call

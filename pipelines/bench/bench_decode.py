@@ -84,11 +84,17 @@ def main() -> None:
         help="prompts of different lengths generated together (0: skip)",
     )
     parser.add_argument("--png", default="", help="write a plot here")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="prefill and decode's TTT steps through the compiled chunk step",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     contexts = [int(c) for c in args.contexts.split(",")]
     cfg = preset("tiny", seq_len=max(contexts))
-    model = TTTModel(cfg).eval()
+    model = TTTModel(cfg.replace(compile=args.compile)).eval()
     n_tokens = args.groups * cfg.chunk_size
     print(
         f"tiny preset: k = {cfg.window}, b = {cfg.chunk_size}, {torch.get_num_threads()} threads; "

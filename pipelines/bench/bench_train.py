@@ -30,7 +30,7 @@ def plain_step_seconds(cfg: TrainConfig, steps: int, threads: int) -> float:
     torch.set_num_threads(threads)
     model_cfg, geometry = check_options(cfg)
     torch.manual_seed(0)
-    model = TTTModel(model_cfg)
+    model = TTTModel(model_cfg.replace(compile=cfg.compile == "on"))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     stream = iter_batches(StreamSpec(cfg.data, model_cfg.seq_len, geometry.sequences), epochs=100)
     times = []
@@ -51,6 +51,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--docs", type=int, default=300, help="stdlib documents in the corpus")
     parser.add_argument("--batch", type=int, default=4, help="global batch in sequences")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the meta step compiled (TrainConfig.compile; off by default, as training on CPU)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     raw = write_demo_corpus(work / "raw", args.docs)
@@ -76,6 +82,7 @@ def main() -> None:
         checkpoint_every=args.steps,
         tracking_uri="off",
         max_failures=0,
+        compile="on" if args.compile else "off",
     )
     rows = {}
     for workers in (1, 2):
