@@ -185,6 +185,10 @@ def compiled_report(rounds: int, steps: int, parts: tuple[str, ...]) -> dict:
     mode at the bench config, host-side calls per step at the 3B structure, and the first step
     of a second process (the Inductor cache)."""
 
+    from ttte2e.model import compiled
+
+    # a compile failure must stop the benchmark, not fall back to eager and be timed as compiled
+    os.environ[compiled.FORCE_ENV] = "force"
     out: dict = dict(first_step_s={}, time=[], calls=[])
     if "time" in parts:
         _compiled_times(rounds, steps, out)
