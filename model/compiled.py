@@ -5,8 +5,11 @@ torch.compile cannot differentiate compiled code twice (pytorch issue 91469). Th
 is therefore taken INSIDE the compiled function with `torch.func.grad_and_value`: AOTAutograd
 traces it as ordinary forward operations, and the outer (meta) gradient through the compiled
 graph is first order. Inside the region everything is plain math that Inductor fuses: the chunk
-attention is the masked softmax of `kernels.attention.reference`, the tied head the plain
-cross-entropy (its double backward fused by Inductor: no [N, V] pass per elementwise op).
+attention is the masked softmax of `kernels.attention.reference` (the registered twice-
+differentiable ops cannot be transformed by torch.func: their autograd lacks setup_context), the
+tied head's dl/dh the fused head's closed form w (softmax(h E^T) E - E[y]) carried through the
+suffix by torch.func.vjp (or, `head_form = "autograd"`, torch.func's own gradient of the
+cross-entropy).
 
 What stays fixed across chunks and steps, so that one graph serves them all:
 - the cache rows before the sequence start are masked by a tensor position (`first_valid`), not
@@ -76,9 +79,9 @@ def _block_chunk(block, h, cache_k, cache_v, rope, window, first_valid, fast):
 # - "autograd": torch.func differentiates the cross-entropy; Inductor fuses its double backward.
 # - "closed_form": dl/dh = w (softmax(h E^T) E - E[y]) written out (the fused head's formula),
 #   and torch.func.vjp carries it through the suffix blocks.
-# benchmarks/docs: bench_meta_step.py --compile measures both; "autograd" is used.
+# bench_meta_step.py --compile times both: the closed form was the faster (docs/benchmarks.md).
 HEAD_FORMS = ("autograd", "closed_form")
-head_form = "autograd"
+head_form = "closed_form"
 
 
 def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, update):

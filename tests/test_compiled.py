@@ -62,6 +62,18 @@ def test_compiled_meta_step_equals_eager_and_official(case, remat):
     assert abs(got.loss.item() - float(data["bos.outer_loss"])) <= 1e-5
 
 
+def test_the_other_head_form_equals_eager_too(case, monkeypatch):
+    """The head's part of the inner gradient by torch.func's own differentiation of the
+    cross-entropy (the form the benchmark compares with the closed form used by default)."""
+    _, model, tokens = case
+    monkeypatch.setattr(compiled, "head_form", "autograd")
+    eager, eager_grads = _step(model, tokens, False, "none")
+    got, grads = _step(model, tokens, True, "none")
+    assert (got.token_nll - eager.token_nll).abs().max() <= ATOL
+    scale = max(g.abs().max() for g in eager_grads.values())
+    assert max((grads[n] - g).abs().max() for n, g in eager_grads.items()) <= ATOL * scale
+
+
 def test_no_recompilation_across_chunks_steps_and_batch_sizes(case):
     """After one training step, more steps (another inner step size each, as in the warm-up
     ramp) compile nothing; evaluation compiles for a batch of 1 and then one graph for any other
