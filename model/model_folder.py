@@ -91,6 +91,11 @@ class ShardWriter:
         return files
 
 
+# TTTConfig fields that say how this process runs the model, not what the model is: a folder
+# written with compile=True must not compile wherever it is loaded
+RUN_SETTINGS = ("compile",)
+
+
 def write_model_folder(
     directory: str | Path,
     config_dict: dict,
@@ -102,7 +107,8 @@ def write_model_folder(
         writer.add(name, tensor)
     files = writer.close()
     # config last: a folder with a config.json is a finished export
-    stamped = {"format": FORMAT, "format_version": FORMAT_VERSION, **config_dict}
+    kept = {k: v for k, v in config_dict.items() if k not in RUN_SETTINGS}
+    stamped = {"format": FORMAT, "format_version": FORMAT_VERSION, **kept}
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(stamped, indent=2))
     return files
 

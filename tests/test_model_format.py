@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ttte2e.model import TTTConfig, TTTModel, preset
+from ttte2e.model.model_folder import RUN_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "model_config.schema.json").read_text())
@@ -21,12 +22,15 @@ SCHEMA = json.loads((ROOT / "docs" / "model_config.schema.json").read_text())
 def test_config_json_is_versioned_and_matches_the_schema(tmp_path):
     import jsonschema
 
-    TTTModel(preset("tiny")).save_pretrained(tmp_path / "m")
+    TTTModel(preset("tiny", compile=True)).save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["format"] == "ttte2e-model" and config["format_version"] == 1
     jsonschema.validate(config, SCHEMA)
-    # the schema names every field the config writes, and nothing else
-    fields = {f.name for f in dataclasses.fields(TTTConfig)}
+    # the schema names every field the config writes, and nothing else; how a process runs the
+    # model (compile) is not written, and a loaded folder runs eager
+    fields = {f.name for f in dataclasses.fields(TTTConfig)} - set(RUN_SETTINGS)
+    assert "compile" not in config
+    assert TTTModel.from_pretrained(tmp_path / "m").config.compile is False
     assert set(SCHEMA["properties"]) == fields | {"format", "format_version"}
     bad = dict(config, window="64")
     with pytest.raises(jsonschema.ValidationError):
