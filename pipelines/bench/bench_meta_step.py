@@ -158,9 +158,11 @@ STRUCTURE_3B = dict(
 
 
 def host_calls(model: TTTModel, tokens: torch.Tensor, mode: str) -> int:
-    """Host-side calls of one meta step (torch.profiler events): eager, every aten call; compiled,
-    every compiled-graph launch, every generated kernel and every aten call left (extern
-    matmuls, allocations, the eager glue between graphs)."""
+    """Host-side calls of one meta step, from torch.profiler events: every aten call the program
+    makes (not those an aten op makes inside itself, e.g. a matmul's own resolve_conj), every
+    generated kernel and every compiled-graph launch. Eager: its aten calls, forward and
+    backward; compiled: the launches, their kernels and extern calls (matmuls), and the eager
+    glue between graphs."""
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile
 
@@ -168,15 +170,29 @@ def host_calls(model: TTTModel, tokens: torch.Tensor, mode: str) -> int:
     step(model, tokens, mode)  # warm-up (and compilation)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(model, tokens, mode)
+
+    def inside_an_op(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::") or "cpp_fused" in parent.name:
+                return True
+            parent = parent.cpu_parent
+        return False
+
     counted = 0
-    for event in prof.key_averages():
-        name = event.key
-        if (
-            name.startswith("aten::")
-            or "CompiledFxGraph" in name
-            or name.startswith(("cpp_fused", "cpp_kernel", "triton_"))
-        ):
-            counted += event.count
+    for event in prof.events():
+        name = event.name
+        launch = any(
+            key in name
+            for key in (
+                "Torch-Compiled Region",  # a compiled frame (forward graph)
+                "CompiledFunctionBackward",  # its backward graph
+                "cpp_fused",  # a generated kernel
+                "cpp_kernel",
+            )
+        )
+        if launch or (name.startswith("aten::") and not inside_an_op(event)):
+            counted += 1
     return counted
 
 
