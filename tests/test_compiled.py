@@ -168,3 +168,17 @@ def test_a_compile_failure_warns_once_and_runs_eager(case, monkeypatch):
     assert len(messages) == 1 and "Unsupported: injected" in messages[0], messages
     with torch.no_grad():
         assert torch.equal(got, model.meta_loss(tokens).token_nll)
+
+
+def test_the_run_setting_and_its_flags():
+    """auto compiles on CUDA only; --compile / --no-compile are on / off on the commands."""
+    from ttte2e.platform.cli.train import parse
+    from ttte2e.platform.train.config import compile_enabled
+
+    assert compile_enabled("auto", "cuda") and not compile_enabled("auto", "cpu")
+    assert compile_enabled("on", "cpu") and not compile_enabled("off", "cuda")
+    for argv, expected in (([], "auto"), (["--compile"], "on"), (["--no-compile"], "off")):
+        cfg, _ = parse(["--preset", "tiny", *argv, "--lr", "1e-3"], "train")
+        assert cfg.compile == expected and cfg.lr == 1e-3, argv
+    cfg, _ = parse(["--preset", "tiny", "--compile", "off"], "train")
+    assert cfg.compile == "off"
