@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from ttte2e.kernels.attention import reference
 
+from .inner_loop import Carry, ChunkContext, ChunkOutput, clip_scale
 from .layers import apply_rope, at_least_fp32
 
 if TYPE_CHECKING:
-    from .inner_loop import ChunkContext, ChunkOutput
     from .transformer import TTTModel
 
 
@@ -48,10 +48,6 @@ FORCE_ENV = "TTTE2E_COMPILE"
 
 def forced() -> bool:
     return os.environ.get(FORCE_ENV, "").lower() == "force"
-
-
-def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
-    return torch.where(norm < clip, torch.ones_like(norm), clip / norm.clamp_min(clip))
 
 
 def _block_chunk(block, h, cache_k, cache_v, rope, window, first_valid, fast):
@@ -140,7 +136,7 @@ def _chunk_step(model, fast, caches, x, targets, mask, first_valid, eta, rope, u
             sum(at_least_fp32(g).pow(2).flatten(1).sum(1) for g in grads)
         )
     )
-    step = eta * _clip_scale(norm, cfg.inner_clip)
+    step = eta * clip_scale(norm, cfg.inner_clip)
     scale = model.parallel.copy_to_shards(step.view(-1, 1, 1))
     new_fast = [t - scale * at_least_fp32(g) for t, g in zip(fast, grads)]
     return new_fast, new_caches, nll, loss, norm[:, None].detach()
@@ -222,8 +218,6 @@ def chunk_step(
 ) -> ChunkOutput | None:
     """inner_loop.chunk_step through the compiled function; None when compilation failed
     (warned once) and the caller runs eager."""
-    from .inner_loop import Carry, ChunkOutput
-
     b, window = ctx.chunk, ctx.window
     span = slice(c * b - ctx.offset, (c + 1) * b - ctx.offset)
     update = not (ctx.updates is not None and c >= ctx.updates)

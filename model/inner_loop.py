@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import compiled
 from .config import REMAT_MODES
 from .layers import at_least_fp32
 
@@ -136,7 +135,7 @@ class ChunkOutput:
     grad_norm: torch.Tensor  # [B, updates] each inner gradient's global norm before clipping
 
 
-def _clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
+def clip_scale(norm: torch.Tensor, clip: float) -> torch.Tensor:
     """optax clip_by_global_norm: keep g when norm < clip, else g * clip / norm (in the graph)."""
     return torch.where(norm < clip, torch.ones_like(norm), clip / norm.clamp_min(clip))
 
@@ -150,6 +149,8 @@ def chunk_step(
     nothing is kept for an outer backward (forward-only / remat forward)."""
     fast, caches = carry.fast, carry.caches
     if model.config.compile:
+        from . import compiled  # here: compiled.py builds on this module
+
         out = compiled.chunk_step(model, ctx, c, fast, caches, x, create_graph)
         if out is not None:  # None: compilation failed (warned once); run eager
             return out
@@ -203,7 +204,7 @@ def chunk_step(
             )
         )
         # the step size is one number per sequence applied to every shard of theta
-        step = ctx.eta * _clip_scale(norm, ctx.clip)
+        step = ctx.eta * clip_scale(norm, ctx.clip)
         scale = model.parallel.copy_to_shards(step.view(-1, 1, 1))
         new_fast = [t - scale * at_least_fp32(g) for t, g in zip(fast, grads)]
         norm = norm[:, None]
