@@ -19,6 +19,7 @@ interpreter mishandles bfloat16 arithmetic. On GPU, bf16/fp16 tiles go to tensor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -32,6 +33,7 @@ except ImportError:  # the `triton` extra is optional; the public ops fall back 
 
 AVAILABLE = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCKS_ENV = "TTTE2E_TRITON_BLOCKS"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -569,90 +571,192 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, first
         )
 
 
-def _launch_config(head_dim: int, dtype: torch.dtype):
+@dataclasses.dataclass(frozen=True)
+class LaunchSettings:
+    """How a kernel family is launched: tile sizes, tile dtype handling, warps and stages."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    precision: str  # tl.dot input precision for float32 tiles ("ieee": exact)
+    upcast: bool  # tiles to float32 after loading (the interpreter's bf16 is wrong)
+    num_warps: int | None = None  # None: triton's default (4)
+    num_stages: int | None = None  # None: triton's default (3 on NVIDIA)
+
+    def launch_options(self) -> dict:
+        return {
+            key: value
+            for key, value in (("num_warps", self.num_warps), ("num_stages", self.num_stages))
+            if value is not None
+        }
+
+
+def gpu_blocks_under_interpreter() -> bool:
+    """TTTE2E_TRITON_BLOCKS=gpu: the interpreter runs the GPU's tile sizes and tile dtypes (tests
+    of the multi-tile and fp16 paths a GPU takes); read per launch, so tests can switch it."""
+    value = os.environ.get(BLOCKS_ENV, "auto")
+    if value not in ("auto", "gpu"):
+        raise ValueError(f"{BLOCKS_ENV}={value!r}: choose auto or gpu")
+    return value == "gpu"
+
+
+def launch_settings(kind: str, head_dim: int, dtype: torch.dtype, gpu: bool | None = None):
+    """The settings for kind 'fwd' (forward), 'bwd' (backward) or 'dd' (double backward).
+
+    gpu=None: what this process runs (the GPU's settings unless under the interpreter, where
+    small blocks keep the tests fast, or TTTE2E_TRITON_BLOCKS=gpu). check_kernels_aot.py compiles
+    gpu=True for H100 / B200 and checks shared memory, registers and spills against the limits.
+    """
+    if kind not in ("fwd", "bwd", "dd"):
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    if gpu is None:
+        gpu = not INTERPRET or gpu_blocks_under_interpreter()
+    # 80 and 96 pad to 128 (tl.arange needs a power of two); masked columns cost no loads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    small = INTERPRET or block_d > 128
-    block = 32 if small else 64
     precision = "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; ignored for bf16
-    return block, block_d, precision
+    # The interpreter's bf16 is wrong: upcast there; fp16 and fp32 tiles run as a GPU runs them
+    upcast = INTERPRET and (dtype == torch.bfloat16 or not gpu)
+    if not gpu:
+        block = 16 if kind == "dd" else 32
+        return LaunchSettings(block, block, block_d, precision, upcast)
+    # Chosen with check_kernels_aot.py (ptxas's report for sm_90 / sm_100): no shared-memory
+    # overflow and no heavy spills. float32 tiles take no tensor cores (precision "ieee": FMA
+    # loops) and twice the registers, so they get small tiles and more warps.
+    wide = block_d > 64
+    if kind == "dd":  # seven operand tiles per step and five [block, block] temporaries
+        if dtype == torch.float32:
+            return LaunchSettings(16, 16, block_d, precision, upcast, num_warps=8, num_stages=1)
+        return LaunchSettings(
+            32, 32, block_d, precision, upcast, num_warps=8 if wide else 4, num_stages=2
+        )
+    if dtype == torch.float32:
+        if kind == "fwd":
+            warps, stages = (16, 2) if wide else (8, 2)
+        else:
+            warps, stages = (8, 1) if wide else (8, 2)
+        return LaunchSettings(32, 32, block_d, precision, upcast, warps, stages)
+    block = 32 if block_d > 128 else 64
+    return LaunchSettings(
+        block,
+        block,
+        block_d,
+        precision,
+        upcast,
+        num_warps=8 if wide else 4,
+        num_stages=2 if wide else 3,
+    )
 
 
-def attention_forward(q, k, v, window: int, first_valid_key: int = 0):
-    """Windowed attention of the last Tq positions of Tk; returns (out [B,H,Tq,dh], lse [B,H,Tq])."""
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: what `run` launches and check_kernels_aot.py compiles ahead of time."""
+
+    name: str
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    settings: LaunchSettings
+
+    def run(self):
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.settings.launch_options())
+
+
+def _tile_constexprs(head_dim: int, settings: LaunchSettings) -> dict:
+    return dict(
+        HEAD_DIM=head_dim,
+        BLOCK_M=settings.block_m,
+        BLOCK_N=settings.block_n,
+        BLOCK_D=settings.block_d,
+        UPCAST=settings.upcast,
+        PRECISION=settings.precision,
+    )
+
+
+def forward_launches(q, k, v, window: int, first_valid_key: int = 0, gpu: bool | None = None):
+    """(out, lse, launches) of attention_forward; the launches fill out and lse."""
     _check(q, k, v, window, first_valid_key)
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[-2]
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, tq, device=q.device, dtype=torch.float32)
-    block, block_d, precision = _launch_config(head_dim, q.dtype)
-    grid = (triton.cdiv(tq, block), batch * heads)
-    _fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        heads,
-        tq,
-        tk,
-        tk - tq,
-        window,
-        first_valid_key,
-        LOG2E / math.sqrt(head_dim),
-        HEAD_DIM=head_dim,
-        BLOCK_M=block,
-        BLOCK_N=block,
-        BLOCK_D=block_d,
-        UPCAST=INTERPRET,
-        PRECISION=precision,
+    settings = launch_settings("fwd", head_dim, q.dtype, gpu)
+    args = (
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, tq, tk, tk - tq, window, first_valid_key, LOG2E / math.sqrt(head_dim),
+    )  # fmt: skip
+    grid = (triton.cdiv(tq, settings.block_m), batch * heads)
+    launch = Launch(
+        "forward", _fwd_kernel, grid, args, _tile_constexprs(head_dim, settings), settings
     )
+    return out, lse, [launch]
+
+
+def attention_forward(q, k, v, window: int, first_valid_key: int = 0):
+    """Windowed attention of the last Tq positions of Tk; returns (out [B,H,Tq,dh], lse [B,H,Tq])."""
+    out, lse, launches = forward_launches(q, k, v, window, first_valid_key)
+    for launch in launches:
+        launch.run()
     return out, lse
 
 
-def attention_backward(q, k, v, out, lse, grad_out, window: int, first_valid_key: int = 0):
-    """First-order gradients (dq, dk, dv) of attention_forward, recomputing probabilities from lse."""
+def backward_launches(
+    q, k, v, out, lse, grad_out, window: int, first_valid_key: int = 0, gpu: bool | None = None
+):
+    """((dq, dk, dv), launches) of attention_backward."""
     _check(q, k, v, window, first_valid_key)
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[-2]
-    grad_out = grad_out.contiguous()
+    # the kernels multiply grad_out tiles with q/k/v tiles: one dtype (autocast may hand fp32)
+    grad_out = grad_out.to(q.dtype).contiguous()
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(P * dP)
     lse = lse.contiguous()
     # dq uses q's strides and dk/dv k's/v's: allocate them contiguous and hand q/k/v contiguous too
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    block, block_d, precision = _launch_config(head_dim, q.dtype)
-    common = dict(
-        HEAD_DIM=head_dim,
-        BLOCK_M=block,
-        BLOCK_N=block,
-        BLOCK_D=block_d,
-        UPCAST=INTERPRET,
-        PRECISION=precision,
-    )
+    settings = launch_settings("bwd", head_dim, q.dtype, gpu)
+    constexprs = _tile_constexprs(head_dim, settings)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (heads, tq, tk, tk - tq, window, first_valid_key, 1.0 / math.sqrt(head_dim))
-    _bwd_dkdv_kernel[(triton.cdiv(tk, block), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, *scalars, **common
-    )
-    _bwd_dq_kernel[(triton.cdiv(tq, block), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, *strides, *scalars, **common
-    )
-    return dq, dk, dv
+    launches = [
+        Launch(
+            "backward dk dv",
+            _bwd_dkdv_kernel,
+            (triton.cdiv(tk, settings.block_n), batch * heads),
+            (q, k, v, grad_out, lse, delta, dk, dv, *strides, *scalars),
+            constexprs,
+            settings,
+        ),
+        Launch(
+            "backward dq",
+            _bwd_dq_kernel,
+            (triton.cdiv(tq, settings.block_m), batch * heads),
+            (q, k, v, grad_out, lse, delta, dq, *strides, *scalars),
+            constexprs,
+            settings,
+        ),
+    ]
+    return (dq, dk, dv), launches
 
 
-def attention_double_backward(
-    q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window: int, first_valid_key: int = 0
-):
-    """Gradients of attention_backward's (dq, dk, dv) w.r.t. (q, k, v, grad_out), given their
-    cotangents (None = zero); returns (grad_q, grad_k, grad_v, grad_grad_out)."""
+def attention_backward(q, k, v, out, lse, grad_out, window: int, first_valid_key: int = 0):
+    """First-order gradients (dq, dk, dv) of attention_forward, recomputing probabilities from lse."""
+    grads, launches = backward_launches(q, k, v, out, lse, grad_out, window, first_valid_key)
+    for launch in launches:
+        launch.run()
+    return grads
+
+
+def double_backward_launches(
+    q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window: int, first_valid_key: int = 0,
+    gpu: bool | None = None,
+):  # fmt: skip
+    """((grad_q, grad_k, grad_v, grad_grad_out), launches) of attention_double_backward."""
     _check(q, k, v, window, first_valid_key)
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[-2]
-    q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad_out = grad_out.to(q.dtype).contiguous()
     gq = torch.zeros_like(q) if g_dq is None else g_dq.to(q.dtype).contiguous()
     gk = torch.zeros_like(k) if g_dk is None else g_dk.to(k.dtype).contiguous()
     gv = torch.zeros_like(v) if g_dv is None else g_dv.to(v.dtype).contiguous()
@@ -662,24 +766,43 @@ def attention_double_backward(
     f = torch.empty_like(e)
     grad_q, grad_do = torch.empty_like(q), torch.empty_like(grad_out)
     grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
-    _, block_d, precision = _launch_config(head_dim, q.dtype)
-    block = 16 if INTERPRET else 32  # six [block, dh] operand tiles live per step: small blocks
-    common = dict(
-        HEAD_DIM=head_dim,
-        BLOCK_M=block,
-        BLOCK_N=block,
-        BLOCK_D=block_d,
-        UPCAST=INTERPRET,
-        PRECISION=precision,
-    )
-    if not INTERPRET:
-        common["num_warps"] = 8 if block_d > 64 else 4
+    settings = launch_settings("dd", head_dim, q.dtype, gpu)
+    constexprs = _tile_constexprs(head_dim, settings)
     scalars = (tq, tk, tk - tq, window, first_valid_key, 1.0 / math.sqrt(head_dim))
     tensors = (q, k, v, grad_out, gq, gk, gv, lse, delta, e, f)
-    rows = (triton.cdiv(tq, block), batch * heads)
-    _dd_rows_kernel[rows](*tensors, grad_q, grad_do, *scalars, STATS_ONLY=True, **common)
-    _dd_rows_kernel[rows](*tensors, grad_q, grad_do, *scalars, STATS_ONLY=False, **common)
-    _dd_cols_kernel[(triton.cdiv(tk, block), batch * heads)](
-        *tensors, grad_k, grad_v, *scalars, **common
+    rows = (triton.cdiv(tq, settings.block_m), batch * heads)
+    launches = [
+        Launch(
+            f"double backward {name}",
+            _dd_rows_kernel,
+            rows,
+            (*tensors, grad_q, grad_do, *scalars),
+            {"STATS_ONLY": stats_only, **constexprs},
+            settings,
+        )
+        for name, stats_only in (("row stats", True), ("dq ddo", False))
+    ]
+    launches.append(
+        Launch(
+            "double backward dk dv",
+            _dd_cols_kernel,
+            (triton.cdiv(tk, settings.block_n), batch * heads),
+            (*tensors, grad_k, grad_v, *scalars),
+            constexprs,
+            settings,
+        )
     )
-    return grad_q, grad_k, grad_v, grad_do
+    return (grad_q, grad_k, grad_v, grad_do), launches
+
+
+def attention_double_backward(
+    q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window: int, first_valid_key: int = 0
+):
+    """Gradients of attention_backward's (dq, dk, dv) w.r.t. (q, k, v, grad_out), given their
+    cotangents (None = zero); returns (grad_q, grad_k, grad_v, grad_grad_out)."""
+    grads, launches = double_backward_launches(
+        q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key
+    )
+    for launch in launches:
+        launch.run()
+    return grads
