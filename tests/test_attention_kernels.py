@@ -102,6 +102,50 @@ def test_triton_double_backward_matches_pytorch_formula(shape, present, nan_empt
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
+# (name, queries, keys, window, first_valid_key): every pass spans 3+ tiles of 64 (32 in the double
+# backward), windows and lengths off the tile grid
+GPU_BLOCK_SHAPES = [("prefix", 200, 200, 100, 0), ("suffix chunk", 70, 230, 150, 13)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", GPU_BLOCK_SHAPES, ids=[s[0] for s in GPU_BLOCK_SHAPES])
+def test_kernels_at_the_gpu_launch_settings(shape, dtype, monkeypatch):
+    """The tile sizes and tile dtypes a GPU runs (64-row blocks, fp16 tiles to the dots, 16/32-row
+    fp32 blocks), here under the interpreter: multi-tile online softmax, head dim 80 padded to
+    128, all three passes against the float64 formulas."""
+    monkeypatch.setenv(triton_swa.BLOCKS_ENV, "gpu")
+    _, n_q, n_k, window, first = shape
+    settings = triton_swa.launch_settings("fwd", 80, dtype)
+    assert not settings.upcast and settings.block_d == 128
+    assert n_q / settings.block_m > 1 and n_k / settings.block_n >= 3
+    q, k, v = (t.detach() for t in tensors(1, 2, n_q, n_k, 80, dtype=dtype, seed=11))
+    gen = torch.Generator().manual_seed(12)
+    grad_out, gq, gk, gv = (torch.randn(t.shape, generator=gen).to(dtype) for t in (q, q, k, v))
+    wide = [t.double() for t in (q, k, v)]
+    out_ref, lse_ref = chunk.torch_forward(*wide, window, first)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
+
+    def close(got, want, what):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{what}: {m}")
+
+    out, lse = triton_swa.attention_forward(q, k, v, window, first)
+    close(out, out_ref, "out")
+    close(lse, lse_ref, "lse")
+    # grad_out arrives in float32 under autocast: the launch casts it to the tiles' dtype
+    got = triton_swa.attention_backward(q, k, v, out, lse, grad_out.float(), window, first)
+    want = chunk.torch_backward(*wide, out_ref, lse_ref, grad_out.double(), window, first)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        close(a, b, name)
+    got = triton_swa.attention_double_backward(
+        q, k, v, out, lse, grad_out.float(), gq, gk, gv, window, first
+    )
+    want = chunk.double_backward(
+        *wide, lse_ref, grad_out.double(), gq.double(), gk.double(), gv.double(), window, first
+    )
+    for name, a, b in zip(("grad q", "grad k", "grad v", "grad grad_out"), got, want):
+        close(a, b, name)
+
+
 def test_triton_bfloat16_matches_float32_reference():
     q, k, v = tensors(1, 2, 45, 45, 16, dtype=torch.bfloat16)
     expected = reference.naive_sliding_window_attention(q.float(), k.float(), v.float(), 20)

@@ -12,9 +12,12 @@ row log-sum-exp (natural log, float32) that the backward passes use to recompute
 `attention_double_backward` differentiates the backward once more (formulas in chunk.py) in three
 passes; chunk.py registers all three as ops.
 
-Under TRITON_INTERPRET=1 (CPU tests) tiles are upcast to float32 right after loading: the
-interpreter mishandles bfloat16 arithmetic. On GPU, bf16/fp16 tiles go to tensor cores as they are
-(float32 accumulation).
+Launches are built as `Launch` plans with `launch_settings` (tile sizes, warps, stages per kernel
+kind and dtype, chosen with pipelines/bench/check_kernels_aot.py, which compiles every plan for
+sm_90 / sm_100 here). Under TRITON_INTERPRET=1 (CPU tests) the blocks are small and tiles upcast to
+float32 after loading, unless TTTE2E_TRITON_BLOCKS=gpu: then the GPU's blocks and fp16 / fp32
+tiles run as they would on a GPU (bf16 tiles stay upcast: the interpreter's bf16 is wrong). On GPU,
+bf16/fp16 tiles go to tensor cores as they are (float32 accumulation).
 """
 
 from __future__ import annotations
