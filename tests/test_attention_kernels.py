@@ -494,3 +494,51 @@ def test_forcing_the_kernels_makes_a_failed_check_an_error(checked_on_cpu, monke
     monkeypatch.setenv(checked_on_cpu.FORCE_ENV, "fastest")
     with pytest.raises(ValueError, match="TTTE2E_ATTENTION='fastest': choose auto or triton"):
         _suffix_second_order()
+
+
+def test_checks_are_per_head_dim_and_a_later_kernel_error_falls_back(checked_on_cpu, monkeypatch):
+    """Each head dim is checked at its own size; a triton error after the check passed (e.g.
+    OutOfResources on a new specialization) warns, this call runs PyTorch, later calls too."""
+    import triton.runtime.errors
+
+    from ttte2e.kernels.attention import triton_swa
+
+    checked = []
+    run_checks = checked_on_cpu.run_checks
+
+    def counting(device, dtype, head_dim):
+        checked.append(head_dim)
+        return run_checks(device, dtype, head_dim)
+
+    monkeypatch.setattr(checked_on_cpu, "run_checks", counting)
+    _suffix_second_order()  # head dim 16
+    q, k, v = tensors(1, 2, 8, 24, 24, seed=6)
+    attention.chunk_attention(q, k, v, 16, 4)
+    assert checked == [16, 24] and len(checked_on_cpu._verdicts) == 2
+
+    launched = []
+    backward = triton_swa.attention_backward
+
+    def out_of_resources(*args):
+        launched.append(1)
+        raise triton.runtime.errors.OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(triton_swa, "attention_backward", out_of_resources)
+    with pytest.warns(
+        RuntimeWarning, match="'backward' failed on cpu .*head dim 16.*OutOfResources"
+    ):
+        got = _suffix_second_order()
+    for a, b in zip(got, _suffix_second_order("math")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert launched == [1] and checked_on_cpu._verdicts[("cpu", torch.float32, 16)] is False
+    assert checked_on_cpu._verdicts[("cpu", torch.float32, 24)]  # other head dims keep theirs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _suffix_second_order()  # PyTorch from now on: the kernel is not tried again
+    assert launched == [1]
+    monkeypatch.setattr(triton_swa, "attention_backward", backward)
+
+    monkeypatch.setenv(checked_on_cpu.FORCE_ENV, "triton")  # forced: the error is raised
+    monkeypatch.setattr(triton_swa, "attention_forward", out_of_resources)
+    with pytest.raises(RuntimeError, match="'forward' failed.*no fallback"):
+        attention.chunk_attention(q, k, v, 16, 4)

@@ -122,13 +122,37 @@ def double_backward(q, k, v, lse, grad_out, g_dq, g_dk, g_dv, window: int, first
 # --- registered ops ---------------------------------------------------------------------------
 
 
+def _kernel_or_torch(name: str, q: Tensor, kernel, torch_path):
+    """Run a Triton kernel; if it fails to compile or launch (a triton error, e.g. OutOfResources
+    on a specialization the self-check did not compile), self_check warns and marks the device,
+    dtype and head dim (or raises when forced) and this call runs the PyTorch path; so do the
+    later backward calls of ops recorded before the failure."""
+    from . import self_check  # self_check imports this module
+
+    if self_check.failed_before(q):
+        return torch_path()
+    try:
+        return kernel()
+    except triton_swa.TRITON_ERRORS as error:
+        self_check.kernel_failed(q, name, error)
+        return torch_path()
+
+
 @torch.library.custom_op("ttte2e::window_attention_fwd", mutates_args=())
 def window_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, window: int, first_valid_key: int, use_triton: bool
 ) -> tuple[Tensor, Tensor]:
+    def torch_path():
+        return torch_forward(q, k, v, window, first_valid_key)
+
     if use_triton:
-        return triton_swa.attention_forward(q, k, v, window, first_valid_key)
-    return torch_forward(q, k, v, window, first_valid_key)
+        return _kernel_or_torch(
+            "forward",
+            q,
+            lambda: triton_swa.attention_forward(q, k, v, window, first_valid_key),
+            torch_path,
+        )
+    return torch_path()
 
 
 @window_attention_fwd.register_fake
@@ -149,9 +173,19 @@ def window_attention_bwd(
     first_valid_key: int,
     use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    def torch_path():
+        return torch_backward(q, k, v, out, lse, grad_out, window, first_valid_key)
+
     if use_triton:
-        return triton_swa.attention_backward(q, k, v, out, lse, grad_out, window, first_valid_key)
-    return torch_backward(q, k, v, out, lse, grad_out, window, first_valid_key)
+        return _kernel_or_torch(
+            "backward",
+            q,
+            lambda: triton_swa.attention_backward(
+                q, k, v, out, lse, grad_out, window, first_valid_key
+            ),
+            torch_path,
+        )
+    return torch_path()
 
 
 @window_attention_bwd.register_fake
@@ -203,11 +237,20 @@ def window_attention_bwd_bwd(
     use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of window_attention_bwd's outputs w.r.t. (q, k, v, grad_out); not differentiable."""
+
+    def torch_path():
+        return double_backward(q, k, v, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key)
+
     if use_triton:
-        return triton_swa.attention_double_backward(
-            q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key
+        return _kernel_or_torch(
+            "double backward",
+            q,
+            lambda: triton_swa.attention_double_backward(
+                q, k, v, out, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key
+            ),
+            torch_path,
         )
-    return double_backward(q, k, v, lse, grad_out, g_dq, g_dk, g_dv, window, first_valid_key)
+    return torch_path()
 
 
 @window_attention_bwd_bwd.register_fake

@@ -35,6 +35,8 @@ except ImportError:  # the `triton` extra is optional; the public ops fall back 
     triton = None
 
 AVAILABLE = triton is not None
+# what a kernel raises when it does not compile or fit (OutOfResources, CompilationError, ...)
+TRITON_ERRORS = (triton.errors.TritonError,) if AVAILABLE else ()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCKS_ENV = "TTTE2E_TRITON_BLOCKS"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
