@@ -129,7 +129,7 @@ class ChunkContext:
 
 @dataclass
 class ChunkOutput:
-    carry: Carry  # after the step(s)
+    carry: Carry | None  # after the step(s); None for all but the last group under remat
     nll: torch.Tensor  # [B, b * steps] per-token NLL with the weights before each step
     loss: torch.Tensor  # [B, steps] each chunk's masked mean NLL (the inner loss)
     grad_norm: torch.Tensor  # [B, updates] each inner gradient's global norm before clipping
@@ -381,7 +381,10 @@ def run_inner_loop(
                     run, 5 * n_blocks + 1, model.config.compile, *carry.tensors(), x_group, *params
                 )
             carry = Carry.from_tensors(flat, n_blocks)
-            outs.append(ChunkOutput(carry, *flat[-3:]))
+            # only the last carry stays referenced here: the earlier ones live on in what _Remat
+            # saved (moved to the host under carry offload), not twice on the device
+            outs.append(ChunkOutput(None, *flat[-3:]))
+        outs[-1] = ChunkOutput(carry, *flat[-3:])
     return InnerLoopOutput(
         chunk_loss=torch.cat([o.loss for o in outs], 1),
         token_nll=torch.cat([o.nll for o in outs], 1),

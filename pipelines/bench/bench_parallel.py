@@ -9,7 +9,9 @@ a short warm-up step, then one meta step of the benchmark shapes; memory is the 
 resident memory during that step minus its resident memory just before it (VmHWM after
 /proc/self/clear_refs), the larger of the ranks. That is what the step adds on top of the
 weights: the gradients, what the forward keeps for the backward, and the backward's transients;
-the plan's `step` figure predicts exactly that. fp32 on CPU.
+the plan's `step` figure predicts exactly that. fp32, and bf16 under CPU autocast (which casts
+as CUDA's does: bf16 matmuls, weight copies cached for the backward, fp32 caches and residual).
+One line per cell: `peak per rank (precision P, TP N, offload O): measured X MiB, plan Y MiB`.
 
 Offload on CPU is a no-op move (the tensors stay in host memory, which is the CPU's memory), so
 its cell shows the bytes the hooks would move, beside the plan's host-memory figure, and a peak
@@ -43,7 +45,14 @@ BENCH = dict(
     remat="nested",
     bos_token_id=1,
 )
-CELLS = (("TP=1", 1, "none"), ("TP=2", 2, "none"), ("TP=1 offload all", 1, "all"))
+# (precision, tensor-parallel ranks, offload)
+CELLS = (
+    ("fp32", 1, "none"),
+    ("fp32", 2, "none"),
+    ("bf16", 1, "none"),
+    ("bf16", 2, "none"),
+    ("fp32", 1, "all"),
+)
 
 
 def _tokens(config: TTTConfig, seq_len: int) -> torch.Tensor:
@@ -51,13 +60,22 @@ def _tokens(config: TTTConfig, seq_len: int) -> torch.Tensor:
     return torch.randint(2, config.vocab_size, (1, seq_len + 1), generator=gen)
 
 
-def _step(model: TTTModel, tokens: torch.Tensor) -> None:
+def _step(model: TTTModel, tokens: torch.Tensor, precision: str) -> None:
     model.zero_grad(set_to_none=True)
-    model.meta_loss(tokens).loss.backward()
+    # as the trainer's MetaObjective: the forward under autocast, the backward after it
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model.meta_loss(tokens).loss
+    loss.backward()
 
 
 def _measure_rank(
-    fields: dict, tp: int, offload: str, rank: int = 0, init_file: str = "", out_file: str = ""
+    fields: dict,
+    tp: int,
+    offload: str,
+    precision: str,
+    rank: int = 0,
+    init_file: str = "",
+    out_file: str = "",
 ) -> dict:
     from ttte2e.platform.train.offload import apply_offload
 
@@ -75,14 +93,14 @@ def _measure_rank(
         parallelize(model, dist.group.WORLD)
     counter = apply_offload(model, offload)
     warm = config.chunk_size * 2 * tp  # a short step first: the allocator's first-use costs
-    _step(model, _tokens(config, warm))
+    _step(model, _tokens(config, warm), precision)
     model.zero_grad(set_to_none=True)
     tokens = _tokens(config, config.seq_len)
     counter.bytes = counter.tensors = 0
     before = read_status("VmRSS")
     reset_peak()
     start = time.perf_counter()
-    _step(model, tokens)
+    _step(model, tokens, precision)
     seconds = time.perf_counter() - start
     out = dict(
         peak_bytes=read_status("VmHWM") - before,
@@ -106,14 +124,16 @@ def _measure_rank(
     return out
 
 
-def _spawned(rank: int, fields: dict, tp: int, offload: str, init_file: str, out_file: str):
-    _measure_rank(fields, tp, offload, rank, init_file, out_file)
+def _spawned(
+    rank: int, fields: dict, tp: int, offload: str, precision: str, init_file: str, out_file: str
+):
+    _measure_rank(fields, tp, offload, precision, rank, init_file, out_file)
 
 
-def measure_cell(fields: dict, tp: int, offload: str) -> dict:
+def measure_cell(fields: dict, tp: int, offload: str, precision: str) -> dict:
     """Runs in the fresh process of one cell."""
     if tp == 1:
-        return _measure_rank(fields, 1, offload)
+        return _measure_rank(fields, 1, offload, precision)
     import tempfile
 
     import torch.multiprocessing as mp
@@ -122,7 +142,7 @@ def measure_cell(fields: dict, tp: int, offload: str) -> dict:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
         mp.start_processes(
             _spawned,
-            args=(fields, tp, offload, init_file, out_file),
+            args=(fields, tp, offload, precision, init_file, out_file),
             nprocs=tp,
             start_method="spawn",
         )
@@ -130,14 +150,16 @@ def measure_cell(fields: dict, tp: int, offload: str) -> dict:
             return json.load(f)
 
 
-def run_cell(fields: dict, tp: int, offload: str) -> dict:
+def run_cell(fields: dict, tp: int, offload: str, precision: str) -> dict:
     # small allocations from the heap, large ones mapped: freed memory goes back to the system,
     # so the peak is the tensors', not the allocator's fragmentation
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--_cell", json.dumps([fields, tp, offload])]
+    cmd = [sys.executable, __file__, "--_cell", json.dumps([fields, tp, offload, precision])]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if out.returncode:
-        raise RuntimeError(f"cell tp={tp} offload={offload} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(
+            f"cell {precision} tp={tp} offload={offload} failed:\n{out.stderr[-3000:]}"
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -147,10 +169,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=BENCH["seq_len"])
     parser.add_argument("--_cell", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("fp32", "bf16"), help="only the cells of this precision")
     args = parser.parse_args()
     if args._cell:
-        fields, tp, offload = json.loads(args._cell)
-        print(json.dumps(measure_cell(fields, tp, offload)))
+        fields, tp, offload, precision = json.loads(args._cell)
+        print(json.dumps(measure_cell(fields, tp, offload, precision)))
         return
     fields = dict(BENCH, seq_len=args.seq_len)
     config = TTTConfig(**fields)
@@ -158,50 +181,52 @@ def main() -> None:
         f"one meta step, 1 sequence of T={config.seq_len}, d {config.d_model}, "
         f"{config.n_layers} layers ({config.n_ttt_blocks} TTT), MLP {config.mlp_hidden}, "
         f"vocab {config.vocab_size}, k {config.window}, b {config.chunk_size}, remat "
-        f"{config.remat}, fp32; memory per rank in MiB (the step's peak above the weights)"
-    )
-    print(
-        f"{'cell':<18} {'measured':>9} {'plan':>9} {'plan/meas':>9} {'host peak':>10} "
-        f"{'plan host':>10} {'plan GPU':>9} {'s/step':>7} {'us/token':>9}"
+        f"{config.remat}; memory per rank in MiB (the step's peak above the weights)"
     )
     rows = {}
-    for name, tp, offload in CELLS:
-        got = run_cell(fields, tp, offload)
-        # on CPU the offloaded tensors stay where they are: the peak to compare is the one
-        # without offload; the plan's GPU figure with offload is printed beside it
-        resident = memory_per_gpu(
-            config,
-            config.seq_len,
-            zero_stage=0,
-            gpus=1,
-            micro_batch=1,
-            bf16=False,
-            tensor_parallel=tp,
+    for precision, tp, offload in CELLS:
+        if args.only and precision != args.only:
+            continue
+        got = run_cell(fields, tp, offload, precision)
+
+        def plan(mode):
+            return memory_per_gpu(
+                config,
+                config.seq_len,
+                zero_stage=0,
+                gpus=1,
+                micro_batch=1,
+                bf16=precision == "bf16",
+                tensor_parallel=tp,
+                offload=mode,
+            )
+
+        # on CPU the offloaded tensors stay where they are: the peak to compare is the plan's
+        # without offload; with offload the plan's GPU and host figures are printed beside it
+        resident, moved = plan("none"), plan(offload)
+        rows[precision, tp, offload] = dict(got, plan=resident.step)
+        line = (
+            f"peak per rank (precision {precision}, TP {tp}, offload {offload}): measured "
+            f"{got['peak_bytes'] / 2**20:.1f} MiB, plan {resident.step / 2**20:.1f} MiB "
+            f"(plan / measured {resident.step / got['peak_bytes']:.2f}); "
+            f"{got['seconds']:.2f} s/step"
         )
-        plan = memory_per_gpu(
-            config,
-            config.seq_len,
-            zero_stage=0,
-            gpus=1,
-            micro_batch=1,
-            bf16=False,
-            tensor_parallel=tp,
-            offload=offload,
-        )
-        rows[name] = dict(got, plan=resident.step, host=plan.host)
-        print(
-            f"{name:<18} {got['peak_bytes'] / 2**20:9.1f} {resident.step / 2**20:9.1f} "
-            f"{resident.step / got['peak_bytes']:9.2f} {got['offloaded_bytes'] / 2**20:10.1f} "
-            f"{plan.host / 2**20:10.1f} {plan.step / 2**20:9.1f} {got['seconds']:7.2f} "
-            f"{got['seconds'] / config.seq_len * 1e6:9.1f}",
-            flush=True,
-        )
-    one, two = rows["TP=1"], rows["TP=2"]
-    print(
-        f"TP=2 / TP=1 per rank: memory {two['peak_bytes'] / one['peak_bytes']:.2f}x (plan "
-        f"{two['plan'] / one['plan']:.2f}x); time per token {two['seconds'] / one['seconds']:.2f}x "
-        f"(2 processes sharing {os.cpu_count()} cores, gloo all-reduces)"
-    )
+        if offload != "none":
+            line += (
+                f"; offload moved {got['offloaded_bytes'] / 2**20:.1f} MiB at most at once, "
+                f"plan host {moved.host / 2**20:.1f} MiB, plan GPU {moved.step / 2**20:.1f} MiB"
+            )
+        print(line, flush=True)
+    for precision in ("fp32", "bf16"):
+        one, two = rows.get((precision, 1, "none")), rows.get((precision, 2, "none"))
+        if one and two:
+            print(
+                f"{precision}: TP=2 / TP=1 per rank: memory "
+                f"{two['peak_bytes'] / one['peak_bytes']:.2f}x (plan "
+                f"{two['plan'] / one['plan']:.2f}x); time per token "
+                f"{two['seconds'] / one['seconds']:.2f}x (2 processes sharing {os.cpu_count()} "
+                "cores, gloo)"
+            )
 
 
 if __name__ == "__main__":

@@ -503,3 +503,26 @@ def check_resources(cfg: TrainConfig, resources: dict) -> bool:
             f"data readers = {need:g} CPUs; the cluster has {cpus:g} CPUs"
         )
     return use_gpu
+
+
+# DeepSpeed's gradient buckets, in elements (fp32 gradients: 4 bytes each). Its default, 5e8,
+# reserves 2 GB per bucket (two with overlap_comm) on every GPU; 5e7 (200 MB) still sends few,
+# large messages. plan.py counts the buckets.
+BUCKET_ELEMENTS = 50_000_000
+
+
+def zero_optimization(stage: int) -> dict:
+    """ZeRO settings. Stage 1 (the default) reduces the gradients once per optimizer step, at the
+    last micro-step of the accumulation, overlapped with that backward (overlap_comm; DeepSpeed
+    skips the reduction in the other micro-steps); stage 2 reduce-scatters at every micro-step,
+    trading that traffic for 1/D of the gradient memory."""
+    if stage == 0:
+        return {"stage": 0}
+    return {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": BUCKET_ELEMENTS,
+        "allgather_bucket_size": BUCKET_ELEMENTS,
+    }

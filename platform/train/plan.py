@@ -35,7 +35,12 @@ import math
 from dataclasses import dataclass
 
 from ttte2e.model import TTTConfig, count_parameters, estimate_flops
-from ttte2e.platform.train.config import ConfigError, TrainConfig, batch_geometry
+from ttte2e.platform.train.config import (
+    BUCKET_ELEMENTS,
+    ConfigError,
+    TrainConfig,
+    batch_geometry,
+)
 from ttte2e.platform.train.offload import OFFLOAD_MODES
 
 GPU_SPECS = {  # dense bf16 TFLOP/s, memory GiB (the one table: plans and the trainer's MFU)
@@ -46,6 +51,10 @@ GPU_SPECS = {  # dense bf16 TFLOP/s, memory GiB (the one table: plans and the tr
     "a10g": (125.0, 24),
     "l4": (121.0, 24),
 }
+# What a process can hold: torch.cuda.get_device_properties(...).total_memory, GiB (below the
+# name's figure: ECC, the driver's reservations); the CUDA context and NCCL's buffers come out of
+# it too (counted in the reserve)
+USABLE_GIB = {"h100": 79.1, "h200": 139.8, "a100": 79.3, "l40s": 44.4, "a10g": 22.1, "l4": 21.9}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -70,22 +79,36 @@ class MemoryEstimate:
     prefix_activations: float
     suffix_carries: float
     suffix_working: float
-    host: float = 0.0  # pinned host memory the offload needs, per GPU
+    autocast_copies: float = 0.0  # bf16 copies of the weights autocast keeps for the backward
+    zero_buffers: float = 0.0  # DeepSpeed's fp32 partition copy and gradient buckets
+    host: float = 0.0  # pinned host memory the offload needs, per GPU (rounded as allocated)
     tensor_parallel: int = 1
     offload: str = "none"
 
     @property
     def step(self) -> float:
         """What one meta step adds on top of the weights and optimizer state (its peak)."""
-        return self.grads + self.prefix_activations + self.suffix_carries + self.suffix_working
+        return (
+            self.grads
+            + self.autocast_copies
+            + self.prefix_activations
+            + self.suffix_carries
+            + self.suffix_working
+        )
+
+    @property
+    def state(self) -> float:
+        """What stays allocated between steps: weights, optimizer state, ZeRO's buffers."""
+        return self.weights + self.optimizer + self.zero_buffers
 
     @property
     def reserve(self) -> float:
-        return GIB + 0.05 * (self.weights + self.optimizer + self.step)
+        """The CUDA context and NCCL's buffers (1 GiB) + 5% allocator fragmentation."""
+        return GIB + 0.05 * (self.state + self.step)
 
     @property
     def total(self) -> float:
-        return self.weights + self.optimizer + self.step + self.reserve
+        return self.state + self.step + self.reserve
 
 
 def _split_parameters(model: TTTConfig) -> tuple[int, int]:
@@ -122,7 +145,6 @@ def memory_per_gpu(
         m.attn_window,
         m.vocab_size,
     )
-    act = 2 if bf16 else 4
     n_prefix, n_suffix = m.n_prefix_blocks, m.n_ttt_blocks
     # prefix, bytes per token and block: (whole on every rank, split over the ranks)
     if bf16:
@@ -136,7 +158,9 @@ def memory_per_gpu(
     else:
         prefix_kept, prefix_live = micro_batch * t * n_prefix * per_block, 0.0
     n = t // b
-    fast, cache = 3 * d * hidden * 4 / n_tp, 2 * (k + b) * d * act / n_tp
+    # the KV caches are float32 under autocast too: Carry.initial makes them from the (fp32)
+    # suffix input, and [cache; chunk] promotes the bf16 keys
+    fast, cache = 3 * d * hidden * 4 / n_tp, 2 * (k + b) * d * 4 / n_tp
     carry = n_suffix * (fast + cache)
     if m.remat == "nested":
         g = m.remat_group_size(n)
@@ -156,16 +180,30 @@ def memory_per_gpu(
     working = micro_batch * (suffix_in + chunk_graph + head_backward) + prefix_live
     # host: all of it is there at the end of the forward; on the GPU, what the backward has
     # brought back at a time (the carry, or the prefix block, it is working on)
+    # pinned host memory is allocated per tensor, each rounded up to a power of two
     host = 0.0
     if offload in ("carries", "all") and m.remat != "none":
-        host += kept_carries
+        per_carry = n_suffix * (
+            3 * _pinned(micro_batch * d * hidden * 4 / n_tp)
+            + 2 * _pinned(micro_batch * (k + b) * d * 4 / n_tp)
+        )
+        host += carries * per_carry
         kept_carries = micro_batch * carry
     if offload in ("prefix", "all") and m.checkpoint_prefix:
-        host += prefix_kept
+        host += n_prefix * _pinned(micro_batch * t * 4 * d / n_tp)
         prefix_kept = 0.0
     if offload == "all" and not m.checkpoint_prefix:
-        host += prefix_kept
+        host += _pinned(prefix_kept / max(1, n_prefix)) * n_prefix
         prefix_kept = micro_batch * t * per_block
+    # autocast casts each weight a matmul uses to bf16 once per forward and the matmuls save the
+    # copies for the backward: the split weights, once
+    copies = 2 * split / n_tp if bf16 else 0.0
+    # ZeRO 1/2 (DeepSpeed, fp32 parameters): a float32 copy of the rank's partition, and the
+    # gradient buckets (contiguous_gradients; two with overlap_comm), fp32
+    if zero_stage >= 1:
+        zero_buffers = 4 * p / gpus + 2 * 4 * BUCKET_ELEMENTS
+    else:
+        zero_buffers = 0.0
     return MemoryEstimate(
         seq_len=t,
         weights=4 * p,
@@ -174,10 +212,17 @@ def memory_per_gpu(
         prefix_activations=prefix_kept,
         suffix_carries=kept_carries + unrolled,
         suffix_working=working,
+        autocast_copies=copies,
+        zero_buffers=zero_buffers,
         host=host,
         tensor_parallel=n_tp,
         offload=offload,
     )
+
+
+def _pinned(nbytes: float) -> float:
+    """Bytes the pinned host allocator takes for a tensor of nbytes (the next power of two)."""
+    return float(1 << max(0, math.ceil(math.log2(max(nbytes, 1)))))
 
 
 OFFLOAD_ORDER = OFFLOAD_MODES  # by what they move, least first
@@ -294,6 +339,7 @@ def capacity_plan(
     model = cfg.model_config()
     gpus = nodes * gpus_per_node
     peak, mem_gib = GPU_SPECS[gpu.lower()]
+    usable_gib = USABLE_GIB[gpu.lower()]
     bf16 = cfg.precision != "fp32"
     flops = {}
     for t in sorted(set(contexts) | {model.seq_len}):
@@ -312,7 +358,7 @@ def capacity_plan(
             sequences,
             cfg.micro_batch,
             bf16,
-            mem_gib * GIB,
+            usable_gib * GIB,
             cfg.tensor_parallel,
             cfg.offload,
         )
@@ -350,6 +396,7 @@ def capacity_plan(
         gpus_per_node=gpus_per_node,
         gpu=gpu.lower(),
         gpu_memory_gib=mem_gib,
+        usable_gib=usable_gib,
         peak_tflops=peak,
         mfu=mfu,
         flops=flops,
@@ -394,15 +441,19 @@ def format_plan(plan: dict) -> str:
             lines.append(f"      {name:<31} {value:.3e}  {value / meta:6.1%}")
     lines.append("  memory per GPU (GiB), micro-batch 1 sequence:")
     lines.append(
-        "      T        TP offload  weights  grads  AdamW  prefix-act  TTT-carries  "
-        "TTT-work  reserve  total   host"
+        "      T        TP offload  weights  grads  AdamW  ZeRO-buf  bf16-copies  prefix-act  "
+        "TTT-carries  TTT-work  reserve  total   host"
     )
     for t, e in plan["memory"].items():
-        fits = "fits" if e.total / GIB <= plan["gpu_memory_gib"] else "DOES NOT FIT"
+        fits = (
+            f"fits {plan['usable_gib']} GiB usable"
+            if e.total / GIB <= plan["usable_gib"]
+            else f"DOES NOT FIT {plan['usable_gib']} GiB usable"
+        )
         lines.append(
             f"      {t:<8} {e.tensor_parallel:<2} {e.offload:<7} {e.weights / GIB:7.1f}"
-            f" {e.grads / GIB:6.1f} {e.optimizer / GIB:6.1f}"
-            f" {e.prefix_activations / GIB:11.1f} {e.suffix_carries / GIB:12.1f}"
+            f" {e.grads / GIB:6.1f} {e.optimizer / GIB:6.1f} {e.zero_buffers / GIB:9.1f}"
+            f" {e.autocast_copies / GIB:12.1f} {e.prefix_activations / GIB:11.1f} {e.suffix_carries / GIB:12.1f}"
             f" {e.suffix_working / GIB:9.1f} {e.reserve / GIB:8.1f} {e.total / GIB:6.1f}"
             f" {e.host / GIB:6.1f}  ({fits})"
         )

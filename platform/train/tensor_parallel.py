@@ -71,12 +71,13 @@ def _own_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    parts = [
-        torch.empty_like(x, memory_format=torch.contiguous_format)
-        for _ in range(dist.get_world_size(group))
-    ]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim)
+    """The ranks' x concatenated along dim, gathered into one buffer (one collective, no list
+    of N tensors and no concatenation copy: dim is moved first, free for the sequence dim of a
+    batch of 1)."""
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((moved.shape[0] * dist.get_world_size(group),) + moved.shape[1:])
+    dist.all_gather_single(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
 
 
 class _Gather(torch.autograd.Function):
@@ -102,13 +103,11 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter
-            whole = x.contiguous().clone()
-            dist.all_reduce(whole, group=group)
-            return _own_slice(whole, dim, group)
+        # one code path for NCCL and gloo (which has reduce-scatter since torch 2.13), so the
+        # CPU tests run what a GPU runs
         moved = x.movedim(dim, 0).contiguous()
         out = moved.new_empty((moved.shape[0] // dist.get_world_size(group),) + moved.shape[1:])
-        dist.reduce_scatter_tensor(out, moved, group=group)
+        dist.reduce_scatter_single(out, moved, group=group)
         return out.movedim(0, dim).contiguous()
 
     @staticmethod
@@ -225,6 +224,11 @@ def _leave(group):
 
 def _gather_in(group):
     def hook(_module, _inputs, output):
+        # the region's matmuls cast their input to the autocast dtype anyway: gather it cast
+        # (half the bytes of the fp32 norm output under bf16), the same numbers
+        device = output.device.type
+        if torch.is_autocast_enabled(device):
+            output = output.to(torch.get_autocast_dtype(device))
         return gather_sequence(output, group, into_sharded_region=True)
 
     return hook

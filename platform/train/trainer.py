@@ -48,6 +48,7 @@ from ttte2e.platform.train.config import (
     TrainConfig,
     batch_geometry,
     compile_enabled,
+    zero_optimization,
 )
 from ttte2e.platform.train.offload import apply_offload
 from ttte2e.platform.train.tensor_parallel import (
@@ -118,7 +119,7 @@ def deepspeed_config(cfg: TrainConfig, geometry: BatchGeometry) -> dict:
                 "torch_adam": True,
             },
         },
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero_optimization(cfg.zero_stage),
         # bf16 is autocast in MetaObjective: parameters, master weights and grads stay fp32
         "bf16": {"enabled": False},
         "steps_per_print": 1 << 30,
