@@ -54,10 +54,10 @@ def _count_collectives(log: list):
 
 
 def _zero_worker(rank: int, init_file: str, out_file: str, stage: int) -> None:
+    import os
+
     from ttte2e.platform.train.config import BatchGeometry, TrainConfig
     from ttte2e.platform.train.trainer import MetaObjective, deepspeed_config, import_deepspeed
-
-    import os
 
     torch.set_num_threads(1)
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")  # DeepSpeed reads them
