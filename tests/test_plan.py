@@ -209,3 +209,21 @@ def test_the_sequence_parallel_prefix_saves_what_the_plan_says(tmp_path):
     whole = memory_per_gpu(c, c.seq_len, 0, 1, 1, bf16=False)
     assert plan.prefix_activations == pytest.approx(counted, rel=0.08), (plan, counted)
     assert counted < 0.6 * whole.prefix_activations
+
+
+def test_a_tensor_parallel_rank_of_3b_runs_on_fake_tensors_within_the_plan():
+    """pipelines/bench/fake_plan_check.py at the 3B widths (4 of its layers, T 16K, TP 8): the
+    tensor-parallel meta step and its backward run on fake tensors (no shape or stride error),
+    every parameter gets a gradient, and the plan covers the tracked peak."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "pipelines" / "bench"))
+    try:
+        import fake_plan_check
+    finally:
+        sys.path.pop(0)
+    r = fake_plan_check.run("3B", 16384, 8, layers=4)
+    assert r["weights"] == pytest.approx(r["plan_weights"], rel=1e-3)
+    assert r["forward"] < r["tracked"] <= r["plan"], r
