@@ -100,3 +100,36 @@ def test_installing_a_mode_replaces_the_one_before():
     assert isinstance(model.offload, KeepOnDevice) and second.tensors == moved
     with pytest.raises(ValueError, match="offload 'disk'"):
         apply_offload(model, "disk")
+
+
+@pytest.mark.parametrize("mode", ["carries", "all"])
+def test_the_backward_reads_only_the_copies_and_moved_carries_leave_the_device(mode):
+    """As on a GPU: each packed tensor is copied, and the originals still alive after the forward
+    are poisoned (their memory reused): the gradients are still exactly those without offload.
+    Under carry offload no earlier group's carry outlives the forward on the device (the loop
+    keeps only the last one), so moving them lowers the forward's peak as the plan counts."""
+    config = _config()
+    torch.manual_seed(0)
+    plain = TTTModel(config)
+    tokens = torch.randint(0, config.vocab_size, (2, config.seq_len + 1))
+    loss, grads = _step(plain, tokens)
+
+    model = TTTModel(config)
+    model.load_state_dict(plain.state_dict())
+    offload = apply_offload(model, mode, min_bytes=0, emulate_copies=True)
+    model.zero_grad(set_to_none=True)
+    out = model.meta_loss(tokens)
+    alive = offload.live_sources()
+    if mode == "carries":
+        # at no point of the forward are more originals alive than the carry being saved (the
+        # next group's input) and the one before it
+        batch, d, hidden = 2, config.d_model, config.mlp_hidden
+        caches = 2 * batch * config.n_heads * config.attn_window * config.head_dim * 4
+        one_carry = config.n_ttt_blocks * (3 * batch * d * hidden * 4 + caches)
+        assert offload.bytes > 3 * one_carry, offload.bytes  # 4 groups: 3 carries moved
+        assert offload.peak_source_bytes <= 2 * one_carry, (offload.peak_source_bytes, one_carry)
+    assert offload.poison_sources() == len(alive)
+    out.loss.backward()
+    assert torch.equal(out.loss.detach(), loss)
+    for name, grad in grads.items():
+        assert torch.equal(model.get_parameter(name).grad, grad), name

@@ -9,7 +9,10 @@ On CUDA a packed tensor is copied into pinned host memory on a side stream (over
 forward's compute; the allocator keeps the GPU copy until the copy ends) and copied back when
 the backward unpacks it. Parameters (and views of them) are never moved: they stay on the GPU
 anyway. On CPU the move is a no-op: the tensor is kept as it is, so results are bit-identical and
-the tests can count what would move.
+the tests can count what would move. `HostOffload(emulate_copies=True)` makes the CPU move what
+CUDA does to the backward's view of it: a packed tensor is copied, and `poison_sources()` fills
+the originals still alive with NaN (as the allocator would reuse their memory), so a backward
+that read an original instead of its copy (a use-after-free on a GPU) gives NaN gradients.
 """
 
 from __future__ import annotations
@@ -34,8 +37,12 @@ class HostOffload:
     """Saved-tensor hooks that move tensors to host memory (each saved tensor once, however many
     ops save it); counts what they moved and the most held at once."""
 
-    def __init__(self, min_bytes: int = MIN_BYTES):
+    def __init__(self, min_bytes: int = MIN_BYTES, emulate_copies: bool = False):
         self.min_bytes = min_bytes
+        self.emulate_copies = emulate_copies
+        # emulate_copies: the originals' storages (an alias may die while its memory lives on)
+        self._sources: list[tuple[weakref.ref, torch.dtype]] = []
+        self.peak_source_bytes = 0  # emulate_copies: the most original bytes alive at a pack
         self.tensors = 0  # moved so far
         self.bytes = 0
         self.live_bytes = 0  # in host memory now (freed with the graph that saved it)
@@ -79,6 +86,11 @@ class HostOffload:
             # output kept as itself would hold its own grad_fn (a cycle that outlives the step);
             # autograd re-attaches the grad_fn on unpack
             kept = t.detach()
+            if self.emulate_copies:
+                kept = kept.clone()
+                self._sources.append((weakref.ref(t.untyped_storage()), t.dtype))
+                alive = sum(a.untyped_storage().nbytes() for a in self.live_sources())
+                self.peak_source_bytes = max(self.peak_source_bytes, alive)
             self._held(t, kept, size)
             return (None, kept)
         if self._stream is None:
@@ -90,6 +102,27 @@ class HostOffload:
         t.record_stream(self._stream)  # the GPU copy is freed only after the copy ran
         self._held(t, host, size)
         return (t.device, host)
+
+    def live_sources(self) -> list[torch.Tensor]:
+        """emulate_copies: the memory of each packed original still alive, as a flat tensor."""
+        alive, seen = [], set()
+        for ref, dtype in self._sources:
+            storage = ref()
+            if storage is None or id(storage) in seen:
+                continue
+            seen.add(id(storage))
+            alive.append(torch.empty(0, dtype=dtype).set_(storage))
+        return alive
+
+    def poison_sources(self) -> int:
+        """emulate_copies: fill the memory of every packed original still alive with NaN (as
+        the allocator would reuse it once the copy is made); returns how many."""
+        alive = self.live_sources()
+        with torch.no_grad():
+            for t in alive:
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+        return len(alive)
 
     def _unpack(self, packed):
         device, t = packed
@@ -116,12 +149,14 @@ class HostOffloadPlacement(KeepOnDevice):
         return self.offload.hooks() if self.mode == "all" else nullcontext()
 
 
-def apply_offload(model: TTTModel, mode: OffloadMode, min_bytes: int = MIN_BYTES) -> HostOffload:
+def apply_offload(
+    model: TTTModel, mode: OffloadMode, min_bytes: int = MIN_BYTES, emulate_copies: bool = False
+) -> HostOffload:
     """Install `mode` as the model's offload placement, replacing any installed before; returns
     the counter of what moved. 'none' restores the default (nothing moves)."""
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload {mode!r}: choose one of {', '.join(OFFLOAD_MODES)}")
-    offload = HostOffload(min_bytes)
+    offload = HostOffload(min_bytes, emulate_copies)
     model.offload = KeepOnDevice() if mode == "none" else HostOffloadPlacement(mode, offload)
     return offload
 
