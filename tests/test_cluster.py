@@ -32,6 +32,16 @@ def test_launcher_yaml_validates_against_rays_schema():
     gpu_types = [t for t in config["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu_types and all(t["resources"]["GPU"] == 8 for t in gpu_types)
     assert config["docker"]["image"]
+    for node_type in gpu_types:  # the GPUs and the EFA devices reach the container
+        options = " ".join(node_type["docker"]["worker_run_options"])
+        assert "--gpus all" in options and "/dev/infiniband" in options, options
+    # the MLflow store lives in a folder the image creates, mounted from the head's disk
+    store = re.search(r"sqlite:///(/\S+)/mlflow\.db", " ".join(config["head_start_ray_commands"]))
+    assert store, "the head starts MLflow on a sqlite store"
+    assert f"mkdir -p {store.group(1)}" in (CLUSTER / "Dockerfile").read_text()
+    assert any(
+        option.endswith(f":{store.group(1)}") for option in config["docker"]["head_run_options"]
+    )
     broken = dict(config, available_node_types={"head": {"node_config": {}}})
     with pytest.raises(jsonschema.ValidationError, match="resources"):
         jsonschema.validate(broken, schema)  # the schema does bite: resources are required
