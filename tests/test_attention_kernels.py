@@ -367,20 +367,57 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED []" in result.stdout
     report = json.loads(out.read_text())
-    assert report["correctness"]["ok"] and report["meta_step"]["loss_fused"] == pytest.approx(
+    assert report["environment"]["torch"] == torch.__version__ and report["seconds"]["total"] > 0
+    assert {row["prefix_auto_ran"] for row in report["dispatch"]} == {"blocked"}  # CPU
+    assert report["correctness"]["ok"] and report["correctness"]["lm_head_autocast"]["ok"]
+    assert report["meta_step"]["loss_fused"] == pytest.approx(
         report["meta_step"]["loss_math"], rel=1e-5
     )
+    assert report["meta_step"]["grad_rel_err_fused_vs_math"]["worst"] < 1e-5
     (compiled,) = report["compiled_meta_step"]  # bf16 autocast: the two round differently
     assert compiled["compiled_loss"] == pytest.approx(compiled["eager_loss"], rel=1e-2)
     assert {"triton_fwd_ms", "triton_fwdbwd_ms", "sdpa_full_causal_fwd_ms"} <= set(
         report["timings"][0]
     )
-    assert report["suffix_second_order"][0]["fused_ms"] > 0
-    moved = report["offload"][0]  # on CPU a no-op move: the same loss, bytes counted
-    assert {moved[f"{m}_loss"] for m in ("none", "carries", "prefix", "all")} == {
-        moved["none_loss"]
+    (suffix,) = report["suffix_second_order"]
+    assert suffix["fused_ran"] == "triton" and suffix["fused_ms"] > 0
+    assert max(suffix["rel_err_fused_vs_math"].values()) < 1e-5
+    moved = {row["mode"]: row for row in report["offload"]["modes"]}  # on CPU a no-op move
+    assert {row["loss"] for row in moved.values()} == {moved["none"]["loss"]}
+    assert all(moved[m]["grad_rel_err_vs_none"] == 0 for m in ("carries", "prefix", "all"))
+    assert moved["all"]["host_peak_gib"] > moved["prefix"]["host_peak_gib"] > 0
+    assert report["multi_gpu"] == {"skipped": "0 GPU(s): needs 2-8"}
+
+
+def test_gpu_check_records_a_failing_section_and_runs_the_rest(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    def broken(*args):
+        raise RuntimeError("no such kernel on this GPU")
+
+    monkeypatch.setattr(gpu_check, "dispatch", broken)
+    out = tmp_path / "report.json"
+    argv = ["gpu_check.py", "--smoke", "--only", "dispatch", "meta_step", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="sections failed: \\['dispatch'\\]"):
+        gpu_check.main()
+    report = json.loads(out.read_text())
+    assert report["dispatch"]["error"] == "RuntimeError: no such kernel on this GPU"
+    assert "broken" in report["dispatch"]["trace"]
+    assert report["meta_step"]["loss_fused"] > 0 and set(report["seconds"]) == {
+        "environment",
+        "dispatch",
+        "meta_step",
+        "total",
     }
-    assert moved["all_host_peak_gib"] > moved["prefix_host_peak_gib"] > 0
 
 
 def test_chunk_op_under_autocast_casts_like_the_math_path():
