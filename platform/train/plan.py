@@ -6,27 +6,35 @@ Memory model (bytes per GPU; m sequences of T tokens per micro-batch; N tensor-p
 data-parallel ranks share the ZeRO state). What the forward saves was counted with saved-tensor
 hooks (tests/test_plan.py counts it again at small shapes and compares), not assumed:
 - weights 4P/N' (fp32; bf16 is autocast), gradients 4P/N' (/D under ZeRO-2), AdamW m + v 8P/N'
-  (/D under ZeRO-1 and 2); N' = N for the split weights, 1 for the norm gains.
+  (/D under ZeRO-1 and 2); N' = N for the split weights, 1 for the norm gains. Under bf16,
+  autocast's bf16 copies of the split weights (2P/N': the matmuls save them for the backward).
+  ZeRO 1/2 (DeepSpeed with fp32 parameters): its fp32 copy of the rank's partition (4P/(N' D))
+  and two gradient buckets of BUCKET_ELEMENTS fp32 (contiguous_gradients, overlap_comm).
 - prefix blocks (first order), per token and block, fp32: 21 d + 4 I floats (the norms keep their
   input, the normalised and the scaled value; q/k norms, rotated q/k and v, attention output and
   its flattened copy, SwiGLU's h1, silu(h1), h3 and their product); under bf16 autocast 48 d bytes
   stay fp32 (the residual stream, the norms) and 25 d + 8.75 I bytes are bf16. Under tensor
-  parallelism the prefix runs sequence-parallel: only the two gathered matmul inputs (2 d) are
-  whole, the rest is 1/N. checkpoint_prefix keeps each block's input (its slice) and one block's
-  full set during its recompute.
+  parallelism the prefix runs sequence-parallel: only the two gathered matmul inputs (2 d, in the
+  compute dtype) are whole, the rest is 1/N. checkpoint_prefix keeps each block's input (its
+  slice) and one block's full set during its recompute.
 - suffix: the input h (T d fp32, whole on every rank) and its gradient; the inner-loop carry per
-  sequence and TTT block: fast weights 3 d I fp32 and KV caches 2 (k + b) d (a cache is a view of
-  [cache; chunk]), 1/N each; remat 'none' keeps n = T/b carries and every chunk's graph, 'chunk' n
-  carries, 'nested' ceil(n/g) + g; plus one chunk's double-backward graph (a least-squares fit
-  to hook counts at small shapes; the whole step is checked by bench_parallel): 45 b d (whole)
-  + 24 b I + 2.65 k d + 3 d I floats per TTT block and the LM head's b V (its probabilities,
-  vocabulary split over N; remat 'none' keeps one per chunk), plus b V while its backward runs.
+  sequence and TTT block: fast weights 3 d I fp32 and KV caches 2 (k + b) d fp32 (also under bf16:
+  they are built from the fp32 residual stream; a cache is a view of [cache; chunk]), 1/N each;
+  remat 'none' keeps n = T/b carries and every chunk's graph, 'chunk' n carries, 'nested'
+  ceil(n/g) + g; plus one chunk's double-backward graph (a least-squares fit to hook counts at
+  small shapes; the whole step is checked by bench_parallel): 45 b d (whole) + 24 b I + 2.65 k d
+  + 3 d I floats per TTT block and the LM head's b V (its probabilities, vocabulary split over N;
+  remat 'none' keeps one per chunk), plus b V while its backward runs.
 - offload moves to pinned host memory what it names: 'carries' the carries, 'prefix' the
   checkpointed block inputs, 'all' both plus every stored prefix activation and the suffix input;
-  the host needs that much per GPU (printed).
-- reserve: 1 GiB (CUDA context, NCCL buffers) + 5% of the rest (allocator fragmentation).
-Validated on CPU (pipelines/bench/bench_parallel.py): the measured peak of one meta step per rank at
-TP=1 and TP=2 against `step` below.
+  the host needs that much per GPU (printed), each tensor rounded up to a power of two as the
+  pinned allocator does. The inner loop keeps only the last carry referenced, so moved carries
+  leave the device during the forward.
+- reserve: 1 GiB (CUDA context, NCCL buffers) + 5% of the rest (allocator fragmentation); the
+  capacity is the memory torch reports (USABLE_GIB: 79.1 GiB on an H100), not the name's figure.
+Validated (pipelines/bench/bench_parallel.py): the measured peak of one meta step per rank at
+TP=1 and TP=2, fp32 and CPU bf16 autocast, against `step` below; and a 3B tensor-parallel rank on
+fake tensors (pipelines/bench/fake_plan_check.py).
 """
 
 from __future__ import annotations
