@@ -647,29 +647,45 @@ def offload(device: str, smoke: bool, repeats: int) -> dict:
     return result
 
 
-def _multi_gpu_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
-    """One rank of the tensor-parallel check (NCCL): a small model's meta-gradient at TP=world
-    against the same model on one GPU, then one DeepSpeed ZeRO-1 step with the groups."""
+MULTI_GPU_CONFIG = dict(
+    vocab_size=4096, d_model=512, n_layers=4, n_ttt_blocks=1, n_heads=8, mlp_hidden=1024,
+    seq_len=2048, window=512, chunk_size=256,
+)  # fmt: skip
+
+
+def _multi_gpu_rank(
+    rank: int, world: int, init_file: str, out_file: str, backend: str = "nccl", fields=None
+) -> None:
+    """One rank of the tensor-parallel check: a small model's meta-gradient at TP=world against
+    the same model on one device, then one DeepSpeed ZeRO-1 step with the groups (NCCL on GPUs;
+    the tests run it with gloo on the CPU)."""
+    import os
+
     import torch.distributed as dist
 
     from ttte2e.model import TTTConfig, TTTModel
     from ttte2e.platform.train.tensor_parallel import build_groups, parallelize
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    # DeepSpeed reads these (torchrun would set them)
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        cfg = TTTConfig(
-            vocab_size=4096, d_model=512, n_layers=4, n_ttt_blocks=1, n_heads=8,
-            mlp_hidden=1024, seq_len=2048, window=512, chunk_size=256,
-        )  # fmt: skip
+        cfg = TTTConfig(**(fields or MULTI_GPU_CONFIG))
         torch.manual_seed(0)
-        whole = TTTModel(cfg).cuda()
-        tokens = torch.randint(2, cfg.vocab_size, (1, cfg.seq_len + 1), device="cuda")
+        whole = TTTModel(cfg).to(device)
+        tokens = torch.randint(
+            2, cfg.vocab_size, (1, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1)
+        ).to(device)
         whole.meta_loss(tokens).loss.backward()
         reference = {n: p.grad.float() for n, p in whole.named_parameters()}
         groups = build_groups(world)
         torch.manual_seed(0)
-        model = TTTModel(cfg).cuda()
+        model = TTTModel(cfg).to(device)
         layout = parallelize(model, groups.tensor)
         model.meta_loss(tokens).loss.backward()
         worst = 0.0
@@ -681,12 +697,13 @@ def _multi_gpu_rank(rank: int, world: int, init_file: str, out_file: str) -> Non
                 dist.all_gather(parts, grad.contiguous(), group=groups.tensor)
                 grad = torch.cat(parts, dim)
             worst = max(worst, rel_err(grad, reference[name]))
-        out = dict(world=world, tp_grad_rel_err_vs_one_gpu=worst)
+        out = dict(world=world, backend=backend, tp_grad_rel_err_vs_one_device=worst)
         try:
-            import deepspeed  # noqa: F401
+            import deepspeed
 
             from ttte2e.platform.train.tensor_parallel import DeepSpeedMPU
 
+            model.zero_grad(set_to_none=True)
             engine, *_ = deepspeed.initialize(
                 model=model,
                 model_parameters=model.parameters(),
@@ -697,10 +714,16 @@ def _multi_gpu_rank(rank: int, world: int, init_file: str, out_file: str) -> Non
                     "zero_optimization": {"stage": 1},
                 },
             )
+            before = [p.detach().clone() for p in model.parameters()]
             loss = engine.module.meta_loss(tokens).loss
             engine.backward(loss)
             engine.step()
-            out["zero1_step"] = dict(loss=loss.item(), ok=bool(torch.isfinite(loss)))
+            moved = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            out["zero1_step"] = dict(
+                loss=loss.item(),
+                parameters_updated=moved,
+                ok=bool(torch.isfinite(loss)) and moved > 0,
+            )
         except ImportError as e:
             out["zero1_step"] = f"skipped ({e})"
         if rank == 0:
@@ -709,27 +732,29 @@ def _multi_gpu_rank(rank: int, world: int, init_file: str, out_file: str) -> Non
         dist.destroy_process_group()
 
 
+def run_multi_device(world: int, backend: str = "nccl", fields=None) -> dict:
+    """The tensor-parallel check on `world` spawned processes; rank 0's result."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, out_file = f"{tmp}/init", f"{tmp}/out.json"
+        mp.start_processes(
+            _multi_gpu_rank,
+            args=(world, init_file, out_file, backend, fields),
+            nprocs=world,
+            start_method="spawn",
+        )
+        return json.loads(Path(out_file).read_text())
+
+
 def multi_gpu(device: str, smoke: bool) -> list[dict] | dict:
     """TP 2 (and 8) over NCCL against one GPU, one ZeRO-1 step; on machines with 2-8 GPUs."""
     count = torch.cuda.device_count() if device == "cuda" else 0
     if count < 2:
         return dict(skipped=f"{count} GPU(s): needs 2-8")
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    rows = []
-    for world in sorted({2, min(count, 8)}):
-        with tempfile.TemporaryDirectory() as tmp:
-            init_file, out_file = f"{tmp}/init", f"{tmp}/out.json"
-            mp.start_processes(
-                _multi_gpu_rank,
-                args=(world, init_file, out_file),
-                nprocs=world,
-                start_method="spawn",
-            )
-            rows.append(json.loads(Path(out_file).read_text()))
-    return rows
+    return [run_multi_device(world) for world in sorted({2, min(count, 8)})]
 
 
 SECTIONS = (

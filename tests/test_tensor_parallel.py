@@ -227,3 +227,22 @@ def test_layout_problems_name_what_does_not_split():
     assert any("seq_len=64" in p for p in problems)
     assert any("mlp_hidden=128" in p for p in problems)
     assert any("vocab_size=512" in p for p in problems)
+
+
+def test_gpu_checks_multi_gpu_section_runs_on_gloo():
+    """gpu_check.py's 2-8 GPU section (TP vs one device, a ZeRO-1 step with the groups) has a GPU
+    only on a lent machine: its code runs here on two CPU processes with gloo."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "pipelines"))  # also for the spawned ranks, which import it
+    try:
+        import gpu_check
+
+        fields = dict(SMALL, n_heads=4, seq_len=64, window=32, chunk_size=16, bos_token_id=1)
+        out = gpu_check.run_multi_device(2, backend="gloo", fields=fields)
+    finally:
+        sys.path.remove(str(REPO / "pipelines"))
+    assert out["tp_grad_rel_err_vs_one_device"] < 1e-5, out
+    assert out["zero1_step"]["ok"] and out["zero1_step"]["parameters_updated"] > 0, out
