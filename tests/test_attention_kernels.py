@@ -343,7 +343,9 @@ def test_meta_gradient_is_the_same_with_each_suffix_path(backend, dtype):
 
 def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     """The script prepared for a lent GPU machine (torch + triton only, ttte2e not installed there)
-    runs end to end at tiny sizes under the interpreter, without importing orchestration libraries."""
+    runs end to end at tiny sizes under the interpreter, without importing orchestration libraries.
+    All sections but the compiled step's, whose first step compiles for a minute in a fresh clone
+    (the compiled step itself is tested in test_compiled.py)."""
     import json
     import subprocess
     import sys
@@ -353,7 +355,9 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     code = (
         "import sys, runpy; sys.modules['ttte2e'] = None; "  # as if not installed
-        f"sys.argv = ['gpu_check.py', '--smoke', '--out', {str(out)!r}]; "
+        f"sys.argv = ['gpu_check.py', '--smoke', '--out', {str(out)!r}, '--only', "
+        "'dispatch', 'correctness', 'timings', 'suffix_second_order', 'meta_step', 'offload', "
+        "'multi_gpu']; "
         f"runpy.run_path({str(repo / 'pipelines' / 'gpu_check.py')!r}, run_name='__main__'); "
         "print('LOADED', [m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules])"
     )
@@ -374,8 +378,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
         report["meta_step"]["loss_math"], rel=1e-5
     )
     assert report["meta_step"]["grad_rel_err_fused_vs_math"]["worst"] < 1e-5
-    (compiled,) = report["compiled_meta_step"]  # bf16 autocast: the two round differently
-    assert compiled["compiled_loss"] == pytest.approx(compiled["eager_loss"], rel=1e-2)
+    assert "compiled_meta_step" not in report
     assert {"triton_fwd_ms", "triton_fwdbwd_ms", "sdpa_full_causal_fwd_ms"} <= set(
         report["timings"][0]
     )
