@@ -286,3 +286,54 @@ def test_bad_input_is_refused(model):
     state, _ = prefill(model, torch.tensor([[3, 4]]))
     with pytest.raises(ValueError, match="one token per sequence"):
         decode_step(model, state, torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("mode", ["ttt", "full"])
+def test_a_restored_snapshot_continues_exactly_and_ttt_snapshots_do_not_grow(model, mode):
+    """snapshot -> bytes -> restore in the middle of a conversation (a pending chunk half full,
+    TTT steps behind it): the next tokens' logits equal those of the state never snapshotted,
+    through further TTT steps; a 'ttt' snapshot has the same size after any number of tokens."""
+    from ttte2e.model.decode_snapshot import restore, snapshot
+
+    g = torch.Generator().manual_seed(5)
+    prompt, more = (
+        torch.randint(2, 512, (1, 37), generator=g),
+        torch.randint(2, 512, (60,), generator=g),
+    )
+    state, _ = prefill(model, prompt, mode)
+    for t in more[:10]:
+        decode_step(model, state, t[None])
+    blob = snapshot(model, state)
+    restored = restore(model, blob)
+    assert int(restored.chunks_done) == int(state.chunks_done) == (2 if mode == "ttt" else 0)
+    torch.testing.assert_close(restored.last_logits, state.last_logits, rtol=0, atol=0)
+    sizes = [len(blob)]
+    for t in more[10:]:  # 50 more tokens: three more TTT steps in 'ttt'
+        a, b = decode_step(model, state, t[None]), decode_step(model, restored, t[None])
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        sizes.append(len(snapshot(model, restored)) if len(sizes) < 3 else sizes[-1])
+    sizes.append(len(snapshot(model, restored)))
+    if mode == "ttt":
+        assert len(set(sizes)) == 1, sizes
+    else:
+        assert sizes[-1] > sizes[0]  # the baseline's keys grow with the conversation
+
+
+def test_a_snapshot_of_another_model_or_version_is_refused(model):
+    from ttte2e.model.decode_snapshot import restore, snapshot
+
+    state, _ = prefill(model, torch.randint(2, 512, (1, 20)))
+    blob = snapshot(model, state)
+    other = TTTModel(preset("tiny", **dict(SMALL, chunk_size=8)))
+    with pytest.raises(ValueError, match="another model"):
+        restore(other, blob)
+    with pytest.raises(ValueError, match="version '1'.*reads version 2"):
+        import ttte2e.model.decode_snapshot as snap
+
+        previous, snap.SNAPSHOT_VERSION = snap.SNAPSHOT_VERSION, 2
+        try:
+            restore(model, blob)
+        finally:
+            snap.SNAPSHOT_VERSION = previous
+    with pytest.raises(ValueError, match="not a decode snapshot"):
+        restore(model, b"\x05\x00")
