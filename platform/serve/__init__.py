@@ -1,0 +1,1 @@
+"""Serving with continued test-time training: sessions that keep their decode state."""

@@ -1,0 +1,192 @@
+"""Conversations that keep their decode state between requests (fast weights, key/value ring,
+pending chunk, position), at a size set by the model, not by the conversation's length.
+
+A session is its decode state plus the length and hash of the tokens it has read. A request's
+prompt (the whole conversation so far, as OpenAI clients send it) either extends that history,
+and only the new tokens are read, or it does not: the session starts over (`restarted`), or,
+for a strict client, the request is refused (`SessionConflict`). Nothing is mixed in silently.
+
+Where a state lives, most recently used first: on the device (up to `max_on_device` sessions),
+as snapshot bytes in host memory (up to `max_host_bytes`), then in storage (a local folder or
+s3://, `<id>.safetensors` + `<id>.json`) if one is given, else dropped (the next turn re-reads
+the conversation). With storage, every completed turn is also written there (write-through), so
+a replica that dies loses at most the turn in flight: its successor, or another replica the
+router sends the session to, reads the session's last snapshot (the JSON, written after the
+snapshot, names the snapshot's hash: a half-written pair is ignored). A replica holding an older
+state of the session continues from it: the prompt still extends that older history, and the
+tokens after it are read again. A state restored from any tier continues exactly as if it had never moved
+(model/decode_snapshot.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ttte2e.model.decode import DecodeState
+from ttte2e.model.decode_snapshot import restore, snapshot
+from ttte2e.platform.data.storage import resolve
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class SessionConflict(ValueError):
+    """A strict request's prompt does not extend its session's history."""
+
+
+class SessionBusy(RuntimeError):
+    """Another request of the session is in flight."""
+
+
+def history_hash(tokens) -> str:
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()
+
+
+@dataclass
+class _Record:
+    length: int  # tokens read
+    digest: str  # history_hash of them
+    state: DecodeState | None = None  # on the device
+    blob: bytes | None = None  # in host memory
+
+
+@dataclass
+class Resumed:
+    """What a request starts from: `state` after the first `cached` prompt tokens (None: read
+    the whole prompt), the prompt tokens still to read, and where the state came from."""
+
+    state: DecodeState | None
+    new_tokens: list[int]
+    cached: int
+    restarted: bool
+    source: str  # "device", "host", "storage", "none"
+
+
+class SessionStore:
+    def __init__(
+        self,
+        model,
+        max_on_device: int = 8,
+        max_host_bytes: int = 1 << 30,
+        storage: str | None = None,
+    ):
+        if max_on_device < 1 or max_host_bytes < 0:
+            raise ValueError("max_on_device must be >= 1 and max_host_bytes >= 0")
+        self.model = model
+        self.max_on_device, self.max_host_bytes = max_on_device, max_host_bytes
+        self.storage = resolve(storage) if storage else None
+        self._records: OrderedDict[str, _Record] = OrderedDict()  # least recently used first
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ---- a request's life: resume, then save (or release on failure) -------------------------
+    def resume(self, session_id: str, prompt: list[int], strict: bool = False) -> Resumed:
+        """The state to continue `prompt` from; marks the session busy until save / release."""
+        _check_id(session_id)
+        with self._lock:
+            if session_id in self._busy:
+                raise SessionBusy(f"session {session_id!r} is busy with another request")
+            record, source = self._find(session_id)
+            extends = (
+                record is not None
+                and record.length <= len(prompt)
+                and history_hash(prompt[: record.length]) == record.digest
+            )
+            if record is not None and not extends and strict:
+                raise SessionConflict(
+                    f"session {session_id!r}: the prompt does not extend the conversation it "
+                    f"holds ({record.length} tokens)"
+                )
+            self._busy.add(session_id)
+            if not extends:
+                self._records.pop(session_id, None)
+                return Resumed(None, list(prompt), 0, record is not None, "none")
+            state = record.state if record.state is not None else restore(self.model, record.blob)
+            record.state, record.blob = None, None  # the request owns it until save
+            return Resumed(state, list(prompt[record.length :]), record.length, False, source)
+
+    def save(self, session_id: str, state: DecodeState, history: list[int]) -> None:
+        """The state after reading `history` (the conversation so far), most recently used."""
+        record = _Record(len(history), history_hash(history), state=state)
+        if self.storage is not None:  # write-through, outside the lock: other sessions go on
+            self._write_storage(session_id, record, snapshot(self.model, state))
+        with self._lock:
+            self._busy.discard(session_id)
+            self._records.pop(session_id, None)
+            self._records[session_id] = record
+            self._evict()
+
+    def release(self, session_id: str) -> None:
+        """A request that failed: the session's state is dropped (its storage copy, if any, is
+        the last completed turn's and stays)."""
+        with self._lock:
+            self._busy.discard(session_id)
+            self._records.pop(session_id, None)
+
+    # ---- tiers -----------------------------------------------------------------------------
+    def _find(self, session_id: str) -> tuple[_Record | None, str]:
+        record = self._records.get(session_id)
+        if record is not None:
+            self._records.move_to_end(session_id)
+            return record, "device" if record.state is not None else "host"
+        record = self._read_storage(session_id)
+        if record is not None:
+            self._records[session_id] = record
+            return record, "storage"
+        return None, "none"
+
+    def _evict(self) -> None:
+        on_device = [sid for sid, r in self._records.items() if r.state is not None]
+        for sid in on_device[: max(0, len(on_device) - self.max_on_device)]:
+            record = self._records[sid]  # (in storage already, written at its save)
+            record.blob, record.state = snapshot(self.model, record.state), None
+        host = [sid for sid, r in self._records.items() if r.blob is not None]
+        held = sum(len(self._records[sid].blob) for sid in host)
+        for sid in host:  # least recently used first
+            if held <= self.max_host_bytes:
+                break
+            held -= len(self._records[sid].blob)
+            del self._records[sid]  # in storage already (if any): read back from there
+
+    def _write_storage(self, session_id: str, record: _Record, blob: bytes) -> None:
+        self.storage.join(f"{session_id}.safetensors").write_bytes(blob)
+        meta = dict(
+            length=record.length,
+            digest=record.digest,
+            snapshot_sha256=hashlib.sha256(blob).hexdigest(),
+        )
+        self.storage.join(f"{session_id}.json").write_bytes(json.dumps(meta).encode())
+
+    def _read_storage(self, session_id: str) -> _Record | None:
+        if self.storage is None or not self.storage.join(f"{session_id}.json").exists():
+            return None
+        meta = json.loads(self.storage.join(f"{session_id}.json").read_bytes())
+        blob = self.storage.join(f"{session_id}.safetensors").read_bytes()
+        if hashlib.sha256(blob).hexdigest() != meta["snapshot_sha256"]:
+            return None  # a snapshot written after its record (a crash in between): not used
+        return _Record(meta["length"], meta["digest"], blob=blob)
+
+    def stats(self) -> dict:
+        with self._lock:
+            device = sum(r.state is not None for r in self._records.values())
+            host = [r.blob for r in self._records.values() if r.blob is not None]
+            return dict(
+                on_device=device,
+                in_host=len(host),
+                host_bytes=sum(map(len, host)),
+                busy=len(self._busy),
+            )
+
+
+def _check_id(session_id: str) -> None:
+    if not _SESSION_ID.match(session_id or ""):
+        raise ValueError(f"session id {session_id!r}: use 1-128 letters, digits, '_', '-' or '.'")
+
+
+__all__ = ["Resumed", "SessionBusy", "SessionConflict", "SessionStore", "history_hash"]
