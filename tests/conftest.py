@@ -84,6 +84,18 @@ def model_folder(train_data, tmp_path_factory):
     return folder
 
 
+def exit_rank_cleanly() -> None:
+    """End a spawned gloo rank that finished its work (results written, group destroyed): a
+    short-lived gloo process sometimes aborts in the interpreter's own shutdown ('terminate
+    called without an active exception', seen on this CPU machine), which would fail the test
+    after its results."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def small_config(dataset, storage, **changes):
     """A 10-step, 2-worker run of a small model on train_data (tracking off, no retries)."""
     from ttte2e.platform.train.config import TrainConfig

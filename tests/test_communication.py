@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from ttte2e.model import TTTConfig, TTTModel
 
-from conftest import SMALL
+from conftest import SMALL, exit_rank_cleanly
 
 # the collectives DeepSpeed and our tensor parallelism call (through torch.distributed)
 COLLECTIVES = (
@@ -50,18 +50,6 @@ def _count_collectives(log: list):
             return _real(*args, **kwargs)
 
         setattr(dist, name, counted)
-
-
-def _exit_cleanly() -> None:
-    """End a rank that finished its work: a short-lived gloo process sometimes aborts in the
-    interpreter's own shutdown ('terminate called without an active exception', seen on this CPU
-    machine with and without these tests' code), which would fail the test after its results."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _zero_worker(rank: int, init_file: str, out_file: str) -> None:
@@ -108,7 +96,7 @@ def _zero_worker(rank: int, init_file: str, out_file: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    _exit_cleanly()
+    exit_rank_cleanly()
 
 
 def _run(worker, tmp_path, *args) -> list:
@@ -162,7 +150,7 @@ def _tp_worker(rank: int, init_file: str, out_file: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    _exit_cleanly()
+    exit_rank_cleanly()
 
 
 def test_the_prefix_gathers_its_sequence_in_the_compute_dtype(tmp_path):

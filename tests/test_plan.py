@@ -14,6 +14,8 @@ from ttte2e.model import TTTConfig, TTTModel
 from ttte2e.model.inner_loop import run_inner_loop
 from ttte2e.platform.train.plan import choose_layout, memory_per_gpu
 
+from conftest import exit_rank_cleanly
+
 GIB = 1 << 30
 
 
@@ -190,6 +192,7 @@ def _count_prefix_on_rank(rank: int, init_file: str, out_file: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank_cleanly()
 
 
 def test_the_sequence_parallel_prefix_saves_what_the_plan_says(tmp_path):

@@ -23,7 +23,7 @@ from ttte2e.platform.train.tensor_parallel import (
     parallelize,
 )
 
-from conftest import SMALL, case_params, load_case, reference_cases
+from conftest import SMALL, case_params, exit_rank_cleanly, load_case, reference_cases
 
 REMATS = REMAT_MODES
 # float32, sums in another order (all-reduce of per-shard matmuls): measured worst cases are
@@ -128,8 +128,10 @@ def _worker(
         full = full_state_dict(model)
         if rank == 0:
             torch.save(dict(out=out, full_state=full), out_file)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank_cleanly()
 
 
 def _run(tmp_path, world: int, tp: int, case_path=None, changes: dict | None = None) -> dict:
