@@ -84,6 +84,31 @@ def model_folder(train_data, tmp_path_factory):
     return folder
 
 
+# decode tests: a small tiny-preset model whose prime weights are scaled up, so that TTT visibly
+# changes the NLLs and logits
+DECODE_SMALL = dict(
+    vocab_size=512,
+    d_model=64,
+    n_heads=2,
+    mlp_hidden=128,
+    seq_len=128,
+    window=32,
+    chunk_size=16,
+    bos_token_id=1,
+)
+
+
+def decode_model():
+    from ttte2e.model import TTTModel, preset
+
+    torch.manual_seed(0)
+    m = TTTModel(preset("tiny", **DECODE_SMALL))
+    with torch.no_grad():
+        for w in m.fast_weight_parameters():
+            w.mul_(8)
+    return m.eval()
+
+
 def exit_rank_cleanly() -> None:
     """End a spawned gloo rank that finished its work (results written, group destroyed): a
     short-lived gloo process sometimes aborts in the interpreter's own shutdown ('terminate

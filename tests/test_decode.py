@@ -15,28 +15,14 @@ from ttte2e.model.decode import (
     stream_generate,
 )
 
-from conftest import case_params, load_case, reference_cases
+from conftest import DECODE_SMALL, case_params, decode_model, load_case, reference_cases
 
-SMALL = dict(
-    vocab_size=512,
-    d_model=64,
-    n_heads=2,
-    mlp_hidden=128,
-    seq_len=128,
-    window=32,
-    chunk_size=16,
-    bos_token_id=1,
-)
+SMALL = DECODE_SMALL
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = TTTModel(preset("tiny", **SMALL))
-    with torch.no_grad():  # larger prime weights: TTT visibly changes the NLLs
-        for w in m.fast_weight_parameters():
-            w.mul_(8)
-    return m.eval()
+    return decode_model()
 
 
 @pytest.fixture(scope="module")

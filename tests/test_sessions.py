@@ -5,23 +5,15 @@ that extends the conversation reads only its new tokens, from the device, host m
 import pytest
 import torch
 
-from ttte2e.model import TTTModel, preset
 from ttte2e.model.decode import decode_step, prefill
 from ttte2e.platform.serve.sessions import SessionBusy, SessionConflict, SessionStore
 
-SMALL = dict(
-    vocab_size=512, d_model=64, n_heads=2, mlp_hidden=128, seq_len=128, window=32, chunk_size=16
-)
+from conftest import decode_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = TTTModel(preset("tiny", **SMALL))
-    with torch.no_grad():  # larger prime weights: TTT visibly changes the logits
-        for w in m.fast_weight_parameters():
-            w.mul_(8)
-    return m.eval()
+    return decode_model()
 
 
 def _turn(model, store, session, prompt, strict=False):
