@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from ttte2e.model.decode import decode_step, prefill
-from ttte2e.platform.serve.sessions import SessionBusy, SessionConflict, SessionStore
+from ttte2e.platform.serve.sessions import (
+    SessionBusy,
+    SessionConflict,
+    SessionNotFound,
+    SessionStore,
+)
 
 from conftest import decode_model
 
@@ -23,7 +28,7 @@ def _turn(model, store, session, prompt, strict=False):
         state, _ = prefill(model, torch.tensor([prompt]))
     else:
         state = got.state
-        for t in got.new_tokens:
+        for t in got.unread:
             decode_step(model, state, torch.tensor([t]))
     store.save(session, state, prompt)
     return got, state.last_logits.clone()
@@ -46,7 +51,7 @@ def test_turns_continue_exactly_from_the_device_host_and_storage(model, tmp_path
     _turn(model, store, "other", conversation[5:30])  # s1 leaves the device for host memory
     assert store.stats()["in_host"] == 1
     got, logits = _turn(model, store, "s1", b)
-    assert (got.source, got.cached, len(got.new_tokens)) == ("host", 21, 19)
+    assert (got.source, got.cached, len(got.unread)) == ("host", 21, 19)
     torch.testing.assert_close(logits, _never_moved(model, b), rtol=0, atol=0)
 
     store.max_host_bytes = 0  # host memory full: s1 lives only in storage
@@ -61,6 +66,9 @@ def test_turns_continue_exactly_from_the_device_host_and_storage(model, tmp_path
     got, logits = _turn(model, successor, "s1", d)
     assert (got.source, got.cached) == ("storage", 61)
     torch.testing.assert_close(logits, _never_moved(model, d), rtol=0, atol=0)
+    # the first store still holds turn 3 in memory; storage's turn 4 is newer and wins
+    got = store.resume("s1", conversation)
+    assert (got.source, got.cached) == ("storage", 90)
 
 
 def test_a_prompt_that_does_not_extend_the_history_is_never_mixed_in(model):
@@ -70,6 +78,10 @@ def test_a_prompt_that_does_not_extend_the_history_is_never_mixed_in(model):
     edited = prompt[:10] + [7] + prompt[11:] + [5, 6]
     with pytest.raises(SessionConflict, match="does not extend"):
         store.resume("s", edited, strict=True)
+    with pytest.raises(SessionNotFound, match="no state here"):
+        store.resume("never-created", prompt, strict=True)
+    with pytest.raises(SessionConflict):  # a text prompt never extends a token history
+        store.resume("s", "some text", strict=True)
     got, logits = _turn(model, store, "s", edited)  # not strict: started over, said so
     assert got.restarted and got.cached == 0 and got.state is None
     state, _ = prefill(model, torch.tensor([edited]))

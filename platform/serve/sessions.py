@@ -1,10 +1,13 @@
 """Conversations that keep their decode state between requests (fast weights, key/value ring,
 pending chunk, position), at a size set by the model, not by the conversation's length.
 
-A session is its decode state plus the length and hash of the tokens it has read. A request's
-prompt (the whole conversation so far, as OpenAI clients send it) either extends that history,
-and only the new tokens are read, or it does not: the session starts over (`restarted`), or,
-for a strict client, the request is refused (`SessionConflict`). Nothing is mixed in silently.
+A session is its decode state plus what it has read: the conversation as text (or as token ids,
+for token prompts), by length and sha256, and the number of tokens. A request's prompt (the whole
+conversation so far, as OpenAI clients send it) either extends that history, and only the rest
+is read, or it does not: the session starts over (`restarted`), or, for a strict client, the
+request is refused (`SessionConflict`; `SessionNotFound` when there is no state to continue).
+Nothing is mixed in silently. Text is compared as text, not as re-tokenized ids: a reply's tokens
+need not be what its text encodes to, and the next turn still continues it.
 
 Where a state lives, most recently used first: on the device (up to `max_on_device` sessions),
 as snapshot bytes in host memory (up to `max_host_bytes`), then in storage (a local folder or
@@ -13,8 +16,8 @@ the conversation). With storage, every completed turn is also written there (wri
 a replica that dies loses at most the turn in flight: its successor, or another replica the
 router sends the session to, reads the session's last snapshot (the JSON, written after the
 snapshot, names the snapshot's hash: a half-written pair is ignored). A replica holding an older
-state of the session continues from it: the prompt still extends that older history, and the
-tokens after it are read again. A state restored from any tier continues exactly as if it had never moved
+state than storage's uses storage's; without storage it continues from its own older state: the
+prompt still extends that older history, and the tokens after it are read again. A state restored from any tier continues exactly as if it had never moved
 (model/decode_snapshot.py).
 """
 
@@ -40,29 +43,53 @@ class SessionConflict(ValueError):
     """A strict request's prompt does not extend its session's history."""
 
 
+class SessionNotFound(LookupError):
+    """A strict request names a session that has no state to continue (never created, or lost
+    with a replica that had no storage)."""
+
+
 class SessionBusy(RuntimeError):
     """Another request of the session is in flight."""
 
 
-def history_hash(tokens) -> str:
-    return hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()
+History = str | list[int]  # a conversation as text, or as token ids
+
+
+def history_hash(history: History) -> str:
+    if isinstance(history, str):
+        return hashlib.sha256(history.encode("utf-8")).hexdigest()
+    return hashlib.sha256(np.asarray(history, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _kind(history: History) -> str:
+    return "text" if isinstance(history, str) else "tokens"
 
 
 @dataclass
 class _Record:
-    length: int  # tokens read
-    digest: str  # history_hash of them
+    tokens: int  # tokens read (the state's position)
+    kind: str  # "text" or "tokens": what the history is
+    size: int  # its length (characters or tokens)
+    digest: str  # history_hash of it
     state: DecodeState | None = None  # on the device
     blob: bytes | None = None  # in host memory
+
+    def extended_by(self, prompt: History) -> bool:
+        return (
+            self.kind == _kind(prompt)
+            and self.size <= len(prompt)
+            and history_hash(prompt[: self.size]) == self.digest
+        )
 
 
 @dataclass
 class Resumed:
-    """What a request starts from: `state` after the first `cached` prompt tokens (None: read
-    the whole prompt), the prompt tokens still to read, and where the state came from."""
+    """What a request starts from: `state` after `cached` tokens (None: read the whole prompt),
+    the part of the prompt still to read (text or token ids, as the prompt), and where the state
+    came from."""
 
     state: DecodeState | None
-    new_tokens: list[int]
+    unread: History
     cached: int
     restarted: bool
     source: str  # "device", "host", "storage", "none"
@@ -86,34 +113,40 @@ class SessionStore:
         self._lock = threading.Lock()
 
     # ---- a request's life: resume, then save (or release on failure) -------------------------
-    def resume(self, session_id: str, prompt: list[int], strict: bool = False) -> Resumed:
-        """The state to continue `prompt` from; marks the session busy until save / release."""
+    def resume(self, session_id: str, prompt: History, strict: bool = False) -> Resumed:
+        """The state to continue `prompt` (the whole conversation, text or token ids) from; marks
+        the session busy until save / release."""
         _check_id(session_id)
         with self._lock:
             if session_id in self._busy:
                 raise SessionBusy(f"session {session_id!r} is busy with another request")
             record, source = self._find(session_id)
-            extends = (
-                record is not None
-                and record.length <= len(prompt)
-                and history_hash(prompt[: record.length]) == record.digest
-            )
-            if record is not None and not extends and strict:
+            extends = record is not None and record.extended_by(prompt)
+            if strict and record is None:
+                raise SessionNotFound(
+                    f"session {session_id!r} has no state here to continue (never created, or "
+                    "lost); send the request without strict sessions to start it"
+                )
+            if strict and not extends:
                 raise SessionConflict(
                     f"session {session_id!r}: the prompt does not extend the conversation it "
-                    f"holds ({record.length} tokens)"
+                    f"holds ({record.size} {'characters' if record.kind == 'text' else 'tokens'})"
                 )
             self._busy.add(session_id)
             if not extends:
                 self._records.pop(session_id, None)
-                return Resumed(None, list(prompt), 0, record is not None, "none")
+                return Resumed(None, prompt, 0, record is not None, "none")
             state = record.state if record.state is not None else restore(self.model, record.blob)
             record.state, record.blob = None, None  # the request owns it until save
-            return Resumed(state, list(prompt[record.length :]), record.length, False, source)
+            return Resumed(state, prompt[record.size :], record.tokens, False, source)
 
-    def save(self, session_id: str, state: DecodeState, history: list[int]) -> None:
-        """The state after reading `history` (the conversation so far), most recently used."""
-        record = _Record(len(history), history_hash(history), state=state)
+    def save(self, session_id: str, state: DecodeState, history: History) -> None:
+        """The state after reading `history` (the conversation so far: what the request's prompt
+        and its fed tokens were), most recently used."""
+        if state.positions.shape[0] != 1:
+            raise ValueError(f"a session holds one row, got {state.positions.shape[0]}")
+        tokens = int(state.positions[0])
+        record = _Record(tokens, _kind(history), len(history), history_hash(history), state=state)
         if self.storage is not None:  # write-through, outside the lock: other sessions go on
             self._write_storage(session_id, record, snapshot(self.model, state))
         with self._lock:
@@ -134,12 +167,21 @@ class SessionStore:
         record = self._records.get(session_id)
         if record is not None:
             self._records.move_to_end(session_id)
-            return record, "device" if record.state is not None else "host"
+            newer = self._storage_tokens(session_id)
+            if newer is None or newer <= record.tokens:
+                return record, "device" if record.state is not None else "host"
+            # another replica completed later turns of this session (the router is best effort)
         record = self._read_storage(session_id)
         if record is not None:
             self._records[session_id] = record
+            self._records.move_to_end(session_id)
             return record, "storage"
         return None, "none"
+
+    def _storage_tokens(self, session_id: str) -> int | None:
+        if self.storage is None or not self.storage.join(f"{session_id}.json").exists():
+            return None
+        return json.loads(self.storage.join(f"{session_id}.json").read_bytes())["tokens"]
 
     def _evict(self) -> None:
         on_device = [sid for sid, r in self._records.items() if r.state is not None]
@@ -157,7 +199,9 @@ class SessionStore:
     def _write_storage(self, session_id: str, record: _Record, blob: bytes) -> None:
         self.storage.join(f"{session_id}.safetensors").write_bytes(blob)
         meta = dict(
-            length=record.length,
+            tokens=record.tokens,
+            kind=record.kind,
+            size=record.size,
             digest=record.digest,
             snapshot_sha256=hashlib.sha256(blob).hexdigest(),
         )
@@ -170,7 +214,7 @@ class SessionStore:
         blob = self.storage.join(f"{session_id}.safetensors").read_bytes()
         if hashlib.sha256(blob).hexdigest() != meta["snapshot_sha256"]:
             return None  # a snapshot written after its record (a crash in between): not used
-        return _Record(meta["length"], meta["digest"], blob=blob)
+        return _Record(meta["tokens"], meta["kind"], meta["size"], meta["digest"], blob=blob)
 
     def stats(self) -> dict:
         with self._lock:
@@ -189,4 +233,12 @@ def _check_id(session_id: str) -> None:
         raise ValueError(f"session id {session_id!r}: use 1-128 letters, digits, '_', '-' or '.'")
 
 
-__all__ = ["Resumed", "SessionBusy", "SessionConflict", "SessionStore", "history_hash"]
+__all__ = [
+    "History",
+    "Resumed",
+    "SessionBusy",
+    "SessionConflict",
+    "SessionNotFound",
+    "SessionStore",
+    "history_hash",
+]
