@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[triton,dev,eval]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[triton,dev,eval,serve]"
 	touch $(STAMP)
 
 demo: install

@@ -167,6 +167,10 @@ class DecodeState:
         tensors = list(self.chunk.tensors()) + [self.pending_inputs, self.pending_tokens]
         return sum(b.nbytes() for b in self.kv) + sum(t.numel() * t.element_size() for t in tensors)
 
+    def select(self, index: torch.Tensor) -> DecodeState:
+        """The rows `index` (a 1-D tensor) as a new state (copies)."""
+        return _select_rows(self, index)
+
     @classmethod
     def concat(cls, states: Sequence[DecodeState]) -> DecodeState:
         """The rows of several states (the same model and mode) decoded as one batch."""

@@ -17,8 +17,8 @@ a replica that dies loses at most the turn in flight: its successor, or another 
 router sends the session to, reads the session's last snapshot (the JSON, written after the
 snapshot, names the snapshot's hash: a half-written pair is ignored). A replica holding an older
 state than storage's uses storage's; without storage it continues from its own older state: the
-prompt still extends that older history, and the tokens after it are read again. A state restored from any tier continues exactly as if it had never moved
-(model/decode_snapshot.py).
+prompt still extends that older history, and the tokens after it are read again. A state
+restored from any tier continues exactly as if it had never moved (model/decode_snapshot.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -93,6 +93,7 @@ class Resumed:
     cached: int
     restarted: bool
     source: str  # "device", "host", "storage", "none"
+    _record: _Record | None = field(default=None, repr=False)
 
 
 class SessionStore:
@@ -138,7 +139,9 @@ class SessionStore:
                 return Resumed(None, prompt, 0, record is not None, "none")
             state = record.state if record.state is not None else restore(self.model, record.blob)
             record.state, record.blob = None, None  # the request owns it until save
-            return Resumed(state, prompt[record.size :], record.tokens, False, source)
+            resumed = Resumed(state, prompt[record.size :], record.tokens, False, source)
+            resumed._record = record
+            return resumed
 
     def save(self, session_id: str, state: DecodeState, history: History) -> None:
         """The state after reading `history` (the conversation so far: what the request's prompt
@@ -154,6 +157,17 @@ class SessionStore:
             self._records.pop(session_id, None)
             self._records[session_id] = record
             self._evict()
+
+    def put_back(self, session_id: str, resumed: Resumed) -> None:
+        """A request refused before it read anything: the session is as it was."""
+        with self._lock:
+            self._busy.discard(session_id)
+            if resumed.state is not None:
+                record = resumed._record
+                record.state = resumed.state
+                self._records.pop(session_id, None)
+                self._records[session_id] = record
+                self._evict()
 
     def release(self, session_id: str) -> None:
         """A request that failed: the session's state is dropped (its storage copy, if any, is
