@@ -12,7 +12,6 @@ never from a missing or stale state (platform/serve/sessions.py). `X-Session-Str
 to continue or fail (404 no state, 409 the prompt does not extend it).
 """
 
-
 import asyncio
 import json
 import os
@@ -238,5 +237,10 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     return f"http://{host}:{port}"
 
 
-def stop() -> None:
-    serve.shutdown()
+def stop(shutdown_serve: bool = True) -> None:
+    """Remove the application; on a cluster we joined (shutdown_serve False) Serve and its other
+    applications stay."""
+    if shutdown_serve:
+        serve.shutdown()
+    else:
+        serve.delete(APP_NAME)
