@@ -109,6 +109,31 @@ def decode_model():
     return m.eval()
 
 
+def serving_model_folder(folder: Path) -> Path:
+    """decode_model() saved as a model folder with a byte-level BPE tokenizer (vocab 512, <bos>
+    at id 1) trained here on a few stdlib sources: what the serving tests load."""
+    import json as json_module
+    import textwrap
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ttte2e.model.model_folder import write_tokenizer
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [Path(m.__file__).read_text() for m in (json_module, textwrap, contextlib)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=DECODE_SMALL["vocab_size"],
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    decode_model().save_pretrained(folder)
+    write_tokenizer(folder, tokenizer.to_str().encode())
+    return folder
+
+
 def exit_rank_cleanly() -> None:
     """End a spawned gloo rank that finished its work (results written, group destroyed): a
     short-lived gloo process sometimes aborts in the interpreter's own shutdown ('terminate

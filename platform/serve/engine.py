@@ -15,9 +15,14 @@ different positions, as model/decode.py supports); every loop iteration
 
 A row leaves the batch when it finishes (stop token, stop string, max_tokens) or its client went
 away; its state is then saved to the session store (write-through to storage), or dropped for a
-request without a session. The session's history is the prompt as sent plus the text of the
-generated tokens that were fed: the last sampled token is not fed (its text is in the next
-turn's prompt, and is read then).
+request without a session, and only then does the request end (a client's next turn never finds
+its session busy). The session's history is the prompt as sent plus the text of the generated
+tokens that were fed. A reply that ends at max_tokens has its last token fed too (one more step
+for that row), so its history is exactly prompt + reply, what the client sends back next turn,
+even when the reply ends inside a multi-byte character. A stop token (BOS) is not fed; at a stop
+string the token that completed it is not fed, and the history holds the reply plus the part of
+the stop string before that token: what the chat template puts after a reply, so the next turn
+continues it.
 
 Events (plain dicts; they cross process boundaries in Ray Serve):
   {"event": "start", "prompt_tokens", "cached_tokens", "restarted", "source"}
@@ -107,6 +112,7 @@ class _Job:
     sampled: list[int] = field(default_factory=list)
     fed: int = 0  # sampled tokens fed to the model
     sent: str = ""
+    closing: bool = False  # max_tokens reached: the last token is fed, then the row leaves
     generator: torch.Generator | None = None
     finish_reason: str | None = None
 
@@ -256,7 +262,7 @@ class Engine:
         if not job.feed:  # the prompt is exactly the history: its next-token logits are ready
             job.reading = False
             self._sampled(job, job.state.last_logits)
-            if job.finish_reason is not None:
+            if job.finish_reason is not None and not job.closing:
                 self._finish(job, job.state)
                 return
         self._join(job)
@@ -304,7 +310,7 @@ class Engine:
         self.counters["prefills"] += 1
         job.reading = False
         self._sampled(job, state.last_logits)
-        if job.finish_reason is not None:
+        if job.finish_reason is not None and not job.closing:
             self._finish(job, state)
             return
         job.state = state
@@ -328,12 +334,12 @@ class Engine:
         self.counters["max_rows"] = max(self.counters["max_rows"], len(self._rows))
         leaving = []
         for i, job in enumerate(self._rows):
-            if job.cancelled:
+            if job.cancelled or job.closing:
                 leaving.append(i)
             elif not job.feed:
                 job.reading = False
                 self._sampled(job, logits[i : i + 1])
-                if job.finish_reason is not None:
+                if job.finish_reason is not None and not job.closing:
                     leaving.append(i)
         if leaving:
             self._leave(leaving)
@@ -368,8 +374,9 @@ class Engine:
         if text.startswith(job.sent) and len(text) > len(job.sent):
             job.emit(dict(event="text", text=text[len(job.sent) :]))
             job.sent = text
-        if job.finish_reason is None:
+        if job.finish_reason is None or job.finish_reason == "length":
             job.feed.append(token)
+            job.closing = job.finish_reason is not None
 
     def _finish(self, job: _Job, state: DecodeState | None) -> None:
         """Save the row's state to its session (or drop it) and end the request."""
