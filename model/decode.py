@@ -127,6 +127,44 @@ class KVBuffer:
             apply_rope(q, rotation), self.keys, self.values, attn_mask=visible[:, None, None, :]
         )
 
+    def attend_many(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotation: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """attend() for n consecutive tokens per row at once (q, k, v [B, H, n, dh], positions
+        [B, n]): each query sees the buffer's keys and the new ones in its window; the new keys
+        are written after (in a ring they may replace keys the earlier queries still see)."""
+        k_rot = apply_rope(k, rotation)
+        keys = torch.cat((self.keys, k_rot), 2)
+        key_pos = torch.cat((self.positions, positions), 1)[:, None, :]  # [B, 1, S + n]
+        query_pos = positions[:, :, None]  # [B, n, 1]
+        visible = (key_pos >= 0) & (key_pos <= query_pos)
+        if self.window is not None:
+            visible &= key_pos > query_pos - self.window
+        out = F.scaled_dot_product_attention(
+            apply_rope(q, rotation),
+            keys,
+            torch.cat((self.values, v), 2),
+            attn_mask=visible[:, None],
+        )
+        # a ring keeps the last k of them (writing more would put two keys in one slot)
+        keep = k.shape[2] if self.window is None else min(k.shape[2], self.window)
+        k_rot, v, positions = k_rot[:, :, -keep:], v[:, :, -keep:], positions[:, -keep:]
+        if self.window is None:
+            self._grow(int(positions.max()) + 1)
+            slots = positions
+        else:
+            slots = positions % self.window
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        self.keys[rows, :, slots] = k_rot.transpose(1, 2)
+        self.values[rows, :, slots] = v.transpose(1, 2)
+        self.positions[rows, slots] = positions
+        return out
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
 
@@ -373,6 +411,57 @@ def decode_step(
     state.positions = position + 1
     state.last_logits = model.logits(h)[:, -1]
     return state.last_logits
+
+
+@torch.no_grad()
+def extend(
+    model, state: DecodeState, tokens: torch.Tensor, eta: float | None = None
+) -> torch.Tensor:
+    """Feed n tokens to one sequence ([1, n]) at once: what n decode_step calls give (to
+    round-off), with one pass per block for each run of tokens between TTT steps (a chunk's
+    step runs when the token after it is fed, as in decode_step). Returns the logits for the
+    next token ([1, V]). What a server uses to read a conversation's new message."""
+    if tokens.dim() != 2 or tokens.shape[0] != 1 or state.positions.shape[0] != 1:
+        raise ValueError(f"extend feeds one sequence: tokens [1, n], got {tuple(tokens.shape)}")
+    cfg = model.config
+    check_token_ids(tokens, cfg.vocab_size, "token")
+    tracks_chunks = state.mode == "ttt"
+    b, done, total = cfg.chunk_size, 0, tokens.shape[1]
+    row = torch.zeros(1, dtype=torch.long, device=tokens.device)
+    while done < total:
+        run = total - done
+        if tracks_chunks:
+            if int(state.pending_count[0]) == b:  # the chunk's targets are now all known
+                _ttt_steps(model, state, tokens[:, done], row, _eta(model, state.mode, eta))
+            run = min(run, b - int(state.pending_count[0]))
+        _feed_run(model, state, tokens[:, done : done + run], tracks_chunks)
+        done += run
+    return state.last_logits
+
+
+def _feed_run(model, state: DecodeState, tokens: torch.Tensor, tracks_chunks: bool) -> None:
+    """n tokens of one sequence through every block with the current fast weights."""
+    n = tokens.shape[1]
+    positions = state.positions[:, None] + torch.arange(n, device=tokens.device)  # [1, n]
+    rotation = _rotations(model, positions)[:, None]  # [1, 1, n, dh/2]
+    h = model.embed(tokens)
+    n_prefix = len(model.prefix_blocks)
+    r = int(state.pending_count[0])
+    for layer, block in enumerate(model.blocks):
+        fast = None
+        if layer >= n_prefix:
+            fast = state.chunk.block_fast(layer - n_prefix)
+            if layer == n_prefix and tracks_chunks:
+                state.pending_inputs[:, r : r + n] = h
+        buffer = state.kv[layer]
+        h = block.forward_attending(
+            h, lambda q, k, v: buffer.attend_many(q, k, v, rotation, positions), fast
+        )
+    if tracks_chunks:
+        state.pending_tokens[:, r : r + n] = tokens
+        state.pending_count += n
+    state.positions = state.positions + n
+    state.last_logits = model.logits(h)[:, -1]
 
 
 def sample_next(

@@ -8,6 +8,7 @@ import torch
 from ttte2e.model import TTTModel, preset
 from ttte2e.model.decode import (
     decode_step,
+    extend,
     generate,
     prefill,
     prefill_prompts,
@@ -61,6 +62,25 @@ def test_teacher_forced_decoding_equals_prefill(model, tokens, prompt_len):
     assert got.shape == expected.shape
     assert (got - expected).abs().max() < 1e-5
     assert state.chunks_done.tolist() == [7, 7]  # the last chunk waits for the token after it
+
+
+@pytest.mark.parametrize("mode", ["ttt", "swa", "full"])
+def test_extend_feeds_many_tokens_as_decode_steps_do(model, tokens, mode):
+    """Runs inside a chunk, across chunk ends (TTT steps) and longer than the window (32)."""
+    row = tokens[1:, :129]
+    one_by_one, _ = prefill(model, row[:, :10], mode)
+    for t in row[0, 10:]:
+        decode_step(model, one_by_one, t[None])
+    at_once, _ = prefill(model, row[:, :10], mode)
+    for a, b in [(10, 13), (13, 16), (16, 60), (60, 61), (61, 129)]:
+        logits = extend(model, at_once, row[:, a:b])
+    assert (logits - one_by_one.last_logits).abs().max() < 1e-5
+    for name in ("positions", "pending_count", "chunks_done"):
+        assert torch.equal(getattr(at_once, name), getattr(one_by_one, name)), name
+    after = [decode_step(model, s, torch.tensor([7])) for s in (at_once, one_by_one)]
+    assert (after[0] - after[1]).abs().max() < 1e-5  # the states continue alike
+    with pytest.raises(ValueError, match="one sequence"):
+        extend(model, prefill(model, tokens[:, :5], mode)[0], tokens[:, 5:9])
 
 
 def test_baselines_swa_and_full_attention(model, tokens):

@@ -15,6 +15,7 @@ ALLOWED = {
     ("model/convert.py", "get"): "checkpoint conversion to the official layout (not a hot path)",
     ("model/model_folder.py", "add"): "writing a model folder",
     ("model/decode.py", "attend"): "decode, full-attention baseline only: grows its cache",
+    ("model/decode.py", "attend_many"): "decode, full-attention baseline only: grows its cache",
     ("model/decode.py", "_ttt_steps"): "decode: rows grouped by chunk index, once per chunk",
     ("model/decode.py", "stream_generate"): "decode: stop when every row is done, per token",
     ("model/decode.py", "generate"): "decode: the tokens returned as Python lists",
