@@ -1,17 +1,17 @@
 """The decode loop of one serving replica: requests in, text events out, concurrent requests'
 tokens computed together.
 
-One thread owns the model. Each request becomes a row of one batched decode state (rows at
-different positions, as model/decode.py supports); every loop iteration
+One thread owns the model. Each generating request is a row of one batched decode state (rows
+at different positions, as model/decode.py supports); every loop iteration
 
-  1. admits waiting requests while fewer than `max_batch` rows are active: a session's state is
-     resumed (platform/serve/sessions.py), a fresh prompt is queued for prefill;
-  2. prefills at most one fresh prompt (one forward over at most `max_prompt_tokens` tokens:
-     the longest time other rows wait between two of their tokens);
-  3. runs one decode step over all rows: a row still reading its unread prompt tokens (a
-     resumed session's new message) feeds the next of them, a generating row its last sampled
-     token. So a long new message is read one token per step beside the other rows' decoding,
-     never stalling them.
+  1. admits waiting requests while fewer than `max_batch` are active: a session's state is
+     resumed (platform/serve/sessions.py), or a fresh prompt waits to be read;
+  2. reads one piece (at most `read_chunk` tokens) of one request's unread prompt, round robin:
+     a fresh prompt's first piece by `prefill`, every later piece, and a resumed session's new
+     message, by `extend` (several tokens in one pass per block). One piece is the longest the
+     other rows wait between two of their tokens (chunked prefill);
+  3. runs one decode step over the generating rows, each feeding its last sampled token. A
+     request whose prompt is read samples its first token and joins them.
 
 A row leaves the batch when it finishes (stop token, stop string, max_tokens) or its client went
 away; its state is then saved to the session store (write-through to storage), or dropped for a
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ttte2e.model.decode import MODES, DecodeState, decode_step, prefill, sample_next
+from ttte2e.model.decode import MODES, DecodeState, decode_step, extend, prefill, sample_next
 from ttte2e.platform.serve.sessions import (
     SessionBusy,
     SessionConflict,
@@ -53,8 +53,9 @@ from ttte2e.platform.serve.sessions import (
 @dataclass(frozen=True)
 class EngineSettings:
     mode: str = "ttt"  # 'ttt', or the baselines 'swa' / 'full'
-    max_batch: int = 32  # rows (requests) decoded together
+    max_batch: int = 32  # requests active together (generating rows + prompts being read)
     max_prompt_tokens: int = 8192  # tokens one request may ask a replica to read
+    read_chunk: int = 256  # prompt tokens read between two decode steps
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_context: int | None = None  # position limit (None: ttt/swa states do not grow)
     max_sessions_on_device: int = 64
@@ -64,7 +65,7 @@ class EngineSettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: choose one of {MODES}")
-        for name in ("max_batch", "max_prompt_tokens", "max_tokens"):
+        for name in ("max_batch", "max_prompt_tokens", "max_tokens", "read_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -105,9 +106,8 @@ class _Job:
     request: GenerationRequest
     emit: object  # callable(event dict), thread-safe
     cancelled: bool = False
-    state: DecodeState | None = None  # before joining the batch
-    to_prefill: list[int] | None = None
-    feed: deque = field(default_factory=deque)  # tokens for the next decode steps
+    state: DecodeState | None = None  # while its prompt is read (None: nothing read yet)
+    feed: deque = field(default_factory=deque)  # unread prompt tokens, then the token to feed
     reading: bool = True  # feed holds prompt tokens
     sampled: list[int] = field(default_factory=list)
     fed: int = 0  # sampled tokens fed to the model
@@ -130,10 +130,10 @@ class Engine:
         )  # fmt: skip
         self._incoming: queue.Queue[_Job] = queue.Queue()
         self._waiting: deque[_Job] = deque()
-        self._prefills: deque[_Job] = deque()
+        self._reading: deque[_Job] = deque()
         self._rows: list[_Job] = []
         self._batch: DecodeState | None = None
-        self.counters = dict(steps=0, row_steps=0, max_rows=0, prefills=0, requests=0)
+        self.counters = dict(steps=0, row_steps=0, max_rows=0, read_pieces=0, requests=0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ttte2e-decode", daemon=True)
         self._thread.start()
@@ -188,9 +188,9 @@ class Engine:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._admit(block=not (self._rows or self._prefills or self._waiting))
-                if self._prefills:
-                    self._prefill_one()
+                self._admit(block=not (self._rows or self._reading or self._waiting))
+                if self._reading:
+                    self._read_one()
                 if self._rows:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the replica
@@ -206,7 +206,7 @@ class Engine:
                 job = self._incoming.get_nowait()
         except queue.Empty:
             pass
-        while self._waiting and len(self._rows) + len(self._prefills) < self.settings.max_batch:
+        while self._waiting and len(self._rows) + len(self._reading) < self.settings.max_batch:
             job = self._waiting.popleft()
             if job.cancelled:
                 continue
@@ -253,19 +253,12 @@ class Engine:
             seed = req.sampling.seed
             seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
             job.generator = torch.Generator(device=self.device).manual_seed(seed)
-        if resumed is None or resumed.state is None:
-            job.to_prefill = unread
-            self._prefills.append(job)
-            return
-        job.state = resumed.state
+        job.state = resumed.state if resumed is not None else None
         job.feed.extend(unread)
-        if not job.feed:  # the prompt is exactly the history: its next-token logits are ready
-            job.reading = False
-            self._sampled(job, job.state.last_logits)
-            if job.finish_reason is not None and not job.closing:
-                self._finish(job, job.state)
-                return
-        self._join(job)
+        if job.feed:
+            self._reading.append(job)
+        else:  # the prompt is exactly the history: its next-token logits are ready
+            self._done_reading(job)
 
     def _tokens(self, prompt, first: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -300,21 +293,31 @@ class Engine:
                 "max_tokens",
             )  # fmt: skip
 
-    def _prefill_one(self) -> None:
-        job = self._prefills.popleft()
+    def _read_one(self) -> None:
+        job = self._reading.popleft()
         if job.cancelled:
-            self._finish(job, None)
+            self._finish(job, job.state)
             return
-        tokens = torch.tensor([job.to_prefill], device=self.device)
-        state, _ = prefill(self.model, tokens, self.settings.mode)
-        self.counters["prefills"] += 1
+        n = min(self.settings.read_chunk, len(job.feed))
+        piece = torch.tensor([[job.feed.popleft() for _ in range(n)]], device=self.device)
+        if job.state is None:
+            job.state, _ = prefill(self.model, piece, self.settings.mode)
+        else:
+            extend(self.model, job.state, piece)
+        self.counters["read_pieces"] += 1
+        if job.feed:
+            self._reading.append(job)  # its next piece after the other readers' (round robin)
+        else:
+            self._done_reading(job)
+
+    def _done_reading(self, job: _Job) -> None:
+        """The prompt is read: sample the first token, then join the generating rows."""
         job.reading = False
-        self._sampled(job, state.last_logits)
+        self._sampled(job, job.state.last_logits)
         if job.finish_reason is not None and not job.closing:
-            self._finish(job, state)
-            return
-        job.state = state
-        self._join(job)
+            self._finish(job, job.state)
+        else:
+            self._join(job)
 
     def _join(self, job: _Job) -> None:
         state, job.state = job.state, None
@@ -325,8 +328,7 @@ class Engine:
         inputs = []
         for job in self._rows:
             inputs.append(job.feed.popleft())
-            if not job.reading:
-                job.fed += 1
+            job.fed += 1
         tokens = torch.tensor(inputs, device=self.device)
         logits = decode_step(self.model, self._batch, tokens)
         self.counters["steps"] += 1
@@ -336,8 +338,7 @@ class Engine:
         for i, job in enumerate(self._rows):
             if job.cancelled or job.closing:
                 leaving.append(i)
-            elif not job.feed:
-                job.reading = False
+            else:
                 self._sampled(job, logits[i : i + 1])
                 if job.finish_reason is not None and not job.closing:
                     leaving.append(i)
@@ -405,10 +406,10 @@ class Engine:
     def _fail_all(self, error: Exception) -> None:
         if not isinstance(error, RequestError):
             error = RequestError(500, "internal_error", f"{type(error).__name__}: {error}")
-        started = self._rows + list(self._prefills)
+        started = self._rows + list(self._reading)
         waiting = list(self._waiting)
         self._rows, self._batch = [], None
-        self._prefills.clear()
+        self._reading.clear()
         self._waiting.clear()
         for job in started:  # their states are mid-request: dropped (storage keeps the last turn)
             if job.request.session_id is not None:
