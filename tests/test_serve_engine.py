@@ -224,6 +224,7 @@ def test_a_second_request_of_a_busy_session_gets_409(served, engine):
         (dict(model="m", prompt="x", stop=[""]), 400, "invalid_value"),
         (dict(model="m", prompt="x", seed=1.5), 400, "invalid_value"),
         (dict(model="m", prompt="x", stream="yes"), 400, "invalid_value"),
+        (dict(model="m", prompt="x", ignore_eos=1), 400, "invalid_value"),
     ],
 )
 def test_bad_completion_bodies(body, status, code):

@@ -77,6 +77,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (not included in the text)
+    ignore_eos: bool = False  # keep generating past BOS (benchmarks: replies of fixed length)
 
 
 @dataclass(frozen=True)
@@ -356,7 +357,7 @@ class Engine:
         """Sample the next token from [1, V] logits, emit the text it adds; queue it or finish."""
         s = job.request.sampling
         token = int(sample_next(logits, None, s.temperature, s.top_p, 1.0, job.generator)[0])
-        if token == self.bos:  # BOS would start the next document: the text ends here
+        if token == self.bos and not s.ignore_eos:  # BOS would start the next document
             job.finish_reason = "stop"
         else:
             job.sampled.append(token)

@@ -5,8 +5,9 @@ responses and server-sent-event chunks built from the engine's events.
 Supported: /v1/completions (prompt: a string, or token ids) and /v1/chat/completions
 (system / user / assistant messages with text content), with max_tokens (chat:
 max_completion_tokens too), temperature, top_p, seed, stop, stream and stream_options.
-include_usage. Refused with 400, by name: n > 1, best_of > 1, echo, logprobs, suffix,
-logit_bias, non-zero presence / frequency penalties, tools; several prompts in one request.
+include_usage, and vLLM's extension ignore_eos (replies of a fixed length, for benchmarks).
+Refused with 400, by name: n > 1, best_of > 1, echo, logprobs, suffix, logit_bias, non-zero
+presence / frequency penalties, tools; several prompts in one request.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ttte2e.platform.serve.engine import GenerationRequest, RequestError, Sampling
@@ -116,12 +117,16 @@ def _sampling(body: dict, max_tokens_limit: int, default_max_tokens: int) -> Sam
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _bad("seed must be an integer", "seed")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos must be true or false", "ignore_eos")
     return Sampling(
         max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 0, 1, low_open=True)),
         seed=seed,
         stop=tuple(stop or ()),
+        ignore_eos=ignore_eos,
     )
 
 
@@ -188,9 +193,7 @@ def parse_chat(body, model_name: str, max_tokens_limit: int, template: ChatTempl
         plain.append(dict(role=m["role"], content=content))
     sampling = _sampling(body, max_tokens_limit, max_tokens_limit)
     if "stop" not in body:
-        sampling = Sampling(
-            sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed, template.stop
-        )
+        sampling = replace(sampling, stop=template.stop)
     prompt = template.render(plain)
     return ParsedRequest(GenerationRequest(prompt, sampling), stream, include_usage)
 
