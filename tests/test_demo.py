@@ -56,6 +56,10 @@ def test_demo_job_submits_prepare_and_training_to_a_private_head(tmp_path, capfd
         "champion": result["registered"]["version"],
     }
     assert "pulled models:/ttte2e-demo-tiny@champion" in out and "--- prompt:" in out
+    # served: the session's second turn read only its new text; SIGTERM stopped the server
+    first, second = result["served"]["turns"]
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] > first["prompt_tokens"]
+    assert result["served"]["exit_code"] == 0
     # the head and all its processes are gone; nothing else was touched (the demo's processes
     # name its private temp dir, /tmp/ray-*, or its GCS port; another test's cluster may be up
     # beside it)

@@ -5,7 +5,8 @@ real cluster: prepare_data (the Python standard library as a jsonl corpus, a BPE
 tokenized in Ray Data) and pretrain_3b.py with the tiny preset (Ray Train, 2 DeepSpeed ZeRO-2
 workers, checkpoints to local storage, MLflow on sqlite, the final checkpoint registered in the
 MLflow model registry). The head is stopped by PID at the end; then the registered version is
-promoted to `champion` and pulled back to generate text, as users do after training.
+promoted to `champion` and pulled back to generate text, as users do after training, and served
+(pipelines/serve.py, OpenAI API on loopback) for two turns of one session.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def run_demo(
     workers: int = 2,
     max_docs: int = 0,
     name: str = "",
+    serve: bool = True,
 ) -> dict:
     out = Path(out_dir).resolve()
     name = name or time.strftime("tiny-%Y%m%d-%H%M%S")
@@ -39,11 +41,11 @@ def run_demo(
     def say(msg: str) -> None:
         print(f"[demo] {msg}", flush=True)
 
-    say(f"1/5 corpus: the Python standard library as jsonl -> {out / 'raw'}")
+    say(f"1/6 corpus: the Python standard library as jsonl -> {out / 'raw'}")
     raw = write_demo_corpus(out / "raw", max_docs or None)
     with LocalRayCluster(num_cpus=2) as cluster:
         say(
-            f"2/5 ray job submit -- python pipelines/prepare_data.py  (BPE 4096, Ray Data) -> "
+            f"2/6 ray job submit -- python pipelines/prepare_data.py  (BPE 4096, Ray Data) -> "
             f"{out / 'data'}"
         )
         rc = cluster.submit(
@@ -68,7 +70,7 @@ def run_demo(
         if rc:
             raise SystemExit(f"[demo] the prepare_data job failed (exit status {rc})")
         say(
-            f"3/5 ray job submit -- python pipelines/pretrain_3b.py --preset tiny  ({workers} "
+            f"3/6 ray job submit -- python pipelines/pretrain_3b.py --preset tiny  ({workers} "
             f"DeepSpeed ZeRO-2 workers, {steps} steps) -> {out / 'runs' / name}"
         )
         rc = cluster.submit(
@@ -111,7 +113,7 @@ def run_demo(
     result.update(ray_temp_dir=cluster.temp_dir, ray_gcs_port=cluster.gcs_port)
     final = (result.get("final_eval") or [{}])[0]
     uri = result["tracking_uri"]
-    say(f"4/5 python pipelines/registry.py promote {MODEL_NAME} @candidate --to champion")
+    say(f"4/6 python pipelines/registry.py promote {MODEL_NAME} @candidate --to champion")
     _run(
         [
             python,
@@ -125,7 +127,7 @@ def run_demo(
             uri,
         ]
     )
-    say(f"5/5 python pipelines/pull_model.py models:/{MODEL_NAME}@champion --prompt ...")
+    say(f"5/6 python pipelines/pull_model.py models:/{MODEL_NAME}@champion --prompt ...")
     _run(
         [
             python,
@@ -141,6 +143,9 @@ def run_demo(
             uri,
         ]
     )
+    if serve:
+        say(f"6/6 python pipelines/serve.py models:/{MODEL_NAME}@champion: two turns of a session")
+        result["served"] = _serve_two_turns(python, uri, out, say)
     say("done")
     if final:
         say(
@@ -162,6 +167,57 @@ def run_demo(
     return result
 
 
+def _serve_two_turns(python: str, tracking_uri: str, out: Path, say) -> dict:
+    """Serve the champion on a free loopback port, ask two turns of one session (the second
+    reads only its new text), stop the server with SIGTERM."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = out / "serve.log"
+    cmd = [
+        python, "pipelines/serve.py", f"models:/{MODEL_NAME}@champion", "--tracking-uri",
+        tracking_uri, "--port", str(port), "--model-name", "demo",
+    ]  # fmt: skip
+    with open(log, "w") as sink:
+        server = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while "ready: " not in log.read_text():
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"[demo] the server did not start; see {log}")
+            time.sleep(0.5)
+        turns, prompt = [], PROMPT
+        for turn in (1, 2):
+            body = dict(model="demo", prompt=prompt, max_tokens=24, temperature=0.7, seed=turn)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "X-Session-Id": "demo"},
+            )
+            with urllib.request.urlopen(request, timeout=120) as r:
+                reply = json.loads(r.read())
+            text, usage = reply["choices"][0]["text"], reply["usage"]
+            cached = usage["prompt_tokens_details"]["cached_tokens"]
+            say(
+                f"   turn {turn}: {usage['prompt_tokens']} prompt tokens, {cached} cached "
+                f"-> {text!r}"
+            )
+            turns.append(dict(prompt_tokens=usage["prompt_tokens"], cached_tokens=cached))
+            prompt += text + "\n\n\ndef "
+    finally:
+        server.send_signal(signal.SIGTERM)  # it removes the app and stops its own Ray
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return dict(turns=turns, exit_code=server.returncode, log=str(log))
+
+
 def _run(cmd: list[str]) -> None:
     rc = subprocess.run(cmd, cwd=REPO).returncode
     if rc:
@@ -180,10 +236,12 @@ class DemoOptions:
     """Corpus documents (0 = all)."""
     name: str = ""
     """Run name (default: tiny-<time>)."""
+    serve: bool = True
+    """Serve the pulled model for two turns of one session at the end."""
 
 
 def main(argv: list[str] | None = None) -> None:
     from ttte2e.platform.cli.parsing import cli
 
     args = cli(DemoOptions, argv, __doc__.splitlines()[0], "demo")
-    run_demo(args.out_dir, args.steps, args.workers, args.max_docs, args.name)
+    run_demo(args.out_dir, args.steps, args.workers, args.max_docs, args.name, args.serve)
