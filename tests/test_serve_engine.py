@@ -248,3 +248,22 @@ def test_chat_bodies_and_the_template():
             parse_chat(dict(model="m", messages=bad), "m", 64, template)
     with pytest.raises(ValueError, match="must start with the 'generation'"):
         ChatTemplate(assistant="Bot:{content}\n", generation="Assistant:")
+
+
+def test_the_serve_command_refuses_bad_settings_before_starting_ray(served, tmp_path, capsys):
+    import ray
+
+    from ttte2e.platform.cli.serve import main
+
+    model_without_tokenizer = tmp_path / "bare"
+    served[0].save_pretrained(model_without_tokenizer)
+    for argv, message in [
+        ([str(tmp_path / "missing")], "does not exist"),
+        ([str(model_without_tokenizer)], "no tokenizer.json"),
+        ([str(model_without_tokenizer), "--mode", "fast"], "choose one of"),
+        ([str(model_without_tokenizer), "--read-chunk", "0"], "read_chunk must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not ray.is_initialized()

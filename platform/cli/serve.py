@@ -42,6 +42,8 @@ class ServeOptions:
     """Requests decoded together per replica (more wait for a free row)."""
     max_prompt_tokens: int = 8192
     """Tokens one request may ask a replica to read (larger prompts get 400)."""
+    read_chunk: int = 256
+    """Prompt tokens read between two decode steps (bounds the other requests' token gaps)."""
     max_tokens: int = 1024
     """The largest max_tokens a request may ask for (chat's default)."""
     max_context: int = 0
@@ -72,6 +74,7 @@ def settings_of(args: ServeOptions):
         mode=args.mode,
         max_batch=args.max_batch,
         max_prompt_tokens=args.max_prompt_tokens,
+        read_chunk=args.read_chunk,
         max_tokens=args.max_tokens,
         max_context=args.max_context or None,
         max_sessions_on_device=args.sessions_per_replica,

@@ -6,10 +6,11 @@ at different positions, as model/decode.py supports); every loop iteration
 
   1. admits waiting requests while fewer than `max_batch` are active: a session's state is
      resumed (platform/serve/sessions.py), or a fresh prompt waits to be read;
-  2. reads one piece (at most `read_chunk` tokens) of one request's unread prompt, round robin:
-     a fresh prompt's first piece by `prefill`, every later piece, and a resumed session's new
-     message, by `extend` (several tokens in one pass per block). One piece is the longest the
-     other rows wait between two of their tokens (chunked prefill);
+  2. reads at most `read_chunk` tokens of unread prompts, in pieces, round robin over the
+     requests reading (several short prompts in one iteration, a long one over several): a
+     fresh prompt's first piece by `prefill`, every later piece, and a resumed session's new
+     message, by `extend` (several tokens in one pass per block). That budget bounds how long
+     the other rows wait between two of their tokens (chunked prefill);
   3. runs one decode step over the generating rows, each feeding its last sampled token. A
      request whose prompt is read samples its first token and joins them.
 
@@ -55,7 +56,7 @@ class EngineSettings:
     mode: str = "ttt"  # 'ttt', or the baselines 'swa' / 'full'
     max_batch: int = 32  # requests active together (generating rows + prompts being read)
     max_prompt_tokens: int = 8192  # tokens one request may ask a replica to read
-    read_chunk: int = 256  # prompt tokens read between two decode steps
+    read_chunk: int = 256  # prompt tokens read between two decode steps (all requests)
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_context: int | None = None  # position limit (None: ttt/swa states do not grow)
     max_sessions_on_device: int = 64
@@ -191,7 +192,7 @@ class Engine:
             try:
                 self._admit(block=not (self._rows or self._reading or self._waiting))
                 if self._reading:
-                    self._read_one()
+                    self._read(self.settings.read_chunk)
                 if self._rows:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the replica
@@ -294,22 +295,24 @@ class Engine:
                 "max_tokens",
             )  # fmt: skip
 
-    def _read_one(self) -> None:
-        job = self._reading.popleft()
-        if job.cancelled:
-            self._finish(job, job.state)
-            return
-        n = min(self.settings.read_chunk, len(job.feed))
-        piece = torch.tensor([[job.feed.popleft() for _ in range(n)]], device=self.device)
-        if job.state is None:
-            job.state, _ = prefill(self.model, piece, self.settings.mode)
-        else:
-            extend(self.model, job.state, piece)
-        self.counters["read_pieces"] += 1
-        if job.feed:
-            self._reading.append(job)  # its next piece after the other readers' (round robin)
-        else:
-            self._done_reading(job)
+    def _read(self, budget: int) -> None:
+        while self._reading and budget > 0:
+            job = self._reading.popleft()
+            if job.cancelled:
+                self._finish(job, job.state)
+                continue
+            n = min(budget, len(job.feed))
+            budget -= n
+            piece = torch.tensor([[job.feed.popleft() for _ in range(n)]], device=self.device)
+            if job.state is None:
+                job.state, _ = prefill(self.model, piece, self.settings.mode)
+            else:
+                extend(self.model, job.state, piece)
+            self.counters["read_pieces"] += 1
+            if job.feed:
+                self._reading.append(job)  # its next piece after the other readers' (round robin)
+            else:
+                self._done_reading(job)
 
     def _done_reading(self, job: _Job) -> None:
         """The prompt is read: sample the first token, then join the generating rows."""
