@@ -267,3 +267,23 @@ def test_the_serve_command_refuses_bad_settings_before_starting_ray(served, tmp_
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_the_cluster_serve_config_builds_the_application(tmp_path):
+    import yaml
+    from ray.serve import Application
+
+    from ttte2e.platform.serve import app
+
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
+    (entry,) = config["applications"]
+    module, name = entry["import_path"].split(":")
+    builder = getattr(__import__(module, fromlist=[name]), name)
+    assert builder is app.app_builder
+    folder = serving_model_folder(tmp_path / "model")
+    args = dict(entry["args"], model=str(folder), session_storage=str(tmp_path / "sessions"))
+    assert isinstance(builder(args), Application)
+    with pytest.raises(ValueError, match="unknown \\['replica'\\]"):
+        builder(dict(args, replica=2))

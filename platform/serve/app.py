@@ -229,6 +229,20 @@ async def _stream(events, start: dict, builder: ResponseBuilder, include_usage: 
 APP_NAME = "ttte2e"
 
 
+def app_builder(args: dict):
+    """The application for `serve run` / `serve deploy` configs and KubeRay RayServices
+    (cluster/serve.yaml): `args` are pipelines/serve.py's options, checked the same way."""
+    from ttte2e.platform.cli.serve import ServeOptions, settings_of
+
+    fields = set(ServeOptions.__dataclass_fields__) - {"host", "port", "address"}
+    unknown = sorted(set(args) - fields)
+    if unknown or "model" not in args:
+        raise ValueError(
+            f"serve config args: unknown {unknown}, model required; known: {sorted(fields)}"
+        )
+    return build_app(settings_of(ServeOptions(**args)))
+
+
 def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy on the connected Ray cluster (ensure_ray / ray.init first); returns the base URL
     once every replica has loaded the model."""
