@@ -104,7 +104,13 @@ def build_app(settings: ServeSettings):
     def error(e: RequestError, headers: dict | None = None) -> JSONResponse:
         return JSONResponse(error_body(e), status_code=e.status, headers=headers)
 
-    @serve.deployment(num_replicas=1, ray_actor_options=dict(num_cpus=0))
+    # the ingress only parses and forwards (async): it must not cap concurrency below the
+    # replicas' batches (Serve's default is 5 requests in flight per replica)
+    ingress_limit = max(256, 4 * engine_settings.max_batch * settings.replicas)
+
+    @serve.deployment(
+        num_replicas=1, ray_actor_options=dict(num_cpus=0), max_ongoing_requests=ingress_limit
+    )
     @serve.ingress(app)
     class OpenAIServer:
         def __init__(self, replicas):
