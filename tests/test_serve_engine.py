@@ -287,3 +287,23 @@ def test_the_cluster_serve_config_builds_the_application(tmp_path):
     assert isinstance(builder(args), Application)
     with pytest.raises(ValueError, match="unknown \\['replica'\\]"):
         builder(dict(args, replica=2))
+
+
+def test_a_turn_ends_when_its_snapshot_is_stored_and_decoding_goes_on_meanwhile(served, tmp_path):
+    eng = Engine(*served, EngineSettings(session_storage=str(tmp_path)))
+    release, write = threading.Event(), eng.store._write_storage
+    eng.store._write_storage = lambda *args: (release.wait(60), write(*args))  # slow storage
+    ended = threading.Event()
+    eng.submit(
+        GenerationRequest("import os", Sampling(3, temperature=0), "durable"),
+        lambda e: ended.set() if e["event"] == "end" else None,
+    )
+    for _ in range(600):  # the row is done and saved; its write waits
+        if eng.counters["requests"] == 1 and not eng._rows and not eng.store._busy:
+            break
+        threading.Event().wait(0.01)
+    ((_, text, end),) = run(eng, GenerationRequest("x = 1", Sampling(8, temperature=0)))
+    assert end["event"] == "end" and not ended.is_set()  # decoded while the write was pending
+    release.set()
+    assert ended.wait(60) and (tmp_path / "durable.json").exists()
+    eng.close()

@@ -30,7 +30,9 @@ def _turn(model, store, session, prompt, strict=False):
         state = got.state
         for t in got.unread:
             decode_step(model, state, torch.tensor([t]))
-    store.save(session, state, prompt)
+    written = store.save(session, state, prompt)
+    if written is not None:
+        written.result()  # acknowledged once durable, as the server does
     return got, state.last_logits.clone()
 
 

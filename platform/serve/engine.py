@@ -35,6 +35,7 @@ Events (plain dicts; they cross process boundaries in Ray Serve):
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections import deque
@@ -49,6 +50,8 @@ from ttte2e.platform.serve.sessions import (
     SessionNotFound,
     SessionStore,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,14 @@ class _Job:
     finish_reason: str | None = None
 
 
+def _durable(written, end: dict, session_id: str) -> dict:
+    error = written.exception()
+    if error is None:
+        return end
+    log.warning("session %s: its snapshot was not written to storage (%s)", session_id, error)
+    return dict(end, storage_error=f"{type(error).__name__}: {error}")
+
+
 class Engine:
     def __init__(self, model, tokenizer, settings: EngineSettings = EngineSettings()):
         if tokenizer is None:
@@ -179,6 +190,7 @@ class Engine:
         self._stop.set()
         self._incoming.put(None)  # wakes the loop
         self._thread.join(timeout=30)
+        self.store.flush()  # snapshots of the turns already ended reach storage
 
     def stats(self) -> dict:
         return dict(
@@ -386,7 +398,13 @@ class Engine:
     def _finish(self, job: _Job, state: DecodeState | None) -> None:
         """Save the row's state to its session (or drop it) and end the request."""
         req = job.request
-        state_bytes = state.nbytes() if state is not None else 0
+        end = dict(
+            event="end",
+            finish_reason=job.finish_reason,
+            completion_tokens=len(job.sampled),
+            state_bytes=state.nbytes() if state is not None else 0,
+        )
+        written = None
         if req.session_id is not None:
             if state is None or job.reading:  # gone before its prompt was read: drop the state
                 self.store.release(req.session_id)
@@ -396,16 +414,13 @@ class Engine:
                     history = req.prompt + self.tokenizer.decode(fed)
                 else:
                     history = list(req.prompt) + fed
-                self.store.save(req.session_id, state, history)
-        if not job.cancelled:
-            job.emit(
-                dict(
-                    event="end",
-                    finish_reason=job.finish_reason,
-                    completion_tokens=len(job.sampled),
-                    state_bytes=state_bytes,
-                )
-            )
+                written = self.store.save(req.session_id, state, history)
+        if job.cancelled:
+            return
+        if written is None:
+            job.emit(end)
+        else:  # acknowledged once durable; the decode loop goes on meanwhile
+            written.add_done_callback(lambda f: job.emit(_durable(f, end, req.session_id)))
 
     def _fail_all(self, error: Exception) -> None:
         if not isinstance(error, RequestError):

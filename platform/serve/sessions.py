@@ -13,7 +13,8 @@ Where a state lives, most recently used first: on the device (up to `max_on_devi
 as snapshot bytes in host memory (up to `max_host_bytes`), then in storage (a local folder or
 s3://, `<id>.safetensors` + `<id>.json`) if one is given, else dropped (the next turn re-reads
 the conversation). With storage, every completed turn is also written there (write-through), so
-a replica that dies loses at most the turn in flight: its successor, or another replica the
+a replica that dies loses at most the turn in flight (a turn is acknowledged once its snapshot is
+written; the writes run beside the decode loop, in order): its successor, or another replica the
 router sends the session to, reads the session's last snapshot (the JSON, written after the
 snapshot, names the snapshot's hash: a half-written pair is ignored). A replica holding an older
 state than storage's uses storage's; without storage it continues from its own older state: the
@@ -28,6 +29,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,6 +114,8 @@ class SessionStore:
         self._records: OrderedDict[str, _Record] = OrderedDict()  # least recently used first
         self._busy: set[str] = set()
         self._lock = threading.Lock()
+        # one writer: a session's snapshots reach storage in the order of its turns
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="session-writer")
 
     # ---- a request's life: resume, then save (or release on failure) -------------------------
     def resume(self, session_id: str, prompt: History, strict: bool = False) -> Resumed:
@@ -143,20 +147,30 @@ class SessionStore:
             resumed._record = record
             return resumed
 
-    def save(self, session_id: str, state: DecodeState, history: History) -> None:
+    def save(self, session_id: str, state: DecodeState, history: History) -> Future | None:
         """The state after reading `history` (the conversation so far: what the request's prompt
-        and its fed tokens were), most recently used."""
+        and its fed tokens were), most recently used. With storage, the snapshot is taken now and
+        written by a background writer (in order): the returned future completes when the turn
+        is durable, which is when a server should acknowledge it; the caller's thread (the decode
+        loop) does not wait for storage."""
         if state.positions.shape[0] != 1:
             raise ValueError(f"a session holds one row, got {state.positions.shape[0]}")
         tokens = int(state.positions[0])
         record = _Record(tokens, _kind(history), len(history), history_hash(history), state=state)
-        if self.storage is not None:  # write-through, outside the lock: other sessions go on
-            self._write_storage(session_id, record, snapshot(self.model, state))
+        written = None
+        if self.storage is not None:  # the bytes now: the state is mutated by the next turn
+            blob = snapshot(self.model, state)
+            written = self._writer.submit(self._write_storage, session_id, record, blob)
         with self._lock:
             self._busy.discard(session_id)
             self._records.pop(session_id, None)
             self._records[session_id] = record
             self._evict()
+        return written
+
+    def flush(self) -> None:
+        """Wait for every storage write submitted so far."""
+        self._writer.submit(lambda: None).result()
 
     def put_back(self, session_id: str, resumed: Resumed) -> None:
         """A request refused before it read anything: the session is as it was."""
@@ -185,6 +199,7 @@ class SessionStore:
             if newer is None or newer <= record.tokens:
                 return record, "device" if record.state is not None else "host"
             # another replica completed later turns of this session (the router is best effort)
+        self.flush()  # this replica's own writes of the session first
         record = self._read_storage(session_id)
         if record is not None:
             self._records[session_id] = record
