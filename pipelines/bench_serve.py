@@ -8,7 +8,7 @@ inter-token latency, tokens/s); a session's eviction and restore.
     python pipelines/bench_serve.py --model runs/demo/model --sessions 8,32 --json bench.json
 
 Ratios are measured in this run (this machine is shared and noisy); the figures in the README
-come from this command. Bounded: 3 x 50 turns + 3 x 50 replayed turns + 8 + 32 requests.
+come from this command. Bounded: 9 x 50 turns + 3 x 50 replayed turns + 8 + 32 requests.
 """
 
 from __future__ import annotations
@@ -201,14 +201,17 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="model folder (default: tiny, random)")
     parser.add_argument("--turns", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3, help="conversations per kind")
+    parser.add_argument("--repeats", type=int, default=3, help="stateless replays")
+    parser.add_argument(
+        "--session-repeats", type=int, default=9, help="session conversations (cheap: more)"
+    )
     parser.add_argument("--max-tokens", type=int, default=16, help="reply tokens per turn")
     parser.add_argument("--sessions", default="8,32", help="concurrent sessions to measure")
     parser.add_argument("--cpus", type=float, default=1.0, help="CPUs of the model replica")
     parser.add_argument("--json", default="", help="also write the figures here")
     args = parser.parse_args(argv)
-    if args.turns < 10 or args.repeats < 1 or args.max_tokens < 1:
-        parser.error("--turns >= 10, --repeats >= 1 and --max-tokens >= 1")
+    if args.turns < 10 or min(args.repeats, args.session_repeats, args.max_tokens) < 1:
+        parser.error("--turns >= 10; --repeats, --session-repeats and --max-tokens >= 1")
     sessions = [int(n) for n in args.sessions.split(",") if n]
 
     import openai
@@ -239,8 +242,12 @@ def main(argv=None) -> dict:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
         _conversation(client, "bench", 2, args.max_tokens, "warm-up")
         stateful, stateless = [], []
-        for r in range(args.repeats):  # interleaved: drifts of the machine hit both alike
+        per_replay = max(1, args.session_repeats // args.repeats)
+        for r in range(args.session_repeats):  # interleaved: drifts hit both kinds alike
             stateful.append(_conversation(client, "bench", args.turns, args.max_tokens, f"s{r}"))
+            if (r + 1) % per_replay == 0 and len(stateless) < args.repeats:
+                stateless.append(_conversation(client, "bench", args.turns, args.max_tokens, None))
+        while len(stateless) < args.repeats:
             stateless.append(_conversation(client, "bench", args.turns, args.max_tokens, None))
         marks = sorted({1, 10, args.turns})
         table = []
@@ -255,6 +262,9 @@ def main(argv=None) -> dict:
         out["turns"] = table
         out["session_ratio_last_to_first"] = (
             table[-1]["session_latency_ms"] / table[0]["session_latency_ms"]
+        )
+        out["session_ratio_last_to_tenth"] = (
+            table[-1]["session_latency_ms"] / table[1]["session_latency_ms"]
         )
         out["stateless_ratio_last_to_first"] = (
             table[-1]["stateless_latency_ms"] / table[0]["stateless_latency_ms"]
@@ -274,7 +284,10 @@ def main(argv=None) -> dict:
 
 
 def _print(out: dict, args) -> None:
-    print(f"per turn ({args.repeats} conversations each, median; {args.max_tokens} reply tokens):")
+    print(
+        f"per turn (median of {args.session_repeats} session conversations and "
+        f"{args.repeats} stateless replays; {args.max_tokens} reply tokens):"
+    )
     print("turn  session ms  cached  prompt tok  state bytes | stateless ms  prompt tok")
     for r in out["turns"]:
         print(
@@ -283,9 +296,10 @@ def _print(out: dict, args) -> None:
             f" {r['stateless_latency_ms']:>12.1f}  {r['stateless_prompt_tokens']:>10}"
         )
     print(
-        f"turn {args.turns} / turn 1 latency: session {out['session_ratio_last_to_first']:.2f}, "
-        f"stateless {out['stateless_ratio_last_to_first']:.2f}; session state bytes over all "
-        f"turns: {out['state_bytes_distinct']}"
+        f"turn {args.turns} / turn 1 latency: session {out['session_ratio_last_to_first']:.2f} "
+        f"(turn {args.turns} / turn 10: {out['session_ratio_last_to_tenth']:.2f}), stateless "
+        f"{out['stateless_ratio_last_to_first']:.2f}; session state bytes over all turns: "
+        f"{out['state_bytes_distinct']}"
     )
     print("concurrent sessions (one streamed turn each):")
     for c in out["concurrent"]:
