@@ -62,7 +62,7 @@ class ServeOptions:
 
 def settings_of(args: ServeOptions):
     """ServeSettings from the options, every refusal before Ray starts."""
-    from ttte2e.platform.serve.app import ServeSettings
+    from ttte2e.platform.serve.app import ServeSettings, default_model_name
     from ttte2e.platform.serve.engine import EngineSettings
     from ttte2e.platform.serve.openai_api import ChatTemplate
 
@@ -85,18 +85,13 @@ def settings_of(args: ServeOptions):
     weights = _weights(args)
     return ServeSettings(
         model=weights,
-        model_name=args.model_name or _default_name(args.model),
+        model_name=args.model_name or default_model_name(args.model),
         replicas=args.replicas,
         cpus_per_replica=args.cpus_per_replica,
         gpus_per_replica=args.gpus_per_replica,
         engine=engine,
         template=template,
     )
-
-
-def _default_name(uri: str) -> str:
-    uri = uri.rstrip("/")
-    return uri[len("models:/") :] if uri.startswith("models:/") else uri.split("/")[-1]
 
 
 def _weights(args: ServeOptions) -> str:

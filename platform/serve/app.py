@@ -52,7 +52,7 @@ class ServeSettings:
 
 def build_app(settings: ServeSettings):
     """The Serve application (deploy with serve.run)."""
-    name = served_name(settings)
+    name = settings.model_name or default_model_name(settings.model)
     engine_settings = settings.engine
 
     @serve.deployment(
@@ -177,7 +177,7 @@ def build_app(settings: ServeSettings):
             if parsed.stream:
                 chunks = _stream(events, start, builder, parsed.include_usage)
                 return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-            text = []
+            text, end = [], None
             try:
                 async for event in events:
                     if event["event"] == "text":
@@ -189,20 +189,19 @@ def build_app(settings: ServeSettings):
                         end = event
             except Exception as e:  # noqa: BLE001
                 return error(RequestError(503, "unavailable", f"the model replica failed: {e}"))
+            if end is None:  # the stream stopped without its end: never a partial reply as whole
+                return error(RequestError(503, "unavailable", "the reply was cut off"))
             headers["X-Session-State-Bytes"] = str(end["state_bytes"])
             return JSONResponse(builder.whole("".join(text), start, end), headers=headers)
 
     return OpenAIServer.bind(ModelReplica.bind())
 
 
-def served_name(settings: ServeSettings) -> str:
-    """The name clients send as "model": --model-name, else the registry name or folder name."""
-    if settings.model_name:
-        return settings.model_name
-    uri = settings.model.rstrip("/")
-    if uri.startswith("models:/"):
-        return uri[len("models:/") :]
-    return uri.split("/")[-1]
+def default_model_name(uri: str) -> str:
+    """The name clients send as "model" when none is set: NAME@ALIAS of a registry URI, else the
+    folder's name."""
+    uri = uri.rstrip("/")
+    return uri[len("models:/") :] if uri.startswith("models:/") else uri.split("/")[-1]
 
 
 async def _json(request) -> dict:
