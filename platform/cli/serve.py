@@ -11,7 +11,6 @@ from typing import Annotated
 
 import tyro
 
-from ttte2e.model.decode import MODES
 from ttte2e.platform.cli.parsing import cli, fail
 
 log = logging.getLogger(__name__)
@@ -66,8 +65,6 @@ def settings_of(args: ServeOptions):
     from ttte2e.platform.serve.engine import EngineSettings
     from ttte2e.platform.serve.openai_api import ChatTemplate
 
-    if args.mode not in MODES:
-        raise ValueError(f"--mode {args.mode!r}: choose one of {MODES}")
     if args.replicas < 1 or not 0 < args.port < 65536:
         raise ValueError("--replicas must be >= 1 and --port in 1..65535")
     engine = EngineSettings(
