@@ -162,7 +162,13 @@ def _block_forward(model, block, h, rope, window):
     return block(h, rope, window)
 
 
-_compiled: dict[str, object] = {}
+# The torch.compile backend: "inductor" generates fused code (what runs); "aot_eager" traces the
+# same graphs (Dynamo, AOTAutograd's functionalization and joint forward/backward) and runs them
+# without code generation: the tests that prove a tracing property use it, being cheap cold.
+BACKENDS = ("inductor", "aot_eager")
+backend = "inductor"
+
+_compiled: dict[tuple[str, str], object] = {}
 _failed: str | None = None  # the first compile error: everything runs eager after it
 
 
@@ -185,14 +191,17 @@ def _call(name: str, fn, model, *args):
                 stacklevel=3,
             )
         return None
-    if name not in _compiled:
+    if backend not in BACKENDS:
+        raise ValueError(f"compiled.backend {backend!r}: choose from {BACKENDS}")
+    key = (name, backend)
+    if key not in _compiled:
         # graphs per function: grad mode x inner step taken or not x first chunk (its zero
         # caches need no gradient) x batch 1 / other batch sizes (then symbolic) x autocast:
         # more than Dynamo's default limit of 8, after which it would run eager unannounced
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled[name] = torch.compile(fn, fullgraph=True)
+        _compiled[key] = torch.compile(fn, fullgraph=True, backend=backend)
     try:
-        return _compiled[name](model, *args)
+        return _compiled[key](model, *args)
     except torch._dynamo.exc.TorchDynamoException as error:  # tracing or code generation
         if forced():
             raise

@@ -1,8 +1,15 @@
 """The compiled chunk step (model/compiled.py) against the eager one it replaces.
 
-One model, the official case A (tests/data), serves every test here: its graphs are compiled
-once per test process. TTTE2E_COMPILE=force makes a compile failure raise, so a test cannot pass
-by running eager.
+One model, the official case A (tests/data), serves every test here, and the module runs in one
+xdist worker: each graph is compiled once per test session, and later tests reuse what earlier
+ones compiled. Inductor (what runs) compiles for what depends on its generated code: exactness
+end to end (remat nested: its forward runs the no-grad graphs, its recompute the graphs with
+gradient), no recompilation (Inductor adds shape guards of its own), and bf16 rounding. The
+tests of a tracing property (the other remat modes, the other head form, decoding) trace the
+same graphs with `aot_eager` (Dynamo, AOTAutograd's functionalization and joint graph, no code
+generation): cheap with empty compiler caches, and it fails on the torch.func-in-compile bugs
+that return wrong gradients. TTTE2E_COMPILE=force makes a compile failure raise, so a test
+cannot pass by running eager.
 """
 
 import warnings
@@ -19,10 +26,19 @@ from conftest import load_case, reference_cases
 # the issue's bound, fp32: per-token NLL and every gradient within 1e-5 (x max|grad|)
 ATOL = 1e-5
 
+# every test in one worker: the graphs one test compiles serve the next (see the docstring)
+pytestmark = pytest.mark.xdist_group("compiled")
+
 
 @pytest.fixture(autouse=True)
 def compile_errors_raise(monkeypatch):
     monkeypatch.setenv(compiled.FORCE_ENV, "force")
+
+
+@pytest.fixture
+def traced_only(monkeypatch):
+    """The graphs traced and run without Inductor's code generation (aot_eager)."""
+    monkeypatch.setattr(compiled, "backend", "aot_eager")
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +59,14 @@ def _step(model, tokens, compile: bool, remat: str):
     return out, grads
 
 
-@pytest.mark.parametrize("remat", ["none", "chunk", "nested"])
-def test_compiled_meta_step_equals_eager_and_official(case, remat):
+@pytest.mark.parametrize(
+    "remat, backend", [("nested", "inductor"), ("none", "aot_eager"), ("chunk", "aot_eager")]
+)
+def test_compiled_meta_step_equals_eager_and_official(case, remat, backend, monkeypatch):
     """Official case A, the batch with BOS inside: NLL, inner norms and every parameter's
     gradient of the compiled step equal the eager step's, and both the official numbers."""
     data, model, tokens = case
+    monkeypatch.setattr(compiled, "backend", backend)
     eager, eager_grads = _step(model, tokens, False, remat)
     got, grads = _step(model, tokens, True, remat)
     assert (got.token_nll - eager.token_nll).abs().max() <= ATOL
@@ -62,7 +81,7 @@ def test_compiled_meta_step_equals_eager_and_official(case, remat):
     assert abs(got.loss.item() - float(data["bos.outer_loss"])) <= 1e-5
 
 
-def test_the_other_head_form_equals_eager_too(case, monkeypatch):
+def test_the_other_head_form_equals_eager_too(case, monkeypatch, traced_only):
     """The head's part of the inner gradient by torch.func's own differentiation of the
     cross-entropy (the form the benchmark compares with the closed form used by default)."""
     _, model, tokens = case
@@ -101,15 +120,18 @@ def test_no_recompilation_across_chunks_steps_and_batch_sizes(case):
 def test_bf16_autocast_compiled_is_as_close_to_fp32_as_eager(case):
     """Under bf16 autocast (forward only, backward outside, as in training) the compiled and the
     eager step round differently (Inductor keeps fused intermediates in fp32): each is compared
-    with the fp32 step, and the compiled one must be no further from it than eager (x 1.5)."""
+    with the fp32 step, and the compiled one must be no further from it than eager (x 1.5).
+    Remat none: the fewest autocast graphs to compile (that a remat recompute runs under the
+    forward's autocast state is tested in test_model.py; the graph it then runs is chosen by
+    that state)."""
     _, model, tokens = case
-    _, fp32 = _step(model, tokens, False, "chunk")
+    _, fp32 = _step(model, tokens, False, "none")
     errors = {}
     for compile in (False, True):
         model.config.compile = compile
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model.meta_loss(tokens, remat="chunk")
+                out = model.meta_loss(tokens, remat="none")
             model.zero_grad(set_to_none=True)
             out.loss.backward()
         finally:
@@ -125,7 +147,7 @@ def test_bf16_autocast_compiled_is_as_close_to_fp32_as_eager(case):
     assert errors[True][0] <= 1.5 * errors[False][0] and errors[True][1] <= 1.5 * errors[False][1]
 
 
-def test_teacher_forced_decoding_compiled_equals_prefill(case):
+def test_teacher_forced_decoding_compiled_equals_prefill(case, traced_only):
     """Decode's TTT steps and prefill run the compiled chunk step: teacher-forced decoding gives
     the eager training forward's NLLs."""
     _, model, tokens = case
@@ -150,7 +172,9 @@ def test_a_compile_failure_warns_once_and_runs_eager(case, monkeypatch):
     def broken(*args):
         raise torch._dynamo.exc.Unsupported("injected")
 
-    monkeypatch.setattr(compiled, "_compiled", {"chunk_step": broken, "block": broken})
+    monkeypatch.setattr(
+        compiled, "_compiled", {(n, compiled.backend): broken for n in ("chunk_step", "block")}
+    )
     monkeypatch.setattr(compiled, "_failed", None)
     model.config.compile = True
     try:
