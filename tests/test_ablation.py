@@ -83,6 +83,53 @@ def test_cli_bad_input_exits_2_before_anything_starts(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_one_worker_trials_train_in_the_trial_and_reserve_the_run():
+    from ttte2e.platform.tune.sweep import runs_in_trial, trial_resources
+
+    one, two = TINY, TrainConfig(preset="tiny", data="unused", steps=10, workers=2)
+    assert runs_in_trial(one) and not runs_in_trial(two) and not runs_in_trial(one, False)
+    # the CPUs a one-worker run reserves with its Ray Data readers: as many trials at once
+    assert trial_resources(one, {"CPU": 2}) == {"CPU": 0.75}
+    assert trial_resources(one, {"CPU": 8, "GPU": 2}) == {"CPU": 0.75, "GPU": 1}
+    cpu_only = TrainConfig(preset="tiny", data="unused", steps=10, device="cpu")
+    assert trial_resources(cpu_only, {"CPU": 8, "GPU": 2}) == {"CPU": 0.75}
+    assert trial_resources(two, {"CPU": 8}) == trial_resources(one, {"CPU": 8}, False)
+    assert trial_resources(two, {"CPU": 8}) == {"CPU": 0.01}  # its workers reserve their own
+
+
+def test_a_trial_in_its_own_process_restarts_as_a_worker_group_would():
+    """Failures restart the run (it continues from its last checkpoint) up to --max-failures;
+    errors no restart can fix end the trial at once."""
+    from ttte2e.platform.data.manifest import DataError
+    from ttte2e.platform.tune.sweep import fit_with_restarts
+
+    def failing(errors):
+        calls = []
+
+        def run():
+            calls.append(1)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+            return "done"
+
+        return run, calls
+
+    run, calls = failing([OSError("storage hiccup"), RuntimeError("worker died")])
+    assert fit_with_restarts(TINY, run) == "done" and len(calls) == 3
+    run, calls = failing([OSError("down")] * 5)
+    with pytest.raises(OSError):
+        fit_with_restarts(TrainConfig(preset="tiny", data="unused", max_failures=2), run)
+    assert len(calls) == 3  # the first try and 2 restarts
+    for fatal in (ConfigError("bad setting"), DataError("damaged shard")):
+        run, calls = failing([fatal])
+        with pytest.raises(type(fatal)):
+            fit_with_restarts(TINY, run)
+        assert len(calls) == 1
+    run, calls = failing([OSError("down")] * 7)
+    assert fit_with_restarts(TrainConfig(preset="tiny", data="unused", max_failures=-1), run)
+    assert len(calls) == 8
+
+
 # ---- real sweeps (subprocesses joining the session's private Ray head) ---------------------------
 def sweep_command(data: str, storage: Path, name: str, *extra: str) -> list[str]:
     model = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
@@ -222,13 +269,11 @@ def test_interrupted_sweep_resumes_and_writes_table_plot_and_mlflow_runs(
     history = client.get_metric_history(children[0].info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 7))
 
-    # Tune forgets the trial; its training run stays, and Ray Train's own record of the run's
-    # checkpoints is lost too (it can lag behind the last save when a process stops right after
-    # it): the run's complete checkpoints still decide
+    # one-worker trials train in the trial's process: no Ray Train worker group, whose own
+    # record of the run's checkpoints would be in the run folder
+    assert not list((tmp_path / "sweep" / "runs").glob("*/checkpoint_manager_snapshot.json"))
+    # Tune forgets the trial; its training run stays: the run's complete checkpoints decide
     shutil.rmtree(tmp_path / "sweep" / "tune")
-    (
-        tmp_path / "sweep" / "runs" / "sweep-ttt-k32-b8-l1" / "checkpoint_manager_snapshot.json"
-    ).unlink()
     again = subprocess.run(
         [
             *cmd[: cmd.index("--values") + 1],

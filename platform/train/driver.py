@@ -30,8 +30,14 @@ from ttte2e.platform.train.config import (
     check_resources,
     preflight,
 )
-from ttte2e.platform.train.trainer import NonFiniteLoss, RunSpec, check_local_layout, run_local
-from ttte2e.platform.train.worker import FATAL_FILE, NON_FINITE_FILE, train_loop
+from ttte2e.platform.train.trainer import (
+    LocalReporter,
+    NonFiniteLoss,
+    RunSpec,
+    check_local_layout,
+    run_local,
+)
+from ttte2e.platform.train.worker import FATAL_FILE, NON_FINITE_FILE, TuneReporter, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,12 @@ def _tune_callbacks() -> list:
     return [TuneReportCallback()]
 
 
+def _local_reporter(spec: RunSpec):
+    """A Tune trial running the Trainer in its own process: checkpoints to the run folder, every
+    report to Tune."""
+    return TuneReporter(LocalReporter(spec.run_dir, spec.train.keep_checkpoints))
+
+
 def _local_device(cfg: TrainConfig) -> bool:
     """Whether a --local run uses this machine's GPU; refuses layouts one process cannot run."""
     import torch
@@ -181,9 +193,10 @@ def fit(
     local: bool = False,
 ) -> dict:
     """Run (or resume) a training run; returns where its results are and its metric history.
-    local: the Trainer in this process, without Ray (one worker). parent_run_id: the MLflow run
-    this run's run is a child of (a sweep). report_to_tune: forward the workers' reports to the
-    Ray Tune trial this runs in (platform/tune/sweep.py)."""
+    local: the Trainer in this process, without Ray Train (one worker). parent_run_id: the
+    MLflow run this run's run is a child of (a sweep). report_to_tune: send the reports to the
+    Ray Tune trial this runs in (platform/tune/sweep.py): the workers' (Ray Train), or this
+    process's own (local)."""
     from ttte2e.platform.registry import tracking
 
     checked = preflight(cfg)
@@ -272,7 +285,7 @@ def fit(
     try:
         if local:
             try:
-                run_local(spec)
+                run_local(spec, _local_reporter(spec) if report_to_tune else None)
             except NonFiniteLoss as e:  # one process has no restart to try: the run ends
                 raise ConfigError(f"training stopped: {e}") from None
         else:

@@ -168,11 +168,17 @@ class Placement:
 
 
 class Reporter(Protocol):
-    """Where a worker's metrics and checkpoints go (Ray Train's report, or LocalReporter)."""
+    """Where a worker's metrics and checkpoints go (Ray Train's report, LocalReporter, or a Tune
+    trial's TuneReporter)."""
 
     def report(
         self, metrics: dict, checkpoint: Path | None = None, name: str | None = None
-    ) -> None: ...
+    ) -> None:
+        """Metrics of a step; with `checkpoint`, that step's checkpoint folder to store."""
+
+    def committed(self, metrics: dict) -> None:
+        """Rank 0, after the checkpoint reported with these metrics is complete (COMPLETE.json
+        written): whoever may stop the run on a report sees it only now."""
 
 
 @dataclass
@@ -191,6 +197,9 @@ class LocalReporter:
         self.run_dir.join(name).upload(checkpoint)
         for old in ckpt.checkpoint_names(self.run_dir)[self.keep :]:
             self.run_dir.join(old).delete()
+
+    def committed(self, metrics: dict) -> None:
+        pass
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -447,6 +456,7 @@ class Trainer:
             dist.barrier()  # every rank's files are stored (report uploads before it returns)
         if p.rank == 0:
             ckpt.write_complete(self.spec.run_dir.join(name), files, self.state["step"])
+            self.reporter.committed(metrics)
 
     # ---- step / evaluate -----------------------------------------------------------------------
     def train_step(self, step: int, windows: torch.Tensor) -> dict:
@@ -637,15 +647,15 @@ def check_local_layout(cfg: TrainConfig) -> None:
         )
 
 
-def run_local(spec: RunSpec) -> dict:
-    """The whole run in this process (no Ray): one worker on this machine's first GPU, or the
-    CPU. Returns the trainer state."""
+def run_local(spec: RunSpec, reporter: Reporter | None = None) -> dict:
+    """The whole run in this process (no Ray Train): one worker on this machine's first GPU, or
+    the CPU. reporter: LocalReporter unless given (a Tune trial's). Returns the trainer state."""
     check_local_layout(spec.train)
     single_process_group()
     placement = Placement(
         0, 1, torch.device("cuda" if spec.use_gpu else "cpu"), [f"local:{socket.gethostname()}"]
     )
-    reporter = LocalReporter(spec.run_dir, spec.train.keep_checkpoints)
+    reporter = reporter or LocalReporter(spec.run_dir, spec.train.keep_checkpoints)
     return Trainer(spec, placement, reporter).fit()
 
 

@@ -1,4 +1,6 @@
-"""The Ray Train worker: a thin wrapper around the Trainer (train/trainer.py).
+"""The Trainer (train/trainer.py) on Ray: a Ray Train worker, or a Tune trial's own process.
+
+`TuneReporter`: the reporter of a Tune trial that runs the Trainer in its own process.
 
 `train_loop` (what TorchTrainer runs on every worker): the storage credentials, the process
 group and this rank's placement from Ray Train's context, Ray's report as the reporter, and
@@ -21,6 +23,7 @@ from ttte2e.platform.redact import redact
 from ttte2e.platform.train.checkpoint import CheckpointError
 from ttte2e.platform.train.config import ConfigError
 from ttte2e.platform.train.trainer import (
+    LocalReporter,
     NonFiniteLoss,
     RunSpec,
     Trainer,
@@ -51,6 +54,35 @@ class RayReporter:
                 checkpoint_dir_name=name,
             )
 
+    def committed(self, metrics: dict) -> None:
+        pass  # Ray Train forwards the report itself (to a Tune trial: TuneReportCallback)
+
+
+class TuneReporter:
+    """A Tune trial that runs the Trainer in its own process (a one-worker trial): checkpoints go
+    to the run folder as in one plain process (LocalReporter), and every report to Tune, whose
+    scheduler compares them. A checkpoint's report reaches Tune once the checkpoint is complete:
+    Tune may stop the trial at any report (and does not resume it from there)."""
+
+    def __init__(self, stored: LocalReporter):
+        self.stored = stored
+
+    def report(
+        self, metrics: dict, checkpoint: Path | None = None, name: str | None = None
+    ) -> None:
+        self.stored.report(metrics, checkpoint, name)
+        if checkpoint is None:
+            self._to_tune(metrics)
+
+    def committed(self, metrics: dict) -> None:
+        self._to_tune(metrics)
+
+    @staticmethod
+    def _to_tune(metrics: dict) -> None:
+        from ray import tune
+
+        tune.report(metrics)
+
 
 def train_loop(config: dict) -> None:
     """Ray Train worker entry point (TorchTrainer(train_loop_per_worker=...)); config holds the
@@ -78,9 +110,9 @@ def train_loop(config: dict) -> None:
             marker.write_bytes(json.dumps(dict(step=e.step, error=str(e))).encode())
         raise
     except Exception as e:  # noqa: BLE001 - always re-raised
-        unfixable = _unfixable(e)
-        if unfixable is not None:
-            _record_fatal(run_dir, unfixable)
+        fatal = unfixable(e)
+        if fatal is not None:
+            _record_fatal(run_dir, fatal)
         raise
 
 
@@ -129,7 +161,7 @@ def _run(spec: RunSpec) -> None:
     Trainer(spec, placement, RayReporter()).fit()
 
 
-def _unfixable(error: BaseException) -> BaseException | None:
+def unfixable(error: BaseException) -> BaseException | None:
     """The error (or its cause: Ray wraps errors raised in Ray Data actors) that no restart can
     fix: a bad setting, an incomplete checkpoint, damaged data."""
     seen = 0

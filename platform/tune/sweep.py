@@ -8,11 +8,15 @@ architecture trained with inner_lr 0 (the prime MLPs become static MLPs: equal p
 the window grid trains it at every k, the other two once at the base k (it depends on neither).
 Combinations the model refuses (b > k, T % b != 0, ...) are listed and dropped before launch.
 
-Each trial is a Tune function trainable that starts a TorchTrainer (train/driver.fit; Ray
-Train V2 refuses Tuner(TorchTrainer)), whose rank-0 reports reach Tune through
-TuneReportCallback: every report carries the latest held-out metrics, so an ASHA scheduler can
-stop weak trials early. Trial runs are named after their config, so an interrupted sweep resumes
-(Tuner.restore, same --name) with every unfinished trial continuing from its last checkpoint.
+Each trial is a Tune function trainable running train/driver.fit. A one-worker trial runs the
+Trainer in the trial's own process (Ray's pattern for small trials: `tune.with_resources` gives
+the trial the run's CPUs or GPU; its reports go to Tune through worker.TuneReporter), with no
+worker group to start. A trial of several workers starts a TorchTrainer (Ray Train V2 refuses
+Tuner(TorchTrainer)) whose rank-0 reports reach Tune through TuneReportCallback. Either way every
+report carries the latest held-out metrics, so an ASHA scheduler can stop weak trials early, and
+checkpoints are the same files in the same run folders. Trial runs are named after their config,
+so an interrupted sweep resumes (Tuner.restore, same --name) with every unfinished trial
+continuing from its last checkpoint.
 
 MLflow: one parent run per sweep, a child run per trial (fit's run); the table and the plots
 are written to the sweep's storage and logged to the parent run.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -36,6 +41,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ttte2e.model import TTTConfig
 from ttte2e.platform.cluster.ray_runtime import forwarded_env
 from ttte2e.platform.data.storage import resolve
+from ttte2e.platform.redact import redact
 from ttte2e.platform.train.config import (
     ConfigError,
     Preflight,
@@ -188,8 +194,28 @@ def trial_config(base: TrainConfig, trial: Trial, sweep: dict) -> TrainConfig:
     )
 
 
+def runs_in_trial(cfg: TrainConfig, in_trial: bool = True) -> bool:
+    """Whether a trial runs the Trainer in its own process (one worker) rather than starting a
+    TorchTrainer (a worker group)."""
+    return in_trial and cfg.workers == 1
+
+
+def trial_resources(cfg: TrainConfig, cluster: dict, in_trial: bool = True) -> dict:
+    """What Tune reserves for one trial: a trial that trains in its own process reserves what
+    its run needs (cpus_needed: its Ray Data readers' CPUs too, as it reads its data itself, so
+    as many trials run at once as with worker groups), and a GPU when trials use GPUs; one that
+    starts a TorchTrainer reserves next to nothing, its workers reserve their own."""
+    if not runs_in_trial(cfg, in_trial):
+        return {"CPU": 0.01}
+    resources = {"CPU": cpus_needed(cfg)}
+    if cfg.device == "gpu" or (cfg.device == "auto" and cluster.get("GPU", 0) >= 1):
+        resources["GPU"] = 1
+    return resources
+
+
 def run_trial(config: dict, base: dict, sweep: dict) -> None:
-    """The Tune function trainable: one training run (a TorchTrainer) of the sweep."""
+    """The Tune function trainable: one training run of the sweep, in this process (one worker)
+    or as a TorchTrainer."""
     from ttte2e.platform.logs import setup_logging
     from ttte2e.platform.train.driver import fit
 
@@ -197,11 +223,31 @@ def run_trial(config: dict, base: dict, sweep: dict) -> None:
     trial = Trial(**config["trial"])
     cfg = trial_config(TrainConfig.from_dict(base), trial, sweep)
     setup_logging(prefix=f"[{trial.name}] ")  # a trial's lines in the sweep's log
-    fit(
-        cfg,
-        parent_run_id=sweep.get("parent_run_id"),
-        report_to_tune=True,
-    )
+    parent = sweep.get("parent_run_id")
+    if runs_in_trial(cfg, sweep.get("in_trial", True)):
+        fit_with_restarts(cfg, lambda: fit(cfg, parent, report_to_tune=True, local=True))
+    else:
+        fit(cfg, parent_run_id=parent, report_to_tune=True)
+
+
+def fit_with_restarts(cfg: TrainConfig, run):
+    """run() (a fit in this process), run again after a failure, up to cfg.max_failures times
+    (-1: no limit), as Ray Train restarts a worker group: each time the run continues from its
+    last complete checkpoint. Errors no restart can fix (a bad setting, a damaged checkpoint or
+    dataset, a non-finite loss) end the trial at once."""
+    from ttte2e.platform.train.worker import unfixable
+
+    for restarts in itertools.count():
+        try:
+            return run()
+        except Exception as e:  # noqa: BLE001 - re-raised unless a restart may fix it
+            if unfixable(e) is not None or 0 <= cfg.max_failures <= restarts:
+                raise
+            limit = cfg.max_failures if cfg.max_failures >= 0 else "no limit"
+            log.warning(
+                f"[train] failed ({type(e).__name__}: {redact(str(e))[:300]}); restart "
+                f"{restarts + 1} of {limit} from the last checkpoint"
+            )
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
@@ -233,8 +279,11 @@ def run_sweep(
     scheduler: str = "none",
     grace_steps: int = 0,
     concurrent: int = 0,
+    in_trial: bool = True,
 ) -> dict:
     """Run (or resume: same base.name) a sweep; returns where its table and plots are.
+    in_trial=False: one-worker trials start a TorchTrainer too (pipelines/bench/bench_sweep.py
+    compares the two).
 
     Outside a cluster (no RAY_ADDRESS) the sweep starts a private Ray head with a dashboard and
     stops it at the end: when a scheduler stops a trial, its TorchTrainer controller dies with
@@ -255,7 +304,7 @@ def run_sweep(
     # pre-flight once, for the base config: every trial shares data, storage, MLflow and
     # resources (each trial's model was checked by plan_sweep)
     checked = preflight(base)
-    args = (checked, plan, knobs, baseline, scheduler, grace_steps, concurrent)
+    args = (checked, plan, knobs, baseline, scheduler, grace_steps, concurrent, in_trial)
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return _run_sweep(*args)
     from ttte2e.platform.cluster.local_head import LocalRayCluster
@@ -277,6 +326,7 @@ def _run_sweep(
     scheduler: str,
     grace_steps: int,
     concurrent: int,
+    in_trial: bool,
 ) -> dict:
     from ray import tune
 
@@ -295,7 +345,12 @@ def _run_sweep(
     n_concurrent = concurrent or max_concurrent(base, ray.cluster_resources())
     log.info(
         f"[sweep] {name}: {len(plan.trials)} trials ({', '.join(t.name for t in plan.trials)}), "
-        f"{geometry.steps} steps each, {n_concurrent} at a time; scheduler {scheduler}"
+        f"{geometry.steps} steps each, {n_concurrent} at a time; scheduler {scheduler}; "
+        + (
+            "each trial trains in its own process"
+            if runs_in_trial(base, in_trial)
+            else f"each trial starts a TorchTrainer of {base.workers} workers"
+        )
     )
 
     parent = None
@@ -324,9 +379,11 @@ def _run_sweep(
         trial_storage=storage.join(name, "runs").uri,
         parent_run_id=parent,
         env=forwarded_env(),
+        in_trial=in_trial,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), sweep=sweep), {"CPU": 0.01}
+        tune.with_parameters(run_trial, base=base.to_dict(), sweep=sweep),
+        trial_resources(base, ray.cluster_resources(), in_trial),
     )
     asha = None
     if scheduler == "asha":
