@@ -1,4 +1,5 @@
 import contextlib
+import json
 import math
 import os
 from pathlib import Path
@@ -46,25 +47,44 @@ SMALL = dict(
 )
 
 
+def once_per_session(tmp_path_factory, name: str, make):
+    """make() (a JSON value) once for the whole test session: under xdist the first worker to ask
+    makes it while the other waits, then reads what the first left in the temp folder both
+    share, instead of making it again. Every caller gets the value back from JSON."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: nothing to share
+        return json.loads(json.dumps(make()))
+    from filelock import FileLock
+
+    stored = tmp_path_factory.getbasetemp().parent / f"{name}.json"  # this session's root
+    with FileLock(f"{stored}.lock"):
+        if not stored.exists():
+            stored.write_text(json.dumps(make()))
+        return json.loads(stored.read_text())
+
+
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory):
-    """A small prepared dataset (stdlib documents, BPE 512) for training tests: (uri, bos id)."""
+    """A small prepared dataset (stdlib documents, BPE 512) for training tests: (uri, bos id);
+    one for both xdist workers."""
     from ttte2e.platform.data.demo_corpus import write_demo_corpus
     from ttte2e.platform.data.prepare import PrepareOptions, prepare
 
-    root = tmp_path_factory.mktemp("train-data")
-    raw = write_demo_corpus(root / "raw", max_docs=40, files=2)
-    manifest = prepare(
-        PrepareOptions(
-            input=str(raw),
-            output=str(root / "data"),
-            tokenizer="train:512",
-            val_fraction=0.1,
-            shard_tokens=50_000,
-        ),
-        use_ray=False,
-    )
-    return str(root / "data"), manifest["tokenizer"]["bos_id"]
+    def make():
+        root = tmp_path_factory.mktemp("train-data")
+        raw = write_demo_corpus(root / "raw", max_docs=40, files=2)
+        manifest = prepare(
+            PrepareOptions(
+                input=str(raw),
+                output=str(root / "data"),
+                tokenizer="train:512",
+                val_fraction=0.1,
+                shard_tokens=50_000,
+            ),
+            use_ray=False,
+        )
+        return str(root / "data"), manifest["tokenizer"]["bos_id"]
+
+    return tuple(once_per_session(tmp_path_factory, "train_data", make))
 
 
 @pytest.fixture(scope="session")

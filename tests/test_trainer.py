@@ -27,7 +27,7 @@ from ttte2e.platform.train.config import (
 )
 from ttte2e.platform.train.trainer import eta_at, lr_factor, warmup_steps
 
-from conftest import SMALL, paper_schedule, reference_run, small_config
+from conftest import SMALL, once_per_session, paper_schedule, reference_run, small_config
 
 
 # ---- pre-flight checks and geometry (no Ray) ------------------------------------------------------
@@ -161,17 +161,22 @@ def local_fit(cfg):
 
 @pytest.fixture(scope="session")  # session: tests of this module may run in both xdist workers
 def whole(train_data, tmp_path_factory):
-    """10 steps in one process, checkpoints every 2, MLflow on sqlite, the model registered."""
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = local_config(
-        train_data,
-        storage,
-        name="whole",
-        tracking_uri="",
-        experiment="trainer-test",
-        register_as="tiny-trained",
-    )
-    return cfg, local_fit(cfg)
+    """10 steps in one process, checkpoints every 2, MLflow on sqlite, the model registered; run
+    once for both xdist workers (the tests only read it)."""
+
+    def make():
+        cfg = local_config(
+            train_data,
+            tmp_path_factory.mktemp("runs"),
+            name="whole",
+            tracking_uri="",
+            experiment="trainer-test",
+            register_as="tiny-trained",
+        )
+        return cfg.to_dict(), local_fit(cfg)
+
+    cfg, result = once_per_session(tmp_path_factory, "trainer_whole", make)
+    return TrainConfig.from_dict(cfg), result
 
 
 def losses_of(result) -> list[float]:
