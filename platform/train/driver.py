@@ -227,7 +227,7 @@ def fit(
             cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], use_gpu
         )
     where = (
-        "in this process (--local)"
+        f"in this process ({'a Tune trial' if report_to_tune else '--local'})"
         if local
         else f"{cfg.workers} {'GPU' if use_gpu else 'CPU'} workers"
     )
