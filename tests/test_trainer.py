@@ -134,6 +134,33 @@ def test_bf16_keeps_fast_weights_inner_grads_and_clip_norm_fp32():
 
 
 # ---- the Trainer in one process (no Ray) -----------------------------------------------------------
+def test_held_out_scoring_in_micro_batches_equals_one_batch(monkeypatch):
+    """A rank's evaluation windows are scored a training micro-batch at a time (all at once
+    would hold every window's carries together: out of memory at 3B), with the metrics of one
+    batch."""
+    import contextlib
+
+    from ttte2e.model import preset
+    from ttte2e.platform.train.validation import held_out_metrics
+
+    model = TTTModel(preset("tiny", **SMALL, bos_token_id=1)).eval()
+    windows = torch.randint(2, 512, (5, SMALL["seq_len"] + 1))
+    windows[1, 40] = 1  # a document boundary inside a window
+    one = held_out_metrics(model, windows, 1.0, contextlib.nullcontext(), 5)
+    batches = []
+    meta_loss = model.meta_loss
+    monkeypatch.setattr(
+        model, "meta_loss", lambda x, **kw: batches.append(x.shape[0]) or meta_loss(x, **kw)
+    )
+    split = held_out_metrics(model, windows, 1.0, contextlib.nullcontext(), 2)
+    assert batches == [2, 2, 1] * 2  # with TTT, then without
+    assert split.keys() == one.keys()
+    for key, value in one.items():
+        assert split[key] == pytest.approx(value, rel=1e-6), key
+    with pytest.raises(ValueError, match="micro_batch must be >= 1"):
+        held_out_metrics(model, windows, 1.0, contextlib.nullcontext(), 0)
+
+
 def test_the_trainer_schedule_is_the_papers():
     cfg = TrainConfig(preset="tiny", lr=1e-3, min_lr=1e-5, steps=100)
     model = cfg.model_config()

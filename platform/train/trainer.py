@@ -519,7 +519,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Held-out loss with TTT and with the same weights without it (eta = 0), overall and
-        beyond the first window; every rank scores its share of the windows."""
+        beyond the first window; every rank scores its share of the windows, a training
+        micro-batch at a time."""
         p = self.placement
         if self._val_windows is None:
             val = WindowReader(self.cfg.data, "val", self.model_cfg.seq_len, self.cfg.seed)
@@ -533,6 +534,7 @@ class Trainer:
                 self._val_windows,
                 self.model_cfg.inner_lr,
                 self.objective.autocast(self.device),
+                self.geometry.micro_batch,
                 reduce=lambda v: _all_reduce(v, self.device),
             )
         finally:
