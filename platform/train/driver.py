@@ -142,7 +142,7 @@ def _tune_callbacks() -> list:
     return [TuneReportCallback()]
 
 
-def _local_reporter(spec: RunSpec):
+def _tune_reporter(spec: RunSpec):
     """A Tune trial running the Trainer in its own process: checkpoints to the run folder, every
     report to Tune."""
     return TuneReporter(LocalReporter(spec.run_dir, spec.train.keep_checkpoints))
@@ -285,7 +285,7 @@ def fit(
     try:
         if local:
             try:
-                run_local(spec, _local_reporter(spec) if report_to_tune else None)
+                run_local(spec, _tune_reporter(spec) if report_to_tune else None)
             except NonFiniteLoss as e:  # one process has no restart to try: the run ends
                 raise ConfigError(f"training stopped: {e}") from None
         else:
