@@ -11,8 +11,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Each xdist worker gets its share of the cores for torch's intra-op threads, and what it starts
 # (Ray heads, jobs, subprocesses) inherits it: two workers with a thread per core each
-# oversubscribe the machine, and OpenMP threads spin while they wait for each other (measured on
-# 2 cores: a compute-bound part of the suite took 3.7x the time). Set before torch is imported.
+# oversubscribe the machine, and OpenMP threads spin while they wait for each other. Set before
+# torch is imported.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))

@@ -9,7 +9,7 @@ tests of a tracing property (the other remat modes, the other head form, decodin
 same graphs with `aot_eager` (Dynamo, AOTAutograd's functionalization and joint graph, no code
 generation): cheap with empty compiler caches, and it fails on the torch.func-in-compile bugs
 that return wrong gradients. Inductor writes its C++ kernels here without its vector-ISA
-templates (scalar loops): the same graphs, fusions and fp32 intermediates, a third less compile
+templates (scalar loops): the same graphs, fusions and fp32 intermediates, and less compile
 time with empty caches; the SIMD form is a detail of the CPU backend that a GPU run (Triton)
 never executes. TTTE2E_COMPILE=force makes a compile failure raise, so a test cannot pass by
 running eager.
